@@ -1,0 +1,58 @@
+"""A batch of jobs: its name, one manifest entry per job, and the manifest in the store."""
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import LorafleetError
+from common.store import Store, manifest_path, output_uris
+
+
+@dataclass
+class Batch:
+    """A submitted batch: its name and one manifest entry per job, in file order."""
+
+    name: str
+    entries: list[dict] = field(default_factory=list)
+
+    def add(self, store: Store, job: dict, status: str, task_id: str | None = None) -> dict:
+        """Add a job's manifest entry: id, key, status, task id, output URIs, error."""
+        entry = {"id": job["id"], "key": job["key"], "status": status, "task_id": task_id, **output_uris(store, job["key"]), "error": None}
+        self.entries.append(entry)
+        return entry
+
+    def count(self, status: str) -> int:
+        """How many jobs have this status."""
+        return sum(entry["status"] == status for entry in self.entries)
+
+    def write_manifest(self, store: Store) -> str:
+        """Write batches/<name>/manifest.jsonl (one line per job); returns its URI."""
+        lines = "".join(json.dumps(entry) + "\n" for entry in self.entries)
+        return store.write_bytes(manifest_path(self.name), lines.encode())
+
+    def print_summary(self, console: Console) -> None:
+        """A table of every job: its id, key, status, and its video or its error."""
+        table = Table(title=f"batch {self.name}: {self.count('done')} done, {self.count('failed')} failed, {len(self.entries)} jobs")
+        for column in ("id", "key", "status", "video / error"):
+            table.add_column(column, overflow="fold")
+        for entry in self.entries:
+            style = {"done": "green", "failed": "red"}.get(entry["status"], "white")
+            detail = entry["error"] if entry["status"] == "failed" else entry["video"]
+            table.add_row(entry["id"] or "", entry["key"][:12], f"[{style}]{entry['status']}[/]", detail)
+        console.print(table)
+
+
+def new_batch_name() -> str:
+    """A batch name that sorts by time: 20261128-184500-3f2a."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+def check_batch_name(name: str) -> str:
+    """A batch name that is one plain folder name in the store; raises LorafleetError otherwise."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or len(name) > 128:
+        raise LorafleetError(f'batch name "{name}" must be one folder name (no "/", at most 128 characters)')
+    return name

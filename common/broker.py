@@ -1,0 +1,38 @@
+"""The Celery app both sides use: Redis as broker and result backend, configured as DOMAIN.md advises."""
+
+from celery import Celery
+
+from common.settings import Settings
+
+TASK_NAME = "lorafleet.render"
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app for the fleet's Redis: JSON only, late acks, no prefetch hoarding, events on."""
+    app = Celery("lorafleet", broker=settings.redis_url, backend=settings.redis_url)
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        # No pickle anywhere: a pickled message is refused by every worker.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # A job is acknowledged only once rendered, and given back if its worker dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One GPU takes one job at a time; the rest stay in Redis for other workers.
+        worker_prefetch_multiplier=1,
+        # Redis hands an unacknowledged job to another worker after this: longer than any render.
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        result_expires=settings.result_expires_s,
+        result_extended=True,
+        task_track_started=True,
+        # Flower and Prometheus exporters watch the fleet through these events.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_default_queue="render",
+    )
+    return app

@@ -1,0 +1,32 @@
+"""lorafleet's errors: one base, and a subclass for each kind of failure a user can act on."""
+
+
+class LorafleetError(Exception):
+    """Raised for any failure lorafleet can explain in one line; its message is that line."""
+
+
+class JobError(LorafleetError):
+    """Raised when a job is malformed: the message names the line (or job) and the field."""
+
+
+class JobFileError(LorafleetError):
+    """Raised when a jobs file has errors; holds every line's error so all are shown at once."""
+
+    def __init__(self, path: str, errors: list[str]):
+        self.path = path
+        self.errors = errors
+        shown = "\n".join(errors[:50])
+        more = f"\n... and {len(errors) - 50} more" if len(errors) > 50 else ""
+        super().__init__(f"{path}: {len(errors)} error(s), nothing was enqueued\n{shown}{more}")
+
+
+class AdapterError(LorafleetError):
+    """Raised when an adapter cannot be found, read, or applied to the model."""
+
+
+class ModelError(LorafleetError):
+    """Raised when the model cannot be found or its configuration cannot be read."""
+
+
+class StoreError(LorafleetError):
+    """Raised when the shared store cannot be read or written."""

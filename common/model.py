@@ -1,0 +1,89 @@
+"""What the producer must know of a model without loading it: its render defaults and rules.
+
+Read from the pipeline folder's JSON configs (or the hub's copies of them), never its weights.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from common.errors import ModelError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model's identity, its default render size and the rules a render size must follow."""
+
+    ref: str  # the folder or hub id, as configured: part of every job key
+    scheduler: str  # the scheduler class the folder names: part of every job key
+    num_frames: int
+    height: int
+    width: int
+    frame_step: int  # num_frames must be frame_step·N + 1
+    size_step: int  # height and width must be multiples of this
+    max_text_tokens: int
+
+    def check_size(self, num_frames: int, height: int, width: int) -> list[tuple[str, str]]:
+        """(field, problem) for each render dimension this model cannot take."""
+        problems = []
+        if num_frames < 1 or (num_frames - 1) % self.frame_step:
+            problems.append(("num_frames", f"must be {self.frame_step}·N+1 for this model (e.g. {self.num_frames})"))
+        for field, value in (("height", height), ("width", width)):
+            if value < self.size_step or value % self.size_step:
+                problems.append((field, f"must be a positive multiple of {self.size_step} for this model"))
+        return problems
+
+
+def _read_config(ref: str, relpath: str) -> dict:
+    if os.path.isdir(ref):
+        path = os.path.join(ref, relpath)
+        if not os.path.isfile(path):
+            raise ModelError(f'model folder "{ref}" has no {relpath}: is it a diffusers pipeline folder?')
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(ref, relpath)
+        except Exception as exc:
+            raise ModelError(
+                f'model "{ref}" is neither a local folder nor a reachable hub repo ({type(exc).__name__}); '
+                "set LORAFLEET_MODEL to a pipeline folder"
+            ) from exc
+    with open(path) as f:
+        return json.load(f)
+
+
+@lru_cache(maxsize=16)
+def model_info(ref: str) -> ModelInfo:
+    """The ModelInfo of a pipeline folder or hub id, read from its config files."""
+    transformer = _read_config(ref, "transformer/config.json")
+    vae = _read_config(ref, "vae/config.json")
+    scheduler = _read_config(ref, "scheduler/scheduler_config.json")
+    spatial = 2 ** (len(vae.get("block_out_channels", [128, 256, 256, 512])) - 1)
+    temporal = vae.get("temporal_compression_ratio", 4)
+    patch = transformer.get("patch_size", 2)
+    patch_t = transformer.get("patch_size_t") or 1
+    # CogVideoX 1.0 takes 8N+1 frames, 1.5 (temporal patches of 2) 16N+1: two latent frames per step.
+    frame_step = temporal * 2 * patch_t
+    return ModelInfo(
+        ref=ref,
+        scheduler=scheduler.get("_class_name", "CogVideoXDPMScheduler"),
+        num_frames=transformer.get("sample_frames", 49),
+        height=transformer.get("sample_height", 60) * spatial,
+        width=transformer.get("sample_width", 90) * spatial,
+        frame_step=frame_step,
+        size_step=spatial * patch,
+        max_text_tokens=transformer.get("max_text_seq_length", 226),
+    )
+
+
+def model_resolver(settings):
+    """`model_for(alias)`: the ModelInfo behind a job's `model` field (None: the fleet's default)."""
+
+    def model_for(alias) -> ModelInfo:
+        if alias is not None and not isinstance(alias, str):
+            raise ModelError(f"must be a model alias (a string), got {json.dumps(alias)}")
+        return model_info(settings.model_ref(alias))
+
+    return model_for

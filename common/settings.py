@@ -1,0 +1,65 @@
+"""lorafleet's settings: read from the environment (prefix LORAFLEET_) here and nowhere else.
+
+Every CLI flag maps onto one of these fields; the README's configuration table lists them.
+"""
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.errors import ModelError
+
+
+class Settings(BaseSettings):
+    """The fleet's configuration; each field is `LORAFLEET_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL for the Celery broker and result backend (redis:// or rediss://).",
+    )
+    store_url: str = Field(
+        "./results", description="fsspec URL of the shared store: a folder, s3://bucket/prefix, ..."
+    )
+    model: str = Field(
+        "THUDM/CogVideoX-5b",
+        description="The fleet's default model: a local pipeline folder or a hub id; served on queue `render`.",
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description='Other models by alias, as JSON: {"2b": "/models/CogVideoX-2b"}; alias A is served on queue `render.A`.',
+    )
+    visibility_timeout_s: int = Field(
+        6 * 3600,
+        description="Seconds before Redis hands an unacknowledged job to another worker; must exceed the longest render.",
+    )
+    result_expires_s: int = Field(7 * 24 * 3600, description="Seconds job results stay in Redis.")
+    dtype: str = Field(
+        "auto", description="Weights dtype on the worker: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp16, fp32."
+    )
+    vae_tiling: bool = Field(False, description="Decode the video in tiles: less GPU memory, a little slower.")
+    adapter_cache_mb: int = Field(
+        4096, description="Host memory budget (MiB) for adapter tensors a worker keeps between jobs."
+    )
+
+    def model_ref(self, alias: str | None) -> str:
+        """The folder or hub id behind a model alias; None names the fleet's default model."""
+        if alias is None:
+            return self.model
+        if alias not in self.models:
+            known = ", ".join(sorted(self.models)) or "none configured (LORAFLEET_MODELS)"
+            raise ModelError(f'unknown model alias "{alias}"; known aliases: {known}')
+        return self.models[alias]
+
+
+def queue_for(alias: str | None) -> str:
+    """The Celery queue that serves a model alias: `render` for the default model."""
+    return "render" if alias is None else f"render.{alias}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, read once from the environment."""
+    return Settings()

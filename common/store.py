@@ -1,0 +1,92 @@
+"""The shared store: an fsspec URL (a local folder by default, s3://bucket/prefix in clusters).
+
+Layout (DESIGN.md): videos/<key>.{mp4,png,json} and batches/<batch>/manifest.jsonl.
+"""
+
+import os
+import uuid
+
+import fsspec
+
+from common.errors import StoreError
+
+
+class Store:
+    """Reads and writes files under one store URL; every write is seen whole or not at all."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/") or url
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self._local = "file" in _protocols(self.fs)
+        if self._local:
+            self.root = os.path.abspath(self.root)
+
+    def uri(self, relpath: str) -> str:
+        """The full URI of a store path, as users and other tools should see it."""
+        if self._local:
+            return os.path.join(self.root, relpath)
+        return self.fs.unstrip_protocol(self._path(relpath))
+
+    def _path(self, relpath: str) -> str:
+        parts = relpath.split("/")
+        if relpath.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise StoreError(f'store path "{relpath}" must be relative and stay inside the store')
+        return f"{self.root}/{relpath}"
+
+    def exists(self, relpath: str) -> bool:
+        """Whether a file is in the store."""
+        return self._call(self.fs.exists, relpath)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """A file's contents."""
+        return self._call(self.fs.cat_file, relpath)
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write a file so no reader sees half of it; returns its URI."""
+        path = self._path(relpath)
+        try:
+            if self._local:
+                # A temporary name beside the target, then a rename: atomic on one filesystem.
+                self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            else:
+                # Object stores make an object visible only once its upload completes.
+                self.fs.pipe_file(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.uri(relpath)}: {exc}") from exc
+        return self.uri(relpath)
+
+    def _call(self, fn, relpath: str):
+        path = self._path(relpath)
+        try:
+            return fn(path)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.uri(relpath)}: {exc}") from exc
+
+
+def video_path(key: str, suffix: str) -> str:
+    """Where a job's output lives in the store: videos/<key>.<suffix>."""
+    return f"videos/{key}.{suffix}"
+
+
+OUTPUT_SUFFIXES = {"video": "mp4", "poster": "png", "metadata": "json"}
+
+
+def output_uris(store: Store, key: str) -> dict:
+    """Where a job's outputs are (or will be): {"video": …, "poster": …, "metadata": …}."""
+    return {kind: store.uri(video_path(key, suffix)) for kind, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def manifest_path(batch: str) -> str:
+    """Where a batch's manifest lives in the store."""
+    return f"batches/{batch}/manifest.jsonl"
+
+
+def _protocols(fs) -> tuple:
+    protocol = fs.protocol
+    return protocol if isinstance(protocol, tuple) else (protocol,)

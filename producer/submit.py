@@ -1,0 +1,36 @@
+"""`lorafleet submit`: validate a whole jobs file, enqueue what is not already rendered, write the manifest."""
+
+import uuid
+
+from common.batch import Batch, check_batch_name, new_batch_name
+from common.broker import TASK_NAME, make_app
+from common.job import load_jobs
+from common.model import model_resolver
+from common.settings import Settings, queue_for
+from common.store import Store, video_path
+
+
+def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batch:
+    """Validate every line of `path`, then enqueue each job whose video is not in the store.
+
+    Raises JobFileError (listing every bad line) before anything is enqueued.
+    """
+    batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
+    store = Store(settings.store_url)
+    jobs = load_jobs(path, model_resolver(settings), store)
+    task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
+    to_send = []
+    for job in jobs:
+        if store.exists(video_path(job["key"], "mp4")):
+            batch.add(store, job, "done")
+            continue
+        if job["key"] not in task_ids:
+            task_ids[job["key"]] = str(uuid.uuid4())
+            to_send.append((job, task_ids[job["key"]]))
+        batch.add(store, job, "queued", task_ids[job["key"]])
+    batch.write_manifest(store)
+    app = make_app(settings)
+    with app.producer_or_acquire() as producer:
+        for job, task_id in to_send:
+            app.send_task(TASK_NAME, args=[job], queue=queue_for(job["model"]), task_id=task_id, producer=producer)
+    return batch

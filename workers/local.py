@@ -1,0 +1,40 @@
+"""`lorafleet render`: render a jobs file in this process, without Redis, into the usual store layout."""
+
+import logging
+
+from rich.console import Console
+
+from common.batch import Batch, check_batch_name, new_batch_name
+from common.errors import LorafleetError
+from common.job import load_jobs
+from common.model import model_resolver
+from common.settings import Settings
+from common.store import Store
+from workers.render import Renderer, render_job
+
+log = logging.getLogger("lorafleet.render")
+
+
+def render_file(path: str, settings: Settings, device: str, console: Console, batch_name: str | None = None) -> Batch:
+    """Render every job of `path` (checked first, as submit does) and write the batch manifest."""
+    batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
+    store = Store(settings.store_url)
+    jobs = load_jobs(path, model_resolver(settings), store)
+    renderers: dict[str | None, Renderer] = {}  # one warm pipeline per model alias in the file
+    for number, job in enumerate(jobs, start=1):
+        alias = job["model"]
+        if alias not in renderers:
+            renderers[alias] = Renderer(settings.model_ref(alias), device, settings, f"local-{device}")
+        entry = batch.add(store, job, "running")
+        console.print(f"[{number}/{len(jobs)}] {job['key'][:12]} {job.get('id') or job['prompt'][:50]}")
+        try:
+            render_job(renderers[alias], store, job)
+            entry["status"] = "done"
+        except LorafleetError as exc:
+            entry.update(status="failed", error=str(exc))
+        except Exception as exc:
+            log.exception("%s failed", job["key"][:12])
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    batch.write_manifest(store)
+    batch.print_summary(console)
+    return batch

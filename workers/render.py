@@ -1,0 +1,193 @@
+"""Rendering a job on the warm pipeline, and writing its video, poster and metadata to the store."""
+
+import io
+import json
+import logging
+import os
+import platform
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import export_to_video
+from PIL import Image
+
+import common
+from common.model import ModelInfo, model_info
+from common.settings import Settings
+from common.store import Store, output_uris, video_path
+from workers.variants import AdapterCache, Term, VariantEngine
+
+log = logging.getLogger("lorafleet.render")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+Progress = Callable[[int, int], None]
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The weights dtype: `auto` is bf16 on a GPU and fp32 on the CPU."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[setting]
+
+
+class Renderer:
+    """One warm pipeline on one device: builds each job's variant, renders it, writes the outputs."""
+
+    def __init__(self, model_ref: str, device: str, settings: Settings, worker: str):
+        self.device = torch.device(device)
+        self.dtype = pick_dtype(settings.dtype, self.device)
+        self.worker = worker
+        self.info: ModelInfo = model_info(model_ref)
+        started = time.perf_counter()
+        self.pipe = DiffusionPipeline.from_pretrained(model_ref, torch_dtype=self.dtype).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        if settings.vae_tiling:
+            self.pipe.vae.enable_tiling()
+        self.load_seconds = time.perf_counter() - started
+        self.variants = VariantEngine(self.pipe.transformer)
+        self.adapters = AdapterCache(settings.adapter_cache_mb * 2**20)
+        self.rendered = 0
+
+    def device_name(self) -> str:
+        """The device in words, for the metadata."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({platform.processor() or platform.machine()})"
+
+    def _terms(self, job: dict) -> tuple[list[Term], tuple]:
+        """The job's adapters as (adapter, w·alpha/r) terms, and the variant's canonical key."""
+        terms, variant = [], []
+        for entry in job["adapters"]:
+            adapter = self.adapters.get(entry["url"], entry["sha256"])
+            alpha = entry["alpha"] or adapter.metadata_alpha or adapter.rank
+            terms.append((adapter, entry["weight"] * alpha / adapter.rank))
+            variant.append((entry["sha256"], entry["weight"], entry["alpha"]))
+        return terms, (tuple(sorted(variant, key=repr)), float(job["lora_scale"]))
+
+    def render(self, job: dict, progress: Progress | None = None) -> tuple[list, dict]:
+        """The job's frames (a list of H×W×3 float arrays in [0, 1]) and its timings in seconds."""
+        timings = {}
+        started = time.perf_counter()
+        terms, variant = self._terms(job)
+        timings["adapters"] = time.perf_counter() - started
+        fused = job["fuse"]
+        switched = self.variants.apply(terms if fused else [], job["lora_scale"], variant if fused else ())
+        timings["variant"] = time.perf_counter() - started - timings["adapters"]
+
+        steps = job["steps"]
+        denoise_started = time.perf_counter()
+
+        def on_step_end(pipe, step, timestep, tensors):
+            if step + 1 == steps:
+                timings["denoise"] = time.perf_counter() - denoise_started
+            if progress is not None:
+                progress(step + 1, steps)
+            return tensors
+
+        call = dict(
+            prompt=job["prompt"],
+            negative_prompt=job["negative_prompt"],
+            num_frames=job["num_frames"],
+            height=job["height"],
+            width=job["width"],
+            num_inference_steps=steps,
+            guidance_scale=job["guidance_scale"],
+            use_dynamic_cfg=job["use_dynamic_cfg"],
+            # Noise from a CPU generator is the same on every device (diffusers' advice).
+            generator=torch.Generator("cpu").manual_seed(job["seed"]),
+            output_type="np",
+            max_sequence_length=self.info.max_text_tokens,
+            callback_on_step_end=on_step_end,
+        )
+        if fused or not terms:
+            frames = self.pipe(**call).frames[0]
+        else:
+            frames = self._render_unfused(terms, job["lora_scale"], call)
+        finished = time.perf_counter()
+        timings["decode"] = finished - denoise_started - timings["denoise"]
+        timings["total"] = finished - started
+        self.rendered += 1
+        log.debug("variant %s, switched=%s", variant, switched)
+        return list(frames), timings
+
+    def _render_unfused(self, terms: list[Term], lora_scale: float, call: dict):
+        """Render through diffusers' own adapter layers (the weights stay at the exact base)."""
+        names = [f"job_adapter_{i}" for i in range(len(terms))]
+        try:
+            for name, (adapter, _) in zip(names, terms):
+                self.pipe.load_lora_weights(adapter.state_dict(), adapter_name=name)
+            self.pipe.set_adapters(names, [coefficient for _, coefficient in terms])
+            return self.pipe(**call, attention_kwargs={"scale": lora_scale}).frames[0]
+        finally:
+            self.pipe.unload_lora_weights()
+
+    def cache_stats(self) -> dict:
+        """Adapter cache hits and misses, and variant switches, since the worker started."""
+        return {
+            "adapter_hits": self.adapters.hits,
+            "adapter_misses": self.adapters.misses,
+            "variant_switches": self.variants.switches,
+        }
+
+
+def encode_outputs(frames: list, fps: int) -> tuple[bytes, bytes]:
+    """The frames as H.264 MP4 bytes and the first frame as PNG bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "video.mp4")
+        export_to_video(frames, path, fps=fps)
+        with open(path, "rb") as f:
+            mp4 = f.read()
+    poster = io.BytesIO()
+    Image.fromarray((frames[0] * 255).round().clip(0, 255).astype("uint8")).save(poster, format="PNG")
+    return mp4, poster.getvalue()
+
+
+def render_job(renderer: Renderer, store: Store, job: dict, progress: Progress | None = None) -> dict:
+    """Render a finished job (adapters resolved, key set) into the store, unless its video is
+    already there; returns the result the task reports: key, status, output URIs, worker."""
+    key = job["key"]
+    result = {"key": key, "worker": renderer.worker, **output_uris(store, key)}
+    if store.exists(video_path(key, "mp4")):
+        log.info("%s: %s already in the store, not rendered again", renderer.worker, key[:12])
+        return {**result, "status": "exists"}
+    frames, timings = renderer.render(job, progress)
+    upload_started = time.perf_counter()
+    mp4, png = encode_outputs(frames, job["fps"])
+    metadata = {
+        "key": key,
+        "job": job,
+        "adapters": [{"uri": a["uri"], "sha256": a["sha256"], "weight": a["weight"], "alpha": a["alpha"]} for a in job["adapters"]],
+        "model": renderer.info.ref,
+        "scheduler": renderer.info.scheduler,
+        "frames": len(frames),
+        "height": job["height"],
+        "width": job["width"],
+        "worker": renderer.worker,
+        "host": socket.gethostname(),
+        "device": renderer.device_name(),
+        "dtype": str(renderer.dtype).removeprefix("torch."),
+        "versions": versions(),
+        "timings_s": timings,
+        "caches": renderer.cache_stats(),
+        "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    # The MP4 goes last: a video in the store means its poster and metadata are there too.
+    store.write_bytes(video_path(key, "png"), png)
+    store.write_bytes(video_path(key, "json"), json.dumps(metadata, indent=2).encode())
+    store.write_bytes(video_path(key, "mp4"), mp4)
+    timings["export_upload"] = time.perf_counter() - upload_started
+    log.info(
+        "%s: %s rendered in %.2fs (%s frames %sx%s, %s steps), uploaded in %.2fs",
+        renderer.worker, key[:12], timings["total"], len(frames), job["width"], job["height"], job["steps"], timings["export_upload"],
+    )
+    return {**result, "status": "done", "seconds": round(timings["total"] + timings["export_upload"], 3)}
+
+
+def versions() -> dict:
+    """Versions of what decides the pixels, for the metadata."""
+    import diffusers
+
+    return {"lorafleet": common.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}

@@ -1,0 +1,81 @@
+"""`lorafleet workers`: one supervised worker process per GPU of this host.
+
+Signal handlers only set flags. The first SIGTERM (or Ctrl-C) is passed on to every worker, which
+finishes its current job and exits; a second one makes them exit at once (Celery's cold shutdown),
+and their jobs are delivered again. A worker that dies on its own is restarted, with a back-off.
+"""
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+from common.errors import LorafleetError
+
+log = logging.getLogger("lorafleet.workers")
+RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+
+
+def list_gpus(spec: str) -> list[int]:
+    """GPU indices from `all` (every GPU nvidia-smi lists) or a list such as `0,2`."""
+    if spec != "all":
+        try:
+            return sorted({int(part) for part in spec.split(",") if part.strip()})
+        except ValueError:
+            raise LorafleetError(f'--gpus: expected "all" or indices like 0,2, got "{spec}"') from None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        raise LorafleetError(
+            "--gpus all: nvidia-smi lists no GPU here; name them (--gpus 0,1) or run `lorafleet worker --device cpu`"
+        ) from None
+    return [int(line) for line in out.split() if line.strip().isdigit()]
+
+
+def run_workers(gpus: list[int], worker_args: list[str]) -> int:
+    """Run `lorafleet worker --gpu N` for each GPU until told to stop; returns the exit code."""
+    if not gpus:
+        raise LorafleetError("no GPUs to start workers on")
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def start(gpu: int) -> subprocess.Popen:
+        command = [sys.executable, "-m", "lorafleet", "worker", "--gpu", str(gpu), *worker_args]
+        return subprocess.Popen(command, start_new_session=True)  # our signals reach it only through us
+
+    workers = {gpu: start(gpu) for gpu in gpus}
+    restarts = {gpu: 0 for gpu in gpus}
+    forwarded = 0
+    log.info("started %d worker(s) on GPU(s) %s", len(gpus), ",".join(map(str, gpus)))
+    while workers:
+        if len(signals) > forwarded:
+            forwarded = len(signals)
+            how = signal.SIGTERM if forwarded == 1 else signal.SIGQUIT
+            log.info("passing %s to %d worker(s)", how.name, len(workers))
+            for process in workers.values():
+                if process.poll() is None:
+                    process.send_signal(how)
+        for gpu, process in list(workers.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            if signals:
+                log.info("gpu%d worker exited (code %s)", gpu, code)
+                del workers[gpu]
+                continue
+            delay = RESTART_BACKOFF_S[min(restarts[gpu], len(RESTART_BACKOFF_S) - 1)]
+            restarts[gpu] += 1
+            log.warning("gpu%d worker died (code %s); restart %d in %ds", gpu, code, restarts[gpu], delay)
+            time.sleep(delay)
+            workers[gpu] = start(gpu)
+        time.sleep(0.2)
+    log.info("all workers stopped; %d restart(s)", sum(restarts.values()))
+    return 0

@@ -1,0 +1,141 @@
+"""A tiny random-weight CogVideoX pipeline and two adapters, for the demo and the tests.
+
+Built from configs (the sizes diffusers' own CogVideoX LoRA tests use) and saved with
+`save_pretrained`, so it is loaded through `from_pretrained` exactly like a real model.
+Built deterministically from a seed: the same seed gives the same files, bit for bit.
+"""
+
+import io
+import os
+
+import sentencepiece
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+SENTENCES = [
+    "a cat walks along the beach at sunset",
+    "a red car drives through a city at night",
+    "waves crash against dark rocks",
+    "a dog runs across a green field",
+    "snow falls on a quiet pine forest",
+    "the camera pans slowly across the mountains",
+    "a paper boat floats down a stream",
+    "neon lights flicker in the rain",
+]
+TEXT_TOKENS = 16
+ADAPTERS = {
+    # name: (rank, alpha written into the file's metadata or None, targeted attention projections)
+    "style": (4, None, ["to_q", "to_k", "to_v", "to_out.0"]),
+    "subject": (2, 1.0, ["to_q", "to_v"]),
+}
+
+
+def _tokenizer() -> T5Tokenizer:
+    """A T5 tokenizer from a SentencePiece model trained on a few sentences."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 4),
+        model_writer=model,
+        vocab_size=48,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+        num_threads=1,
+    )
+    pieces = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(pieces.id_to_piece(i), pieces.get_score(i)) for i in range(pieces.get_piece_size())]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def build_pipeline(seed: int = 0) -> CogVideoXPipeline:
+    """The tiny random-weight CogVideoX pipeline, in fp32 on the CPU."""
+    tokenizer = _tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+        )
+    )
+    torch.manual_seed(seed + 1)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=1,
+        sample_width=2,  # latent size: 16×16 pixels by default
+        sample_height=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=TEXT_TOKENS,
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    scheduler = CogVideoXDPMScheduler(timestep_spacing="trailing")
+    return CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def adapter_layers(transformer, rank: int, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """Random LoRA A/B matrices for the given projections of every block's attention."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for index, _ in enumerate(transformer.transformer_blocks):
+        for target in targets:
+            name = f"transformer_blocks.{index}.attn1.{target}"
+            linear = transformer.get_submodule(name)
+            shape_a, shape_b = (rank, linear.in_features), (linear.out_features, rank)
+            layers[f"{name}.lora_A.weight"] = torch.randn(shape_a, generator=generator) * 0.3
+            layers[f"{name}.lora_B.weight"] = torch.randn(shape_b, generator=generator) * 0.3
+    return layers
+
+
+def write_tiny_model(directory: str, seed: int = 0) -> dict[str, str]:
+    """Write the pipeline to DIR/model and the adapters to DIR/adapters/<name>; returns their paths."""
+    pipe = build_pipeline(seed)
+    model_dir = os.path.join(directory, "model")
+    pipe.save_pretrained(model_dir)
+    paths = {"model": model_dir}
+    for offset, (name, (rank, alpha, targets)) in enumerate(ADAPTERS.items(), start=1):
+        adapter_dir = os.path.join(directory, "adapters", name)
+        metadata = None
+        if alpha is not None:
+            metadata = {"r": rank, "lora_alpha": alpha, "target_modules": targets}
+        CogVideoXPipeline.save_lora_weights(
+            adapter_dir,
+            transformer_lora_layers=adapter_layers(pipe.transformer, rank, targets, seed + 100 * offset),
+            transformer_lora_adapter_metadata=metadata,
+        )
+        paths[name] = adapter_dir
+    return paths

@@ -1,0 +1,68 @@
+"""One Celery worker on one device: load the model once, say READY, then serve the model's queue.
+
+The device is pinned by the caller (the `lorafleet worker` command sets CUDA_VISIBLE_DEVICES
+before torch is imported), so a worker only ever sees its own GPU as cuda:0.
+"""
+
+import logging
+import socket
+import sys
+
+from common.broker import make_app
+from common.errors import LorafleetError
+from common.settings import Settings, queue_for
+from common.store import Store
+
+log = logging.getLogger("lorafleet.worker")
+EXIT_MODEL_LOAD_FAILED = 3
+
+
+def worker_name(gpu: int | None) -> str:
+    """`gpuN@host`, or `cpu@host` for a CPU worker: every log line and result carries it."""
+    return f"{'cpu' if gpu is None else f'gpu{gpu}'}@{socket.gethostname()}"
+
+
+def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
+    """Serve jobs until told to stop; returns the process exit code."""
+    from workers.render import Renderer
+    from workers.tasks import register_render_task
+
+    queue = queue_for(alias)
+    try:
+        model_ref = settings.model_ref(alias)
+        log.info("%s: loading %s on %s", name, model_ref, device)
+        renderer = Renderer(model_ref, device, settings, name)
+    except LorafleetError as exc:
+        log.error("%s: cannot start: %s", name, exc)
+        return EXIT_MODEL_LOAD_FAILED
+    except Exception:
+        log.exception("%s: cannot start: the model failed to load", name)
+        return EXIT_MODEL_LOAD_FAILED
+    app = make_app(settings)
+    register_render_task(app, renderer, Store(settings.store_url))
+    log.info(
+        "%s: READY: %s (%s) loaded in %.1fs, serving queue %s",
+        name, model_ref, str(renderer.dtype).removeprefix("torch."), renderer.load_seconds, queue,
+    )
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=solo",  # never fork after CUDA starts: one process per GPU
+                "--concurrency=1",
+                f"--hostname={name}",
+                f"--queues={queue}",
+                "--loglevel=INFO",
+                "--without-mingle",
+            ]
+        )
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    else:
+        code = 0
+    log.info("%s: stopped after %d render(s); %s", name, renderer.rendered, renderer.cache_stats())
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover - started through `lorafleet worker`
+    sys.exit("start a worker with: lorafleet worker --gpu N | --device cpu")
