@@ -8,45 +8,15 @@ Builds the tiny model and its two adapters into ./demo (once), starts a private 
 import os
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 
 from rich.console import Console
 
-from common.errors import LorafleetError
 from common.redis_server import RedisServer
+from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
 
 DEMO_DIR = "demo"
 EXAMPLES = os.path.join("examples", "prompts.jsonl")
-WORKER_START_TIMEOUT_S = 300
-
-
-def _start_worker(env: dict, log_path: str) -> subprocess.Popen:
-    """Start `lorafleet worker --device cpu` and wait until it says READY."""
-    log = open(log_path, "w")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "lorafleet", "worker", "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        with open(log_path) as f:
-            text = f.read()
-        if "ready." in text:  # Celery's own line: the worker consumes from now on
-            return worker
-        if worker.poll() is not None:
-            raise LorafleetError(f"the worker exited at start (code {worker.returncode}); its log:\n{text[-2000:]}")
-        time.sleep(0.2)
-    worker.kill()
-    raise LorafleetError(f"the worker was not ready within {WORKER_START_TIMEOUT_S}s; see {log_path}")
-
-
-def _stop(worker: subprocess.Popen) -> None:
-    worker.terminate()  # warm shutdown: Celery finishes the current job first
-    try:
-        worker.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
 
 
 def run_demo(console: Console) -> int:
@@ -66,8 +36,9 @@ def run_demo(console: Console) -> int:
             console.print(f"started a private redis-server at {redis.url}")
         log_path = os.path.join(DEMO_DIR, "worker.log")
         console.print(f"starting one CPU worker (log: {log_path}) ...")
-        worker = _start_worker(env, log_path)
-        stack.callback(_stop, worker)
+        worker = spawn_worker(["--device", "cpu"], env, log_path)
+        stack.callback(stop_worker, worker)
+        wait_until_ready(worker, log_path)
         code = subprocess.call([sys.executable, "-m", "lorafleet", "submit", EXAMPLES, "--wait"], env=env)
     store = env["LORAFLEET_STORE_URL"]
     if code == 0:

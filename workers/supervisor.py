@@ -35,6 +35,40 @@ def list_gpus(spec: str) -> list[int]:
     return [int(line) for line in out.split() if line.strip().isdigit()]
 
 
+def spawn_worker(worker_args: list[str], env: dict | None = None, log_path: str | None = None) -> subprocess.Popen:
+    """Start `lorafleet worker ARGS` in its own session (signals reach it only when passed on)."""
+    command = [sys.executable, "-m", "lorafleet", "worker", *worker_args]
+    output = open(log_path, "w") if log_path else None
+    return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True)
+
+
+def wait_until_ready(process: subprocess.Popen, log_path: str, timeout_s: float = 300) -> None:
+    """Wait for a worker started with `spawn_worker(..., log_path)` to consume; raise if it dies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(log_path) as f:
+            text = f.read()
+        if " ready." in text:  # Celery's own line: the worker consumes from now on
+            return
+        if process.poll() is not None:
+            raise LorafleetError(f"the worker exited at start (code {process.returncode}); its log:\n{text[-3000:]}")
+        time.sleep(0.1)
+    process.kill()
+    raise LorafleetError(f"the worker was not ready within {timeout_s:.0f}s; see {log_path}")
+
+
+def stop_worker(process: subprocess.Popen, timeout_s: float = 60) -> int:
+    """SIGTERM a worker (it finishes its current job first), killing it after `timeout_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def run_workers(gpus: list[int], worker_args: list[str]) -> int:
     """Run `lorafleet worker --gpu N` for each GPU until told to stop; returns the exit code."""
     if not gpus:
@@ -48,8 +82,7 @@ def run_workers(gpus: list[int], worker_args: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def start(gpu: int) -> subprocess.Popen:
-        command = [sys.executable, "-m", "lorafleet", "worker", "--gpu", str(gpu), *worker_args]
-        return subprocess.Popen(command, start_new_session=True)  # our signals reach it only through us
+        return spawn_worker(["--gpu", str(gpu), *worker_args])
 
     workers = {gpu: start(gpu) for gpu in gpus}
     restarts = {gpu: 0 for gpu in gpus}

@@ -129,8 +129,10 @@ class VariantEngine:
                 self._weight(name).copy_(self.pristine[name])
             for name, products in plan.items():
                 weight = self._weight(name)
-                base = self.pristine.setdefault(name, weight.detach().clone())
-                fused = base.float()
+                if name not in self.pristine:
+                    self.pristine[name] = weight.detach().clone()
+                # A copy even when W0 is fp32 already: W0 itself must never change.
+                fused = self.pristine[name].to(torch.float32, copy=True)
                 for a, b, coefficient in products:
                     fused.addmm_(b.to(fused.device), a.to(fused.device), alpha=lora_scale * coefficient)
                 weight.copy_(fused)  # rounds once to the weight's dtype

@@ -1,0 +1,83 @@
+"""Shared fixtures: the tiny model, a private redis-server, real worker processes, a store."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common.errors import LorafleetError
+from common.redis_server import RedisServer
+from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
+
+# No network here or in CI: a hub lookup must fail at once rather than retry for seconds.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """The tiny random-weight pipeline and its adapters, built once: {"model", "style", "subject"}."""
+    from workers.tiny_model import write_tiny_model
+
+    return write_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A private redis-server for the session; skipped locally, failed in CI, where none can start."""
+    try:
+        server = RedisServer().start()
+    except LorafleetError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no redis-server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The private server's URL, emptied before each test so no queue or result leaks between tests."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def fleet_env(tiny, redis_url, tmp_path) -> dict:
+    """The environment a user sets for a fleet: this test's Redis, store and the tiny model."""
+    return {
+        **os.environ,
+        "LORAFLEET_REDIS_URL": redis_url,
+        "LORAFLEET_STORE_URL": str(tmp_path / "store"),
+        "LORAFLEET_MODEL": tiny["model"],
+    }
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    """Start real `lorafleet worker --device cpu` processes; each is stopped after the test."""
+    started = []
+
+    def start(env: dict, name: str = "worker") -> subprocess.Popen:
+        log_path = str(tmp_path / f"{name}.log")
+        process = spawn_worker(["--device", "cpu"], env, log_path)
+        started.append(process)
+        wait_until_ready(process, log_path, timeout_s=120)
+        process.log_path = log_path
+        return process
+
+    yield start
+    for process in started:
+        stop_worker(process, timeout_s=30)
+
+
+def lorafleet(*args: str, env: dict, cwd: str = REPO, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the `lorafleet` command as a user does; returns its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,33 @@
+"""What tests check the way a user would: decoding videos, reading manifests, counting the queue."""
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+
+
+def decode_video(path: str) -> np.ndarray:
+    """All frames of an MP4, decoded by ffmpeg: (frames, height, width, 3) uint8."""
+    return np.stack(list(iio.imiter(path, plugin="FFMPEG")))
+
+
+def read_manifest(path: str) -> list[dict]:
+    """The lines of a batch manifest."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def queued_messages(redis_url: str, queue: str = "render") -> int:
+    """How many messages wait in a Celery queue on Redis."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return client.llen(queue)
+    finally:
+        client.close()
+
+
+def video_info(path: str) -> dict:
+    """What ffmpeg says of a video: codec, fps, size (width, height)."""
+    return iio.immeta(path, plugin="FFMPEG")

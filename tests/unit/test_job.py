@@ -1,0 +1,158 @@
+"""The job schema, its errors, expansion and key (DESIGN.md's contract)."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from common.errors import JobFileError
+from common.job import AdapterResolver, check_job, expand_job, job_key, load_jobs, prepare_job
+from common.model import ModelInfo
+from common.store import Store
+
+pytestmark = pytest.mark.unit
+
+MODEL = ModelInfo(
+    ref="/models/tiny", scheduler="CogVideoXDPMScheduler", num_frames=9, height=16, width=16,
+    frame_step=8, size_step=16, max_text_tokens=16,
+)  # fmt: skip
+
+
+def model_for(alias):
+    return MODEL
+
+
+def write_jobs(tmp_path, *lines) -> str:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def errors_of(tmp_path, *lines) -> list[str]:
+    with pytest.raises(JobFileError) as raised:
+        load_jobs(write_jobs(tmp_path, *lines), model_for, Store(str(tmp_path / "store")))
+    return raised.value.errors
+
+
+def test_defaults_fill_in_from_design_and_model():
+    job, errors = check_job({"prompt": "a cat", "seed": 5}, "line 1", MODEL)
+    assert errors == []
+    assert (job["num_frames"], job["height"], job["width"]) == (9, 16, 16)
+    assert (job["steps"], job["guidance_scale"], job["fps"], job["fuse"], job["use_dynamic_cfg"]) == (50, 6.0, 8, True, False)
+    assert job["adapters"] == [] and job["negative_prompt"] == "" and job["lora_scale"] == [1.0]
+
+
+def test_unknown_field_names_line_and_suggests(tmp_path):
+    errors = errors_of(tmp_path, {"prompt": "a"}, {"prompt": "b"}, {"prompt": "c", "lora_sacle": 1})
+    assert errors == ['line 3: unknown field "lora_sacle" (did you mean "lora_scale"?)']
+
+
+def test_every_bad_line_is_reported_at_once(tmp_path):
+    errors = errors_of(
+        tmp_path,
+        "{not json",
+        {"prompt": ""},
+        {"prompt": "x", "lora_scale": float("nan")},
+        {"prompt": "x", "seed": -1},
+        {"prompt": "x", "num_frames": 10},
+        {"prompt": "x", "height": 20},
+        {"prompt": "x", "steps": 0, "fps": 500},
+        {"prompt": "x", "fuse": "yes"},
+        {"prompt": "x", "adapters": [{"uri": "a", "wieght": 2}]},
+        '["a list"]',
+    )
+    assert errors[0].startswith("line 1: not valid JSON")
+    assert "line 2: prompt: required, a non-empty string" in errors
+    assert "line 3: lora_scale: must be a finite number, got nan" in errors
+    assert "line 4: seed: must be between 0 and 9223372036854775807, got -1" in errors
+    assert any(e.startswith("line 5: num_frames: must be 8·N+1") for e in errors)
+    assert any(e.startswith("line 6: height: must be a positive multiple of 16") for e in errors)
+    assert "line 7: steps: must be between 1 and 1000, got 0" in errors
+    assert "line 7: fps: must be between 1 and 120, got 500" in errors
+    assert 'line 8: fuse: must be true or false, got "yes"' in errors
+    assert 'line 9: adapters[0]: unknown field "wieght" (did you mean "weight"?)' in errors
+    assert "line 10: a job must be a JSON object, got list" in errors
+
+
+def test_infinite_and_huge_values_are_refused():
+    for field, value in (("lora_scale", math.inf), ("guidance_scale", -math.inf), ("seed", 2**70), ("width", 10**9)):
+        _, errors = check_job({"prompt": "x", field: value}, "line 1", MODEL)
+        assert len(errors) == 1 and errors[0].startswith(f"line 1: {field}:"), errors
+
+
+def test_missing_adapter_names_what_was_checked(tmp_path):
+    errors = errors_of(tmp_path, {"prompt": "x", "adapters": ["nowhere/style"]})
+    assert len(errors) == 1
+    assert errors[0].startswith('line 1: adapter "nowhere/style" not found (checked ')
+    assert "nowhere/style/pytorch_lora_weights.safetensors" in errors[0]
+
+
+def test_empty_file_is_an_error(tmp_path):
+    assert errors_of(tmp_path) == ["no jobs: the file is empty"]
+
+
+def test_lists_expand_and_missing_seed_is_drawn_once():
+    job, errors = check_job({"prompt": "x", "lora_scale": [0, 0.5, 1], "seed": [1, 2]}, "line 1", MODEL)
+    assert not errors
+    expanded = expand_job(job)
+    assert [(j["lora_scale"], j["seed"]) for j in expanded] == [(s, seed) for s in (0.0, 0.5, 1.0) for seed in (1, 2)]
+
+    job, _ = check_job({"prompt": "x", "lora_scale": [0, 1]}, "line 1", MODEL)
+    seeds = {j["seed"] for j in expand_job(job)}
+    assert len(seeds) == 1  # one draw for the whole line, written into every job
+
+
+@pytest.fixture
+def adapter_file(tmp_path, tiny):
+    folder = tmp_path / "adapters" / "style"
+    shutil.copytree(tiny["style"], folder)
+    return str(folder)
+
+
+def key_of(job: dict, tmp_path) -> str:
+    (finished,) = prepare_job(job, "line 1", MODEL, AdapterResolver(Store(str(tmp_path / "store"))))
+    return finished["key"]
+
+
+def test_key_is_stable_and_ignores_id_and_adapter_path(tmp_path, adapter_file):
+    job = {"prompt": "a cat", "seed": 3, "adapters": [{"uri": adapter_file, "weight": 0.7}]}
+    key = key_of(job, tmp_path)
+    assert key == key_of(dict(job), tmp_path)
+    assert key == key_of({**job, "id": "my label"}, tmp_path)
+    moved = str(tmp_path / "elsewhere.safetensors")
+    shutil.copy(os.path.join(adapter_file, "pytorch_lora_weights.safetensors"), moved)
+    assert key == key_of({**job, "adapters": [{"uri": moved, "weight": 0.7, "name": "renamed"}]}, tmp_path)
+
+
+def test_adapter_order_does_not_change_the_key(tmp_path, tiny):
+    a = {"uri": tiny["style"], "weight": 0.5}
+    b = {"uri": tiny["subject"], "weight": 1.0}
+    assert key_of({"prompt": "x", "seed": 1, "adapters": [a, b]}, tmp_path) == key_of(
+        {"prompt": "x", "seed": 1, "adapters": [b, a]}, tmp_path
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prompt": "a dog"}, {"negative_prompt": "blurry"}, {"seed": 4}, {"lora_scale": 0.5},
+        {"num_frames": 17}, {"height": 32}, {"width": 32}, {"steps": 20}, {"guidance_scale": 5.0},
+        {"use_dynamic_cfg": True}, {"fps": 12}, {"fuse": False},
+        {"adapters": [{"uri": "STYLE", "weight": 0.8}]}, {"adapters": [{"uri": "STYLE", "weight": 0.7, "alpha": 2}]},
+        {"adapters": []},
+    ],
+)  # fmt: skip
+def test_every_decisive_field_changes_the_key(tmp_path, adapter_file, change):
+    job = {"prompt": "a cat", "seed": 3, "adapters": [{"uri": adapter_file, "weight": 0.7}]}
+    change = json.loads(json.dumps(change).replace("STYLE", adapter_file))
+    assert key_of(job, tmp_path) != key_of({**job, **change}, tmp_path)
+
+
+def test_model_identity_is_part_of_the_key():
+    job = {"prompt": "x", "seed": 1, "adapters": [], "lora_scale": 1.0}
+    job, _ = check_job(job, "line 1", MODEL)
+    (job,) = expand_job(job)
+    other = ModelInfo(**{**MODEL.__dict__, "ref": "/models/other"})
+    assert job_key(job, MODEL) != job_key(job, other)
