@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, console)
     except JobFileError as exc:
-        Console(stderr=True).print(str(exc), style="red", markup=False, highlight=False)
+        print(exc, file=sys.stderr)  # plain lines, never wrapped: one error a line, easy to grep
         return EXIT_BAD_INPUT
     except LorafleetError as exc:
-        Console(stderr=True).print(f"lorafleet {args.command}: {exc}", style="red", markup=False, highlight=False)
+        print(f"lorafleet {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,114 @@
+"""The whole flow with a private redis-server, real worker processes and the tiny model."""
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import REPO, lorafleet
+from tests.helpers import decode_video, queued_messages, read_manifest, video_info
+
+pytestmark = pytest.mark.integration
+EXAMPLES = os.path.join(REPO, "examples", "prompts.jsonl")
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny) -> str:
+    """A folder laid out as after `make demo`: demo/adapters/{style,subject}, as examples/ expects."""
+    for name in ("style", "subject"):
+        shutil.copytree(tiny[name], tmp_path / "work" / "demo" / "adapters" / name)
+    return str(tmp_path / "work")
+
+
+def expected_videos(path: str) -> list[tuple[int, int, int, int]]:
+    """(frames, height, width, fps) of each job in a jobs file, after expansion, with the tiny model's defaults."""
+    out = []
+    for line in open(path):
+        job = json.loads(line)
+        for _ in range(len(job["lora_scale"]) if isinstance(job.get("lora_scale"), list) else 1):
+            out.append((job.get("num_frames", 9), job.get("height", 16), job.get("width", 16), job.get("fps", 8)))
+    return out
+
+
+def only_manifest(store: str) -> list[dict]:
+    (path,) = glob.glob(os.path.join(store, "batches", "*", "manifest.jsonl"))
+    return read_manifest(path)
+
+
+def test_submit_wait_renders_every_job_and_resubmitting_enqueues_nothing(fleet_env, start_worker, workdir):
+    start_worker(fleet_env)
+    result = lorafleet("submit", EXAMPLES, "--wait", "--batch", "first", env=fleet_env, cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "batch first: 5 jobs, 5 enqueued, 0 already in the store" in result.stdout
+
+    store = fleet_env["LORAFLEET_STORE_URL"]
+    manifest = read_manifest(os.path.join(store, "batches", "first", "manifest.jsonl"))
+    assert [entry["status"] for entry in manifest] == ["done"] * 5
+    assert len({entry["key"] for entry in manifest}) == 5
+    for entry, (frames, height, width, fps) in zip(manifest, expected_videos(EXAMPLES)):
+        assert entry["video"] == os.path.join(store, "videos", f"{entry['key']}.mp4")
+        video = decode_video(entry["video"])
+        assert video.shape == (frames, height, width, 3)
+        info = video_info(entry["video"])
+        assert info["codec"] == "h264" and info["fps"] == fps
+        assert os.path.getsize(entry["poster"]) > 0
+        metadata = json.load(open(entry["metadata"]))
+        assert metadata["key"] == entry["key"] and metadata["worker"].startswith("cpu@")
+        assert metadata["frames"] == frames and metadata["model"] == fleet_env["LORAFLEET_MODEL"]
+
+    again = lorafleet("submit", EXAMPLES, "--wait", "--batch", "second", env=fleet_env, cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert "batch second: 5 jobs, 0 enqueued, 5 already in the store" in again.stdout
+    assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 0
+    second = read_manifest(os.path.join(store, "batches", "second", "manifest.jsonl"))
+    assert [(e["key"], e["status"]) for e in second] == [(e["key"], "done") for e in manifest]
+
+
+def test_malformed_file_names_each_line_and_enqueues_nothing(fleet_env, tmp_path, tiny):
+    jobs = tmp_path / "bad.jsonl"
+    jobs.write_text(
+        '{"prompt": "fine", "adapters": ["%s"]}\n' % tiny["style"]
+        + "{this is not json\n"
+        + '{"prompt": "x", "lora_sacle": 1.0}\n'
+        + '{"prompt": "x", "adapters": ["missing/adapter"]}\n'
+        + '{"prompt": "x", "lora_scale": NaN}\n'
+    )
+    result = lorafleet("submit", str(jobs), env=fleet_env)
+    assert result.returncode == 2
+    assert "4 error(s), nothing was enqueued" in result.stderr
+    assert "line 2: not valid JSON" in result.stderr
+    assert 'line 3: unknown field "lora_sacle" (did you mean "lora_scale"?)' in result.stderr
+    assert 'line 4: adapter "missing/adapter" not found' in result.stderr
+    assert "line 5: lora_scale: must be a finite number, got nan" in result.stderr
+    assert "line 1" not in result.stderr
+    assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 0
+    assert not os.path.exists(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches"))
+
+
+def test_a_job_the_model_cannot_take_fails_with_its_reason_and_the_worker_keeps_serving(fleet_env, start_worker, tmp_path, tiny):
+    wrong = tmp_path / "wrong-shape.safetensors"
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 7),
+            "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(32, 4),
+        },
+        str(wrong),
+    )
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        json.dumps({"id": "bad", "prompt": "x", "adapters": [str(wrong)], "seed": 1})
+        + "\n"
+        + json.dumps({"id": "good", "prompt": "x", "adapters": [tiny["style"]], "seed": 1})
+        + "\n"
+    )
+    start_worker(fleet_env)
+    result = lorafleet("submit", str(jobs), "--wait", "--batch", "mixed", env=fleet_env)
+    assert result.returncode == 1
+    bad, good = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "mixed", "manifest.jsonl"))
+    assert bad["status"] == "failed"
+    assert "transformer_blocks.0.attn1.to_q is 32×32 in the model but 32×7 in the adapter" in bad["error"]
+    assert good["status"] == "done" and decode_video(good["video"]).shape == (9, 16, 16, 3)
