@@ -1,0 +1,71 @@
+"""The same flow with the store, and an adapter, in S3: moto's real S3 server on loopback."""
+
+import json
+import os
+
+import boto3
+import pytest
+
+from common.adapters import WEIGHTS_NAME
+from common.redis_server import free_port
+from tests.conftest import lorafleet
+from tests.helpers import decode_video
+
+pytestmark = pytest.mark.integration
+BUCKET = "fleet"
+
+
+@pytest.fixture
+def s3_env(fleet_env):
+    """A moto S3 server on 127.0.0.1 and the environment that points s3fs and boto3 at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        **fleet_env,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "LORAFLEET_STORE_URL": f"s3://{BUCKET}/runs",
+    }
+    client = boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    client.create_bucket(Bucket=BUCKET)
+    yield env, client
+    server.stop()
+
+
+def test_submit_wait_with_an_s3_store(s3_env, start_worker, tmp_path, tiny):
+    env, s3 = s3_env
+    s3.upload_file(os.path.join(tiny["style"], WEIGHTS_NAME), BUCKET, f"adapters/style/{WEIGHTS_NAME}")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        json.dumps({"id": "s3 adapter", "prompt": "a cat", "adapters": [f"s3://{BUCKET}/adapters/style"], "seed": 1, "lora_scale": [0.5, 1]})
+        + "\n"
+        + json.dumps({"id": "store-relative adapter", "prompt": "a dog", "adapters": ["../adapters/style"], "seed": 2})
+        + "\n"
+    )
+    # A store-relative adapter must stay inside the store: "../" is refused, naming the line.
+    refused = lorafleet("submit", str(jobs), env=env)
+    assert refused.returncode == 2 and 'line 2: adapter "../adapters/style" not found' in refused.stderr
+
+    s3.upload_file(os.path.join(tiny["subject"], WEIGHTS_NAME), BUCKET, f"runs/adapters/subject/{WEIGHTS_NAME}")
+    jobs.write_text(jobs.read_text().replace("../adapters/style", "adapters/subject"))
+    start_worker(env)
+    result = lorafleet("submit", str(jobs), "--wait", "--batch", "s3", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    manifest = s3.get_object(Bucket=BUCKET, Key="runs/batches/s3/manifest.jsonl")["Body"].read().decode()
+    entries = [json.loads(line) for line in manifest.splitlines()]
+    assert [e["status"] for e in entries] == ["done"] * 3
+    for entry in entries:
+        assert entry["video"] == f"s3://{BUCKET}/runs/videos/{entry['key']}.mp4"
+        local = tmp_path / f"{entry['key']}.mp4"
+        s3.download_file(BUCKET, f"runs/videos/{entry['key']}.mp4", str(local))
+        assert decode_video(str(local)).shape == (9, 16, 16, 3)
+        metadata = json.loads(s3.get_object(Bucket=BUCKET, Key=f"runs/videos/{entry['key']}.json")["Body"].read())
+        assert metadata["key"] == entry["key"]
