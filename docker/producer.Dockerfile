@@ -1,0 +1,14 @@
+# The lorafleet producer: submit, wait, report. No torch, no GPU.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY common ./common
+COPY producer ./producer
+COPY workers ./workers
+COPY lorafleet ./lorafleet
+RUN pip install --no-cache-dir ".[s3]"
+
+ENTRYPOINT ["lorafleet"]
+CMD ["--help"]

@@ -1,0 +1,38 @@
+"""The README's quickstart, run as a user runs it."""
+
+import glob
+import os
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import decode_video, read_manifest
+
+pytestmark = pytest.mark.e2e
+
+
+def quickstart_commands() -> list[str]:
+    """The `make …` commands of the README's quickstart block."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    block = re.search(r"## Quickstart.*?```\n(.*?)```", readme, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("make ")]
+
+
+def test_readme_quickstart_lists_demo_and_test():
+    assert quickstart_commands() == ["make demo", "make test"]
+
+
+def test_make_demo_ends_with_decodable_videos(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    env["LORAFLEET_STORE_URL"] = str(tmp_path / "results")  # the demo's ./results, kept out of the checkout
+    result = subprocess.run(["make", "demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo done: videos in" in result.stdout
+    (manifest,) = glob.glob(str(tmp_path / "results" / "batches" / "*" / "manifest.jsonl"))
+    entries = read_manifest(manifest)
+    assert len(entries) == 5 and all(e["status"] == "done" for e in entries)
+    for entry in entries:
+        frames = decode_video(entry["video"])
+        assert frames.shape[0] in (9, 17) and frames.shape[-1] == 3
