@@ -21,7 +21,14 @@ class Batch:
 
     def add(self, store: Store, job: dict, status: str, task_id: str | None = None) -> dict:
         """Add a job's manifest entry: id, key, status, task id, output URIs, error."""
-        entry = {"id": job["id"], "key": job["key"], "status": status, "task_id": task_id, **output_uris(store, job["key"]), "error": None}
+        entry = {
+            "id": job["id"],
+            "key": job["key"],
+            "status": status,
+            "task_id": task_id,
+            **output_uris(store, job["key"]),
+            "error": None,
+        }
         self.entries.append(entry)
         return entry
 
@@ -41,7 +48,9 @@ class Batch:
 
     def print_summary(self, console: Console) -> None:
         """A table of every job: its id, key, status, and its video or its error."""
-        table = Table(title=f"batch {self.name}: {self.count('done')} done, {self.count('failed')} failed, {len(self.entries)} jobs")
+        table = Table(
+            title=f"batch {self.name}: {self.count('done')} done, {self.count('failed')} failed, {len(self.entries)} jobs"
+        )
         for column in ("id", "key", "status", "video / error"):
             table.add_column(column, overflow="fold")
         for entry in self.entries:

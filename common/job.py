@@ -159,11 +159,7 @@ def check_job(obj, where: str, model: ModelInfo) -> tuple[dict, list[str]]:
 
 def expand_job(job: dict) -> list[dict]:
     """One job per (lora_scale, seed) pair of a checked job's lists."""
-    return [
-        {**job, "lora_scale": scale, "seed": seed}
-        for scale in job["lora_scale"]
-        for seed in job["seed"]
-    ]
+    return [{**job, "lora_scale": scale, "seed": seed} for scale in job["lora_scale"] for seed in job["seed"]]
 
 
 def job_key(job: dict, model: ModelInfo) -> str:

@@ -20,9 +20,7 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description="Redis URL for the Celery broker and result backend (redis:// or rediss://).",
     )
-    store_url: str = Field(
-        "./results", description="fsspec URL of the shared store: a folder, s3://bucket/prefix, ..."
-    )
+    store_url: str = Field("./results", description="fsspec URL of the shared store: a folder, s3://bucket/prefix, ...")
     model: str = Field(
         "THUDM/CogVideoX-5b",
         description="The fleet's default model: a local pipeline folder or a hub id; served on queue `render`.",

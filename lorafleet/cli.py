@@ -18,6 +18,18 @@ from common.settings import get_settings
 
 EXIT_FAILED_JOBS = 1
 EXIT_BAD_INPUT = 2
+# What the `worker` extra brings: commands that render need it, `submit` does not.
+WORKER_EXTRA = {
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "safetensors",
+    "imageio",
+    "imageio_ffmpeg",
+    "sentencepiece",
+    "PIL",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _apply_flags(args: argparse.Namespace) -> None:
     """Write the flags that map onto settings into the environment, before settings are read."""
-    for flag, env in (("redis_url", "REDIS_URL"), ("store_url", "STORE_URL"), ("default_model", "MODEL"), ("out", "STORE_URL")):
+    for flag, env in (
+        ("redis_url", "REDIS_URL"),
+        ("store_url", "STORE_URL"),
+        ("default_model", "MODEL"),
+        ("out", "STORE_URL"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             os.environ[f"LORAFLEET_{env}"] = value
@@ -100,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except LorafleetError as exc:
         print(f"lorafleet {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in WORKER_EXTRA:
+            print(f"lorafleet {args.command}: needs {exc.name}: pip install 'lorafleet[worker]'", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
     except KeyboardInterrupt:
         return 130
 

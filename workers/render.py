@@ -117,7 +117,7 @@ class Renderer:
         """Render through diffusers' own adapter layers (the weights stay at the exact base)."""
         names = [f"job_adapter_{i}" for i in range(len(terms))]
         try:
-            for name, (adapter, _) in zip(names, terms):
+            for name, (adapter, _) in zip(names, terms, strict=True):
                 self.pipe.load_lora_weights(adapter.state_dict(), adapter_name=name)
             self.pipe.set_adapters(names, [coefficient for _, coefficient in terms])
             return self.pipe(**call, attention_kwargs={"scale": lora_scale}).frames[0]
@@ -159,7 +159,10 @@ def render_job(renderer: Renderer, store: Store, job: dict, progress: Progress |
     metadata = {
         "key": key,
         "job": job,
-        "adapters": [{"uri": a["uri"], "sha256": a["sha256"], "weight": a["weight"], "alpha": a["alpha"]} for a in job["adapters"]],
+        "adapters": [
+            {"uri": a["uri"], "sha256": a["sha256"], "weight": a["weight"], "alpha": a["alpha"]}
+            for a in job["adapters"]
+        ],
         "model": renderer.info.ref,
         "scheduler": renderer.info.scheduler,
         "frames": len(frames),
@@ -181,7 +184,14 @@ def render_job(renderer: Renderer, store: Store, job: dict, progress: Progress |
     timings["export_upload"] = time.perf_counter() - upload_started
     log.info(
         "%s: %s rendered in %.2fs (%s frames %sx%s, %s steps), uploaded in %.2fs",
-        renderer.worker, key[:12], timings["total"], len(frames), job["width"], job["height"], job["steps"], timings["export_upload"],
+        renderer.worker,
+        key[:12],
+        timings["total"],
+        len(frames),
+        job["width"],
+        job["height"],
+        job["steps"],
+        timings["export_upload"],
     )
     return {**result, "status": "done", "seconds": round(timings["total"] + timings["export_upload"], 3)}
 

@@ -39,7 +39,9 @@ def spawn_worker(worker_args: list[str], env: dict | None = None, log_path: str 
     """Start `lorafleet worker ARGS` in its own session (signals reach it only when passed on)."""
     command = [sys.executable, "-m", "lorafleet", "worker", *worker_args]
     output = open(log_path, "w") if log_path else None
-    return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True)
+    return subprocess.Popen(
+        command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True
+    )
 
 
 def wait_until_ready(process: subprocess.Popen, log_path: str, timeout_s: float = 300) -> None:

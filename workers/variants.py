@@ -95,7 +95,9 @@ class AdapterCache:
             raise AdapterError(f"adapter {url} cannot be read on this worker: {exc}") from exc
         found = hashlib.sha256(data).hexdigest()
         if found != sha256:
-            raise AdapterError(f"adapter {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})")
+            raise AdapterError(
+                f"adapter {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})"
+            )
         adapter = parse_adapter(url, data)
         self._adapters[sha256] = adapter
         while len(self._adapters) > 1 and sum(a.nbytes for a in self._adapters.values()) > self.budget_bytes:
@@ -155,7 +157,9 @@ class VariantEngine:
                     missing.append(name)
                     continue
                 if not isinstance(module, torch.nn.Linear):
-                    raise AdapterError(f"adapter {adapter.sha256[:12]}: {name} is a {type(module).__name__}, not a linear layer")
+                    raise AdapterError(
+                        f"adapter {adapter.sha256[:12]}: {name} is a {type(module).__name__}, not a linear layer"
+                    )
                 expected = (module.out_features, module.in_features)
                 if (b.shape[0], a.shape[1]) != expected:
                     raise AdapterError(

@@ -42,7 +42,11 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     register_render_task(app, renderer, Store(settings.store_url))
     log.info(
         "%s: READY: %s (%s) loaded in %.1fs, serving queue %s",
-        name, model_ref, str(renderer.dtype).removeprefix("torch."), renderer.load_seconds, queue,
+        name,
+        model_ref,
+        str(renderer.dtype).removeprefix("torch."),
+        renderer.load_seconds,
+        queue,
     )
     try:
         app.worker_main(

@@ -49,7 +49,7 @@ def test_submit_wait_renders_every_job_and_resubmitting_enqueues_nothing(fleet_e
     manifest = read_manifest(os.path.join(store, "batches", "first", "manifest.jsonl"))
     assert [entry["status"] for entry in manifest] == ["done"] * 5
     assert len({entry["key"] for entry in manifest}) == 5
-    for entry, (frames, height, width, fps) in zip(manifest, expected_videos(EXAMPLES)):
+    for entry, (frames, height, width, fps) in zip(manifest, expected_videos(EXAMPLES), strict=True):
         assert entry["video"] == os.path.join(store, "videos", f"{entry['key']}.mp4")
         video = decode_video(entry["video"])
         assert video.shape == (frames, height, width, 3)
@@ -71,7 +71,8 @@ def test_submit_wait_renders_every_job_and_resubmitting_enqueues_nothing(fleet_e
 def test_malformed_file_names_each_line_and_enqueues_nothing(fleet_env, tmp_path, tiny):
     jobs = tmp_path / "bad.jsonl"
     jobs.write_text(
-        '{"prompt": "fine", "adapters": ["%s"]}\n' % tiny["style"]
+        json.dumps({"prompt": "fine", "adapters": [tiny["style"]]})
+        + "\n"
         + "{this is not json\n"
         + '{"prompt": "x", "lora_sacle": 1.0}\n'
         + '{"prompt": "x", "adapters": ["missing/adapter"]}\n'
@@ -89,7 +90,9 @@ def test_malformed_file_names_each_line_and_enqueues_nothing(fleet_env, tmp_path
     assert not os.path.exists(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches"))
 
 
-def test_a_job_the_model_cannot_take_fails_with_its_reason_and_the_worker_keeps_serving(fleet_env, start_worker, tmp_path, tiny):
+def test_a_job_the_model_cannot_take_fails_with_its_reason_and_the_worker_keeps_serving(
+    fleet_env, start_worker, tmp_path, tiny
+):
     wrong = tmp_path / "wrong-shape.safetensors"
     save_file(
         {

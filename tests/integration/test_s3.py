@@ -32,7 +32,11 @@ def s3_env(fleet_env):
         "LORAFLEET_STORE_URL": f"s3://{BUCKET}/runs",
     }
     client = boto3.client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
     )
     client.create_bucket(Bucket=BUCKET)
     yield env, client
@@ -44,7 +48,15 @@ def test_submit_wait_with_an_s3_store(s3_env, start_worker, tmp_path, tiny):
     s3.upload_file(os.path.join(tiny["style"], WEIGHTS_NAME), BUCKET, f"adapters/style/{WEIGHTS_NAME}")
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(
-        json.dumps({"id": "s3 adapter", "prompt": "a cat", "adapters": [f"s3://{BUCKET}/adapters/style"], "seed": 1, "lora_scale": [0.5, 1]})
+        json.dumps(
+            {
+                "id": "s3 adapter",
+                "prompt": "a cat",
+                "adapters": [f"s3://{BUCKET}/adapters/style"],
+                "seed": 1,
+                "lora_scale": [0.5, 1],
+            }
+        )
         + "\n"
         + json.dumps({"id": "store-relative adapter", "prompt": "a dog", "adapters": ["../adapters/style"], "seed": 2})
         + "\n"

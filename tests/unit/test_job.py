@@ -40,7 +40,13 @@ def test_defaults_fill_in_from_design_and_model():
     job, errors = check_job({"prompt": "a cat", "seed": 5}, "line 1", MODEL)
     assert errors == []
     assert (job["num_frames"], job["height"], job["width"]) == (9, 16, 16)
-    assert (job["steps"], job["guidance_scale"], job["fps"], job["fuse"], job["use_dynamic_cfg"]) == (50, 6.0, 8, True, False)
+    assert (job["steps"], job["guidance_scale"], job["fps"], job["fuse"], job["use_dynamic_cfg"]) == (
+        50,
+        6.0,
+        8,
+        True,
+        False,
+    )
     assert job["adapters"] == [] and job["negative_prompt"] == "" and job["lora_scale"] == [1.0]
 
 

@@ -34,7 +34,7 @@ def diffusers_frames(tiny, adapters: list[tuple[str, float]], lora_scale: float,
     pipe = DiffusionPipeline.from_pretrained(tiny["model"])
     pipe.set_progress_bar_config(disable=True)
     names = [f"a{i}" for i in range(len(adapters))]
-    for name, (path, _) in zip(names, adapters):
+    for name, (path, _) in zip(names, adapters, strict=True):
         pipe.load_lora_weights(path, adapter_name=name)
     kwargs = {}
     if adapters:
