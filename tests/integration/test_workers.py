@@ -1,0 +1,69 @@
+"""Worker processes: progress reports, the per-GPU supervisor, and a clean stop."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from celery.result import AsyncResult
+
+from common.broker import TASK_NAME, make_app
+from common.errors import LorafleetError
+from common.settings import Settings
+from workers.supervisor import list_gpus
+
+pytestmark = pytest.mark.integration
+
+
+def test_running_job_reports_its_denoising_step(fleet_env, start_worker):
+    start_worker(fleet_env)
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    # A message without a key, as any Celery client may send: the worker checks and keys it.
+    result = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 1, "steps": 600, "height": 32, "width": 32}])
+    seen = []
+    deadline = time.monotonic() + 120
+    while not result.ready() and time.monotonic() < deadline:
+        if result.state == "PROGRESS":
+            seen.append(result.info)
+        time.sleep(0.02)
+    outcome = result.get(timeout=5)
+    assert outcome["status"] == "done" and len(outcome["key"]) == 64
+    assert seen, "no progress was reported while the job ran"
+    assert all(0 < info["step"] <= 600 and info["steps"] == 600 for info in seen)
+    assert seen[0]["key"] == outcome["key"] and seen[0]["worker"].startswith("cpu@")
+
+
+def test_a_malformed_message_fails_that_job_and_the_worker_keeps_serving(fleet_env, start_worker):
+    start_worker(fleet_env)
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    bad = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "lora_sacle": 2}])
+    with pytest.raises(Exception, match='unknown field "lora_sacle"'):
+        bad.get(timeout=60)
+    good = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 2}])
+    assert good.get(timeout=60)["status"] == "done"
+    assert AsyncResult(bad.id, app=app).state == "FAILURE"
+
+
+def test_gpu_lists():
+    assert list_gpus("0,2") == [0, 2]
+    with pytest.raises(LorafleetError, match="--gpus"):
+        list_gpus("first")
+
+
+def test_supervisor_restarts_a_dying_worker_and_stops_on_sigterm(fleet_env, tmp_path):
+    env = {**fleet_env, "LORAFLEET_MODEL": str(tmp_path / "no-such-model")}  # every start fails
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet", "workers", "--gpus", "0"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    log = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any("restart 2" in line for line in log):
+        log.append(supervisor.stderr.readline())
+    supervisor.send_signal(signal.SIGTERM)
+    _, rest = supervisor.communicate(timeout=60)
+    log.append(rest)
+    text = "".join(log)
+    assert "gpu0 worker died (code 3); restart 1" in text and "restart 2" in text, text[-3000:]
+    assert "cannot start" in text and "no-such-model" in text
+    assert supervisor.returncode == 0
