@@ -16,6 +16,8 @@ from common.errors import AdapterError
 from common.store import Store
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -24,9 +26,19 @@ class AdapterFile:
     """A resolved adapter: where its file is, its content hash and what its header declares."""
 
     url: str  # an fsspec URL any worker can read (absolute for local files)
-    sha256: str
+    sha256: str  # of the file, and of the PEFT config beside it if there is one
     tensors: dict  # name -> {"dtype", "shape", "data_offsets"}
     metadata: dict
+    config: dict | None = None  # a PEFT adapter_config.json found beside the file
+
+    def config_alpha(self) -> float | None:
+        """The lora_alpha of a PEFT config beside the file, if any."""
+        alpha = (self.config or {}).get("lora_alpha")
+        return float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Each tensor's shape, by name."""
+        return {name: info["shape"] for name, info in self.tensors.items()}
 
     def metadata_alpha(self) -> float | None:
         """The LoRA alpha the file's metadata declares (diffusers writes it), if any."""
@@ -48,20 +60,18 @@ class AdapterFile:
 def candidate_urls(uri: str, store: Store | None) -> list[str]:
     """The file URLs an adapter URI may mean, in the order they are tried."""
 
-    def weights_in(location: str) -> str:
-        return location if location.endswith(".safetensors") else f"{location.rstrip('/')}/{WEIGHTS_NAME}"
+    def weights_in(location: str) -> list[str]:
+        if location.endswith(".safetensors"):
+            return [location]
+        return [f"{location.rstrip('/')}/{name}" for name in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME)]
 
     if "://" in uri:
-        return [weights_in(uri)]
-    candidates = []
+        return weights_in(uri)
     local = os.path.abspath(os.path.expanduser(uri))
-    if os.path.isfile(local):
-        candidates.append(local)
-    else:
-        candidates.append(os.path.join(local, WEIGHTS_NAME))
+    candidates = [local] if os.path.isfile(local) else weights_in(local)
     if store is not None and not uri.startswith(("/", "~")):
         try:
-            candidates.append(weights_in(store.uri(uri)))
+            candidates.extend(weights_in(store.uri(uri)))
         except Exception:
             pass  # not a valid store path: the other candidates still apply
     if uri.count("/") == 1 and not uri.startswith((".", "/", "~")):
@@ -73,11 +83,34 @@ def read_adapter(uri: str, store: Store | None) -> tuple[AdapterFile, bytes]:
     """Find an adapter's file, read it whole, check it is safetensors; returns it with its bytes."""
     candidates = candidate_urls(uri, store)
     for url in candidates:
-        data = _read(url)
-        if data is not None:
-            return parse_safetensors(url, data), data
+        found = read_adapter_url(url)
+        if found is not None:
+            return found
     checked = ", ".join(candidates)
     raise AdapterError(f'adapter "{uri}" not found (checked {checked})')
+
+
+def read_adapter_url(url: str) -> tuple[AdapterFile, bytes] | None:
+    """The adapter file at one URL (with a PEFT config beside it, if any), or None if it is not there."""
+    data = _read(url)
+    if data is None:
+        return None
+    config_bytes = _read(f"{url.rpartition('/')[0]}/{PEFT_CONFIG_NAME}")
+    config = None
+    if config_bytes is not None:
+        try:
+            config = json.loads(config_bytes)
+        except ValueError:
+            raise AdapterError(f"{PEFT_CONFIG_NAME} beside {url} is not JSON") from None
+    return parse_safetensors(url, data, config_bytes, config), data
+
+
+def content_hash(data: bytes, config_bytes: bytes | None) -> str:
+    """An adapter's content hash: its file, and the PEFT config beside it (which can set alpha)."""
+    digest = hashlib.sha256(data)
+    if config_bytes is not None:
+        digest.update(b"\0" + PEFT_CONFIG_NAME.encode() + b"\0" + config_bytes)
+    return digest.hexdigest()
 
 
 def _read(url: str) -> bytes | None:
@@ -98,7 +131,9 @@ def _read(url: str) -> bytes | None:
         raise AdapterError(f"adapter {url} could not be read: {exc}") from exc
 
 
-def parse_safetensors(url: str, data: bytes) -> AdapterFile:
+def parse_safetensors(
+    url: str, data: bytes, config_bytes: bytes | None = None, config: dict | None = None
+) -> AdapterFile:
     """Check that bytes are a whole safetensors file and return its header, without torch."""
     if len(data) < 8:
         raise AdapterError(f"adapter {url} is not a safetensors file (only {len(data)} bytes)")
@@ -117,4 +152,4 @@ def parse_safetensors(url: str, data: bytes) -> AdapterFile:
         raise AdapterError(f"adapter {url} holds no tensors")
     if max(ends) > payload:
         raise AdapterError(f"adapter {url} is truncated: {payload} of {max(ends)} data bytes present")
-    return AdapterFile(url=url, sha256=hashlib.sha256(data).hexdigest(), tensors=header, metadata=metadata)
+    return AdapterFile(url, content_hash(data, config_bytes), header, metadata, config)

@@ -13,6 +13,7 @@ import secrets
 
 from common.adapters import AdapterFile, read_adapter
 from common.errors import AdapterError, JobError, JobFileError, ModelError
+from common.lora_formats import check_shapes, detect_layout
 from common.model import ModelInfo
 from common.store import Store
 
@@ -213,6 +214,13 @@ def finish_job(job: dict, model: ModelInfo, resolver: AdapterResolver) -> dict:
     adapters = []
     for adapter in job["adapters"]:
         found = resolver.resolve(adapter["uri"])
+        if model.linear_layers:  # the model's architecture is known: check the adapter fits it now
+            try:
+                check_shapes(
+                    detect_layout(list(found.tensors), model.linear_layers), found.shapes(), model.linear_layers
+                )
+            except AdapterError as exc:
+                raise AdapterError(f'adapter "{adapter["uri"]}": {exc}') from None
         adapters.append({**adapter, "url": found.url, "sha256": found.sha256})
     finished = {**job, "adapters": adapters}
     finished["key"] = job_key(finished, model)

@@ -5,7 +5,7 @@ Read from the pipeline folder's JSON configs (or the hub's copies of them), neve
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from common.errors import ModelError
@@ -23,15 +23,17 @@ class ModelInfo:
     frame_step: int  # num_frames must be frame_step·N + 1
     size_step: int  # height and width must be multiples of this
     max_text_tokens: int
+    # The transformer's linear layers, name -> (out_features, in_features): what adapters may target.
+    linear_layers: dict = field(default_factory=dict, compare=False)
 
     def check_size(self, num_frames: int, height: int, width: int) -> list[tuple[str, str]]:
         """(field, problem) for each render dimension this model cannot take."""
         problems = []
         if num_frames < 1 or (num_frames - 1) % self.frame_step:
             problems.append(("num_frames", f"must be {self.frame_step}·N+1 for this model (e.g. {self.num_frames})"))
-        for field, value in (("height", height), ("width", width)):
+        for name, value in (("height", height), ("width", width)):
             if value < self.size_step or value % self.size_step:
-                problems.append((field, f"must be a positive multiple of {self.size_step} for this model"))
+                problems.append((name, f"must be a positive multiple of {self.size_step} for this model"))
         return problems
 
 
@@ -77,7 +79,30 @@ def model_info(ref: str) -> ModelInfo:
         frame_step=frame_step,
         size_step=spatial * patch,
         max_text_tokens=transformer.get("max_text_seq_length", 226),
+        linear_layers=cogvideox_linear_layers(transformer),
     )
+
+
+def cogvideox_linear_layers(config: dict) -> dict[str, tuple[int, int]]:
+    """The linear layers of a CogVideoX transformer and their (out, in) sizes, from its config."""
+    inner = config.get("num_attention_heads", 30) * config.get("attention_head_dim", 64)
+    time = config.get("time_embed_dim", 512)
+    patch = config.get("patch_size", 2) ** 2 * (config.get("patch_size_t") or 1)
+    layers = {
+        "patch_embed.text_proj": (inner, config.get("text_embed_dim", 4096)),
+        "time_embedding.linear_1": (time, inner),
+        "time_embedding.linear_2": (time, time),
+        "norm_out.linear": (2 * inner, time),
+        "proj_out": (patch * config.get("out_channels", 16), inner),
+    }
+    for i in range(config.get("num_layers", 30)):
+        block = f"transformer_blocks.{i}"
+        for name in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"):
+            layers[f"{block}.{name}"] = (inner, inner)
+        layers[f"{block}.norm1.linear"] = layers[f"{block}.norm2.linear"] = (6 * inner, time)
+        layers[f"{block}.ff.net.0.proj"] = (4 * inner, inner)
+        layers[f"{block}.ff.net.2"] = (inner, 4 * inner)
+    return layers
 
 
 def model_resolver(settings):

@@ -38,9 +38,24 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype on the worker: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp16, fp32."
     )
     vae_tiling: bool = Field(False, description="Decode the video in tiles: less GPU memory, a little slower.")
-    adapter_cache_mb: int = Field(
-        4096, description="Host memory budget (MiB) for adapter tensors a worker keeps between jobs."
+    adapter_cache_dir: str = Field(
+        "~/.cache/lorafleet/adapters",
+        description="Folder where a worker host keeps adapter files by content hash (an S3 adapter is fetched once).",
     )
+    adapter_disk_cache_mb: int = Field(20480, description="Disk budget (MiB) of the adapter file cache.")
+    adapter_host_cache_mb: int = Field(4096, description="Host memory budget (MiB) for parsed adapter tensors.")
+    adapter_device_cache_mb: int = Field(2048, description="GPU memory budget (MiB) for adapter tensors.")
+    variant_cache_size: int = Field(
+        0, description="Whole fused variants kept on the device (each as large as the targeted weights: 3.2 GB on 5B)."
+    )
+    pristine_on_host: bool = Field(
+        False,
+        description="Keep the pristine base weights in pinned host memory instead of on the GPU (slower switches).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the transformer at start; switching variants never recompiles."
+    )
+    compile_backend: str = Field("inductor", description="The torch.compile backend used with `compile`.")
 
     def model_ref(self, alias: str | None) -> str:
         """The folder or hub id behind a model alias; None names the fleet's default model."""

@@ -55,6 +55,7 @@ def fleet_env(tiny, redis_url, tmp_path) -> dict:
         "LORAFLEET_REDIS_URL": redis_url,
         "LORAFLEET_STORE_URL": str(tmp_path / "store"),
         "LORAFLEET_MODEL": tiny["model"],
+        "LORAFLEET_ADAPTER_CACHE_DIR": str(tmp_path / "adapter-cache"),
     }
 
 

@@ -19,7 +19,7 @@ import common
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_path
-from workers.variants import AdapterCache, Term, VariantEngine
+from workers.variants import AdapterCache, AdapterFiles, Term, VariantEngine
 
 log = logging.getLogger("lorafleet.render")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -46,9 +46,19 @@ class Renderer:
         self.pipe.set_progress_bar_config(disable=True)
         if settings.vae_tiling:
             self.pipe.vae.enable_tiling()
+        self.variants = VariantEngine(
+            self.pipe.transformer,
+            settings.adapter_device_cache_mb * 2**20,
+            settings.variant_cache_size,
+            settings.pristine_on_host,
+        )
+        files = AdapterFiles(settings.adapter_cache_dir, settings.adapter_disk_cache_mb * 2**20)
+        self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.linears.keys())
+        self.compiled = settings.compile
+        if settings.compile:
+            # Compiled once, here: variants rewrite the weights in place, which never recompiles.
+            self.pipe.transformer.compile(backend=settings.compile_backend)
         self.load_seconds = time.perf_counter() - started
-        self.variants = VariantEngine(self.pipe.transformer)
-        self.adapters = AdapterCache(settings.adapter_cache_mb * 2**20)
         self.rendered = 0
 
     def device_name(self) -> str:
@@ -58,14 +68,10 @@ class Renderer:
         return f"cpu ({platform.processor() or platform.machine()})"
 
     def _terms(self, job: dict) -> tuple[list[Term], tuple]:
-        """The job's adapters as (adapter, w·alpha/r) terms, and the variant's canonical key."""
-        terms, variant = [], []
-        for entry in job["adapters"]:
-            adapter = self.adapters.get(entry["url"], entry["sha256"])
-            alpha = entry["alpha"] or adapter.metadata_alpha or adapter.rank
-            terms.append((adapter, entry["weight"] * alpha / adapter.rank))
-            variant.append((entry["sha256"], entry["weight"], entry["alpha"]))
-        return terms, (tuple(sorted(variant, key=repr)), float(job["lora_scale"]))
+        """The job's adapters as (adapter, weight, alpha) terms, and the variant's canonical key."""
+        terms = [(self.adapters.get(a["url"], a["sha256"]), a["weight"], a["alpha"]) for a in job["adapters"]]
+        combination = sorted((a["sha256"], float(a["weight"]), a["alpha"]) for a in job["adapters"])
+        return terms, (tuple(combination), float(job["lora_scale"]))
 
     def render(self, job: dict, progress: Progress | None = None) -> tuple[list, dict]:
         """The job's frames (a list of H×W×3 float arrays in [0, 1]) and its timings in seconds."""
@@ -117,20 +123,30 @@ class Renderer:
         """Render through diffusers' own adapter layers (the weights stay at the exact base)."""
         names = [f"job_adapter_{i}" for i in range(len(terms))]
         try:
-            for name, (adapter, _) in zip(names, terms, strict=True):
-                self.pipe.load_lora_weights(adapter.state_dict(), adapter_name=name)
-            self.pipe.set_adapters(names, [coefficient for _, coefficient in terms])
+            for name, (adapter, weight, alpha) in zip(names, terms, strict=True):
+                self.pipe.load_lora_weights(adapter.state_dict(weight, alpha), adapter_name=name)
+            self.pipe.set_adapters(names, [1.0] * len(names))  # w·alpha/r is folded into each B
             return self.pipe(**call, attention_kwargs={"scale": lora_scale}).frames[0]
         finally:
             self.pipe.unload_lora_weights()
 
     def cache_stats(self) -> dict:
-        """Adapter cache hits and misses, and variant switches, since the worker started."""
-        return {
-            "adapter_hits": self.adapters.hits,
-            "adapter_misses": self.adapters.misses,
-            "variant_switches": self.variants.switches,
+        """The caches' hits, misses and sizes, and variant switches, since the worker started."""
+        stats = {
+            "adapter_files": self.adapters.files.stats(),
+            "adapter_host": self.adapters.lru.stats(),
+            **self.variants.stats(),
         }
+        if self.compiled:
+            stats["compiled_graphs"] = compiled_graphs()
+        return stats
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has made in this process: constant after the first render."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def encode_outputs(frames: list, fps: int) -> tuple[bytes, bytes]:

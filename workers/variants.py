@@ -1,122 +1,247 @@
-"""Adapter variants of the warm transformer: exact fused weights, built in place.
+"""Adapter variants of the warm transformer: exact fused weights, switched in place in milliseconds.
 
-A fused variant is  W = W0 + lora_scale · Σ_i w_i · (alpha_i / r_i) · B_i A_i  for every module an
-adapter touches, computed in fp32 from a pristine copy W0 and rounded once. Because every variant
-is built from W0, never from the previous variant, returning to the base or to any variant gives
-the same weights bit for bit however many switches came before (diffusers' fuse/unfuse adds and
-subtracts in the weights' dtype and drifts).
+A fused variant is, for every linear layer M an adapter touches,
+
+    W_M = W0_M + lora_scale · Σ_i w_i · (alpha_i / r_i) · B_i A_i
+
+built from a pristine copy W0 as one `addmm` per layer: the adapters' factors are stacked along
+the rank (coefficients folded into B), the product accumulates in fp32 inside the matrix unit, and
+the sum with W0 is rounded once to the weights' dtype. Every variant is built from W0, never from
+the previous one, so the base or any variant comes back bit for bit however many switches came
+before (diffusers' fuse/unfuse adds and subtracts in the weights' dtype and drifts). Writing the
+weights in place leaves no adapter wrappers in the model and never recompiles a compiled one.
+
+Three caches keep switching cheap, each with a budget and least-recently-used eviction:
+adapter files on local disk by content hash (AdapterFiles), parsed adapters in host memory
+(AdapterCache), their factors on the device (in VariantEngine); optionally whole fused variants on
+the device, so that a hit costs one copy.
 """
 
-import hashlib
+import json
 import logging
+import os
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import fsspec
 import safetensors.torch
 import torch
 
-from common.adapters import parse_safetensors
+from common.adapters import PEFT_CONFIG_NAME, AdapterFile, read_adapter_url
 from common.errors import AdapterError
+from common.lora_formats import ALPHA, A, B, detect_layout
 
 log = logging.getLogger("lorafleet.variants")
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+class LRU:
+    """A least-recently-used map with a byte budget, counting its hits and misses."""
+
+    def __init__(self, budget_bytes: int, size=lambda value: 0):
+        self.budget_bytes = budget_bytes
+        self.size = size
+        self.items: OrderedDict = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key):
+        """The cached value, or None (counted as a miss)."""
+        if key in self.items:
+            self.hits += 1
+            self.items.move_to_end(key)
+            return self.items[key]
+        self.misses += 1
+        return None
+
+    def put(self, key, value, on_evict=None) -> None:
+        """Cache a value, evicting the least recently used past the budget (never the newest)."""
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > 1 and self.nbytes > self.budget_bytes:
+            old_key, old = self.items.popitem(last=False)
+            self.evictions += 1
+            if on_evict:
+                on_evict(old_key, old)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached values take."""
+        return sum(self.size(value) for value in self.items.values())
+
+    def stats(self) -> dict:
+        """Hits, misses, evictions, entries and bytes, for logs and job metadata."""
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "entries": len(self.items),
+            "bytes": self.nbytes,
+        }
 
 
 @dataclass
 class Adapter:
-    """One adapter's low-rank matrices by module name, kept on the CPU in fp32."""
+    """One adapter's factors by module, on the CPU as stored, with each module's alpha if the file gives one."""
 
     sha256: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A: r×in, B: out×r)
-    rank: int
-    metadata_alpha: float | None
+    format: str
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]  # module -> (A: r×in, B: out×r, alpha)
 
     @property
     def nbytes(self) -> int:
-        """Host memory the matrices take."""
-        return sum(a.nbytes + b.nbytes for a, b in self.layers.values())
+        """Host memory the factors take."""
+        return sum(a.nbytes + b.nbytes for a, b, _ in self.layers.values())
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter in diffusers' format, for diffusers' own (unfused) LoRA loading."""
+    def coefficient(self, module: str, weight: float, job_alpha: float | None) -> float:
+        """w · alpha / r for one module; alpha from the job, else the file, else the rank."""
+        a, _, file_alpha = self.layers[module]
+        rank = a.shape[0]
+        return weight * (job_alpha or file_alpha or rank) / rank
+
+    def state_dict(self, weight: float, job_alpha: float | None) -> dict[str, torch.Tensor]:
+        """The adapter in diffusers' format with each module's w·alpha/r folded into B, for
+        diffusers' own (unfused) LoRA layers, which assume alpha = rank and weight 1."""
         out = {}
-        for module, (a, b) in self.layers.items():
+        for module, (a, b, _) in self.layers.items():
             out[f"transformer.{module}.lora_A.weight"] = a
-            out[f"transformer.{module}.lora_B.weight"] = b
+            out[f"transformer.{module}.lora_B.weight"] = b * self.coefficient(module, weight, job_alpha)
         return out
 
 
-def parse_adapter(url: str, data: bytes) -> Adapter:
-    """An Adapter from the bytes of a diffusers-format LoRA safetensors file."""
-    header = parse_safetensors(url, data)
+def _scalar(tensor: torch.Tensor) -> float:
+    if tensor.numel() != 1:
+        raise AdapterError(f"an alpha tensor must hold one number, not {tuple(tensor.shape)}")
+    return float(tensor.float().item())
+
+
+def parse_adapter(found: AdapterFile, data: bytes, module_names) -> Adapter:
+    """An Adapter from a checked safetensors file in any supported format.
+
+    Alpha, per module: the kohya `.alpha` tensor, else the file's metadata, else a PEFT config
+    beside the file, else none (the rank); a job's alpha overrides all of them.
+    """
+    try:
+        layout = detect_layout(list(found.tensors), module_names)
+    except AdapterError as exc:
+        raise AdapterError(f"adapter {found.url}: {exc}") from None
     tensors = safetensors.torch.load(data)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        stripped = name.removeprefix("transformer.")
-        suffix = next((s for s in LORA_SUFFIXES if stripped.endswith(s)), None)
-        if suffix is None:
-            raise AdapterError(f'adapter {url}: key "{name}" is not a LoRA A/B weight of the transformer')
-        pairs.setdefault(stripped.removesuffix(suffix), {})[suffix] = tensor
-    layers, ranks = {}, set()
-    for module, pair in pairs.items():
-        if len(pair) != 2:
-            raise AdapterError(f"adapter {url}: {module} has only one of lora_A and lora_B")
-        a, b = pair[LORA_SUFFIXES[0]].float(), pair[LORA_SUFFIXES[1]].float()
+    file_alpha = found.metadata_alpha() or found.config_alpha()
+    layers = {}
+    for module, roles in layout.modules.items():
+        a, b = tensors[roles[A]], tensors[roles[B]]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterError(
-                f"adapter {url}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, whose ranks differ"
+                f"adapter {found.url}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, whose ranks differ"
             )
-        layers[module] = (a.contiguous(), b.contiguous())
-        ranks.add(a.shape[0])
-    if len(ranks) != 1:
-        raise AdapterError(f"adapter {url}: modules have different ranks {sorted(ranks)}")
-    return Adapter(header.sha256, layers, ranks.pop(), header.metadata_alpha())
+        alpha = _scalar(tensors[roles[ALPHA]]) if ALPHA in roles else file_alpha
+        layers[module] = (a.contiguous(), b.contiguous(), alpha)
+    return Adapter(found.sha256, layout.format, layers)
+
+
+class AdapterFiles:
+    """Adapter files on this host's disk by content hash: an adapter in S3 is downloaded once per host."""
+
+    def __init__(self, directory: str, budget_bytes: int):
+        self.directory = os.path.expanduser(directory)
+        self.budget_bytes = budget_bytes
+        self.hits = self.misses = 0
+
+    def read(self, url: str, sha256: str) -> tuple[AdapterFile, bytes]:
+        """The adapter with this content hash: from the disk cache, else from `url` (then cached)."""
+        folder = os.path.join(self.directory, sha256)
+        cached = os.path.join(folder, "adapter.safetensors")
+        if os.path.exists(cached):
+            found = read_adapter_url(cached)
+            if found is not None and found[0].sha256 == sha256:
+                self.hits += 1
+                os.utime(folder)  # recently used: evicted last
+                return found
+        self.misses += 1
+        try:
+            found = read_adapter_url(url)
+        except OSError as exc:
+            raise AdapterError(f"adapter {url} cannot be read on this worker: {exc}") from exc
+        if found is None:
+            raise AdapterError(f"adapter {url} is not readable from this worker")
+        if found[0].sha256 != sha256:
+            raise AdapterError(
+                f"adapter {url} changed since it was submitted (sha256 {found[0].sha256[:12]}, job wants {sha256[:12]})"
+            )
+        self._store(folder, found)
+        return found
+
+    def _store(self, folder: str, found: tuple[AdapterFile, bytes]) -> None:
+        adapter, data = found
+        tmp = f"{folder}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(tmp, exist_ok=True)
+            with open(os.path.join(tmp, "adapter.safetensors"), "wb") as f:
+                f.write(data)
+            if adapter.config is not None:
+                with open(os.path.join(tmp, PEFT_CONFIG_NAME), "w") as f:
+                    json.dump(adapter.config, f)
+            os.replace(tmp, folder) if not os.path.exists(folder) else shutil.rmtree(tmp)
+            self._evict()
+        except OSError as exc:  # a full or read-only disk slows us down, it does not fail the job
+            log.warning("adapter disk cache: cannot keep %s: %s", adapter.sha256[:12], exc)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _evict(self) -> None:
+        entries = []
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+            entries.append((os.path.getmtime(path), size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries)[:-1]:
+            if total <= self.budget_bytes:
+                break
+            shutil.rmtree(path, ignore_errors=True)
+            total -= size
+
+    def stats(self) -> dict:
+        """Hits and misses since the worker started."""
+        return {"hits": self.hits, "misses": self.misses}
 
 
 class AdapterCache:
-    """Adapters in host memory by content hash, least recently used evicted past a byte budget."""
+    """Parsed adapters in host memory by content hash, over the disk cache."""
 
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
-        self._adapters: OrderedDict[str, Adapter] = OrderedDict()
-        self.hits = self.misses = 0
+    def __init__(self, files: AdapterFiles, budget_bytes: int, module_names):
+        self.files = files
+        self.module_names = module_names
+        self.lru = LRU(budget_bytes, size=lambda adapter: adapter.nbytes)
 
     def get(self, url: str, sha256: str) -> Adapter:
-        """The adapter with this content hash, read from `url` if it is not cached."""
-        if sha256 in self._adapters:
-            self.hits += 1
-            self._adapters.move_to_end(sha256)
-            return self._adapters[sha256]
-        self.misses += 1
-        try:
-            with fsspec.open(url, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise AdapterError(f"adapter {url} cannot be read on this worker: {exc}") from exc
-        found = hashlib.sha256(data).hexdigest()
-        if found != sha256:
-            raise AdapterError(
-                f"adapter {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})"
-            )
-        adapter = parse_adapter(url, data)
-        self._adapters[sha256] = adapter
-        while len(self._adapters) > 1 and sum(a.nbytes for a in self._adapters.values()) > self.budget_bytes:
-            self._adapters.popitem(last=False)
+        """The adapter with this content hash, read (from disk or `url`) if it is not cached."""
+        adapter = self.lru.get(sha256)
+        if adapter is None:
+            adapter = parse_adapter(*self.files.read(url, sha256), self.module_names)
+            self.lru.put(sha256, adapter)
         return adapter
 
 
-# One adapter of a combination, with its coefficient w · alpha / r folded in.
-Term = tuple[Adapter, float]
+# One adapter of a combination: the adapter, its weight, and the job's alpha (None: the file's).
+Term = tuple[Adapter, float, float | None]
 
 
 class VariantEngine:
     """Switches the transformer between its base weights and fused adapter variants, exactly."""
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        device_cache_bytes: int,
+        variant_cache_size: int = 0,
+        pristine_on_host: bool = False,
+    ):
         self.transformer = transformer
+        self.linears = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
         self.pristine: dict[str, torch.Tensor] = {}  # module -> W0, captured before its first change
+        self.pristine_on_host = pristine_on_host
         self.current: tuple = ()  # the variant the weights hold now; () is the base
         self.switches = 0
+        self.factors = LRU(device_cache_bytes, size=lambda layers: sum(a.nbytes + b.nbytes for a, b in layers.values()))
+        self.variants = LRU(variant_cache_size, size=lambda weights: 1) if variant_cache_size else None
 
     def apply(self, terms: list[Term], lora_scale: float, variant: tuple) -> bool:
         """Make the weights hold `variant`; returns False when they already did."""
@@ -124,52 +249,80 @@ class VariantEngine:
             variant, terms = (), []
         if variant == self.current:
             return False
-        plan = self._plan(terms)
-        touched = set(self.pristine)  # every module that may differ from W0 now
+        cached = self.variants.get(variant) if self.variants is not None and variant else None
+        plan = {} if cached is not None else self._plan(terms, lora_scale)
+        targets = cached.keys() if cached is not None else plan.keys()
         with torch.no_grad():
-            for name in touched - plan.keys():
-                self._weight(name).copy_(self.pristine[name])
-            for name, products in plan.items():
-                weight = self._weight(name)
+            for name in self.pristine.keys() - targets:  # touched before, not by this variant
+                self.linears[name].weight.copy_(self.pristine[name], non_blocking=True)
+            if cached is not None:
+                for name, weight in cached.items():
+                    self.linears[name].weight.copy_(weight, non_blocking=True)
+            for name, (a, b, alpha) in plan.items():
+                weight = self.linears[name].weight
                 if name not in self.pristine:
-                    self.pristine[name] = weight.detach().clone()
-                # A copy even when W0 is fp32 already: W0 itself must never change.
-                fused = self.pristine[name].to(torch.float32, copy=True)
-                for a, b, coefficient in products:
-                    fused.addmm_(b.to(fused.device), a.to(fused.device), alpha=lora_scale * coefficient)
-                weight.copy_(fused)  # rounds once to the weight's dtype
+                    self.pristine[name] = self._keep(weight)
+                weight.copy_(self.pristine[name], non_blocking=True)
+                weight.addmm_(b, a, alpha=alpha)  # fp32 accumulation, one rounding
+        if cached is None and self.variants is not None and variant:
+            self.variants.put(variant, {name: self.linears[name].weight.detach().clone() for name in plan})
         self.current = variant
         self.switches += 1
         return True
 
-    def _weight(self, name: str) -> torch.Tensor:
-        return self.transformer.get_submodule(name).weight
+    def _keep(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.pristine_on_host and weight.is_cuda:
+            return weight.detach().to("cpu").pin_memory()
+        return weight.detach().clone()
 
-    def _plan(self, terms: list[Term]) -> dict[str, list]:
-        """Each module's (A, B, coefficient) products, checked against the model before any write."""
-        plan: dict[str, list] = {}
-        for adapter, coefficient in terms:
-            missing = []
-            for name, (a, b) in adapter.layers.items():
-                try:
-                    module = self.transformer.get_submodule(name)
-                except AttributeError:
-                    missing.append(name)
-                    continue
-                if not isinstance(module, torch.nn.Linear):
-                    raise AdapterError(
-                        f"adapter {adapter.sha256[:12]}: {name} is a {type(module).__name__}, not a linear layer"
-                    )
-                expected = (module.out_features, module.in_features)
-                if (b.shape[0], a.shape[1]) != expected:
-                    raise AdapterError(
-                        f"adapter {adapter.sha256[:12]}: {name} is {expected[0]}×{expected[1]} in the model "
-                        f"but {b.shape[0]}×{a.shape[1]} in the adapter"
-                    )
-                plan.setdefault(name, []).append((a, b, coefficient))
-            if missing:
-                raise AdapterError(
-                    f"adapter {adapter.sha256[:12]}: {len(missing)} module(s) match nothing in the model, "
-                    f"e.g. {', '.join(missing[:3])}"
+    def _device_factors(self, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """An adapter's factors on the weights' device and in their dtype, cached by content hash."""
+        layers = self.factors.get(adapter.sha256)
+        if layers is None:
+            layers = {}
+            for name, (a, b, _) in adapter.layers.items():
+                weight = self._check(adapter, name, a, b)
+                layers[name] = (a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype))
+            self.factors.put(adapter.sha256, layers)
+        return layers
+
+    def _check(self, adapter: Adapter, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        module = self.linears.get(name)
+        if module is None:
+            missing = [m for m in adapter.layers if m not in self.linears]
+            raise AdapterError(
+                f"adapter {adapter.sha256[:12]}: {len(missing)} module(s) match no linear layer of the model, "
+                f"e.g. {', '.join(missing[:3])}"
+            )
+        if (b.shape[0], a.shape[1]) != (module.out_features, module.in_features):
+            raise AdapterError(
+                f"adapter {adapter.sha256[:12]}: {name} is {module.out_features}×{module.in_features} in the model "
+                f"but {b.shape[0]}×{a.shape[1]} in the adapter"
+            )
+        return module.weight
+
+    def _plan(self, terms: list[Term], lora_scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Per module: the stacked factors A (Σr × in), B (out × Σr) and addmm's alpha; checked before any write."""
+        per_module: dict[str, list] = {}
+        for adapter, weight, job_alpha in terms:
+            for name, (a, b) in self._device_factors(adapter).items():
+                per_module.setdefault(name, []).append(
+                    (a, b, lora_scale * adapter.coefficient(name, weight, job_alpha))
                 )
+        plan = {}
+        for name, products in per_module.items():
+            if len(products) == 1:
+                plan[name] = products[0]  # the coefficient goes to addmm in fp32: no rounding of B
+            else:
+                a = torch.cat([a for a, _, _ in products])
+                b = torch.cat([(b.float() * c).to(b.dtype) for _, b, c in products], dim=1)
+                plan[name] = (a, b, 1.0)
         return plan
+
+    def stats(self) -> dict:
+        """Switches and the device caches' counts, for logs and job metadata."""
+        out = {"switches": self.switches, "device_factors": self.factors.stats()}
+        if self.variants is not None:
+            out["fused_variants"] = self.variants.stats()
+        out["pristine_bytes"] = sum(t.nbytes for t in self.pristine.values())
+        return out

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from common.broker import TASK_NAME, make_app
+from common.settings import Settings
 from tests.conftest import REPO, lorafleet
 from tests.helpers import decode_video, queued_messages, read_manifest, video_info
 
@@ -90,7 +92,7 @@ def test_malformed_file_names_each_line_and_enqueues_nothing(fleet_env, tmp_path
     assert not os.path.exists(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches"))
 
 
-def test_a_job_the_model_cannot_take_fails_with_its_reason_and_the_worker_keeps_serving(
+def test_an_adapter_the_model_cannot_take_is_refused_at_submit_and_fails_a_direct_message(
     fleet_env, start_worker, tmp_path, tiny
 ):
     wrong = tmp_path / "wrong-shape.safetensors"
@@ -102,16 +104,18 @@ def test_a_job_the_model_cannot_take_fails_with_its_reason_and_the_worker_keeps_
         str(wrong),
     )
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(
-        json.dumps({"id": "bad", "prompt": "x", "adapters": [str(wrong)], "seed": 1})
-        + "\n"
-        + json.dumps({"id": "good", "prompt": "x", "adapters": [tiny["style"]], "seed": 1})
-        + "\n"
-    )
+    jobs.write_text(json.dumps({"id": "bad", "prompt": "x", "adapters": [str(wrong)], "seed": 1}) + "\n")
+    result = lorafleet("submit", str(jobs), "--wait", env=fleet_env)
+    assert result.returncode == 2
+    assert "transformer_blocks.0.attn1.to_q is 32×32 in the model but 32×7 in the adapter" in result.stderr
+    assert result.stderr.splitlines()[1].startswith(f'line 1: adapter "{wrong}"')
+    assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 0
+
+    # Another Celery client may send it anyway: that job fails with the same reason, the worker serves on.
     start_worker(fleet_env)
-    result = lorafleet("submit", str(jobs), "--wait", "--batch", "mixed", env=fleet_env)
-    assert result.returncode == 1
-    bad, good = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "mixed", "manifest.jsonl"))
-    assert bad["status"] == "failed"
-    assert "transformer_blocks.0.attn1.to_q is 32×32 in the model but 32×7 in the adapter" in bad["error"]
-    assert good["status"] == "done" and decode_video(good["video"]).shape == (9, 16, 16, 3)
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    bad = app.send_task(TASK_NAME, args=[{"prompt": "x", "adapters": [str(wrong)], "seed": 1}])
+    with pytest.raises(Exception, match="is 32×32 in the model but 32×7 in the adapter"):
+        bad.get(timeout=60)
+    good = app.send_task(TASK_NAME, args=[{"prompt": "x", "adapters": [tiny["style"]], "seed": 1}])
+    assert good.get(timeout=60)["status"] == "done"

@@ -15,8 +15,9 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def renderer(tiny):
-    return Renderer(tiny["model"], "cpu", Settings(_env_file=None), "test")
+def renderer(tiny, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("adapter-cache"))
+    return Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=cache, _env_file=None), "test")
 
 
 def make_job(renderer, **fields) -> dict:
@@ -71,7 +72,7 @@ def test_fused_render_matches_diffusers(renderer, tiny, lora_scale):
     theirs = diffusers_frames(tiny, [(tiny["style"], 0.8), (tiny["subject"], 1.0)], lora_scale, fuse=False)
     np.testing.assert_allclose(ours, theirs, atol=2e-3)
     ours_unfused = frames(renderer, adapters=adapters, lora_scale=lora_scale, fuse=False)
-    np.testing.assert_allclose(ours_unfused, theirs, atol=2e-5)
+    np.testing.assert_allclose(ours_unfused, theirs, atol=1e-4)
 
 
 def test_switching_is_exact(renderer, tiny):
