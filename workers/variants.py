@@ -225,23 +225,25 @@ Term = tuple[Adapter, float, float | None]
 
 
 class VariantEngine:
-    """Switches the transformer between its base weights and fused adapter variants, exactly."""
+    """Switches the transformer between its base weights and fused adapter variants, exactly.
 
-    def __init__(
-        self,
-        transformer: torch.nn.Module,
-        device_cache_bytes: int,
-        variant_cache_size: int = 0,
-        pristine_on_host: bool = False,
-    ):
+    The targeted layers are handled in groups of one shape: a group's pristine weights are kept
+    as one stacked tensor W0 [n, out, in], each adapter's factors as stacks A [n, r, in] and
+    B [n, out, r], so a variant is one `baddbmm` per group (W0 + B·A, fp32 accumulation, one
+    rounding) and one fused copy into the layers: a handful of kernel launches for the whole model.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, device_cache_bytes: int, variant_cache_size: int = 0, pristine_on_host: bool = False):
         self.transformer = transformer
         self.linears = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-        self.pristine: dict[str, torch.Tensor] = {}  # module -> W0, captured before its first change
         self.pristine_on_host = pristine_on_host
+        self.groups: dict[tuple[str, ...], torch.Tensor] = {}  # layer names of one shape -> their W0, stacked
+        self.pristine: dict[str, torch.Tensor] = {}  # layer -> its W0 (a view into a group's stack)
+        self.touched: set[str] = set()  # layers whose weights differ from W0 now
         self.current: tuple = ()  # the variant the weights hold now; () is the base
         self.switches = 0
-        self.factors = LRU(device_cache_bytes, size=lambda layers: sum(a.nbytes + b.nbytes for a, b in layers.values()))
-        self.variants = LRU(variant_cache_size, size=lambda weights: 1) if variant_cache_size else None
+        self.factors = LRU(device_cache_bytes, size=lambda ab: ab[0].nbytes + ab[1].nbytes)
+        self.variants = LRU(variant_cache_size, size=lambda _: 1) if variant_cache_size else None
 
     def apply(self, terms: list[Term], lora_scale: float, variant: tuple) -> bool:
         """Make the weights hold `variant`; returns False when they already did."""
@@ -249,42 +251,86 @@ class VariantEngine:
             variant, terms = (), []
         if variant == self.current:
             return False
-        cached = self.variants.get(variant) if self.variants is not None and variant else None
-        plan = {} if cached is not None else self._plan(terms, lora_scale)
-        targets = cached.keys() if cached is not None else plan.keys()
+        fused = self.variants.get(variant) if self.variants is not None and variant else None
+        built = fused is None
         with torch.no_grad():
-            for name in self.pristine.keys() - targets:  # touched before, not by this variant
-                self.linears[name].weight.copy_(self.pristine[name], non_blocking=True)
-            if cached is not None:
-                for name, weight in cached.items():
-                    self.linears[name].weight.copy_(weight, non_blocking=True)
-            for name, (a, b, alpha) in plan.items():
-                weight = self.linears[name].weight
-                if name not in self.pristine:
-                    self.pristine[name] = self._keep(weight)
-                weight.copy_(self.pristine[name], non_blocking=True)
-                weight.addmm_(b, a, alpha=alpha)  # fp32 accumulation, one rounding
-        if cached is None and self.variants is not None and variant:
-            self.variants.put(variant, {name: self.linears[name].weight.detach().clone() for name in plan})
+            if built:
+                fused = [(names, torch.baddbmm(w0, b, a)) for names, w0, b, a in self._plan(terms, lora_scale)]
+            targets = {name for names, _ in fused for name in names}
+            restore = sorted(self.touched - targets)
+            if restore:
+                torch._foreach_copy_([self.linears[n].weight for n in restore], [self.pristine[n] for n in restore])
+            for names, stack in fused:
+                torch._foreach_copy_([self.linears[n].weight for n in names], list(stack.unbind(0)))
+        if built and self.variants is not None and variant:
+            self.variants.put(variant, fused)
+        self.touched = targets
         self.current = variant
         self.switches += 1
         return True
 
-    def _keep(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.pristine_on_host and weight.is_cuda:
-            return weight.detach().to("cpu").pin_memory()
-        return weight.detach().clone()
+    def prepare(self, adapter: Adapter) -> None:
+        """Check an adapter against the model and put its factors on the device, ready to fuse."""
+        self._plan([(adapter, 1.0, None)], 1.0)
 
-    def _device_factors(self, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """An adapter's factors on the weights' device and in their dtype, cached by content hash."""
-        layers = self.factors.get(adapter.sha256)
-        if layers is None:
-            layers = {}
+    def _plan(self, terms: list[Term], lora_scale: float) -> list[tuple]:
+        """Per group of same-shaped layers: (names, W0, B [n, out, Σr], A [n, Σr, in]); checked before any write."""
+        groups: dict[tuple, set[str]] = {}
+        for adapter, _, _ in terms:
             for name, (a, b, _) in adapter.layers.items():
                 weight = self._check(adapter, name, a, b)
-                layers[name] = (a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype))
-            self.factors.put(adapter.sha256, layers)
-        return layers
+                groups.setdefault((tuple(weight.shape), weight.dtype), set()).add(name)
+        plan = []
+        for members in groups.values():
+            names = tuple(sorted(members))
+            w0 = self._pristine_stack(names)
+            a_parts, b_parts = [], []
+            for adapter, weight, job_alpha in terms:
+                if not any(name in adapter.layers for name in names):
+                    continue
+                a, b = self._device_factors(adapter, names)
+                coefficients = [
+                    lora_scale * adapter.coefficient(name, weight, job_alpha) if name in adapter.layers else 0.0
+                    for name in names
+                ]
+                scale = torch.tensor(coefficients, dtype=torch.float32).to(b.device, non_blocking=True)
+                a_parts.append(a)
+                b_parts.append((b.float() * scale.view(-1, 1, 1)).to(b.dtype))  # w·alpha/r folded into B
+            a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
+            b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=2)
+            plan.append((names, w0.to(a.device, non_blocking=True), b, a))
+        return plan
+
+    def _pristine_stack(self, names: tuple[str, ...]) -> torch.Tensor:
+        """The stacked W0 of these layers, captured the first time they are used together."""
+        if names not in self.groups:
+            weights = [self.pristine.get(n, self.linears[n].weight) for n in names]  # untouched layers are at W0
+            stack = torch.stack([w.detach() for w in weights])
+            if self.pristine_on_host and stack.is_cuda:
+                stack = stack.cpu().pin_memory()
+            self.groups[names] = stack
+            for i, name in enumerate(names):
+                self.pristine.setdefault(name, stack[i])
+        return self.groups[names]
+
+    def _device_factors(self, adapter: Adapter, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """An adapter's factors for a group, stacked on the device in the weights' dtype: A [n, r, in]
+        and B [n, out, r], zero for layers it does not touch; cached by content hash and group."""
+        key = (adapter.sha256, names)
+        found = self.factors.get(key)
+        if found is None:
+            weight = self.linears[names[0]].weight
+            (out_features, in_features), rank = weight.shape, max(a.shape[0] for a, _, _ in adapter.layers.values())
+            a_stack = torch.zeros(len(names), rank, in_features, dtype=weight.dtype)
+            b_stack = torch.zeros(len(names), out_features, rank, dtype=weight.dtype)
+            for i, name in enumerate(names):
+                if name in adapter.layers:
+                    a, b, _ = adapter.layers[name]
+                    a_stack[i, : a.shape[0]] = a
+                    b_stack[i, :, : b.shape[1]] = b
+            found = (a_stack.to(weight.device), b_stack.to(weight.device))
+            self.factors.put(key, found)
+        return found
 
     def _check(self, adapter: Adapter, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         module = self.linears.get(name)
@@ -301,28 +347,10 @@ class VariantEngine:
             )
         return module.weight
 
-    def _plan(self, terms: list[Term], lora_scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-        """Per module: the stacked factors A (Σr × in), B (out × Σr) and addmm's alpha; checked before any write."""
-        per_module: dict[str, list] = {}
-        for adapter, weight, job_alpha in terms:
-            for name, (a, b) in self._device_factors(adapter).items():
-                per_module.setdefault(name, []).append(
-                    (a, b, lora_scale * adapter.coefficient(name, weight, job_alpha))
-                )
-        plan = {}
-        for name, products in per_module.items():
-            if len(products) == 1:
-                plan[name] = products[0]  # the coefficient goes to addmm in fp32: no rounding of B
-            else:
-                a = torch.cat([a for a, _, _ in products])
-                b = torch.cat([(b.float() * c).to(b.dtype) for _, b, c in products], dim=1)
-                plan[name] = (a, b, 1.0)
-        return plan
-
     def stats(self) -> dict:
-        """Switches and the device caches' counts, for logs and job metadata."""
+        """Switches and the device caches' counts and bytes, for logs and job metadata."""
         out = {"switches": self.switches, "device_factors": self.factors.stats()}
         if self.variants is not None:
             out["fused_variants"] = self.variants.stats()
-        out["pristine_bytes"] = sum(t.nbytes for t in self.pristine.values())
+        out["pristine_bytes"] = sum(stack.nbytes for stack in self.groups.values())
         return out
