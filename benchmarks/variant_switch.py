@@ -169,10 +169,10 @@ def bench_diffusers(model, paths, device, args) -> dict:
     return out
 
 
-def bench_lorafleet(model, paths, device, args) -> dict:
+def bench_lorafleet(model, paths, device, args, variant_cache: int = 0) -> dict:
     pristine = {k: v.detach().clone() for k, v in targeted(model).items()}
     before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    engine = VariantEngine(model, device_cache_bytes=2**34, variant_cache_size=args.variant_cache)
+    engine = VariantEngine(model, device_cache_bytes=2**34, variant_cache_size=variant_cache)
     with tempfile.TemporaryDirectory() as cache_dir:
         adapters = AdapterCache(AdapterFiles(cache_dir, 2**34), 2**34, engine.linears.keys())
         url = {n: os.path.join(p, "pytorch_lora_weights.safetensors") for n, p in paths.items()}
@@ -201,7 +201,8 @@ def bench_lorafleet(model, paths, device, args) -> dict:
     out["drift after N switches (max abs)"] = max_drift(model, pristine)
     out["cache memory (MB)"] = ((torch.cuda.memory_allocated() if device.type == "cuda" else 0) - before) / 2**20
     if device.type != "cuda":
-        out["cache memory (MB)"] = (sum(t.nbytes for t in engine.pristine.values()) + engine.factors.nbytes) / 2**20
+        variants = sum(stack.nbytes for fused in (engine.variants.items.values() if engine.variants else []) for _, stack in fused)
+        out["cache memory (MB)"] = (sum(t.nbytes for t in engine.groups.values()) + engine.factors.nbytes + variants) / 2**20
     if args.compile:
         model.compile(backend=args.compile_backend)
         forward_once(model, device, args.dtype)
@@ -254,7 +255,12 @@ def main() -> None:
             paths = write_adapters(model, args.rank if name != "tiny" else 4, folder, args.dtype)
             targeted_mb, floor = floor_ms(model, device)
             results = {}
-            for path, bench in (("diffusers", bench_diffusers), ("lorafleet", bench_lorafleet)):
+            paths_to_run = (
+                ("diffusers", bench_diffusers),
+                ("lorafleet", bench_lorafleet),
+                ("lorafleet K=2", lambda *a: bench_lorafleet(*a, variant_cache=2)),  # two fused variants kept
+            )
+            for path, bench in paths_to_run:
                 torch._dynamo.reset()
                 fresh = build(name, device, args.dtype)
                 results[path] = bench(fresh, paths, device, args)
@@ -283,8 +289,10 @@ def main() -> None:
     print(f"\nvariant switching on {where}, {str(args.dtype).removeprefix('torch.')}, rank {args.rank} (tiny: 4), "
           f"drift over {args.drift_switches} switches; torch {torch.__version__}, diffusers {diffusers.__version__}\n")  # fmt: skip
     width = max(len(m) for m in rows) + 2
-    print("| " + "metric".ljust(width) + " | " + " | ".join(c.rjust(16) for c in columns) + " |")
-    print("|" + "-" * (width + 2) + "|" + "|".join("-" * 18 for _ in columns) + "|")
+    cell = max(16, *(len(c) for c in columns))
+    print("| " + "metric".ljust(width) + " | " + " | ".join(c.rjust(cell) for c in columns) + " |")
+    print("|" + "-" * (width + 2) + "|" + "|".join("-" * (cell + 2) for _ in columns) + "|")
+    # lorafleet K=2 keeps two whole fused variants on the device: a switch between them is one copy.
     for metric, values in rows.items():
         cells = []
         for column in columns:
