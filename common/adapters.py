@@ -105,12 +105,29 @@ def read_adapter_url(url: str) -> tuple[AdapterFile, bytes] | None:
     return parse_safetensors(url, data, config_bytes, config), data
 
 
-def content_hash(data: bytes, config_bytes: bytes | None) -> str:
-    """An adapter's content hash: its file, and the PEFT config beside it (which can set alpha)."""
-    digest = hashlib.sha256(data)
+def content_hash(data, config_bytes: bytes | None) -> str:
+    """An adapter's content hash: its file (bytes, or an iterable of chunks), and the PEFT config
+    beside it, which can set alpha."""
+    digest = hashlib.sha256()
+    for chunk in [data] if isinstance(data, bytes) else data:
+        digest.update(chunk)  # releases the GIL on large chunks: hashing can run beside other work
     if config_bytes is not None:
         digest.update(b"\0" + PEFT_CONFIG_NAME.encode() + b"\0" + config_bytes)
     return digest.hexdigest()
+
+
+def file_chunks(path: str, size: int = 16 * 2**20):
+    """A local file's bytes, in chunks."""
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local file URL (a plain path or file://), else None."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    return url if "://" not in url else None
 
 
 def _read(url: str) -> bytes | None:

@@ -21,13 +21,15 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import safetensors.torch
 import torch
 
-from common.adapters import PEFT_CONFIG_NAME, AdapterFile, read_adapter_url
+from common.adapters import PEFT_CONFIG_NAME, AdapterFile, content_hash, file_chunks, local_path, read_adapter_url
 from common.errors import AdapterError
 from common.lora_formats import ALPHA, A, B, detect_layout
 
@@ -107,70 +109,71 @@ class Adapter:
         return out
 
 
-def _scalar(tensor: torch.Tensor) -> float:
-    if tensor.numel() != 1:
-        raise AdapterError(f"an alpha tensor must hold one number, not {tuple(tensor.shape)}")
-    return float(tensor.float().item())
-
-
-def parse_adapter(found: AdapterFile, data: bytes, module_names) -> Adapter:
-    """An Adapter from a checked safetensors file in any supported format.
+def load_adapter(path: str, sha256: str, config: dict | None, module_names) -> Adapter:
+    """An Adapter from a local safetensors file in any supported format, read through mmap.
 
     Alpha, per module: the kohya `.alpha` tensor, else the file's metadata, else a PEFT config
     beside the file, else none (the rank); a job's alpha overrides all of them.
     """
-    try:
-        layout = detect_layout(list(found.tensors), module_names)
-    except AdapterError as exc:
-        raise AdapterError(f"adapter {found.url}: {exc}") from None
-    tensors = safetensors.torch.load(data)
-    file_alpha = found.metadata_alpha() or found.config_alpha()
-    layers = {}
-    for module, roles in layout.modules.items():
-        a, b = tensors[roles[A]], tensors[roles[B]]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterError(
-                f"adapter {found.url}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, whose ranks differ"
-            )
-        alpha = _scalar(tensors[roles[ALPHA]]) if ALPHA in roles else file_alpha
-        layers[module] = (a.contiguous(), b.contiguous(), alpha)
-    return Adapter(found.sha256, layout.format, layers)
+    with safetensors.safe_open(path, framework="pt") as f:
+        header = AdapterFile(path, sha256, {k: {} for k in f.keys()}, f.metadata() or {}, config)
+        try:
+            layout = detect_layout(list(header.tensors), module_names)
+        except AdapterError as exc:
+            raise AdapterError(f"adapter {path}: {exc}") from None
+        file_alpha = header.metadata_alpha() or header.config_alpha()
+        layers = {}
+        for module, roles in layout.modules.items():
+            a, b = f.get_tensor(roles[A]), f.get_tensor(roles[B])
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"adapter {path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, whose ranks differ"
+                )
+            alpha = file_alpha
+            if ALPHA in roles:
+                value = f.get_tensor(roles[ALPHA])
+                if value.numel() != 1:
+                    raise AdapterError(f"adapter {path}: {roles[ALPHA]} must hold one number, not {tuple(value.shape)}")
+                alpha = float(value.float().item())
+            layers[module] = (a.contiguous(), b.contiguous(), alpha)
+    return Adapter(sha256, layout.format, layers)
 
 
 class AdapterFiles:
-    """Adapter files on this host's disk by content hash: an adapter in S3 is downloaded once per host."""
+    """Adapter files on this host's disk by content hash: an adapter in S3 is downloaded once per host.
+
+    A local file is used where it is; its hash is checked in a thread while it loads.
+    """
 
     def __init__(self, directory: str, budget_bytes: int):
         self.directory = os.path.expanduser(directory)
         self.budget_bytes = budget_bytes
         self.hits = self.misses = 0
 
-    def read(self, url: str, sha256: str) -> tuple[AdapterFile, bytes]:
-        """The adapter with this content hash: from the disk cache, else from `url` (then cached)."""
+    def fetch(self, url: str, sha256: str) -> tuple[str, dict | None, Future]:
+        """A local path of the adapter, its PEFT config if any, and a future that raises if the
+        content is not what the job was submitted with."""
         folder = os.path.join(self.directory, sha256)
         cached = os.path.join(folder, "adapter.safetensors")
         if os.path.exists(cached):
-            found = read_adapter_url(cached)
-            if found is not None and found[0].sha256 == sha256:
-                self.hits += 1
-                os.utime(folder)  # recently used: evicted last
-                return found
+            self.hits += 1
+            os.utime(folder)  # recently used: evicted last
+            return cached, _read_json(os.path.join(folder, PEFT_CONFIG_NAME)), _done()
         self.misses += 1
-        try:
-            found = read_adapter_url(url)
-        except OSError as exc:
-            raise AdapterError(f"adapter {url} cannot be read on this worker: {exc}") from exc
+        path = local_path(url)
+        if path is not None and os.path.isfile(path):
+            config_path = os.path.join(os.path.dirname(path), PEFT_CONFIG_NAME)
+            config_bytes = open(config_path, "rb").read() if os.path.isfile(config_path) else None
+            verified = _HASHING.submit(_verify, url, sha256, file_chunks(path), config_bytes)
+            return path, json.loads(config_bytes) if config_bytes else None, verified
+        found = read_adapter_url(url)
         if found is None:
             raise AdapterError(f"adapter {url} is not readable from this worker")
-        if found[0].sha256 != sha256:
-            raise AdapterError(
-                f"adapter {url} changed since it was submitted (sha256 {found[0].sha256[:12]}, job wants {sha256[:12]})"
-            )
-        self._store(folder, found)
-        return found
-
-    def _store(self, folder: str, found: tuple[AdapterFile, bytes]) -> None:
         adapter, data = found
+        _verify(url, sha256, data, json.dumps(adapter.config).encode() if adapter.config is not None else None, adapter.sha256)
+        return self._store(folder, adapter, data), adapter.config, _done()
+
+    def _store(self, folder: str, adapter: AdapterFile, data: bytes) -> str:
         tmp = f"{folder}.tmp-{os.getpid()}"
         try:
             os.makedirs(tmp, exist_ok=True)
@@ -179,18 +182,27 @@ class AdapterFiles:
             if adapter.config is not None:
                 with open(os.path.join(tmp, PEFT_CONFIG_NAME), "w") as f:
                     json.dump(adapter.config, f)
-            os.replace(tmp, folder) if not os.path.exists(folder) else shutil.rmtree(tmp)
+            if os.path.exists(folder):
+                shutil.rmtree(tmp)  # another worker of this host stored it first
+            else:
+                os.replace(tmp, folder)
             self._evict()
-        except OSError as exc:  # a full or read-only disk slows us down, it does not fail the job
+            return os.path.join(folder, "adapter.safetensors")
+        except OSError as exc:  # a full or read-only disk: keep the bytes in a temporary file instead
             log.warning("adapter disk cache: cannot keep %s: %s", adapter.sha256[:12], exc)
             shutil.rmtree(tmp, ignore_errors=True)
+            spare = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False)
+            spare.write(data)
+            spare.close()
+            return spare.name
 
     def _evict(self) -> None:
         entries = []
         for name in os.listdir(self.directory):
             path = os.path.join(self.directory, name)
-            size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-            entries.append((os.path.getmtime(path), size, path))
+            if os.path.isdir(path) and ".tmp-" not in name:
+                size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+                entries.append((os.path.getmtime(path), size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries)[:-1]:
             if total <= self.budget_bytes:
@@ -201,6 +213,25 @@ class AdapterFiles:
     def stats(self) -> dict:
         """Hits and misses since the worker started."""
         return {"hits": self.hits, "misses": self.misses}
+
+
+_HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
+
+
+def _done() -> Future:
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+def _read_json(path: str) -> dict | None:
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def _verify(url: str, sha256: str, data, config_bytes: bytes | None, found: str | None = None) -> None:
+    found = found or content_hash(data, config_bytes)
+    if found != sha256:
+        raise AdapterError(f"adapter {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})")
 
 
 class AdapterCache:
@@ -215,7 +246,9 @@ class AdapterCache:
         """The adapter with this content hash, read (from disk or `url`) if it is not cached."""
         adapter = self.lru.get(sha256)
         if adapter is None:
-            adapter = parse_adapter(*self.files.read(url, sha256), self.module_names)
+            path, config, verified = self.files.fetch(url, sha256)
+            adapter = load_adapter(path, sha256, config, self.module_names)
+            verified.result()  # the hash, computed while the tensors loaded
             self.lru.put(sha256, adapter)
         return adapter
 
@@ -321,14 +354,14 @@ class VariantEngine:
         if found is None:
             weight = self.linears[names[0]].weight
             (out_features, in_features), rank = weight.shape, max(a.shape[0] for a, _, _ in adapter.layers.values())
-            a_stack = torch.zeros(len(names), rank, in_features, dtype=weight.dtype)
-            b_stack = torch.zeros(len(names), out_features, rank, dtype=weight.dtype)
-            for i, name in enumerate(names):
+            a_stack = torch.zeros(len(names), rank, in_features, dtype=weight.dtype, device=weight.device)
+            b_stack = torch.zeros(len(names), out_features, rank, dtype=weight.dtype, device=weight.device)
+            for i, name in enumerate(names):  # straight into place on the device: no stacking on the host
                 if name in adapter.layers:
                     a, b, _ = adapter.layers[name]
-                    a_stack[i, : a.shape[0]] = a
-                    b_stack[i, :, : b.shape[1]] = b
-            found = (a_stack.to(weight.device), b_stack.to(weight.device))
+                    a_stack[i, : a.shape[0]].copy_(a)
+                    b_stack[i, :, : b.shape[1]].copy_(b)
+            found = (a_stack, b_stack)
             self.factors.put(key, found)
         return found
 
