@@ -201,8 +201,12 @@ def bench_lorafleet(model, paths, device, args, variant_cache: int = 0) -> dict:
     out["drift after N switches (max abs)"] = max_drift(model, pristine)
     out["cache memory (MB)"] = ((torch.cuda.memory_allocated() if device.type == "cuda" else 0) - before) / 2**20
     if device.type != "cuda":
-        variants = sum(stack.nbytes for fused in (engine.variants.items.values() if engine.variants else []) for _, stack in fused)
-        out["cache memory (MB)"] = (sum(t.nbytes for t in engine.groups.values()) + engine.factors.nbytes + variants) / 2**20
+        variants = sum(
+            stack.nbytes for fused in (engine.variants.items.values() if engine.variants else []) for _, stack in fused
+        )
+        out["cache memory (MB)"] = (
+            sum(t.nbytes for t in engine.groups.values()) + engine.factors.nbytes + variants
+        ) / 2**20
     if args.compile:
         model.compile(backend=args.compile_backend)
         forward_once(model, device, args.dtype)
@@ -241,7 +245,9 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="also count recompiles under torch.compile")
     parser.add_argument(
-        "--compile-backend", default="inductor", help="recompiles are decided by dynamo's guards, the same for any backend"
+        "--compile-backend",
+        default="inductor",
+        help="recompiles are decided by dynamo's guards, the same for any backend",
     )
     args = parser.parse_args()
     device = torch.device(args.device)

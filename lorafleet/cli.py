@@ -50,11 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--gpu", type=int, help="pin to this GPU (sets CUDA_VISIBLE_DEVICES before torch starts)")
     where.add_argument("--device", choices=["cpu", "cuda"], help="run on the CPU, or on the first visible GPU")
     device.add_argument("--model", help="serve this model alias (LORAFLEET_MODELS) instead of the default model")
+    device.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile the transformer (LORAFLEET_COMPILE)"
+    )
 
     commands.add_parser("worker", parents=[device], help="one Celery worker pinned to one device")
     workers = commands.add_parser("workers", help="one supervised worker per GPU")
     workers.add_argument("--gpus", default="all", help='"all" or a list such as 0,2')
     workers.add_argument("--model", help="serve this model alias (LORAFLEET_MODELS)")
+    workers.add_argument("--compile", action="store_true", default=None, help="torch.compile each worker's transformer")
 
     render = commands.add_parser("render", parents=[device], help="render a .jsonl in this process, no Redis")
     render.add_argument("file")
@@ -146,7 +150,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "workers":
         from workers.supervisor import list_gpus, run_workers
 
-        return run_workers(list_gpus(args.gpus), ["--model", args.model] if args.model else [])
+        return run_workers(
+            list_gpus(args.gpus), ["--model", args.model] if args.model else []
+        )  # --compile: via the env
     if args.command == "render":
         device, _ = _pick_device(args)
         if args.model:

@@ -170,7 +170,13 @@ class AdapterFiles:
         if found is None:
             raise AdapterError(f"adapter {url} is not readable from this worker")
         adapter, data = found
-        _verify(url, sha256, data, json.dumps(adapter.config).encode() if adapter.config is not None else None, adapter.sha256)
+        _verify(
+            url,
+            sha256,
+            data,
+            json.dumps(adapter.config).encode() if adapter.config is not None else None,
+            adapter.sha256,
+        )
         return self._store(folder, adapter, data), adapter.config, _done()
 
     def _store(self, folder: str, adapter: AdapterFile, data: bytes) -> str:
@@ -231,7 +237,9 @@ def _read_json(path: str) -> dict | None:
 def _verify(url: str, sha256: str, data, config_bytes: bytes | None, found: str | None = None) -> None:
     found = found or content_hash(data, config_bytes)
     if found != sha256:
-        raise AdapterError(f"adapter {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})")
+        raise AdapterError(
+            f"adapter {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})"
+        )
 
 
 class AdapterCache:
@@ -266,7 +274,13 @@ class VariantEngine:
     rounding) and one fused copy into the layers: a handful of kernel launches for the whole model.
     """
 
-    def __init__(self, transformer: torch.nn.Module, device_cache_bytes: int, variant_cache_size: int = 0, pristine_on_host: bool = False):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        device_cache_bytes: int,
+        variant_cache_size: int = 0,
+        pristine_on_host: bool = False,
+    ):
         self.transformer = transformer
         self.linears = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
         self.pristine_on_host = pristine_on_host

@@ -65,14 +65,42 @@ def test_lora_scale_zero_renders_the_base(renderer, tiny):
     assert not np.allclose(frames(renderer, adapters=[tiny["style"]], lora_scale=1), with_adapter, atol=1e-3)
 
 
-@pytest.mark.parametrize("lora_scale", [0.5, 1.0, 1.7, -0.5])
-def test_fused_render_matches_diffusers(renderer, tiny, lora_scale):
-    adapters = [{"uri": tiny["style"], "weight": 0.8}, {"uri": tiny["subject"], "weight": 1.0}]
+@pytest.fixture(scope="module")
+def third(tiny, tmp_path_factory) -> str:
+    """A third adapter, rank 3, on other layers than attention too: feed-forward and a norm."""
+    from diffusers import CogVideoXPipeline
+
+    from workers.tiny_model import adapter_layers
+
+    transformer = DiffusionPipeline.from_pretrained(tiny["model"]).transformer
+    layers = adapter_layers(transformer, 3, ["to_k"], seed=9)
+    generator = torch.Generator().manual_seed(10)
+    for name in ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.norm1.linear"):
+        linear = transformer.get_submodule(name)
+        layers[f"{name}.lora_A.weight"] = torch.randn(3, linear.in_features, generator=generator) * 0.3
+        layers[f"{name}.lora_B.weight"] = torch.randn(linear.out_features, 3, generator=generator) * 0.3
+    folder = str(tmp_path_factory.mktemp("third"))
+    CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=layers)
+    return folder
+
+
+COMBINATIONS = {
+    "one": lambda tiny, third: [(tiny["style"], 0.8)],
+    "three": lambda tiny, third: [(tiny["style"], 0.8), (tiny["subject"], 1.0), (third, 0.6)],
+}
+
+
+@pytest.mark.parametrize("lora_scale", [0.0, 0.5, 1.0, 1.7, -0.5])
+@pytest.mark.parametrize("combination", ["one", "three"])
+def test_fused_render_matches_diffusers(renderer, tiny, third, combination, lora_scale):
+    pairs = COMBINATIONS[combination](tiny, third)
+    adapters = [{"uri": uri, "weight": weight} for uri, weight in pairs]
     ours = frames(renderer, adapters=adapters, lora_scale=lora_scale)
-    theirs = diffusers_frames(tiny, [(tiny["style"], 0.8), (tiny["subject"], 1.0)], lora_scale, fuse=False)
+    theirs = diffusers_frames(tiny, pairs, lora_scale, fuse=False)
     np.testing.assert_allclose(ours, theirs, atol=2e-3)
     ours_unfused = frames(renderer, adapters=adapters, lora_scale=lora_scale, fuse=False)
     np.testing.assert_allclose(ours_unfused, theirs, atol=1e-4)
+    np.testing.assert_allclose(ours_unfused, ours, atol=2e-3)
 
 
 def test_switching_is_exact(renderer, tiny):
@@ -88,3 +116,54 @@ def test_switching_is_exact(renderer, tiny):
     now = renderer.pipe.transformer.state_dict()
     assert fresh.keys() == now.keys()
     assert all(torch.equal(fresh[name], now[name]) for name in fresh)
+
+
+def test_a_thousand_random_switches_then_base_is_bit_identical(renderer, tiny, third):
+    base_frames = frames(renderer)
+    base_weights = base_state(renderer.pipe.transformer)
+    uris = [tiny["style"], tiny["subject"], third]
+    rng = np.random.default_rng(0)
+    for _ in range(1000):
+        chosen = rng.choice(3, size=rng.integers(1, 4), replace=False)
+        adapters = [{"uri": uris[i], "weight": float(rng.uniform(-1, 2))} for i in chosen]
+        job = make_job(renderer, adapters=adapters, lora_scale=float(rng.choice([0.0, 0.5, 1.0, 1.7, -0.5])))
+        terms, variant = renderer._terms(job)
+        renderer.variants.apply(terms, job["lora_scale"], variant)
+    assert renderer.variants.switches > 900
+    assert np.array_equal(frames(renderer), base_frames)
+    now = renderer.pipe.transformer.state_dict()
+    assert all(torch.equal(now[name], base_weights[name]) for name in base_weights)
+
+
+def test_caches_too_small_for_two_adapters_still_render_every_job_right(renderer, tiny, third, tmp_path):
+    tight = Renderer(
+        tiny["model"], "cpu",
+        Settings(adapter_cache_dir=str(tmp_path), adapter_host_cache_mb=0, adapter_device_cache_mb=0, adapter_disk_cache_mb=0, _env_file=None),
+        "tight",
+    )  # fmt: skip
+    jobs = [
+        {"adapters": [tiny["style"]]},
+        {"adapters": [tiny["subject"], third]},
+        {"adapters": [{"uri": tiny["style"], "weight": 0.5}, tiny["subject"]], "lora_scale": 1.7},
+        {"adapters": [tiny["style"]]},
+    ]
+    for fields in jobs:
+        assert np.array_equal(frames(tight, **fields), frames(renderer, **fields))
+    stats = tight.cache_stats()
+    assert stats["adapter_host"]["entries"] == 1 and stats["adapter_host"]["evictions"] >= 3
+    assert stats["device_factors"]["entries"] == 1
+
+
+def test_compiled_transformer_switches_without_recompiling(tiny, tmp_path):
+    from workers.render import compiled_graphs
+
+    settings = Settings(adapter_cache_dir=str(tmp_path), compile=True, compile_backend="aot_eager", _env_file=None)
+    compiled = Renderer(tiny["model"], "cpu", settings, "compiled")
+    eager = Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path), _env_file=None), "eager")
+    first = frames(compiled, adapters=[tiny["style"]])
+    graphs = compiled_graphs()
+    assert graphs >= 1  # the transformer did run compiled
+    for fields in ({"adapters": [tiny["subject"]], "lora_scale": 0.5}, {}, {"adapters": [tiny["style"]]}):
+        np.testing.assert_allclose(frames(compiled, **fields), frames(eager, **fields), atol=1e-5)
+    assert compiled_graphs() == graphs
+    assert np.array_equal(frames(compiled, adapters=[tiny["style"]]), first)
