@@ -198,17 +198,16 @@ def render_job(renderer: Renderer, store: Store, job: dict, progress: Progress |
     store.write_bytes(video_path(key, "json"), json.dumps(metadata, indent=2).encode())
     store.write_bytes(video_path(key, "mp4"), mp4)
     timings["export_upload"] = time.perf_counter() - upload_started
+    caches = metadata["caches"]
     log.info(
-        "%s: %s rendered in %.2fs (%s frames %sx%s, %s steps), uploaded in %.2fs",
-        renderer.worker,
-        key[:12],
-        timings["total"],
-        len(frames),
-        job["width"],
-        job["height"],
-        job["steps"],
-        timings["export_upload"],
-    )
+        "%s: %s rendered in %.2fs (%s frames %sx%s, %s steps; variant %.1f ms), uploaded in %.2fs; "
+        "adapter cache hits/misses: disk %d/%d, host %d/%d, device %d/%d",
+        renderer.worker, key[:12], timings["total"], len(frames), job["width"], job["height"], job["steps"],
+        timings["variant"] * 1e3, timings["export_upload"],
+        caches["adapter_files"]["hits"], caches["adapter_files"]["misses"],
+        caches["adapter_host"]["hits"], caches["adapter_host"]["misses"],
+        caches["device_factors"]["hits"], caches["device_factors"]["misses"],
+    )  # fmt: skip
     return {**result, "status": "done", "seconds": round(timings["total"] + timings["export_upload"], 3)}
 
 

@@ -111,6 +111,7 @@ def test_switching_is_exact(renderer, tiny):
     frames(renderer, adapters=[tiny["subject"]], fuse=False)
     assert np.array_equal(frames(renderer, **a), first_a)
 
+    assert not any("lora" in name for name, _ in renderer.pipe.transformer.named_modules())  # no wrappers left
     frames(renderer)  # back to the base
     fresh = DiffusionPipeline.from_pretrained(tiny["model"]).transformer.state_dict()
     now = renderer.pipe.transformer.state_dict()
