@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import LorafleetError
-from common.store import Store, manifest_path, output_uris
+from common.store import Store, jobs_path, manifest_path, output_uris
 
 
 @dataclass
@@ -37,6 +37,17 @@ class Batch:
         """How many distinct jobs went to the queue (a job listed twice is enqueued once)."""
         return len({entry["task_id"] for entry in self.entries if entry["task_id"]})
 
+    @classmethod
+    def load(cls, store: Store, name: str) -> "Batch":
+        """A batch from its manifest in the store; raises FileNotFoundError if there is none."""
+        lines = store.read_bytes(manifest_path(check_batch_name(name))).decode().splitlines()
+        return cls(name, [json.loads(line) for line in lines if line.strip()])
+
+    def write_jobs(self, store: Store, jobs: list[dict]) -> None:
+        """Write the batch's expanded jobs, one per key, for `lorafleet retry`."""
+        unique = {job["key"]: job for job in jobs}
+        store.write_bytes(jobs_path(self.name), "".join(json.dumps(job) + "\n" for job in unique.values()).encode())
+
     def count(self, status: str) -> int:
         """How many jobs have this status."""
         return sum(entry["status"] == status for entry in self.entries)
@@ -54,8 +65,8 @@ class Batch:
         for column in ("id", "key", "status", "video / error"):
             table.add_column(column, overflow="fold")
         for entry in self.entries:
-            style = {"done": "green", "failed": "red"}.get(entry["status"], "white")
-            detail = entry["error"] if entry["status"] == "failed" else entry["video"]
+            style = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(entry["status"], "white")
+            detail = entry["error"] if entry["status"] in ("failed", "cancelled") else entry["video"]
             table.add_row(entry["id"] or "", entry["key"][:12], f"[{style}]{entry['status']}[/]", detail)
         console.print(table)
 

@@ -31,7 +31,11 @@ def make_app(settings: Settings) -> Celery:
         # Flower and Prometheus exporters watch the fleet through these events.
         worker_send_task_events=True,
         task_send_sent_event=True,
+        # Ride out Redis restarts: reconnect for as long as it takes.
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        result_backend_always_retry=True,
+        result_backend_max_retries=10**6,
         worker_hijack_root_logger=False,
         task_default_queue="render",
     )

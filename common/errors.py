@@ -30,3 +30,11 @@ class ModelError(LorafleetError):
 
 class StoreError(LorafleetError):
     """Raised when the shared store cannot be read or written."""
+
+
+class JobCancelled(LorafleetError):
+    """Raised when a job's batch was cancelled before or while it rendered."""
+
+
+class WorkerLost(LorafleetError):
+    """Raised when a job's workers died on it `max_deliveries` times in a row: it is not delivered again."""

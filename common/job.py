@@ -37,7 +37,7 @@ DEFAULTS = {
 }
 ADAPTER_DEFAULTS = {"uri": None, "weight": 1.0, "alpha": None, "name": None}
 # Fields the producer fills in; a message from another Celery client may carry them too.
-RESOLVED_FIELDS = {"key"}
+RESOLVED_FIELDS = {"key", "batch"}
 RESOLVED_ADAPTER_FIELDS = {"url", "sha256"}
 MAX_SEED = 2**63 - 1
 MAX_PIXELS_SIDE = 8192
@@ -298,6 +298,10 @@ def job_from_message(message, model: ModelInfo, resolver: AdapterResolver) -> di
     if errors:
         raise JobError("; ".join(errors))
     (job,) = expand_job(job)
+    batch = message.get("batch")
+    if batch is not None and not isinstance(batch, str):
+        raise JobError("job: batch: must be a batch name (a string)")
+    job["batch"] = batch
     key = message.get("key")
     if key is None:
         try:

@@ -33,6 +33,17 @@ class Settings(BaseSettings):
         6 * 3600,
         description="Seconds before Redis hands an unacknowledged job to another worker; must exceed the longest render.",
     )
+    lease_s: float = Field(
+        30,
+        description="A running job's lease: if its worker stops refreshing it this long, the job is delivered again.",
+    )
+    max_deliveries: int = Field(3, description="Deliveries a job may lose its worker on before it is failed.")
+    store_retries: int = Field(
+        3, description="Retries, with back-off, of a job that failed on store or network trouble."
+    )
+    shutdown_timeout_s: float = Field(
+        600, description="On SIGTERM, how long a worker may finish its job before handing it back to the queue."
+    )
     result_expires_s: int = Field(7 * 24 * 3600, description="Seconds job results stay in Redis.")
     dtype: str = Field(
         "auto", description="Weights dtype on the worker: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp16, fp32."

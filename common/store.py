@@ -87,6 +87,11 @@ def manifest_path(batch: str) -> str:
     return f"batches/{batch}/manifest.jsonl"
 
 
+def jobs_path(batch: str) -> str:
+    """Where a batch's expanded jobs live in the store (what `lorafleet retry` enqueues again)."""
+    return f"batches/{batch}/jobs.jsonl"
+
+
 def _protocols(fs) -> tuple:
     protocol = fs.protocol
     return protocol if isinstance(protocol, tuple) else (protocol,)

@@ -69,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
 
+    for name, text in (
+        ("status", "counts by state, and each failure's reason; brings the manifest up to date"),
+        ("cancel", "queued jobs never start; running ones stop at their next denoising step"),
+        ("retry", "enqueue the batch's failed and cancelled jobs again"),
+    ):
+        control = commands.add_parser(name, help=text)
+        control.add_argument("batch")
+        if name == "retry":
+            control.add_argument("--wait", action="store_true", help="show progress until every job ends")
+
     commands.add_parser("demo", help="tiny model, private Redis, one CPU worker, submit examples/prompts.jsonl --wait")
     return parser
 
@@ -133,14 +143,27 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, console: Console) -> int:
     settings = get_settings()
     if args.command == "submit":
+        from producer.batches import wait_for_batch
         from producer.submit import submit
-        from producer.wait import wait_for_batch
 
         batch = submit(args.file, settings, args.batch)
         queued, done = batch.enqueued, batch.count("done")
         console.print(f"batch {batch.name}: {len(batch.entries)} jobs, {queued} enqueued, {done} already in the store")
         if args.wait:
             return 0 if wait_for_batch(batch, settings, console) else EXIT_FAILED_JOBS
+        return 0
+    if args.command in ("status", "cancel", "retry"):
+        from producer import batches
+
+        if args.command == "status":
+            batch = batches.status(settings, args.batch, console)
+            return EXIT_FAILED_JOBS if batch.count("failed") else 0
+        if args.command == "cancel":
+            batches.cancel(settings, args.batch, console)
+            return 0
+        batch = batches.retry(settings, args.batch, console)
+        if args.wait:
+            return 0 if batches.wait_for_batch(batch, settings, console) else EXIT_FAILED_JOBS
         return 0
     if args.command == "worker":
         device, gpu = _pick_device(args)

@@ -28,9 +28,11 @@ def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batc
             task_ids[job["key"]] = str(uuid.uuid4())
             to_send.append((job, task_ids[job["key"]]))
         batch.add(store, job, "queued", task_ids[job["key"]])
+    batch.write_jobs(store, jobs)
     batch.write_manifest(store)
     app = make_app(settings)
     with app.producer_or_acquire() as producer:
         for job, task_id in to_send:
-            app.send_task(TASK_NAME, args=[job], queue=queue_for(job["model"]), task_id=task_id, producer=producer)
+            message = {**job, "batch": batch.name}
+            app.send_task(TASK_NAME, args=[message], queue=queue_for(job["model"]), task_id=task_id, producer=producer)
     return batch

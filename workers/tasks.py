@@ -1,49 +1,105 @@
-"""The `lorafleet.render` Celery task, bound to one worker's warm renderer."""
+"""The `lorafleet.render` Celery task, bound to one worker's warm renderer.
+
+A delivery goes: check the message (a bad one fails at once) → skip it if the batch was
+cancelled or the key's video is in the store → count the delivery (fail it once its workers were
+lost `max_deliveries` times) → hold a lease while running → take the key's render lock → render.
+Store and network trouble is retried with back-off; everything else a job can do wrong fails
+that job with a one-line reason, and the worker serves on.
+"""
 
 import logging
+import os
+import signal
 import time
 
+import redis
 from celery import Celery
 
 from common.broker import TASK_NAME
-from common.errors import LorafleetError
+from common.errors import JobCancelled, LorafleetError, StoreError, WorkerLost
 from common.job import AdapterResolver, job_from_message
-from common.store import Store
+from common.ledger import Ledger
+from common.settings import Settings, queue_for
+from common.store import Store, output_uris, video_path
 from workers.render import Renderer, render_job
 
 log = logging.getLogger("lorafleet.worker")
 PROGRESS_INTERVAL_S = 0.5
+RETRYABLE = (StoreError, redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+# Test-only fault injection: a job with exactly this prompt kills its worker (tests/ prove redelivery with it).
+KILL_PROMPT = os.environ.get("LORAFLEET_TEST_KILL_PROMPT")
 
 
-def register_render_task(app: Celery, renderer: Renderer, store: Store) -> None:
+def register_render_task(
+    app: Celery, renderer: Renderer, store: Store, ledger: Ledger, settings: Settings, queue: str
+) -> None:
     """Define `lorafleet.render` on `app`, rendering on `renderer` into `store`."""
     resolver = AdapterResolver(store)
+    worker = renderer.worker
 
     @app.task(name=TASK_NAME, bind=True, throws=(LorafleetError,))
     def render(self, message):
         """Render one job (a JSON object, DESIGN.md's task contract) and return its outputs."""
+        task_id = self.request.id
         try:
             job = job_from_message(message, renderer.info, resolver)
         except LorafleetError as exc:
-            log.error("%s: rejected a malformed message: %s", renderer.worker, exc)
+            log.error("%s: rejected a malformed message %s: %s", worker, task_id, exc)
             raise
-        key = job["key"]
-        last_report = 0.0
+        key, batch = job["key"], job.get("batch")
+        done = {"key": key, "worker": worker, **output_uris(store, key)}
+        if ledger.is_cancelled(batch):
+            raise JobCancelled(f"batch {batch} was cancelled")
+        if store.exists(video_path(key, "mp4")):
+            return {**done, "status": "exists"}
+        deliveries = ledger.count_delivery(task_id)
+        if deliveries > settings.max_deliveries:
+            ledger.delivered_cleanly(task_id)
+            reason = f"worker lost {deliveries - 1} times"
+            log.error("%s: %s failed: %s", worker, key[:12], reason)
+            raise WorkerLost(reason)
+        if KILL_PROMPT is not None and job["prompt"] == KILL_PROMPT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        last_check = 0.0
 
         def progress(step: int, steps: int) -> None:
-            nonlocal last_report
+            nonlocal last_check
             now = time.monotonic()
-            if step == steps or now - last_report >= PROGRESS_INTERVAL_S:
-                last_report = now
-                meta = {"key": key, "step": step, "steps": steps, "worker": renderer.worker}
-                self.update_state(state="PROGRESS", meta=meta)
+            if step == steps or now - last_check >= PROGRESS_INTERVAL_S:
+                last_check = now
+                if ledger.is_cancelled(batch):
+                    raise JobCancelled(f"batch {batch} was cancelled (stopped at step {step} of {steps})")
+                self.update_state(state="PROGRESS", meta={"key": key, "step": step, "steps": steps, "worker": worker})
 
-        log.info("%s: %s started (%s)", renderer.worker, key[:12], job.get("id") or job["prompt"][:40])
+        log.info("%s: %s started (%s), delivery %d", worker, key[:12], job.get("id") or job["prompt"][:40], deliveries)
         try:
-            return render_job(renderer, store, job, progress)
+            with ledger.running(task_id, message, queue, worker):
+                with ledger.key_lock(key, task_id, lambda: store.exists(video_path(key, "mp4"))) as locked:
+                    if not locked or store.exists(video_path(key, "mp4")):
+                        result = {**done, "status": "exists"}
+                    else:
+                        result = render_job(renderer, store, job, progress)
+        except RETRYABLE as exc:
+            ledger.delivered_cleanly(task_id)
+            retries = self.request.retries
+            if retries >= settings.store_retries:
+                log.error("%s: %s failed after %d retries: %s", worker, key[:12], retries, exc)
+                raise StoreError(f"{type(exc).__name__}: {exc} (after {retries} retries)") from exc
+            log.warning("%s: %s: %s; retry %d in %ds", worker, key[:12], exc, retries + 1, 2**retries)
+            raise self.retry(exc=exc, countdown=2**retries, max_retries=settings.store_retries) from exc
         except LorafleetError as exc:
-            log.error("%s: %s failed: %s", renderer.worker, key[:12], exc)
+            ledger.delivered_cleanly(task_id)
+            log.error("%s: %s failed: %s", worker, key[:12], exc)
             raise
         except Exception:
-            log.exception("%s: %s failed with an unexpected error", renderer.worker, key[:12])
+            ledger.delivered_cleanly(task_id)
+            log.exception("%s: %s failed with an unexpected error", worker, key[:12])
             raise
+        ledger.delivered_cleanly(task_id)
+        return result
+
+
+def requeue(app: Celery, task_id: str, entry: dict) -> None:
+    """Enqueue a job whose worker died again, under the same task id (its delivery count goes on)."""
+    app.send_task(TASK_NAME, args=[entry["message"]], task_id=task_id, queue=entry.get("queue") or queue_for(None))

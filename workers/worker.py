@@ -7,9 +7,11 @@ before torch is imported), so a worker only ever sees its own GPU as cuda:0.
 import logging
 import socket
 import sys
+import threading
 
 from common.broker import make_app
 from common.errors import LorafleetError
+from common.ledger import Ledger, run_sweeper
 from common.settings import Settings, queue_for
 from common.store import Store
 
@@ -25,7 +27,7 @@ def worker_name(gpu: int | None) -> str:
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
     """Serve jobs until told to stop; returns the process exit code."""
     from workers.render import Renderer
-    from workers.tasks import register_render_task
+    from workers.tasks import register_render_task, requeue
 
     queue = queue_for(alias)
     try:
@@ -39,7 +41,17 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         log.exception("%s: cannot start: the model failed to load", name)
         return EXIT_MODEL_LOAD_FAILED
     app = make_app(settings)
-    register_render_task(app, renderer, Store(settings.store_url))
+    # On SIGTERM, finish the running job within this time, else hand it back (Celery's soft shutdown).
+    app.conf.worker_soft_shutdown_timeout = settings.shutdown_timeout_s
+    ledger = Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s)
+    register_render_task(app, renderer, Store(settings.store_url), ledger, settings, queue)
+    stop_sweeping = threading.Event()
+    sweeper = threading.Thread(
+        target=run_sweeper,
+        args=(ledger, lambda task_id, entry: requeue(app, task_id, entry), stop_sweeping, name),
+        daemon=True,
+    )
+    sweeper.start()
     log.info(
         "%s: READY: %s (%s) loaded in %.1fs, serving queue %s",
         name,
@@ -64,6 +76,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         code = exc.code if isinstance(exc.code, int) else 0
     else:
         code = 0
+    stop_sweeping.set()
     log.info("%s: stopped after %d render(s); %s", name, renderer.rendered, renderer.cache_stats())
     return code
 

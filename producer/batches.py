@@ -1,0 +1,157 @@
+"""Following and controlling a submitted batch: wait (with progress), status, cancel, retry."""
+
+import json
+import logging
+import time
+import uuid
+
+import redis
+from celery.result import AsyncResult
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.batch import Batch
+from common.broker import TASK_NAME, make_app
+from common.errors import LorafleetError
+from common.ledger import Ledger
+from common.settings import Settings, queue_for
+from common.store import Store, jobs_path
+
+log = logging.getLogger("lorafleet.producer")
+POLL_INTERVAL_S = 0.5
+UNFINISHED = ("queued", "running")
+ENDED = {"SUCCESS", "FAILURE"}
+
+
+def refresh(batch: Batch, app) -> dict[str, dict]:
+    """Update the batch's unfinished entries from their tasks' results; returns the progress
+    ({"worker", "key", "step", "steps"}) of each running task by task id."""
+    running = {}
+    tasks: dict[str, list[dict]] = {}
+    for entry in batch.entries:
+        if entry["status"] in UNFINISHED:
+            tasks.setdefault(entry["task_id"], []).append(entry)
+    for task_id, entries in tasks.items():
+        result = AsyncResult(task_id, app=app)
+        state = result.state
+        if state in ENDED:
+            _record(entries, result)
+        elif state in ("STARTED", "PROGRESS"):
+            for entry in entries:
+                entry["status"] = "running"
+            if state == "PROGRESS" and isinstance(result.info, dict):
+                running[task_id] = result.info
+    return running
+
+
+def _record(entries: list[dict], result: AsyncResult) -> None:
+    if result.successful():
+        outcome = result.result or {}
+        for entry in entries:
+            entry.update(status="done", worker=outcome.get("worker"), error=None)
+        return
+    error = result.result
+    cancelled = type(error).__name__ == "JobCancelled"
+    reason = (
+        str(error)
+        if cancelled
+        else f"{type(error).__name__}: {error}"
+        if isinstance(error, BaseException)
+        else str(error)
+    )
+    for entry in entries:
+        entry.update(status="cancelled" if cancelled else "failed", error=reason)
+
+
+def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
+    """Follow every job of `batch` until it ends, riding out Redis outages; returns True when all are done."""
+    app = make_app(settings)
+    total = len(batch.entries)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        overall = progress.add_task("", total=total)
+        rows: dict[str, int] = {}  # task id -> its progress row
+        while True:
+            try:
+                running = refresh(batch, app)
+            except (redis.RedisError, OSError) as exc:
+                progress.update(
+                    overall,
+                    description=f"batch {batch.name}: [yellow]Redis unreachable ({type(exc).__name__}), retrying[/]",
+                )
+                time.sleep(2 * POLL_INTERVAL_S)
+                continue
+            for task_id in list(rows):
+                if task_id not in running:
+                    progress.remove_task(rows.pop(task_id))
+            for task_id, info in running.items():
+                label = f"  {info.get('worker', '?')} {info.get('key', '')[:12]}"
+                if task_id not in rows:
+                    rows[task_id] = progress.add_task(label, total=info.get("steps"))
+                progress.update(rows[task_id], description=label, completed=info.get("step", 0))
+            done, failed, cancelled = batch.count("done"), batch.count("failed"), batch.count("cancelled")
+            progress.update(
+                overall,
+                completed=done + failed + cancelled,
+                description=f"batch {batch.name}: [green]{done} done[/] · [red]{failed} failed[/] · {total} jobs",
+            )
+            if done + failed + cancelled == total:
+                break
+            time.sleep(POLL_INTERVAL_S)
+    batch.write_manifest(Store(settings.store_url))
+    batch.print_summary(console)
+    return done == total
+
+
+def load_batch(settings: Settings, name: str) -> tuple[Batch, Store]:
+    """A batch as its manifest in the store says."""
+    store = Store(settings.store_url)
+    try:
+        return Batch.load(store, name), store
+    except FileNotFoundError:
+        raise LorafleetError(f'no batch "{name}" in {settings.store_url} (no batches/{name}/manifest.jsonl)') from None
+
+
+def status(settings: Settings, name: str, console: Console) -> Batch:
+    """Bring the batch's manifest up to date and show counts by state, and each failure's reason."""
+    batch, store = load_batch(settings, name)
+    refresh(batch, make_app(settings))
+    batch.write_manifest(store)
+    counts = {state: batch.count(state) for state in ("done", "running", "queued", "failed", "cancelled")}
+    console.print(
+        f"batch {name}: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" of {len(batch.entries)} jobs"
+    )
+    for entry in batch.entries:
+        if entry["status"] in ("failed", "cancelled"):
+            console.print(
+                f"  {entry['key'][:12]} {entry['id'] or ''}: {entry['status']}: {entry['error']}", markup=False
+            )
+    return batch
+
+
+def cancel(settings: Settings, name: str, console: Console) -> None:
+    """Cancel a batch: queued jobs never start, running ones stop at their next denoising step."""
+    load_batch(settings, name)
+    Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s).cancel(name)
+    console.print(f"batch {name}: cancelled; running jobs stop at their next step (see `lorafleet status {name}`)")
+
+
+def retry(settings: Settings, name: str, console: Console) -> Batch:
+    """Enqueue the batch's failed and cancelled jobs again."""
+    batch, store = load_batch(settings, name)
+    app = make_app(settings)
+    refresh(batch, app)
+    jobs = {job["key"]: job for job in map(json.loads, store.read_bytes(jobs_path(name)).decode().splitlines())}
+    Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s).uncancel(name)
+    again: dict[str, str] = {}
+    for entry in batch.entries:
+        if entry["status"] in ("failed", "cancelled"):
+            key = entry["key"]
+            if key not in again:
+                again[key] = str(uuid.uuid4())
+                job = {**jobs[key], "batch": name}
+                app.send_task(TASK_NAME, args=[job], queue=queue_for(job["model"]), task_id=again[key])
+            entry.update(status="queued", task_id=again[key], error=None)
+    batch.write_manifest(store)
+    console.print(f"batch {name}: {len(again)} job(s) enqueued again")
+    return batch
