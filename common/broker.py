@@ -40,3 +40,14 @@ def make_app(settings: Settings) -> Celery:
         task_default_queue="render",
     )
     return app
+
+
+def check_redis(url: str) -> None:
+    """Raise redis' own error (refused, wrong password, TLS trouble) now, before anything is enqueued."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    finally:
+        client.close()

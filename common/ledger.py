@@ -19,6 +19,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 log = logging.getLogger("lorafleet.ledger")
 PREFIX = "lorafleet"
@@ -28,7 +30,14 @@ class Ledger:
     """The fleet's delivery bookkeeping in Redis."""
 
     def __init__(self, redis_url: str, lease_s: float, max_deliveries: int, ttl_s: int):
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=10, health_check_interval=30)
+        # Ride out a Redis restart: each command retries with back-off for about a minute.
+        self.redis = redis.Redis.from_url(
+            redis_url,
+            socket_timeout=10,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 40),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
         self.lease_ms = int(lease_s * 1000)
         self.max_deliveries = max_deliveries
         self.ttl_s = ttl_s  # how long counters and cancel flags outlive their job

@@ -38,17 +38,19 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of our own: `with RedisServer() as redis: redis.url`."""
 
-    def __init__(self, directory: str | None = None, appendonly: bool = False):
+    def __init__(self, directory: str | None = None, appendonly: bool = False, password: str | None = None):
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="lorafleet-redis-")
         self.directory = directory or self._tmp.name
         self.appendonly = appendonly
+        self.password = password
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         """The redis:// URL of this server."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10) -> "RedisServer":
         """Start the server and wait until it answers."""
@@ -60,6 +62,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--protected-mode", "yes",
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
@@ -69,7 +72,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (a password-protected one says NOAUTH)
                         return self
             except OSError:
                 pass

@@ -9,8 +9,11 @@ imports torch, and `worker --gpu N` pins the GPU before torch starts.
 import argparse
 import logging
 import os
+import re
 import sys
 
+from kombu.exceptions import OperationalError
+from redis import RedisError
 from rich.console import Console
 
 from common.errors import JobFileError, LorafleetError
@@ -18,6 +21,7 @@ from common.settings import get_settings
 
 EXIT_FAILED_JOBS = 1
 EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
 # What the `worker` extra brings: commands that render need it, `submit` does not.
 WORKER_EXTRA = {
     "torch",
@@ -136,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lorafleet {args.command}: needs {exc.name}: pip install 'lorafleet[worker]'", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise
+    except (RedisError, OperationalError) as exc:
+        url = re.sub(r"://([^@/]*):[^@/]*@", r"://\1:***@", get_settings().redis_url)  # never print a password
+        print(f"lorafleet {args.command}: cannot use Redis at {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
 

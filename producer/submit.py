@@ -3,7 +3,7 @@
 import uuid
 
 from common.batch import Batch, check_batch_name, new_batch_name
-from common.broker import TASK_NAME, make_app
+from common.broker import TASK_NAME, check_redis, make_app
 from common.job import load_jobs
 from common.model import model_resolver
 from common.settings import Settings, queue_for
@@ -28,6 +28,7 @@ def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batc
             task_ids[job["key"]] = str(uuid.uuid4())
             to_send.append((job, task_ids[job["key"]]))
         batch.add(store, job, "queued", task_ids[job["key"]])
+    check_redis(settings.redis_url)
     batch.write_jobs(store, jobs)
     batch.write_manifest(store)
     app = make_app(settings)

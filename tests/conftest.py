@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model, a private redis-server, real worker processes, a store."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -64,12 +65,13 @@ def start_worker(tmp_path):
     """Start real `lorafleet worker --device cpu` processes; each is stopped after the test."""
     started = []
 
-    def start(env: dict, name: str = "worker") -> subprocess.Popen:
-        log_path = str(tmp_path / f"{name}.log")
+    def start(env: dict, name: str | None = None) -> subprocess.Popen:
+        log_path = str(tmp_path / f"{name or f'worker{len(started)}'}.log")
         process = spawn_worker(["--device", "cpu"], env, log_path)
         started.append(process)
         wait_until_ready(process, log_path, timeout_s=120)
         process.log_path = log_path
+        process.worker = f"cpu-{process.pid}@{socket.gethostname()}"
         return process
 
     yield start

@@ -16,6 +16,7 @@ from diffusers.utils import export_to_video
 from PIL import Image
 
 import common
+from common.errors import LorafleetError
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_path
@@ -108,16 +109,42 @@ class Renderer:
             max_sequence_length=self.info.max_text_tokens,
             callback_on_step_end=on_step_end,
         )
-        if fused or not terms:
-            frames = self.pipe(**call).frames[0]
-        else:
-            frames = self._render_unfused(terms, job["lora_scale"], call)
+
+        def run():
+            if fused or not terms:
+                return self.pipe(**call).frames[0]
+            return self._render_unfused(terms, job["lora_scale"], call)
+
+        try:
+            frames = run()
+        except torch.OutOfMemoryError:
+            frames = self._retry_with_less_memory(run)
         finished = time.perf_counter()
         timings["decode"] = finished - denoise_started - timings["denoise"]
         timings["total"] = finished - started
         self.rendered += 1
         log.debug("variant %s, switched=%s", variant, switched)
         return list(frames), timings
+
+    def _retry_with_less_memory(self, run):
+        """After a GPU out-of-memory error: free what can be freed, render once more with the VAE
+        decoding in tiles and slices, then put the VAE back as the settings say."""
+        log.warning("%s: out of GPU memory; retrying once with VAE tiling and slicing", self.worker)
+        torch.cuda.empty_cache()
+        tiled = self.pipe.vae.use_tiling
+        self.pipe.vae.enable_tiling()
+        self.pipe.vae.enable_slicing()
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            raise LorafleetError(
+                "out of GPU memory, even with VAE tiling and slicing: ask for fewer frames or pixels"
+            ) from None
+        finally:
+            torch.cuda.empty_cache()
+            self.pipe.vae.disable_slicing()
+            if not tiled:
+                self.pipe.vae.disable_tiling()
 
     def _render_unfused(self, terms: list[Term], lora_scale: float, call: dict):
         """Render through diffusers' own adapter layers (the weights stay at the exact base)."""

@@ -48,19 +48,6 @@ def register_render_task(
             raise
         key, batch = job["key"], job.get("batch")
         done = {"key": key, "worker": worker, **output_uris(store, key)}
-        if ledger.is_cancelled(batch):
-            raise JobCancelled(f"batch {batch} was cancelled")
-        if store.exists(video_path(key, "mp4")):
-            return {**done, "status": "exists"}
-        deliveries = ledger.count_delivery(task_id)
-        if deliveries > settings.max_deliveries:
-            ledger.delivered_cleanly(task_id)
-            reason = f"worker lost {deliveries - 1} times"
-            log.error("%s: %s failed: %s", worker, key[:12], reason)
-            raise WorkerLost(reason)
-        if KILL_PROMPT is not None and job["prompt"] == KILL_PROMPT:
-            os.kill(os.getpid(), signal.SIGKILL)
-
         last_check = 0.0
 
         def progress(step: int, steps: int) -> None:
@@ -72,9 +59,25 @@ def register_render_task(
                     raise JobCancelled(f"batch {batch} was cancelled (stopped at step {step} of {steps})")
                 self.update_state(state="PROGRESS", meta={"key": key, "step": step, "steps": steps, "worker": worker})
 
-        log.info("%s: %s started (%s), delivery %d", worker, key[:12], job.get("id") or job["prompt"][:40], deliveries)
         try:
+            if ledger.is_cancelled(batch):
+                raise JobCancelled(f"batch {batch} was cancelled")
+            if store.exists(video_path(key, "mp4")):
+                return {**done, "status": "exists"}
+            # The lease comes first: from here on, if this process dies, the job is delivered again.
             with ledger.running(task_id, message, queue, worker):
+                deliveries = ledger.count_delivery(task_id)
+                if deliveries > settings.max_deliveries:
+                    raise WorkerLost(f"worker lost {deliveries - 1} times")
+                log.info(
+                    "%s: %s started (%s), delivery %d",
+                    worker,
+                    key[:12],
+                    job.get("id") or job["prompt"][:40],
+                    deliveries,
+                )
+                if KILL_PROMPT is not None and job["prompt"] == KILL_PROMPT:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 with ledger.key_lock(key, task_id, lambda: store.exists(video_path(key, "mp4"))) as locked:
                     if not locked or store.exists(video_path(key, "mp4")):
                         result = {**done, "status": "exists"}

@@ -5,6 +5,7 @@ before torch is imported), so a worker only ever sees its own GPU as cuda:0.
 """
 
 import logging
+import os
 import socket
 import sys
 import threading
@@ -20,8 +21,9 @@ EXIT_MODEL_LOAD_FAILED = 3
 
 
 def worker_name(gpu: int | None) -> str:
-    """`gpuN@host`, or `cpu@host` for a CPU worker: every log line and result carries it."""
-    return f"{'cpu' if gpu is None else f'gpu{gpu}'}@{socket.gethostname()}"
+    """`gpuN@host`, or `cpu-PID@host` for a CPU worker (several can share a host): every log line
+    and result carries it."""
+    return f"{f'cpu-{os.getpid()}' if gpu is None else f'gpu{gpu}'}@{socket.gethostname()}"
 
 
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:

@@ -59,7 +59,7 @@ def test_submit_wait_renders_every_job_and_resubmitting_enqueues_nothing(fleet_e
         assert info["codec"] == "h264" and info["fps"] == fps
         assert os.path.getsize(entry["poster"]) > 0
         metadata = json.load(open(entry["metadata"]))
-        assert metadata["key"] == entry["key"] and metadata["worker"].startswith("cpu@")
+        assert metadata["key"] == entry["key"] and metadata["worker"].startswith("cpu-")
         assert metadata["frames"] == frames and metadata["model"] == fleet_env["LORAFLEET_MODEL"]
 
     again = lorafleet("submit", EXAMPLES, "--wait", "--batch", "second", env=fleet_env, cwd=workdir)

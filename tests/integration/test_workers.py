@@ -31,7 +31,7 @@ def test_running_job_reports_its_denoising_step(fleet_env, start_worker):
     assert outcome["status"] == "done" and len(outcome["key"]) == 64
     assert seen, "no progress was reported while the job ran"
     assert all(0 < info["step"] <= 600 and info["steps"] == 600 for info in seen)
-    assert seen[0]["key"] == outcome["key"] and seen[0]["worker"].startswith("cpu@")
+    assert seen[0]["key"] == outcome["key"] and seen[0]["worker"].startswith("cpu-")
 
 
 def test_a_malformed_message_fails_that_job_and_the_worker_keeps_serving(fleet_env, start_worker):

@@ -1,0 +1,190 @@
+"""Nothing lost, nothing twice: killed workers, poison jobs, Redis restarts, stops, duplicates, cancel."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from celery.result import AsyncResult
+
+from common.broker import TASK_NAME, make_app
+from common.redis_server import RedisServer
+from common.settings import Settings
+from tests.conftest import lorafleet
+from tests.helpers import decode_video, queued_messages, read_manifest
+
+pytestmark = pytest.mark.integration
+
+
+def app_for(env: dict):
+    return make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"], _env_file=None))
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def progress_of(result):
+    return result.info if result.state == "PROGRESS" and isinstance(result.info, dict) else None
+
+
+def renders(log_paths) -> dict[str, int]:
+    """How many times each key was rendered, from the workers' own log lines."""
+    counts: dict[str, int] = {}
+    for path in log_paths:
+        for key in re.findall(r": ([0-9a-f]{12}) rendered in ", open(path).read()):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.fixture
+def fast_leases(fleet_env) -> dict:
+    return {**fleet_env, "LORAFLEET_LEASE_S": "2"}
+
+
+def long_job(seed: int, steps: int = 700) -> dict:
+    return {"prompt": "a paper boat floats down a stream", "seed": seed, "steps": steps, "height": 32, "width": 32}
+
+
+def test_a_job_whose_worker_is_killed_completes_on_another_worker(fast_leases, start_worker, tmp_path):
+    workers = [start_worker(fast_leases), start_worker(fast_leases)]
+    result = app_for(fast_leases).send_task(TASK_NAME, args=[long_job(1)])
+    info = wait_for(lambda: progress_of(result), 60, "the job to start")
+    victim = next(w for w in workers if w.worker == info["worker"])
+    survivor = next(w for w in workers if w is not victim)
+    os.killpg(victim.pid, signal.SIGKILL)
+    outcome = result.get(timeout=120)
+    assert outcome["status"] == "done" and outcome["worker"] == survivor.worker
+    assert "lost its worker" in open(survivor.log_path).read()
+    assert len(glob.glob(os.path.join(fast_leases["LORAFLEET_STORE_URL"], "videos", "*.mp4"))) == 1
+
+
+def test_a_poison_job_is_failed_after_max_deliveries_and_the_fleet_serves_on(fast_leases, start_worker):
+    env = {**fast_leases, "LORAFLEET_TEST_KILL_PROMPT": "poison", "LORAFLEET_MAX_DELIVERIES": "3"}
+    app = app_for(env)
+    poison = app.send_task(TASK_NAME, args=[{"prompt": "poison", "seed": 1}])
+    worker = start_worker(env)
+    deaths = 0
+    deadline = time.monotonic() + 180
+    while not poison.ready() and time.monotonic() < deadline:
+        if worker.poll() is not None:
+            deaths += 1
+            worker = start_worker(env)
+        time.sleep(0.2)
+    assert poison.state == "FAILURE", poison.state
+    assert "worker lost 3 times" in str(poison.result)
+    assert deaths == 3
+    assert app.send_task(TASK_NAME, args=[{"prompt": "a healthy job", "seed": 2}]).get(timeout=60)["status"] == "done"
+
+
+def test_redis_restarts_mid_batch_lose_no_job(tiny, tmp_path, start_worker, fleet_env):
+    redis = RedisServer(directory=str(tmp_path / "redis"), appendonly=True)
+    os.makedirs(redis.directory)
+    redis.start()
+    try:
+        env = {**fleet_env, "LORAFLEET_REDIS_URL": redis.url, "LORAFLEET_LEASE_S": "3"}
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text("".join(json.dumps(long_job(seed, steps=120)) + "\n" for seed in range(8)))
+        start_worker(env)
+        start_worker(env)
+        submit = subprocess.Popen(
+            [sys.executable, "-m", "lorafleet", "submit", str(jobs), "--wait", "--batch", "restarts"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        store = env["LORAFLEET_STORE_URL"]
+        wait_for(lambda: glob.glob(os.path.join(store, "videos", "*.mp4")), 60, "a first video")
+        for _ in range(2):
+            redis.stop()
+            time.sleep(1.5)
+            redis.start()
+            time.sleep(2)
+        output, _ = submit.communicate(timeout=240)
+        assert submit.returncode == 0, output[-3000:]
+        manifest = read_manifest(os.path.join(store, "batches", "restarts", "manifest.jsonl"))
+        assert [e["status"] for e in manifest] == ["done"] * 8
+        assert all(decode_video(e["video"]).shape == (9, 32, 32, 3) for e in manifest)
+    finally:
+        redis.stop()
+
+
+def test_sigterm_lets_a_busy_worker_finish_its_job(fleet_env, start_worker):
+    worker = start_worker(fleet_env)
+    result = app_for(fleet_env).send_task(TASK_NAME, args=[long_job(3)])
+    wait_for(lambda: progress_of(result), 60, "the job to start")
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert result.get(timeout=120)["status"] == "done"
+    assert worker.wait(timeout=60) == 0
+    assert "stopped after 1 render(s)" in open(worker.log_path).read()
+
+
+def test_the_same_file_submitted_twice_at_once_renders_each_key_once(fleet_env, start_worker, tmp_path):
+    workers = [start_worker(fleet_env), start_worker(fleet_env)]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(long_job(seed, steps=80)) + "\n" for seed in range(4)))
+    command = [sys.executable, "-m", "lorafleet", "submit", str(jobs), "--wait"]
+    both = [
+        subprocess.Popen(command, env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)
+    ]
+    assert [p.wait(timeout=180) for p in both] == [0, 0]
+    counts = renders([w.log_path for w in workers])
+    assert len(counts) == 4 and set(counts.values()) == {1}, counts
+
+
+def test_cancel_stops_a_batch_and_retry_finishes_it(fleet_env, start_worker, tmp_path):
+    start_worker(fleet_env)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(long_job(seed, steps=600)) + "\n" for seed in range(3)))
+    submitted = lorafleet("submit", str(jobs), "--batch", "stop-me", env=fleet_env)
+    assert submitted.returncode == 0, submitted.stderr
+    (first, *_) = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "stop-me", "manifest.jsonl"))
+    running = AsyncResult(first["task_id"], app=app_for(fleet_env))
+    wait_for(lambda: progress_of(running), 60, "the first job to start")
+    assert lorafleet("cancel", "stop-me", env=fleet_env).returncode == 0
+    wait_for(
+        lambda: lorafleet("status", "stop-me", env=fleet_env).stdout.count("cancelled") >= 4, 60, "all cancelled", 1
+    )
+    status = lorafleet("status", "stop-me", env=fleet_env).stdout
+    assert "0 done, 0 running, 0 queued, 0 failed, 3 cancelled of 3 jobs" in status
+    assert "stopped at step" in status  # the running one stopped mid-render
+    assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 0
+
+    again = lorafleet("retry", "stop-me", "--wait", env=fleet_env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 job(s) enqueued again" in again.stdout
+    manifest = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "stop-me", "manifest.jsonl"))
+    assert [e["status"] for e in manifest] == ["done"] * 3
+
+
+def test_a_pickled_message_is_refused_and_the_worker_serves_on(fleet_env, start_worker):
+    worker = start_worker(fleet_env)
+    app = app_for(fleet_env)
+    pickled = app.send_task(TASK_NAME, args=[{"prompt": "x", "seed": 1}], serializer="pickle")
+    wait_for(lambda: "untrusted content" in open(worker.log_path).read(), 30, "the worker to refuse it")
+    assert pickled.state == "PENDING"  # never run
+    assert app.send_task(TASK_NAME, args=[{"prompt": "x", "seed": 1}]).get(timeout=60)["status"] == "done"
+
+
+def test_a_password_protected_redis(fleet_env, start_worker, tmp_path):
+    with RedisServer(password="s3cret-pass") as redis:
+        env = {**fleet_env, "LORAFLEET_REDIS_URL": redis.url}
+        start_worker(env)
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text(json.dumps({"prompt": "a cat", "seed": 1}) + "\n")
+        result = lorafleet("submit", str(jobs), "--wait", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        jobs.write_text(json.dumps({"prompt": "a cat", "seed": 2}) + "\n")
+        wrong = lorafleet("submit", str(jobs), env={**env, "LORAFLEET_REDIS_URL": redis.url.replace("s3cret", "wrong")})
+        assert wrong.returncode == 3
+        assert wrong.stderr.startswith("lorafleet submit: cannot use Redis at redis://:***@127.0.0.1:")
+        assert "wrong" not in wrong.stderr  # the password is not printed
