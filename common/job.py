@@ -153,8 +153,11 @@ def check_job(obj, where: str, model: ModelInfo) -> tuple[dict, list[str]]:
             errors.append(f"{where}: {field}: must be true or false, got {json.dumps(job[field])}")
     if job["model"] is not None and not isinstance(job["model"], str):
         errors.append(f"{where}: model: must be a model alias (a string)")
-    if job["id"] is not None and (not isinstance(job["id"], str) or len(job["id"]) > 256):
-        errors.append(f"{where}: id: must be a string of at most 256 characters")
+    if job["id"] is not None:
+        if not isinstance(job["id"], str) or len(job["id"]) > 256:
+            errors.append(f"{where}: id: must be a string of at most 256 characters")
+        elif any(part in job["id"] for part in ("/", "\\", "..")) or not job["id"].isprintable():
+            errors.append(f'{where}: id: must not contain "/", "\\", ".." or control characters (an id is a label, never a path)')
     return job, errors
 
 
@@ -238,35 +241,41 @@ def prepare_job(obj: dict, where: str, model: ModelInfo, resolver: AdapterResolv
         raise JobError(f"{where}: {exc}") from None
 
 
-def read_job_lines(path: str) -> tuple[list[tuple[int, object]], list[str]]:
-    """The JSON objects of a .jsonl file by line number, and an error for each line that is not JSON."""
+def read_job_lines(path: str, max_jobs: int) -> tuple[list[tuple[int, object]], list[str]]:
+    """The JSON objects of a .jsonl file by line number, and an error for each line that is not JSON;
+    stops with one error past `max_jobs` lines."""
     objects, errors = [], []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as exc:
         raise JobFileError(path, [f"cannot open: {exc.strerror}"]) from None
     with f:
-        try:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    objects.append((number, json.loads(line)))
-                except ValueError as exc:
-                    errors.append(f"line {number}: not valid JSON ({exc.args[0].split(':')[0]})")
-        except UnicodeDecodeError:
-            errors.append(f"line {number + 1}: not UTF-8 text")
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                errors.append(f"line {number}: not UTF-8 text")
+                continue
+            if not line.strip():
+                continue
+            if len(objects) + len(errors) >= max_jobs:
+                errors.append(f"line {number}: more than {max_jobs} jobs in one file (LORAFLEET_MAX_JOBS): split it")
+                break
+            try:
+                objects.append((number, json.loads(line)))
+            except ValueError as exc:
+                errors.append(f"line {number}: not valid JSON ({exc.args[0].split(':')[0]})")
     return objects, errors
 
 
-def load_jobs(path: str, model_for, store: Store | None) -> list[dict]:
+def load_jobs(path: str, model_for, store: Store | None, max_jobs: int = 100_000) -> list[dict]:
     """Every job of a .jsonl file, checked, expanded, resolved and keyed; raises JobFileError
     listing every bad line, so nothing is enqueued unless the whole file is good.
 
     `model_for(alias)` gives the ModelInfo of a model alias (None: the fleet's default model)
     or raises ModelError.
     """
-    objects, errors = read_job_lines(path)
+    objects, errors = read_job_lines(path, max_jobs)
     if not objects and not errors:
         errors.append("no jobs: the file is empty")
     resolver = AdapterResolver(store)
@@ -280,6 +289,8 @@ def load_jobs(path: str, model_for, store: Store | None) -> list[dict]:
             errors.append(f"{where}: model: {exc}")
         except JobError as exc:
             errors.extend(str(exc).splitlines())
+    if len(jobs) > max_jobs and not errors:
+        errors.append(f"the file expands to {len(jobs)} jobs, more than {max_jobs} (LORAFLEET_MAX_JOBS): split it")
     if errors:
         raise JobFileError(path, errors)
     return jobs

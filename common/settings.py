@@ -33,6 +33,7 @@ class Settings(BaseSettings):
         6 * 3600,
         description="Seconds before Redis hands an unacknowledged job to another worker; must exceed the longest render.",
     )
+    max_jobs: int = Field(100_000, description="Most jobs one submitted file may expand to.")
     lease_s: float = Field(
         30,
         description="A running job's lease: if its worker stops refreshing it this long, the job is delivered again.",

@@ -17,7 +17,7 @@ def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batc
     """
     batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
     store = Store(settings.store_url)
-    jobs = load_jobs(path, model_resolver(settings), store)
+    jobs = load_jobs(path, model_resolver(settings), store, settings.max_jobs)
     task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
     to_send = []
     for job in jobs:

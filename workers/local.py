@@ -19,7 +19,7 @@ def render_file(path: str, settings: Settings, device: str, console: Console, ba
     """Render every job of `path` (checked first, as submit does) and write the batch manifest."""
     batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
     store = Store(settings.store_url)
-    jobs = load_jobs(path, model_resolver(settings), store)
+    jobs = load_jobs(path, model_resolver(settings), store, settings.max_jobs)
     renderers: dict[str | None, Renderer] = {}  # one warm pipeline per model alias in the file
     for number, job in enumerate(jobs, start=1):
         alias = job["model"]

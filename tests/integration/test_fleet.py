@@ -119,3 +119,22 @@ def test_an_adapter_the_model_cannot_take_is_refused_at_submit_and_fails_a_direc
         bad.get(timeout=60)
     good = app.send_task(TASK_NAME, args=[{"prompt": "x", "adapters": [tiny["style"]], "seed": 1}])
     assert good.get(timeout=60)["status"] == "done"
+
+
+def test_no_corpus_file_reaches_the_queue(fleet_env, monkeypatch):
+    from common.errors import JobFileError
+    from producer.submit import submit
+    from tests.unit.test_corpus import CORPUS, EXPECTED
+
+    settings = Settings(
+        redis_url=fleet_env["LORAFLEET_REDIS_URL"],
+        store_url=fleet_env["LORAFLEET_STORE_URL"],
+        model=fleet_env["LORAFLEET_MODEL"],
+        _env_file=None,
+    )
+    monkeypatch.chdir(CORPUS)
+    for name in EXPECTED:
+        with pytest.raises(JobFileError):
+            submit(name, settings)
+    assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 0
+    assert not os.path.exists(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches"))

@@ -1,0 +1,53 @@
+"""Hostile input: every file under tests/corpus/ is refused with its expected one-line errors."""
+
+import json
+import os
+
+import pytest
+
+from common.errors import JobFileError
+from common.job import load_jobs
+from common.model import model_info
+from common.store import Store
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+CORPUS = os.path.join(REPO, "tests", "corpus")
+EXPECTED = json.load(open(os.path.join(CORPUS, "expected.json")))
+
+
+def errors_for(path: str, tiny, tmp_path, max_jobs: int = 100_000) -> list[str]:
+    with pytest.raises(JobFileError) as raised:
+        load_jobs(path, lambda alias: model_info(tiny["model"]), Store(str(tmp_path / "store")), max_jobs)
+    return raised.value.errors
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_corpus_file_is_refused_with_its_errors(name, tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(CORPUS)  # adapter paths in the corpus are relative to it
+    errors = errors_for(name, tiny, tmp_path)
+    for expected in EXPECTED[name]:
+        assert any(expected in error for error in errors), (expected, errors)
+    assert all("\n" not in error for error in errors)
+
+
+def test_every_corpus_file_has_expectations():
+    files = {f for f in os.listdir(CORPUS) if f.endswith(".jsonl")}
+    assert files == set(EXPECTED)
+
+
+def test_a_million_lines_stop_at_the_limit_with_one_error(tiny, tmp_path):
+    path = tmp_path / "million.jsonl"
+    line = json.dumps({"prompt": "a cat", "seed": 1}) + "\n"
+    path.write_text(line * 1_000_000)
+    errors = errors_for(str(path), tiny, tmp_path)
+    assert errors == ["line 100001: more than 100000 jobs in one file (LORAFLEET_MAX_JOBS): split it"]
+
+
+def test_lists_that_expand_past_the_limit_are_refused(tiny, tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "a cat", "lora_scale": [0.1 * i for i in range(30)], "seed": list(range(40))}) + "\n"
+    )
+    errors = errors_for(str(path), tiny, tmp_path, max_jobs=1000)
+    assert errors == ["the file expands to 1200 jobs, more than 1000 (LORAFLEET_MAX_JOBS): split it"]
