@@ -1,0 +1,94 @@
+"""A 50-job batch on three CPU workers while a seeded script kills workers and restarts Redis.
+
+Afterwards: 50 videos, 50 manifest lines done, and no key rendered twice, counted from the
+workers' own render records (their log lines). The figures are printed (run with -s to see them).
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common.redis_server import RedisServer
+from tests.helpers import decode_video, read_manifest
+
+pytestmark = pytest.mark.faults
+JOBS = 50
+SEED = 20261128
+MAX_KILLS = 6
+MAX_REDIS_RESTARTS = 2
+
+
+def render_records(log_paths) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in log_paths:
+        for key in re.findall(r": ([0-9a-f]{12}) rendered in ", open(path).read()):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_fifty_jobs_survive_killed_workers_and_redis_restarts(fleet_env, start_worker, tmp_path):
+    rng = random.Random(SEED)
+    redis = RedisServer(directory=str(tmp_path / "redis"), appendonly=True)
+    os.makedirs(redis.directory)
+    redis.start()
+    try:
+        env = {
+            **fleet_env,
+            "LORAFLEET_REDIS_URL": redis.url,
+            "LORAFLEET_LEASE_S": "2",
+            "LORAFLEET_MAX_DELIVERIES": "20",  # random kills may hit one job often: it must still finish
+            "PYTHONUNBUFFERED": "1",  # a killed worker's render records are on disk up to its last line
+        }
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text(
+            "".join(
+                json.dumps({"id": f"job{i}", "prompt": "waves crash against dark rocks", "seed": i, "steps": 60, "height": 32, "width": 32})
+                + "\n"
+                for i in range(JOBS)
+            )
+        )
+        workers = [start_worker(env, f"w{i}") for i in range(3)]
+        logs = [w.log_path for w in workers]
+        submit = subprocess.Popen(
+            [sys.executable, "-m", "lorafleet", "submit", str(jobs), "--wait", "--batch", "chaos"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        kills = restarts = 0
+        while submit.poll() is None and (kills < MAX_KILLS or restarts < MAX_REDIS_RESTARTS):
+            time.sleep(rng.uniform(1.0, 3.0))
+            if rng.random() < 0.75 and kills < MAX_KILLS:
+                victim = rng.choice(workers)
+                os.killpg(victim.pid, signal.SIGKILL)
+                victim.wait()
+                kills += 1
+                workers.remove(victim)
+                workers.append(start_worker(env, f"w{len(logs)}"))
+                logs.append(workers[-1].log_path)
+            elif restarts < MAX_REDIS_RESTARTS:
+                redis.stop()
+                time.sleep(rng.uniform(0.5, 2.0))
+                redis.start()
+                restarts += 1
+        output, _ = submit.communicate(timeout=300)
+        manifest = read_manifest(os.path.join(env["LORAFLEET_STORE_URL"], "batches", "chaos", "manifest.jsonl"))
+        done = [e for e in manifest if e["status"] == "done"]
+        records = render_records(logs)
+        twice = {k: n for k, n in records.items() if n > 1}
+        print(
+            f"\nfaults: {JOBS} jobs, {kills} workers killed, {restarts} Redis restarts, "
+            f"{JOBS - len(done)} lost, {len(twice)} rendered twice, {sum(records.values())} render records"
+        )
+        assert submit.returncode == 0, output[-3000:]
+        assert len(done) == JOBS and kills == MAX_KILLS and restarts == MAX_REDIS_RESTARTS
+        assert len({e["key"] for e in done}) == JOBS
+        assert all(decode_video(e["video"]).shape == (9, 32, 32, 3) for e in done)
+        assert twice == {}, twice
+    finally:
+        redis.stop()
