@@ -157,7 +157,9 @@ def check_job(obj, where: str, model: ModelInfo) -> tuple[dict, list[str]]:
         if not isinstance(job["id"], str) or len(job["id"]) > 256:
             errors.append(f"{where}: id: must be a string of at most 256 characters")
         elif any(part in job["id"] for part in ("/", "\\", "..")) or not job["id"].isprintable():
-            errors.append(f'{where}: id: must not contain "/", "\\", ".." or control characters (an id is a label, never a path)')
+            errors.append(
+                f'{where}: id: must not contain "/", "\\", ".." or control characters (an id is a label, never a path)'
+            )
     return job, errors
 
 

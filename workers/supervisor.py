@@ -1,8 +1,8 @@
 """`lorafleet workers`: one supervised worker process per GPU of this host.
 
-Signal handlers only set flags. The first SIGTERM (or Ctrl-C) is passed on to every worker, which
-finishes its current job and exits; a second one makes them exit at once (Celery's cold shutdown),
-and their jobs are delivered again. A worker that dies on its own is restarted, with a back-off.
+Signal handlers only set flags. Each SIGTERM (or Ctrl-C) is passed on to every worker: the first
+makes it finish its current job and exit, a second makes it exit at once, and its job is delivered
+again. A worker that dies on its own is restarted, with a back-off.
 """
 
 import logging
@@ -93,11 +93,10 @@ def run_workers(gpus: list[int], worker_args: list[str]) -> int:
     while workers:
         if len(signals) > forwarded:
             forwarded = len(signals)
-            how = signal.SIGTERM if forwarded == 1 else signal.SIGQUIT
-            log.info("passing %s to %d worker(s)", how.name, len(workers))
+            log.info("passing SIGTERM %d to %d worker(s)", forwarded, len(workers))
             for process in workers.values():
                 if process.poll() is None:
-                    process.send_signal(how)
+                    process.send_signal(signal.SIGTERM)  # a worker's second SIGTERM makes it exit at once
         for gpu, process in list(workers.items()):
             code = process.poll()
             if code is None:

@@ -6,9 +6,12 @@ before torch is imported), so a worker only ever sees its own GPU as cuda:0.
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
+
+from celery import signals as celery_signals
 
 from common.broker import make_app
 from common.errors import LorafleetError
@@ -18,12 +21,38 @@ from common.store import Store
 
 log = logging.getLogger("lorafleet.worker")
 EXIT_MODEL_LOAD_FAILED = 3
+EXIT_HANDED_BACK = 4
 
 
 def worker_name(gpu: int | None) -> str:
     """`gpuN@host`, or `cpu-PID@host` for a CPU worker (several can share a host): every log line
     and result carries it."""
     return f"{f'cpu-{os.getpid()}' if gpu is None else f'gpu{gpu}'}@{socket.gethostname()}"
+
+
+def escalate_sigterm(name: str, timeout_s: float) -> None:
+    """On top of Celery's warm shutdown (the first SIGTERM: stop taking jobs, finish the running
+    one): exit at once on a second SIGTERM, or when the running job outlasts `timeout_s`. Either
+    way the job's lease lapses and another worker renders it; its late duplicate finds the video."""
+    celery_handler = signal.getsignal(signal.SIGTERM)
+    received = []
+
+    def hand_back(why: str) -> None:
+        log.warning("%s: %s: exiting now; the running job, if any, is delivered again", name, why)
+        logging.shutdown()
+        os._exit(EXIT_HANDED_BACK)
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        if len(received) > 1:
+            hand_back("second SIGTERM")
+        timer = threading.Timer(timeout_s, hand_back, args=(f"still busy {timeout_s:.0f}s after SIGTERM",))
+        timer.daemon = True
+        timer.start()
+        if callable(celery_handler):
+            celery_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
@@ -43,8 +72,6 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         log.exception("%s: cannot start: the model failed to load", name)
         return EXIT_MODEL_LOAD_FAILED
     app = make_app(settings)
-    # On SIGTERM, finish the running job within this time, else hand it back (Celery's soft shutdown).
-    app.conf.worker_soft_shutdown_timeout = settings.shutdown_timeout_s
     ledger = Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s)
     register_render_task(app, renderer, Store(settings.store_url), ledger, settings, queue)
     stop_sweeping = threading.Event()
@@ -54,6 +81,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         daemon=True,
     )
     sweeper.start()
+    celery_signals.worker_ready.connect(lambda **_: escalate_sigterm(name, settings.shutdown_timeout_s), weak=False)
     log.info(
         "%s: READY: %s (%s) loaded in %.1fs, serving queue %s",
         name,

@@ -49,7 +49,16 @@ def test_fifty_jobs_survive_killed_workers_and_redis_restarts(fleet_env, start_w
         jobs = tmp_path / "jobs.jsonl"
         jobs.write_text(
             "".join(
-                json.dumps({"id": f"job{i}", "prompt": "waves crash against dark rocks", "seed": i, "steps": 60, "height": 32, "width": 32})
+                json.dumps(
+                    {
+                        "id": f"job{i}",
+                        "prompt": "waves crash against dark rocks",
+                        "seed": i,
+                        "steps": 60,
+                        "height": 32,
+                        "width": 32,
+                    }
+                )
                 + "\n"
                 for i in range(JOBS)
             )

@@ -188,3 +188,20 @@ def test_a_password_protected_redis(fleet_env, start_worker, tmp_path):
         assert wrong.returncode == 3
         assert wrong.stderr.startswith("lorafleet submit: cannot use Redis at redis://:***@127.0.0.1:")
         assert "wrong" not in wrong.stderr  # the password is not printed
+
+
+@pytest.mark.parametrize("how", ["second SIGTERM", "shutdown timeout"])
+def test_a_worker_told_to_stop_now_hands_its_job_back(fast_leases, start_worker, how):
+    env = {**fast_leases, "LORAFLEET_SHUTDOWN_TIMEOUT_S": "1" if how == "shutdown timeout" else "600"}
+    busy, spare = start_worker(env), start_worker(env)
+    result = app_for(env).send_task(TASK_NAME, args=[{**long_job(4, steps=1000), "height": 64, "width": 64}])
+    info = wait_for(lambda: progress_of(result), 60, "the job to start")
+    busy, spare = (busy, spare) if info["worker"] == busy.worker else (spare, busy)
+    os.killpg(busy.pid, signal.SIGTERM)
+    if how == "second SIGTERM":
+        time.sleep(0.5)
+        os.killpg(busy.pid, signal.SIGTERM)
+    assert busy.wait(timeout=20) == 4  # well before the job could have finished
+    assert f"{how}" in open(busy.log_path).read() or "still busy" in open(busy.log_path).read()
+    outcome = result.get(timeout=240)
+    assert outcome["status"] == "done" and outcome["worker"] == spare.worker
