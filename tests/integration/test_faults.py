@@ -205,3 +205,27 @@ def test_a_worker_told_to_stop_now_hands_its_job_back(fast_leases, start_worker,
     assert f"{how}" in open(busy.log_path).read() or "still busy" in open(busy.log_path).read()
     outcome = result.get(timeout=240)
     assert outcome["status"] == "done" and outcome["worker"] == spare.worker
+
+
+@pytest.fixture
+def tls_files(tmp_path) -> dict:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    run = lambda *args: subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf")
+    return {"cert": str(folder / "server.crt"), "key": str(folder / "server.key"), "ca": str(folder / "ca.crt")}
+
+
+def test_redis_over_tls_with_a_password(fleet_env, start_worker, tmp_path, tls_files):
+    with RedisServer(password="s3cret-pass", tls=tls_files) as redis:
+        assert redis.url.startswith("rediss://:s3cret-pass@127.0.0.1:")
+        env = {**fleet_env, "LORAFLEET_REDIS_URL": redis.url}
+        start_worker(env)
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text(json.dumps({"prompt": "a cat over TLS", "seed": 1}) + "\n")
+        result = lorafleet("submit", str(jobs), "--wait", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
