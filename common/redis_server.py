@@ -40,7 +40,11 @@ class RedisServer:
     """A redis-server of our own: `with RedisServer() as redis: redis.url`."""
 
     def __init__(
-        self, directory: str | None = None, appendonly: bool = False, password: str | None = None, tls: dict | None = None
+        self,
+        directory: str | None = None,
+        appendonly: bool = False,
+        password: str | None = None,
+        tls: dict | None = None,
     ):
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="lorafleet-redis-")
         self.directory = directory or self._tmp.name

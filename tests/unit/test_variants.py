@@ -168,3 +168,22 @@ def test_compiled_transformer_switches_without_recompiling(tiny, tmp_path):
         np.testing.assert_allclose(frames(compiled, **fields), frames(eager, **fields), atol=1e-5)
     assert compiled_graphs() == graphs
     assert np.array_equal(frames(compiled, adapters=[tiny["style"]]), first)
+
+
+def test_out_of_gpu_memory_retries_once_with_vae_tiling(renderer, monkeypatch):
+    """No GPU here: the pipeline raises CUDA's out-of-memory error while the VAE is untiled, as a
+    too-large decode would, and the render must come out right on the second try."""
+    expected = frames(renderer)
+    pipeline_call = type(renderer.pipe).__call__
+    calls = []
+
+    def out_of_memory_unless_tiled(pipe, *args, **kwargs):
+        calls.append(pipe.vae.use_tiling)
+        if not pipe.vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return pipeline_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(renderer.pipe), "__call__", out_of_memory_unless_tiled)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert np.array_equal(frames(renderer), expected)  # the tiny video is below the VAE's tile size
+    assert calls == [False, True] and not renderer.pipe.vae.use_tiling  # back as the settings say
