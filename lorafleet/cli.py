@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
 
+    sweep = commands.add_parser("sweep", help="run a sweep spec (YAML or JSON) as one batch and write its report")
+    sweep.add_argument("file")
+    sweep.add_argument("--batch", help="batch name (default: the spec's name and today's date)")
+    sweep.add_argument("--compare", metavar="BATCH", help="mark the cells whose numbers moved since that sweep")
+
     for name, text in (
         ("status", "counts by state, and each failure's reason; brings the manifest up to date"),
         ("cancel", "queued jobs never start; running ones stop at their next denoising step"),
@@ -160,6 +165,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         if args.wait:
             return 0 if wait_for_batch(batch, settings, console) else EXIT_FAILED_JOBS
         return 0
+    if args.command == "sweep":
+        from producer.sweep import run_sweep
+
+        return 0 if run_sweep(args.file, settings, console, args.batch, args.compare) else EXIT_FAILED_JOBS
     if args.command in ("status", "cancel", "retry"):
         from producer import batches
 

@@ -18,6 +18,12 @@ def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batc
     batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
     store = Store(settings.store_url)
     jobs = load_jobs(path, model_resolver(settings), store, settings.max_jobs)
+    return enqueue(jobs, batch, store, settings)
+
+
+def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) -> Batch:
+    """Enqueue checked, keyed jobs in their order as one batch, skipping keys already in the store,
+    and write the batch's manifest and jobs."""
     task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
     to_send = []
     for job in jobs:

@@ -61,6 +61,7 @@ class Renderer:
             self.pipe.transformer.compile(backend=settings.compile_backend)
         self.load_seconds = time.perf_counter() - started
         self.rendered = 0
+        self.last_switched = False  # whether the last render had to switch variants
 
     def device_name(self) -> str:
         """The device in words, for the metadata."""
@@ -81,7 +82,7 @@ class Renderer:
         terms, variant = self._terms(job)
         timings["adapters"] = time.perf_counter() - started
         fused = job["fuse"]
-        switched = self.variants.apply(terms if fused else [], job["lora_scale"], variant if fused else ())
+        self.last_switched = self.variants.apply(terms if fused else [], job["lora_scale"], variant if fused else ())
         timings["variant"] = time.perf_counter() - started - timings["adapters"]
 
         steps = job["steps"]
@@ -123,7 +124,6 @@ class Renderer:
         timings["decode"] = finished - denoise_started - timings["denoise"]
         timings["total"] = finished - started
         self.rendered += 1
-        log.debug("variant %s, switched=%s", variant, switched)
         return list(frames), timings
 
     def _retry_with_less_memory(self, run):
@@ -218,6 +218,7 @@ def render_job(renderer: Renderer, store: Store, job: dict, progress: Progress |
         "versions": versions(),
         "timings_s": timings,
         "caches": renderer.cache_stats(),
+        "variant_switched": renderer.last_switched,
         "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # The MP4 goes last: a video in the store means its poster and metadata are there too.

@@ -1,0 +1,154 @@
+"""A sweep spec (YAML or JSON): prompts × adapter sets × lora_scale values × seeds, as jobs.
+
+    name: nightly                      # batch name prefix (default "sweep"); the date is appended
+    prompts: ["a cat walks", "a dog runs"]     # or  prompts_file: prompts.jsonl
+    adapter_sets:
+      - [s3://loras/style]
+      - [{uri: s3://loras/style, weight: 0.8}, s3://loras/subject]
+    lora_scales: "0:1:0.25"            # or a list; 0 is always rendered, as the reference
+    seeds: [1, 2]
+    render: {steps: 30, num_frames: 49} # any other job field
+
+Checked as strictly as a jobs file; errors name the place in the spec (`adapter_sets[1][0].uri`).
+Jobs come out grouped by adapter combination and scale, so a worker switches variants rarely.
+"""
+
+import json
+import math
+
+import yaml
+
+from common.errors import AdapterError, JobFileError, ModelError
+from common.job import DEFAULTS, AdapterResolver, _unknown, check_job, expand_job, finish_job
+from common.model import ModelInfo
+from common.store import Store
+
+SPEC_FIELDS = {"name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model"}
+SWEPT = {"prompt", "negative_prompt", "adapters", "lora_scale", "seed", "model", "id"}
+
+
+def parse_scales(value, errors: list) -> list[float]:
+    """lora_scale values from a list or a "start:stop:step" range (stop included)."""
+    if isinstance(value, str):
+        try:
+            start, stop, step = (float(part) for part in value.split(":"))
+            if step <= 0 or stop < start or (stop - start) / step > 1000:
+                raise ValueError
+        except ValueError:
+            errors.append(f'lora_scales: "{value}" is not start:stop:step with 0 < step and start ≤ stop')
+            return []
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        return [round(start + i * step, 10) for i in range(count)]
+    if not isinstance(value, list) or not value:
+        errors.append("lora_scales: must be a non-empty list or a start:stop:step range")
+        return []
+    scales = []
+    for i, scale in enumerate(value):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            errors.append(f"lora_scales[{i}]: must be a finite number, got {json.dumps(scale)}")
+        else:
+            scales.append(float(scale))
+    return scales
+
+
+def _prompts(spec: dict, errors: list) -> list[dict]:
+    if ("prompts" in spec) == ("prompts_file" in spec):
+        errors.append("prompts: give either prompts (a list) or prompts_file (a .jsonl), not both or neither")
+        return []
+    if "prompts" in spec:
+        items, where = spec["prompts"], "prompts"
+        if not isinstance(items, list) or not items:
+            errors.append("prompts: must be a non-empty list")
+            return []
+    else:
+        where = spec["prompts_file"]
+        try:
+            with open(where, encoding="utf-8") as f:
+                items = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as exc:
+            errors.append(f"prompts_file: cannot read {where}: {exc}")
+            return []
+    prompts = []
+    for i, item in enumerate(items):
+        item = {"prompt": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            errors.append(f"{where}[{i}]: must be a prompt string or {{\"prompt\": ..., \"negative_prompt\": ...}}")
+            continue
+        extra = set(item) - {"prompt", "negative_prompt"}
+        if extra:
+            errors.append(_unknown(sorted(extra)[0], ["prompt", "negative_prompt"], f"{where}[{i}]"))
+            continue
+        prompts.append(item)
+    return prompts
+
+
+def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dict], list[dict]]:
+    """The sweep's batch name prefix, its jobs (checked, resolved and keyed) and each job's cell
+    ({"set", "prompt", "seed", "lora_scale"}); raises JobFileError naming every problem's place in
+    the spec, before anything is enqueued."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f)  # JSON is YAML too
+    except (OSError, yaml.YAMLError) as exc:
+        raise JobFileError(path, [f"not a readable YAML or JSON sweep spec: {exc}"]) from None
+    if not isinstance(spec, dict):
+        raise JobFileError(path, ["a sweep spec must be a mapping with prompts, adapter_sets, lora_scales, seeds"])
+    errors = [_unknown(field, SPEC_FIELDS, "spec") for field in spec if field not in SPEC_FIELDS]
+    try:
+        model: ModelInfo = model_for(spec.get("model"))
+    except ModelError as exc:
+        raise JobFileError(path, [f"model: {exc}"]) from None
+    prompts = _prompts(spec, errors)
+    scales = parse_scales(spec.get("lora_scales", [1.0]), errors)
+    if 0.0 not in scales:
+        scales = [0.0, *scales]  # the reference every cell is compared with
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        errors.append("seeds: must be a non-empty list of integers ≥ 0")
+        seeds = []
+    render = spec.get("render", {})
+    if not isinstance(render, dict):
+        errors.append("render: must be a mapping of job fields")
+        render = {}
+    for field in render:
+        if field in SWEPT or field not in DEFAULTS:
+            errors.append(_unknown(field, set(DEFAULTS) - SWEPT, "render") if field not in DEFAULTS else f"render.{field}: set by the sweep itself")
+    sets = spec.get("adapter_sets")
+    if not isinstance(sets, list) or not sets or not all(isinstance(s, list) for s in sets):
+        errors.append("adapter_sets: must be a non-empty list of adapter lists")
+        sets = []
+
+    resolver = AdapterResolver(store)
+    jobs, cells = [], []
+    for i, adapters in enumerate(sets):
+        base = {**render, "adapters": adapters, "lora_scale": scales, "model": spec.get("model")}
+        checked, problems = check_job({**base, "prompt": "p", "seed": 0}, f"adapter_sets[{i}]", model)
+        problems = [p.replace(f"adapter_sets[{i}]: adapters", f"adapter_sets[{i}]") for p in problems]
+        problems = [p.replace(f"adapter_sets[{i}]: ", "render.", 1) if not p.startswith(f"adapter_sets[{i}][") else p for p in problems]
+        if problems:
+            errors.extend(dict.fromkeys(problems))
+            continue
+        for j, adapter in enumerate(checked["adapters"]):
+            try:
+                resolver.resolve(adapter["uri"])
+            except AdapterError as exc:
+                errors.append(f"adapter_sets[{i}][{j}].uri: {exc}")
+        if errors:
+            continue
+        for scale in scales:  # grouped by combination and scale: one variant switch per group
+            for p, prompt in enumerate(prompts):
+                for seed in seeds:
+                    job, _ = check_job({**base, **prompt, "lora_scale": scale, "seed": seed, "id": f"set{i}-p{p}-s{seed}"}, "", model)
+                    (job,) = expand_job(job)
+                    try:
+                        jobs.append(finish_job(job, model, resolver))
+                        cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale})
+                    except (AdapterError, ModelError) as exc:
+                        errors.append(f"adapter_sets[{i}]: {exc}")
+    if errors:
+        raise JobFileError(path, list(dict.fromkeys(errors)))
+    name = spec.get("name", "sweep")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise JobFileError(path, ['name: must be a plain name (no "/")'])
+    return name, jobs, cells
+
