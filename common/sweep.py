@@ -72,7 +72,7 @@ def _prompts(spec: dict, errors: list) -> list[dict]:
     for i, item in enumerate(items):
         item = {"prompt": item} if isinstance(item, str) else item
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
-            errors.append(f"{where}[{i}]: must be a prompt string or {{\"prompt\": ..., \"negative_prompt\": ...}}")
+            errors.append(f'{where}[{i}]: must be a prompt string or {{"prompt": ..., "negative_prompt": ...}}')
             continue
         extra = set(item) - {"prompt", "negative_prompt"}
         if extra:
@@ -103,7 +103,11 @@ def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dic
     if 0.0 not in scales:
         scales = [0.0, *scales]  # the reference every cell is compared with
     seeds = spec.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         errors.append("seeds: must be a non-empty list of integers ≥ 0")
         seeds = []
     render = spec.get("render", {})
@@ -112,7 +116,11 @@ def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dic
         render = {}
     for field in render:
         if field in SWEPT or field not in DEFAULTS:
-            errors.append(_unknown(field, set(DEFAULTS) - SWEPT, "render") if field not in DEFAULTS else f"render.{field}: set by the sweep itself")
+            errors.append(
+                _unknown(field, set(DEFAULTS) - SWEPT, "render")
+                if field not in DEFAULTS
+                else f"render.{field}: set by the sweep itself"
+            )
     sets = spec.get("adapter_sets")
     if not isinstance(sets, list) or not sets or not all(isinstance(s, list) for s in sets):
         errors.append("adapter_sets: must be a non-empty list of adapter lists")
@@ -124,7 +132,10 @@ def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dic
         base = {**render, "adapters": adapters, "lora_scale": scales, "model": spec.get("model")}
         checked, problems = check_job({**base, "prompt": "p", "seed": 0}, f"adapter_sets[{i}]", model)
         problems = [p.replace(f"adapter_sets[{i}]: adapters", f"adapter_sets[{i}]") for p in problems]
-        problems = [p.replace(f"adapter_sets[{i}]: ", "render.", 1) if not p.startswith(f"adapter_sets[{i}][") else p for p in problems]
+        problems = [
+            p.replace(f"adapter_sets[{i}]: ", "render.", 1) if not p.startswith(f"adapter_sets[{i}][") else p
+            for p in problems
+        ]
         if problems:
             errors.extend(dict.fromkeys(problems))
             continue
@@ -138,7 +149,9 @@ def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dic
         for scale in scales:  # grouped by combination and scale: one variant switch per group
             for p, prompt in enumerate(prompts):
                 for seed in seeds:
-                    job, _ = check_job({**base, **prompt, "lora_scale": scale, "seed": seed, "id": f"set{i}-p{p}-s{seed}"}, "", model)
+                    job, _ = check_job(
+                        {**base, **prompt, "lora_scale": scale, "seed": seed, "id": f"set{i}-p{p}-s{seed}"}, "", model
+                    )
                     (job,) = expand_job(job)
                     try:
                         jobs.append(finish_job(job, model, resolver))
@@ -151,4 +164,3 @@ def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dic
     if not isinstance(name, str) or not name or "/" in name:
         raise JobFileError(path, ['name: must be a plain name (no "/")'])
     return name, jobs, cells
-

@@ -8,7 +8,7 @@ COPY common ./common
 COPY producer ./producer
 COPY workers ./workers
 COPY lorafleet ./lorafleet
-RUN pip install --no-cache-dir ".[s3]"
+RUN pip install --no-cache-dir ".[s3,report]"
 
 ENTRYPOINT ["lorafleet"]
 CMD ["--help"]

@@ -60,11 +60,15 @@ def video_numbers(video: np.ndarray, base: np.ndarray) -> dict:
     return {
         "ssim_vs_base": float(np.mean([ssim(f, g) for f, g in zip(video, base, strict=True)])),
         "psnr_vs_base": psnr(video, base),
-        "temporal_ssim": float(np.mean([ssim(f, g) for f, g in zip(video[:-1], video[1:], strict=True)])) if len(video) > 1 else 1.0,
+        "temporal_ssim": float(np.mean([ssim(f, g) for f, g in zip(video[:-1], video[1:], strict=True)]))
+        if len(video) > 1
+        else 1.0,
     }
 
 
-def build_report(batch: Batch, store: Store, jobs: list[dict], cells: list[dict], prompts: list[str], compare: dict | None = None) -> dict:
+def build_report(
+    batch: Batch, store: Store, jobs: list[dict], cells: list[dict], prompts: list[str], compare: dict | None = None
+) -> dict:
     """Compute every cell's numbers and write report.json, report.html and the plots; returns the report."""
     entries = {entry["key"]: entry for entry in batch.entries}
     metadata = {job["key"]: json.loads(store.read_bytes(video_path(job["key"], "json"))) for job in jobs}
@@ -84,7 +88,10 @@ def build_report(batch: Batch, store: Store, jobs: list[dict], cells: list[dict]
             {
                 **cell,
                 "key": job["key"],
-                "adapters": [{"sha256": a["sha256"], "weight": a["weight"], "alpha": a["alpha"], "uri": a["uri"]} for a in job["adapters"]],
+                "adapters": [
+                    {"sha256": a["sha256"], "weight": a["weight"], "alpha": a["alpha"], "uri": a["uri"]}
+                    for a in job["adapters"]
+                ],
                 "prompt_text": prompts[cell["prompt"]],
                 "status": entries[job["key"]]["status"],
                 "worker": meta["worker"],
@@ -94,7 +101,12 @@ def build_report(batch: Batch, store: Store, jobs: list[dict], cells: list[dict]
         )
     if compare:
         _mark_moved(report_cells, compare)
-    report = {"batch": batch.name, "cells": report_cells, "switches": _switches(metadata), "compared_with": (compare or {}).get("batch")}
+    report = {
+        "batch": batch.name,
+        "cells": report_cells,
+        "switches": _switches(metadata),
+        "compared_with": (compare or {}).get("batch"),
+    }
     base_dir = f"batches/{batch.name}"
     store.write_bytes(f"{base_dir}/report.json", json.dumps(report, indent=1).encode())
     sets = sorted({c["set"] for c in report_cells})
@@ -144,7 +156,9 @@ def _plot(cells: list[dict], set_index: int) -> bytes:
         for row in rows:
             points = sorted((c["lora_scale"], c["numbers"][name]) for c in cells if (c["prompt"], c["seed"]) == row)
             points = [(x, y) for x, y in points if y is not None]
-            axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"prompt {row[0]}, seed {row[1]}")
+            axis.plot(
+                [x for x, _ in points], [y for _, y in points], marker="o", label=f"prompt {row[0]}, seed {row[1]}"
+            )
         axis.set_xlabel("lora_scale")
         axis.set_title(name)
     axes[0].legend(fontsize=7)
@@ -165,12 +179,16 @@ def _html(report: dict, sets: list[int]) -> str:
         "<!doctype html><meta charset='utf-8'>",
         f"<title>lorafleet sweep {html.escape(report['batch'])}</title>",
         "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
-        "td,th{border:1px solid #ccc;padding:6px;text-align:center;vertical-align:top}img.poster{width:160px}"
+        "td,th{border:1px solid #ccc;padding:6px;text-align:center;vertical-align:top}img.poster{width:160px;image-rendering:pixelated}img.plot{max-width:100%}"
         "td.moved{background:#fff3cd}.n{font:12px monospace;text-align:left}</style>",
         f"<h1>Sweep {html.escape(report['batch'])}</h1>",
         f"<p>{len(report['cells'])} cells. Variant switches per worker: "
         + ", ".join(f"{html.escape(w)}: {n}" for w, n in sorted(report["switches"].items()))
-        + (f". Cells marked yellow moved since batch {html.escape(report['compared_with'])}." if report["compared_with"] else ".")
+        + (
+            f". Cells marked yellow moved since batch {html.escape(report['compared_with'])}."
+            if report["compared_with"]
+            else "."
+        )
         + "</p>",
     ]
     for s in sets:
@@ -178,8 +196,12 @@ def _html(report: dict, sets: list[int]) -> str:
         scales = sorted({c["lora_scale"] for c in cells})
         rows = sorted({(c["prompt"], c["seed"]) for c in cells})
         adapters = ", ".join(f"{html.escape(a['uri'])} ×{a['weight']}" for a in cells[0]["adapters"])
-        parts.append(f"<h2>Adapter set {s}: {adapters}</h2><img src='plots/set{s}.png' class='plot' alt='numbers against lora_scale'>")
-        parts.append("<table><tr><th>prompt, seed</th>" + "".join(f"<th>lora_scale {x:g}</th>" for x in scales) + "</tr>")
+        parts.append(
+            f"<h2>Adapter set {s}: {adapters}</h2><img src='plots/set{s}.png' class='plot' alt='numbers against lora_scale'>"
+        )
+        parts.append(
+            "<table><tr><th>prompt, seed</th>" + "".join(f"<th>lora_scale {x:g}</th>" for x in scales) + "</tr>"
+        )
         for prompt, seed in rows:
             text = next(c["prompt_text"] for c in cells if c["prompt"] == prompt)
             parts.append(f"<tr><th>{html.escape(text)}<br>seed {seed}</th>")
@@ -202,4 +224,3 @@ def _html(report: dict, sets: list[int]) -> str:
 def load_report(store: Store, batch: str) -> dict:
     """A previous batch's report.json, for --compare."""
     return json.loads(store.read_bytes(f"batches/{batch}/report.json"))
-

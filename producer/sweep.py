@@ -14,14 +14,18 @@ from producer.report import build_report, load_report
 from producer.submit import enqueue
 
 
-def run_sweep(path: str, settings: Settings, console: Console, batch_name: str | None = None, compare: str | None = None) -> bool:
+def run_sweep(
+    path: str, settings: Settings, console: Console, batch_name: str | None = None, compare: str | None = None
+) -> bool:
     """Run a sweep to its report; returns True when every job was rendered."""
     store = Store(settings.store_url)
     name, jobs, cells = load_sweep(path, model_resolver(settings), store)
     previous = load_report(store, compare) if compare else None
     batch = Batch(check_batch_name(batch_name or f"{name}-{time.strftime('%Y%m%d', time.gmtime())}"))
     enqueue(jobs, batch, store, settings)
-    console.print(f"sweep {batch.name}: {len(jobs)} cells, {batch.enqueued} enqueued, {batch.count('done')} already in the store")
+    console.print(
+        f"sweep {batch.name}: {len(jobs)} cells, {batch.enqueued} enqueued, {batch.count('done')} already in the store"
+    )
     ok = wait_for_batch(batch, settings, console)
     if not ok:
         console.print("[red]some cells failed: no report[/] (see `lorafleet status " + batch.name + "`)")
@@ -31,5 +35,8 @@ def run_sweep(path: str, settings: Settings, console: Console, batch_name: str |
         prompts[cell["prompt"]] = job["prompt"]
     report = build_report(batch, store, jobs, cells, [prompts[i] for i in sorted(prompts)], previous)
     moved = sum(bool(c["moved"]) for c in report["cells"])
-    console.print(f"report: {store.uri(f'batches/{batch.name}/report.html')}" + (f" ({moved} cells moved since {compare})" if compare else ""))
+    console.print(
+        f"report: {store.uri(f'batches/{batch.name}/report.html')}"
+        + (f" ({moved} cells moved since {compare})" if compare else "")
+    )
     return True

@@ -52,7 +52,9 @@ def test_a_sweep_renders_its_grid_and_reports_numbers_from_the_videos(fleet_env,
 
     videos = {c["key"]: decode_video(os.path.join(store, "videos", f"{c['key']}.mp4")) for c in cells}
     for cell in cells:
-        base = next(c for c in cells if (c["prompt"], c["seed"], c["lora_scale"]) == (cell["prompt"], cell["seed"], 0.0))
+        base = next(
+            c for c in cells if (c["prompt"], c["seed"], c["lora_scale"]) == (cell["prompt"], cell["seed"], 0.0)
+        )
         a, b = videos[cell["key"]].astype(np.float64), videos[base["key"]].astype(np.float64)
         mse = np.mean((a - b) ** 2)
         expected_psnr = None if mse == 0 else 10 * np.log10(255**2 / mse)
@@ -61,7 +63,9 @@ def test_a_sweep_renders_its_grid_and_reports_numbers_from_the_videos(fleet_env,
         if expected_psnr is not None:
             assert numbers["psnr_vs_base"] == pytest.approx(expected_psnr)
         frames = videos[cell["key"]]
-        assert numbers["temporal_ssim"] == pytest.approx(np.mean([ssim(f, g) for f, g in zip(frames[:-1], frames[1:], strict=True)]))
+        assert numbers["temporal_ssim"] == pytest.approx(
+            np.mean([ssim(f, g) for f, g in zip(frames[:-1], frames[1:], strict=True)])
+        )
         assert numbers["render_s"] > 0
         if cell["lora_scale"] == 0:
             assert numbers["ssim_vs_base"] == pytest.approx(1.0)

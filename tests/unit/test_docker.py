@@ -29,3 +29,12 @@ def test_images_copy_every_package_the_project_installs():
         for package in ("common", "producer", "workers", "lorafleet"):
             assert f"COPY {package} ./{package}" in text, (dockerfile, package)
     assert 'ENTRYPOINT ["lorafleet", "worker"' in open(os.path.join(DOCKER, "worker.Dockerfile")).read()
+
+
+def test_nightly_schedules_run_the_sweep():
+    cronjob = yaml.safe_load(open(os.path.join(DOCKER, "nightly-cronjob.yaml")))
+    assert cronjob["kind"] == "CronJob" and cronjob["spec"]["schedule"] == "0 2 * * *"
+    (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert "lorafleet sweep" in container["args"][0]
+    (line,) = [l for l in open(os.path.join(DOCKER, "nightly.cron")) if l.strip() and not l.startswith("#")]
+    assert line.split()[:5] == ["0", "2", "*", "*", "*"] and "lorafleet sweep" in line
