@@ -36,5 +36,5 @@ def test_nightly_schedules_run_the_sweep():
     assert cronjob["kind"] == "CronJob" and cronjob["spec"]["schedule"] == "0 2 * * *"
     (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert "lorafleet sweep" in container["args"][0]
-    (line,) = [l for l in open(os.path.join(DOCKER, "nightly.cron")) if l.strip() and not l.startswith("#")]
+    (line,) = [text for text in open(os.path.join(DOCKER, "nightly.cron")) if text.strip() and not text.startswith("#")]
     assert line.split()[:5] == ["0", "2", "*", "*", "*"] and "lorafleet sweep" in line
