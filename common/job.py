@@ -173,8 +173,13 @@ def job_key(job: dict, model: ModelInfo) -> str:
     decisive = {
         "model": model.ref,
         "scheduler": model.scheduler,
+        # At lora_scale 0 no adapter touches a pixel: every combination shares the base's key and video.
         "adapters": sorted(
-            ({"sha256": a["sha256"], "weight": float(a["weight"]), "alpha": a["alpha"]} for a in job["adapters"]),
+            (
+                {"sha256": a["sha256"], "weight": float(a["weight"]), "alpha": a["alpha"]}
+                for a in job["adapters"]
+                if job["lora_scale"] != 0
+            ),
             key=lambda a: json.dumps(a, sort_keys=True),
         ),
         "lora_scale": float(job["lora_scale"]),

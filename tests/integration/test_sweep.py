@@ -40,7 +40,8 @@ def test_a_sweep_renders_its_grid_and_reports_numbers_from_the_videos(fleet_env,
     start_worker(fleet_env)
     first = lorafleet("sweep", sweep_spec, "--batch", "night1", env=fleet_env)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "sweep night1: 12 cells, 12 enqueued" in first.stdout
+    # 12 cells, 10 renders: at lora_scale 0 both adapter sets are the base model, one key per prompt.
+    assert "sweep night1: 12 cells, 10 enqueued" in first.stdout
     store = fleet_env["LORAFLEET_STORE_URL"]
     html, report = report_cells(store, "night1")
     cells = report["cells"]

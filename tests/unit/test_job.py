@@ -162,3 +162,12 @@ def test_model_identity_is_part_of_the_key():
     (job,) = expand_job(job)
     other = ModelInfo(**{**MODEL.__dict__, "ref": "/models/other"})
     assert job_key(job, MODEL) != job_key(job, other)
+
+
+def test_at_lora_scale_zero_every_adapter_combination_shares_the_base_key(tmp_path, tiny):
+    base = key_of({"prompt": "x", "seed": 1, "lora_scale": 0}, tmp_path)
+    assert base == key_of({"prompt": "x", "seed": 1, "lora_scale": 0, "adapters": [tiny["style"]]}, tmp_path)
+    assert base == key_of(
+        {"prompt": "x", "seed": 1, "lora_scale": 0, "adapters": [tiny["subject"], tiny["style"]]}, tmp_path
+    )
+    assert base != key_of({"prompt": "x", "seed": 1, "lora_scale": 0.5, "adapters": [tiny["style"]]}, tmp_path)
