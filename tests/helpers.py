@@ -1,6 +1,7 @@
 """What tests check the way a user would: decoding videos, reading manifests, counting the queue."""
 
 import json
+import re
 
 import imageio.v3 as iio
 import numpy as np
@@ -31,3 +32,12 @@ def queued_messages(redis_url: str, queue: str = "render") -> int:
 def video_info(path: str) -> dict:
     """What ffmpeg says of a video: codec, fps, size (width, height)."""
     return iio.immeta(path, plugin="FFMPEG")
+
+
+def render_records(log_paths) -> dict[str, int]:
+    """How many times each key (its first 12 hex digits) was rendered, from the workers' own log lines."""
+    counts: dict[str, int] = {}
+    for path in log_paths:
+        for key in re.findall(r": ([0-9a-f]{12}) rendered in ", open(path).read()):
+            counts[key] = counts.get(key, 0) + 1
+    return counts

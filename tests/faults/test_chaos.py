@@ -7,7 +7,6 @@ workers' own render records (their log lines). The figures are printed (run with
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -16,21 +15,13 @@ import time
 import pytest
 
 from common.redis_server import RedisServer
-from tests.helpers import decode_video, read_manifest
+from tests.helpers import decode_video, read_manifest, render_records
 
 pytestmark = pytest.mark.faults
 JOBS = 50
 SEED = 20261128
 MAX_KILLS = 6
 MAX_REDIS_RESTARTS = 2
-
-
-def render_records(log_paths) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for path in log_paths:
-        for key in re.findall(r": ([0-9a-f]{12}) rendered in ", open(path).read()):
-            counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 def test_fifty_jobs_survive_killed_workers_and_redis_restarts(fleet_env, start_worker, tmp_path):

@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from common.broker import TASK_NAME, make_app
 from common.redis_server import RedisServer
 from common.settings import Settings
 from tests.conftest import lorafleet
-from tests.helpers import decode_video, queued_messages, read_manifest
+from tests.helpers import decode_video, queued_messages, read_manifest, render_records
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +36,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 def progress_of(result):
     return result.info if result.state == "PROGRESS" and isinstance(result.info, dict) else None
-
-
-def renders(log_paths) -> dict[str, int]:
-    """How many times each key was rendered, from the workers' own log lines."""
-    counts: dict[str, int] = {}
-    for path in log_paths:
-        for key in re.findall(r": ([0-9a-f]{12}) rendered in ", open(path).read()):
-            counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 @pytest.fixture
@@ -137,7 +127,7 @@ def test_the_same_file_submitted_twice_at_once_renders_each_key_once(fleet_env, 
         subprocess.Popen(command, env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)
     ]
     assert [p.wait(timeout=180) for p in both] == [0, 0]
-    counts = renders([w.log_path for w in workers])
+    counts = render_records([w.log_path for w in workers])
     assert len(counts) == 4 and set(counts.values()) == {1}, counts
 
 
