@@ -26,6 +26,7 @@ class Batch:
             "key": job["key"],
             "status": status,
             "task_id": task_id,
+            "model": job["model"],
             **output_uris(store, job["key"]),
             "error": None,
         }

@@ -125,6 +125,12 @@ class Ledger:
                 claimed.append((task_id, json.loads(entry)))
         return claimed
 
+    def orphaned(self, task_id: str, queue: str) -> bool:
+        """Whether a job that has no result yet is nowhere: not waiting in its (empty) queue and
+        held by no worker. Kombu's Redis transport can lose a message that is in flight to a worker
+        at the instant Redis restarts; the producer sends such a job again."""
+        return self.redis.llen(queue) == 0 and not self.redis.exists(f"{PREFIX}:lease:{task_id}")
+
     def cancel(self, batch: str) -> None:
         """Mark a batch cancelled: its queued jobs never start, its running ones stop at their next step."""
         self.redis.set(f"{PREFIX}:cancelled:{batch}", 1, ex=self.ttl_s)

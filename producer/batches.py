@@ -15,16 +15,19 @@ from common.broker import TASK_NAME, make_app
 from common.errors import LorafleetError
 from common.ledger import Ledger
 from common.settings import Settings, queue_for
-from common.store import Store, jobs_path
+from common.store import Store, jobs_path, video_path
 
 log = logging.getLogger("lorafleet.producer")
 POLL_INTERVAL_S = 0.5
+STORE_CHECK_EVERY = 20  # polls: look for finished videos in the store every 10 s
 UNFINISHED = ("queued", "running")
 ENDED = {"SUCCESS", "FAILURE"}
 
 
-def refresh(batch: Batch, app) -> dict[str, dict]:
-    """Update the batch's unfinished entries from their tasks' results; returns the progress
+def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
+    """Update the batch's unfinished entries from their tasks' results, and, given the store, from
+    the videos already in it (the store is the truth: a worker killed after its upload but before
+    its result reached Redis leaves a video and no result); returns the progress
     ({"worker", "key", "step", "steps"}) of each running task by task id."""
     running = {}
     tasks: dict[str, list[dict]] = {}
@@ -41,6 +44,11 @@ def refresh(batch: Batch, app) -> dict[str, dict]:
                 entry["status"] = "running"
             if state == "PROGRESS" and isinstance(result.info, dict):
                 running[task_id] = result.info
+    if store is not None:
+        for entry in batch.entries:
+            if entry["status"] in UNFINISHED and store.exists(video_path(entry["key"], "mp4")):
+                entry.update(status="done", error=None)
+                running.pop(entry["task_id"], None)
     return running
 
 
@@ -71,16 +79,23 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
     with Progress(*columns, console=console) as progress:
         overall = progress.add_task("", total=total)
         rows: dict[str, int] = {}  # task id -> its progress row
+        store = Store(settings.store_url)
+        ledger = Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s)
+        orphans: dict[str, int] = {}  # task id -> checks in a row it was found nowhere
+        polls = 0
         while True:
+            polls += 1
             try:
-                running = refresh(batch, app)
-            except (redis.RedisError, OSError) as exc:
+                running = refresh(batch, app, store if polls % STORE_CHECK_EVERY == 0 else None)
+            except (redis.RedisError, OSError, RuntimeError) as exc:  # Celery's result store says RuntimeError
                 progress.update(
                     overall,
                     description=f"batch {batch.name}: [yellow]Redis unreachable ({type(exc).__name__}), retrying[/]",
                 )
                 time.sleep(2 * POLL_INTERVAL_S)
                 continue
+            if polls % STORE_CHECK_EVERY == 0:
+                resend_orphans(batch, app, store, ledger, orphans)
             for task_id in list(rows):
                 if task_id not in running:
                     progress.remove_task(rows.pop(task_id))
@@ -98,9 +113,33 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
             if done + failed + cancelled == total:
                 break
             time.sleep(POLL_INTERVAL_S)
-    batch.write_manifest(Store(settings.store_url))
+    batch.write_manifest(store)
     batch.print_summary(console)
     return done == total
+
+
+def resend_orphans(batch: Batch, app, store: Store, ledger: Ledger, orphans: dict[str, int], checks: int = 3) -> None:
+    """Send again the jobs found nowhere (no result, an empty queue, no worker holding them) at
+    `checks` checks in a row. A job sent twice is rendered once: its key is in the store or locked."""
+    pending = {e["task_id"]: e for e in batch.entries if e["status"] == "queued"}
+    jobs = None
+    for task_id, entry in pending.items():
+        queue = queue_for(entry.get("model"))
+        if AsyncResult(task_id, app=app).state != "PENDING" or not ledger.orphaned(task_id, queue):
+            orphans.pop(task_id, None)
+            continue
+        orphans[task_id] = orphans.get(task_id, 0) + 1
+        if orphans[task_id] >= checks:
+            if jobs is None:
+                jobs = {
+                    j["key"]: j for j in map(json.loads, store.read_bytes(jobs_path(batch.name)).decode().splitlines())
+                }
+            job = jobs[entry["key"]]
+            log.warning("%s (%s) was found nowhere %d times: sending it again", entry["key"][:12], task_id, checks)
+            app.send_task(
+                TASK_NAME, args=[{**job, "batch": batch.name}], queue=queue_for(job["model"]), task_id=task_id
+            )
+            orphans.pop(task_id)
 
 
 def load_batch(settings: Settings, name: str) -> tuple[Batch, Store]:
@@ -115,7 +154,7 @@ def load_batch(settings: Settings, name: str) -> tuple[Batch, Store]:
 def status(settings: Settings, name: str, console: Console) -> Batch:
     """Bring the batch's manifest up to date and show counts by state, and each failure's reason."""
     batch, store = load_batch(settings, name)
-    refresh(batch, make_app(settings))
+    refresh(batch, make_app(settings), store)
     batch.write_manifest(store)
     counts = {state: batch.count(state) for state in ("done", "running", "queued", "failed", "cancelled")}
     console.print(
