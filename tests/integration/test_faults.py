@@ -249,3 +249,24 @@ def test_redis_over_tls_with_a_password(fleet_env, start_worker, tmp_path, tls_f
         jobs.write_text(json.dumps({"prompt": "a cat over TLS", "seed": 1}) + "\n")
         result = lorafleet("submit", str(jobs), "--wait", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_submit_wait_sends_again_a_job_found_nowhere(fleet_env, start_worker, tmp_path):
+    import redis as redis_client
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"prompt": "a lost job", "seed": seed}) + "\n" for seed in (1, 2)))
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet", "submit", str(jobs), "--wait", "--batch", "lost"],
+        env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for(lambda: queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 2, 30, "two queued messages")
+    client = redis_client.Redis.from_url(fleet_env["LORAFLEET_REDIS_URL"])
+    client.delete("render")  # what kombu's Redis transport can do to a message in flight at a Redis restart
+    client.close()
+    start_worker(fleet_env)
+    output, _ = submit.communicate(timeout=180)
+    assert submit.returncode == 0, output[-3000:]
+    assert output.count("was found nowhere 3 times: sending it again") == 2
+    manifest = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "lost", "manifest.jsonl"))
+    assert [e["status"] for e in manifest] == ["done", "done"]
