@@ -131,6 +131,19 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def measure_switching(switch, device, args, drift_scales) -> dict:
+    """Time switches between the two cached combinations and a five-point sweep, then switch
+    --drift-switches more times (for the drift that the caller measures)."""
+    switch(COMBO_X)
+    switch(COMBO_Y)
+    reps = args.switch_reps
+    total = timed(device, lambda: [switch(COMBO_Y if i % 2 == 0 else COMBO_X) for i in range(reps)])
+    sweep = timed(device, lambda: [switch(COMBO_X, s) for s in SWEEP])
+    for i in range(args.drift_switches):
+        switch(COMBO_Y if i % 2 == 0 else COMBO_X, drift_scales[i % len(drift_scales)])
+    return {"switch (ms)": total / reps * 1e3, "scale sweep, 5 points (ms)": sweep * 1e3}
+
+
 def bench_diffusers(model, paths, device, args) -> dict:
     pristine = {k: v.detach().clone() for k, v in targeted(model).items()}
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=None)
@@ -144,13 +157,8 @@ def bench_diffusers(model, paths, device, args) -> dict:
         pipe.set_adapters([n for n, _ in combo], [w for _, w in combo])
         pipe.fuse_lora(lora_scale=scale)
 
-    switch(COMBO_X)
-    reps = args.switch_reps
-    total = timed(device, lambda: [switch(COMBO_Y if i % 2 == 0 else COMBO_X) for i in range(reps)])
-    out["switch (ms)"] = total / reps * 1e3
-    out["scale sweep, 5 points (ms)"] = timed(device, lambda: [switch(COMBO_X, s) for s in SWEEP]) * 1e3
-    for i in range(args.drift_switches):
-        switch(COMBO_Y if i % 2 == 0 else COMBO_X)
+    # fuse_lora at a scale other than 1 is not undone by unfuse_lora: drift is measured at scale 1.
+    out.update(measure_switching(switch, device, args, drift_scales=(1.0,)))
     pipe.unfuse_lora()
     pipe.unload_lora_weights()
     out["drift after N switches (max abs)"] = max_drift(model, pristine)
@@ -189,14 +197,7 @@ def bench_lorafleet(model, paths, device, args, variant_cache: int = 0) -> dict:
         terms = [(loaded[n], w, None) for n, w in combo]
         engine.apply(terms, scale, (tuple((n, w) for n, w in combo), scale))
 
-    switch(COMBO_X)
-    switch(COMBO_Y)
-    reps = args.switch_reps
-    total = timed(device, lambda: [switch(COMBO_Y if i % 2 == 0 else COMBO_X) for i in range(reps)])
-    out["switch (ms)"] = total / reps * 1e3
-    out["scale sweep, 5 points (ms)"] = timed(device, lambda: [switch(COMBO_X, s) for s in SWEEP]) * 1e3
-    for i in range(args.drift_switches):
-        switch(COMBO_Y if i % 2 == 0 else COMBO_X, scale=(0.5, 1.0, 1.7)[i % 3])
+    out.update(measure_switching(switch, device, args, drift_scales=(0.5, 1.0, 1.7)))
     engine.apply([], 1.0, ())
     out["drift after N switches (max abs)"] = max_drift(model, pristine)
     out["cache memory (MB)"] = ((torch.cuda.memory_allocated() if device.type == "cuda" else 0) - before) / 2**20
@@ -304,7 +305,7 @@ def main() -> None:
         for column in columns:
             value = values.get(column)
             cells.append(
-                ("—" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)).rjust(16)
+                ("—" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)).rjust(cell)
             )
         print("| " + metric.ljust(width) + " | " + " | ".join(cells) + " |")
 

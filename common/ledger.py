@@ -29,7 +29,7 @@ PREFIX = "lorafleet"
 class Ledger:
     """The fleet's delivery bookkeeping in Redis."""
 
-    def __init__(self, redis_url: str, lease_s: float, max_deliveries: int, ttl_s: int):
+    def __init__(self, redis_url: str, lease_s: float, ttl_s: int):
         # Ride out a Redis restart: each command retries with back-off for about a minute.
         self.redis = redis.Redis.from_url(
             redis_url,
@@ -39,8 +39,12 @@ class Ledger:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.lease_ms = int(lease_s * 1000)
-        self.max_deliveries = max_deliveries
         self.ttl_s = ttl_s  # how long counters and cancel flags outlive their job
+
+    @classmethod
+    def from_settings(cls, settings) -> "Ledger":
+        """The ledger on the fleet's Redis, with the settings' lease and retention."""
+        return cls(settings.redis_url, settings.lease_s, settings.result_expires_s)
 
     def count_delivery(self, task_id: str) -> int:
         """Count this delivery of a job; returns how many deliveries in a row did not end cleanly."""
@@ -51,7 +55,7 @@ class Ledger:
 
     def delivered_cleanly(self, task_id: str) -> None:
         """The job ended (done, failed or retried on purpose): its worker was not lost."""
-        self.redis.delete(f"{PREFIX}:deliveries:{task_id}")
+        self._quietly(lambda: self.redis.delete(f"{PREFIX}:deliveries:{task_id}"))
 
     @contextmanager
     def running(self, task_id: str, message: dict, queue: str, worker: str):

@@ -80,7 +80,7 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
         overall = progress.add_task("", total=total)
         rows: dict[str, int] = {}  # task id -> its progress row
         store = Store(settings.store_url)
-        ledger = Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s)
+        ledger = Ledger.from_settings(settings)
         orphans: dict[str, int] = {}  # task id -> checks in a row it was found nowhere
         polls = 0
         while True:
@@ -171,7 +171,7 @@ def status(settings: Settings, name: str, console: Console) -> Batch:
 def cancel(settings: Settings, name: str, console: Console) -> None:
     """Cancel a batch: queued jobs never start, running ones stop at their next denoising step."""
     load_batch(settings, name)
-    Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s).cancel(name)
+    Ledger.from_settings(settings).cancel(name)
     console.print(f"batch {name}: cancelled; running jobs stop at their next step (see `lorafleet status {name}`)")
 
 
@@ -181,7 +181,7 @@ def retry(settings: Settings, name: str, console: Console) -> Batch:
     app = make_app(settings)
     refresh(batch, app)
     jobs = {job["key"]: job for job in map(json.loads, store.read_bytes(jobs_path(name)).decode().splitlines())}
-    Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s).uncancel(name)
+    Ledger.from_settings(settings).uncancel(name)
     again: dict[str, str] = {}
     for entry in batch.entries:
         if entry["status"] in ("failed", "cancelled"):

@@ -71,6 +71,8 @@ class Renderer:
 
     def _terms(self, job: dict) -> tuple[list[Term], tuple]:
         """The job's adapters as (adapter, weight, alpha) terms, and the variant's canonical key."""
+        if job["lora_scale"] == 0:  # the base model: no adapter to read
+            return [], ()
         terms = [(self.adapters.get(a["url"], a["sha256"]), a["weight"], a["alpha"]) for a in job["adapters"]]
         combination = sorted((a["sha256"], float(a["weight"]), a["alpha"]) for a in job["adapters"])
         return terms, (tuple(combination), float(job["lora_scale"]))

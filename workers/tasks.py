@@ -84,7 +84,6 @@ def register_render_task(
                     else:
                         result = render_job(renderer, store, job, progress)
         except RETRYABLE as exc:
-            ledger.delivered_cleanly(task_id)
             retries = self.request.retries
             if retries >= settings.store_retries:
                 log.error("%s: %s failed after %d retries: %s", worker, key[:12], retries, exc)
@@ -92,14 +91,13 @@ def register_render_task(
             log.warning("%s: %s: %s; retry %d in %ds", worker, key[:12], exc, retries + 1, 2**retries)
             raise self.retry(exc=exc, countdown=2**retries, max_retries=settings.store_retries) from exc
         except LorafleetError as exc:
-            ledger.delivered_cleanly(task_id)
             log.error("%s: %s failed: %s", worker, key[:12], exc)
             raise
         except Exception:
-            ledger.delivered_cleanly(task_id)
             log.exception("%s: %s failed with an unexpected error", worker, key[:12])
             raise
-        ledger.delivered_cleanly(task_id)
+        finally:
+            ledger.delivered_cleanly(task_id)  # however it ended, its worker was not lost
         return result
 
 

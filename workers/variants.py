@@ -54,15 +54,13 @@ class LRU:
         self.misses += 1
         return None
 
-    def put(self, key, value, on_evict=None) -> None:
+    def put(self, key, value) -> None:
         """Cache a value, evicting the least recently used past the budget (never the newest)."""
         self.items[key] = value
         self.items.move_to_end(key)
         while len(self.items) > 1 and self.nbytes > self.budget_bytes:
-            old_key, old = self.items.popitem(last=False)
+            self.items.popitem(last=False)
             self.evictions += 1
-            if on_evict:
-                on_evict(old_key, old)
 
     @property
     def nbytes(self) -> int:

@@ -72,7 +72,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         log.exception("%s: cannot start: the model failed to load", name)
         return EXIT_MODEL_LOAD_FAILED
     app = make_app(settings)
-    ledger = Ledger(settings.redis_url, settings.lease_s, settings.max_deliveries, settings.result_expires_s)
+    ledger = Ledger.from_settings(settings)
     register_render_task(app, renderer, Store(settings.store_url), ledger, settings, queue)
     stop_sweeping = threading.Event()
     sweeper = threading.Thread(
