@@ -177,10 +177,12 @@ def bench_diffusers(model, paths, device, args) -> dict:
     return out
 
 
-def bench_lorafleet(model, paths, device, args, variant_cache: int = 0) -> dict:
+def bench_lorafleet(model, paths, device, args, variant_cache: int = 0, pristine_on_host: bool = False) -> dict:
     pristine = {k: v.detach().clone() for k, v in targeted(model).items()}
     before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    engine = VariantEngine(model, device_cache_bytes=2**34, variant_cache_size=variant_cache)
+    engine = VariantEngine(
+        model, device_cache_bytes=2**34, variant_cache_size=variant_cache, pristine_on_host=pristine_on_host
+    )
     with tempfile.TemporaryDirectory() as cache_dir:
         adapters = AdapterCache(AdapterFiles(cache_dir, 2**34), 2**34, engine.linears.keys())
         url = {n: os.path.join(p, "pytorch_lora_weights.safetensors") for n, p in paths.items()}
@@ -234,6 +236,14 @@ def floor_ms(model, device) -> tuple[float, float]:
     return nbytes / 2**20, 2 * nbytes / bandwidth * 1e3
 
 
+PATHS = {
+    "diffusers": bench_diffusers,
+    "lorafleet": bench_lorafleet,
+    "lorafleet K=2": lambda *a: bench_lorafleet(*a, variant_cache=2),  # two whole fused variants kept
+    "lorafleet host": lambda *a: bench_lorafleet(*a, pristine_on_host=True),  # LORAFLEET_PRISTINE_ON_HOST
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=list(CONFIGS))
@@ -244,6 +254,7 @@ def main() -> None:
     parser.add_argument(
         "--variant-cache", type=int, default=0, help="lorafleet: whole fused variants kept on the device"
     )
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS), help="the columns, per model")
     parser.add_argument("--compile", action="store_true", help="also count recompiles under torch.compile")
     parser.add_argument(
         "--compile-backend",
@@ -262,12 +273,8 @@ def main() -> None:
             paths = write_adapters(model, args.rank if name != "tiny" else 4, folder, args.dtype)
             targeted_mb, floor = floor_ms(model, device)
             results = {}
-            paths_to_run = (
-                ("diffusers", bench_diffusers),
-                ("lorafleet", bench_lorafleet),
-                ("lorafleet K=2", lambda *a: bench_lorafleet(*a, variant_cache=2)),  # two fused variants kept
-            )
-            for path, bench in paths_to_run:
+            for path in args.paths:
+                bench = PATHS[path]
                 torch._dynamo.reset()
                 fresh = build(name, device, args.dtype)
                 results[path] = bench(fresh, paths, device, args)

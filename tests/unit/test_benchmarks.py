@@ -1,0 +1,33 @@
+"""The benchmarks run and keep lorafleet's promises on the CPU; their timings count only on a GPU."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+
+def table_of(output: str) -> dict[str, dict[str, str]]:
+    """A printed markdown table as {metric: {column: cell}}."""
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in output.splitlines() if line.startswith("|")
+    ]
+    header, body = rows[0], rows[2:]
+    return {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in body}
+
+
+def test_variant_switch_benchmark_prints_its_table_with_no_drift_and_no_recompiles():
+    script = os.path.join(REPO, "benchmarks", "variant_switch.py")
+    command = [sys.executable, script, "--models", "tiny", "--drift-switches", "50", "--compile", "--compile-backend", "aot_eager"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    table = table_of(result.stdout)
+    lorafleet = ["tiny lorafleet", "tiny lorafleet K=2", "tiny lorafleet host"]
+    assert set(table["switch (ms)"]) == {"tiny diffusers", *lorafleet}
+    for column in lorafleet:
+        assert float(table["drift after N switches (max abs)"][column]) == 0
+        assert int(table["recompiles after the first compile"][column]) == 0
+    assert int(table["recompiles after the first compile"]["tiny diffusers"]) >= 1  # what the engine avoids
