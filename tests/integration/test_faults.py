@@ -34,6 +34,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def submit_one(job: dict, tmp_path, env: dict, *flags: str):
+    """`lorafleet submit` of a file holding this one job."""
+    jobs = tmp_path / "one-job.jsonl"
+    jobs.write_text(json.dumps(job) + "\n")
+    return lorafleet("submit", str(jobs), *flags, env=env)
+
+
 def progress_of(result):
     return result.info if result.state == "PROGRESS" and isinstance(result.info, dict) else None
 
@@ -169,12 +176,10 @@ def test_a_password_protected_redis(fleet_env, start_worker, tmp_path):
     with RedisServer(password="s3cret-pass") as redis:
         env = {**fleet_env, "LORAFLEET_REDIS_URL": redis.url}
         start_worker(env)
-        jobs = tmp_path / "jobs.jsonl"
-        jobs.write_text(json.dumps({"prompt": "a cat", "seed": 1}) + "\n")
-        result = lorafleet("submit", str(jobs), "--wait", env=env)
+        result = submit_one({"prompt": "a cat", "seed": 1}, tmp_path, env, "--wait")
         assert result.returncode == 0, result.stdout + result.stderr
-        jobs.write_text(json.dumps({"prompt": "a cat", "seed": 2}) + "\n")
-        wrong = lorafleet("submit", str(jobs), env={**env, "LORAFLEET_REDIS_URL": redis.url.replace("s3cret", "wrong")})
+        wrong_password = {**env, "LORAFLEET_REDIS_URL": redis.url.replace("s3cret", "wrong")}
+        wrong = submit_one({"prompt": "a cat", "seed": 2}, tmp_path, wrong_password)
         assert wrong.returncode == 3
         assert wrong.stderr.startswith("lorafleet submit: cannot use Redis at redis://:***@127.0.0.1:")
         assert "wrong" not in wrong.stderr  # the password is not printed
@@ -245,9 +250,7 @@ def test_redis_over_tls_with_a_password(fleet_env, start_worker, tmp_path, tls_f
         assert redis.url.startswith("rediss://:s3cret-pass@127.0.0.1:")
         env = {**fleet_env, "LORAFLEET_REDIS_URL": redis.url}
         start_worker(env)
-        jobs = tmp_path / "jobs.jsonl"
-        jobs.write_text(json.dumps({"prompt": "a cat over TLS", "seed": 1}) + "\n")
-        result = lorafleet("submit", str(jobs), "--wait", env=env)
+        result = submit_one({"prompt": "a cat over TLS", "seed": 1}, tmp_path, env, "--wait")
         assert result.returncode == 0, result.stdout + result.stderr
 
 
