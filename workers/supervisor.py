@@ -87,12 +87,14 @@ def run_workers(gpus: list[int], worker_args: list[str]) -> int:
         return spawn_worker(["--gpu", str(gpu), *worker_args])
 
     workers = {gpu: start(gpu) for gpu in gpus}
-    restarts = {gpu: 0 for gpu in gpus}
+    restarts = dict.fromkeys(gpus, 0)
+    restart_at: dict[int, float] = {}  # GPU of a dead worker -> when it starts again
     forwarded = 0
     log.info("started %d worker(s) on GPU(s) %s", len(gpus), ",".join(map(str, gpus)))
-    while workers:
+    while workers or restart_at:
         if len(signals) > forwarded:
             forwarded = len(signals)
+            restart_at.clear()  # told to stop: a dead worker stays dead
             log.info("passing SIGTERM %d to %d worker(s)", forwarded, len(workers))
             for process in workers.values():
                 if process.poll() is None:
@@ -101,15 +103,18 @@ def run_workers(gpus: list[int], worker_args: list[str]) -> int:
             code = process.poll()
             if code is None:
                 continue
+            del workers[gpu]
             if signals:
                 log.info("gpu%d worker exited (code %s)", gpu, code)
-                del workers[gpu]
                 continue
             delay = RESTART_BACKOFF_S[min(restarts[gpu], len(RESTART_BACKOFF_S) - 1)]
             restarts[gpu] += 1
             log.warning("gpu%d worker died (code %s); restart %d in %ds", gpu, code, restarts[gpu], delay)
-            time.sleep(delay)
-            workers[gpu] = start(gpu)
+            restart_at[gpu] = time.monotonic() + delay
+        for gpu, when in list(restart_at.items()):
+            if time.monotonic() >= when:  # waiting here, not in a sleep, keeps SIGTERM passed on at once
+                del restart_at[gpu]
+                workers[gpu] = start(gpu)
         time.sleep(0.2)
     log.info("all workers stopped; %d restart(s)", sum(restarts.values()))
     return 0
