@@ -4,9 +4,9 @@ A fused variant is, for every linear layer M an adapter touches,
 
     W_M = W0_M + lora_scale · Σ_i w_i · (alpha_i / r_i) · B_i A_i
 
-built from a pristine copy W0 as one `addmm` per layer: the adapters' factors are stacked along
-the rank (coefficients folded into B), the product accumulates in fp32 inside the matrix unit, and
-the sum with W0 is rounded once to the weights' dtype. Every variant is built from W0, never from
+built from a pristine copy W0 as one batched `baddbmm` per group of same-shaped layers: the
+adapters' factors are stacked along the rank (coefficients folded into B), the product accumulates
+in fp32 inside the matrix unit, and the sum with W0 is rounded once to the weights' dtype. Every variant is built from W0, never from
 the previous one, so the base or any variant comes back bit for bit however many switches came
 before (diffusers' fuse/unfuse adds and subtracts in the weights' dtype and drifts). Writing the
 weights in place leaves no adapter wrappers in the model and never recompiles a compiled one.
