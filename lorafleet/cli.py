@@ -103,6 +103,8 @@ def _apply_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None:
             os.environ[f"LORAFLEET_{env}"] = value
+    if getattr(args, "compile", None):
+        os.environ["LORAFLEET_COMPILE"] = "true"  # `workers` passes it on to each worker this way
     get_settings.cache_clear()
 
 
@@ -190,9 +192,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "workers":
         from workers.supervisor import list_gpus, run_workers
 
-        return run_workers(
-            list_gpus(args.gpus), ["--model", args.model] if args.model else []
-        )  # --compile: via the env
+        return run_workers(list_gpus(args.gpus), ["--model", args.model] if args.model else [])
     if args.command == "render":
         device, _ = _pick_device(args)
         if args.model:

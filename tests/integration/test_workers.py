@@ -1,5 +1,6 @@
-"""Worker processes: progress reports, the per-GPU supervisor, and a clean stop."""
+"""Worker processes: progress reports, the per-GPU supervisor, --compile, and a clean stop."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -67,3 +68,16 @@ def test_supervisor_restarts_a_dying_worker_and_stops_on_sigterm(fleet_env, tmp_
     assert "gpu0 worker died (code 3); restart 1" in text and "restart 2" in text, text[-3000:]
     assert "cannot start" in text and "no-such-model" in text
     assert supervisor.returncode == 0
+
+
+def test_worker_compile_flag_compiles_once_and_switching_adds_no_graph(fleet_env, start_worker, tiny):
+    env = {**fleet_env, "LORAFLEET_COMPILE_BACKEND": "aot_eager"}  # inductor would need minutes on the CPU
+    start_worker(env, flags=("--compile",))
+    app = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"], _env_file=None))
+    graphs = []
+    for adapters in ([], [tiny["style"]], [tiny["subject"]]):
+        job = {"prompt": "a cat", "seed": 1, "steps": 4, "height": 32, "width": 32, "adapters": adapters}
+        outcome = app.send_task(TASK_NAME, args=[job]).get(timeout=120)
+        metadata = json.loads(open(outcome["metadata"]).read())
+        graphs.append(metadata["caches"]["compiled_graphs"])
+    assert graphs[0] >= 1 and graphs[1:] == [graphs[0], graphs[0]], graphs
