@@ -1,6 +1,7 @@
 """A batch of jobs: its name, one manifest entry per job, and the manifest in the store."""
 
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -77,8 +78,15 @@ def new_batch_name() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
-def check_batch_name(name: str) -> str:
-    """A batch name that is one plain folder name in the store; raises LorafleetError otherwise."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or len(name) > 128:
-        raise LorafleetError(f'batch name "{name}" must be one folder name (no "/", at most 128 characters)')
+BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_batch_name(name) -> str:
+    """A batch name that is one plain folder name in the store, safe in a terminal and a URL:
+    letters, digits, ".", "_" and "-", at most 128; raises LorafleetError otherwise."""
+    if not (isinstance(name, str) and BATCH_NAME.fullmatch(name)):
+        shown = json.dumps(name)[:60] + ("…" if len(json.dumps(name)) > 60 else "")  # never echo a huge name whole
+        raise LorafleetError(
+            f'batch name {shown} must be 1 to 128 letters, digits, ".", "_" or "-", starting with a letter or digit'
+        )
     return name

@@ -38,3 +38,12 @@ class JobCancelled(LorafleetError):
 
 class WorkerLost(LorafleetError):
     """Raised when a job's workers died on it `max_deliveries` times in a row: it is not delivered again."""
+
+
+class LeaseLost(LorafleetError):
+    """Raised when a worker learns that another delivery took its job over (it paused or lost Redis
+    past its lease): it stops without writing, and the other delivery's result stands."""
+
+
+class RenderError(LorafleetError):
+    """Raised when a render produced something that must not be stored (NaN or infinite values)."""

@@ -9,10 +9,14 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from common.adapters import AdapterFile, read_adapter
-from common.errors import AdapterError, JobError, JobFileError, ModelError
+from common.adapters import DEFAULT_POLICY, AdapterFile, ReadPolicy, read_adapter
+from common.batch import check_batch_name
+from common.errors import AdapterError, JobError, JobFileError, LorafleetError, ModelError
 from common.lora_formats import check_shapes, detect_layout
 from common.model import ModelInfo
 from common.store import Store
@@ -42,6 +46,26 @@ RESOLVED_ADAPTER_FIELDS = {"url", "sha256"}
 MAX_SEED = 2**63 - 1
 MAX_PIXELS_SIDE = 8192
 MAX_FRAMES = 1025
+# T5 reads 226 tokens of a prompt (about 1,000 characters); anything much longer is a mistake.
+MAX_PROMPT_CHARS = 2000
+MAX_ADAPTERS = 16
+SHA256_HEX = set("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """How much one submission may ask for; refused before anything is expanded or read."""
+
+    max_jobs: int = 100_000
+    max_video_pixels: int = 100_000_000  # frames × height × width of one job
+
+    @classmethod
+    def from_settings(cls, settings) -> "JobLimits":
+        """LORAFLEET_MAX_JOBS and LORAFLEET_MAX_VIDEO_PIXELS."""
+        return cls(settings.max_jobs, settings.max_video_pixels)
+
+
+DEFAULT_LIMITS = JobLimits()
 
 
 def _unknown(field: str, known, where: str) -> str:
@@ -77,6 +101,20 @@ def _integer(value, field: str, where: str, errors: list, low: int, high: int) -
     return value
 
 
+def _text(value, field: str, where: str, errors: list, max_chars: int | None = None) -> None:
+    """Check a string field: a string, valid Unicode (JSON can carry a lone surrogate), not too long."""
+    if not isinstance(value, str):
+        errors.append(f"{where}: {field}: must be a string")
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        errors.append(f"{where}: {field}: holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text")
+        return
+    if max_chars is not None and len(value) > max_chars:
+        errors.append(f"{where}: {field}: {len(value)} characters, more than {max_chars}")
+
+
 def _one_or_list(value, field: str, where: str, errors: list, check) -> list:
     values = value if isinstance(value, list) else [value]
     if isinstance(value, list) and not value:
@@ -87,7 +125,10 @@ def _one_or_list(value, field: str, where: str, errors: list, check) -> list:
 
 def _check_adapters(value, where: str, errors: list) -> list[dict]:
     if not isinstance(value, list):
-        errors.append(f"{where}: adapters: must be a list of adapters, got {json.dumps(value)}")
+        errors.append(f"{where}: adapters: must be a list of adapters, got {json.dumps(value)[:80]}")
+        return []
+    if len(value) > MAX_ADAPTERS:
+        errors.append(f"{where}: adapters: {len(value)} adapters, more than {MAX_ADAPTERS} in one job")
         return []
     adapters = []
     for i, item in enumerate(value):
@@ -103,16 +144,20 @@ def _check_adapters(value, where: str, errors: list) -> list[dict]:
         adapter = {**ADAPTER_DEFAULTS, **item}
         if not isinstance(adapter["uri"], str) or not adapter["uri"].strip():
             errors.append(f"{where}: {field}.uri: must be a non-empty string")
+        else:
+            _text(adapter["uri"], f"{field}.uri", where, errors, max_chars=4096)
         adapter["weight"] = _number(adapter["weight"], f"{field}.weight", where, errors)
         if adapter["alpha"] is not None:
             adapter["alpha"] = _number(adapter["alpha"], f"{field}.alpha", where, errors, low=1e-6, high=1e6)
-        if adapter["name"] is not None and not isinstance(adapter["name"], str):
-            errors.append(f"{where}: {field}.name: must be a string")
+        if adapter["name"] is not None:
+            _text(adapter["name"], f"{field}.name", where, errors, max_chars=256)
         adapters.append(adapter)
     return adapters
 
 
-def check_job(obj, where: str, model: ModelInfo) -> tuple[dict, list[str]]:
+def check_job(
+    obj, where: str, model: ModelInfo, max_video_pixels: int = JobLimits.max_video_pixels
+) -> tuple[dict, list[str]]:
     """Check one job against the schema and the model's rules; returns it with defaults filled in,
     and the list of errors (each starting with `where`, e.g. "line 3")."""
     errors: list[str] = []
@@ -125,8 +170,9 @@ def check_job(obj, where: str, model: ModelInfo) -> tuple[dict, list[str]]:
 
     if not isinstance(job["prompt"], str) or not job["prompt"].strip():
         errors.append(f"{where}: prompt: required, a non-empty string")
-    if not isinstance(job["negative_prompt"], str):
-        errors.append(f"{where}: negative_prompt: must be a string")
+    else:
+        _text(job["prompt"], "prompt", where, errors, MAX_PROMPT_CHARS)
+    _text(job["negative_prompt"], "negative_prompt", where, errors, MAX_PROMPT_CHARS)
     job["adapters"] = _check_adapters(job["adapters"], where, errors)
     job["lora_scale"] = _one_or_list(
         job["lora_scale"], "lora_scale", where, errors, lambda v, f: _number(v, f, where, errors)
@@ -145,6 +191,12 @@ def check_job(obj, where: str, model: ModelInfo) -> tuple[dict, list[str]]:
     if None not in (job["num_frames"], job["height"], job["width"]):
         for field, problem in model.check_size(job["num_frames"], job["height"], job["width"]):
             errors.append(f"{where}: {field}: {problem}, got {job[field]}")
+        pixels = job["num_frames"] * job["height"] * job["width"]
+        if pixels > max_video_pixels:
+            errors.append(
+                f"{where}: num_frames × height × width: {job['num_frames']}×{job['height']}×{job['width']} is "
+                f"{pixels:,} pixels, more than {max_video_pixels:,} (LORAFLEET_MAX_VIDEO_PIXELS)"
+            )
     job["steps"] = _integer(job["steps"], "steps", where, errors, 1, 1000)
     job["guidance_scale"] = _number(job["guidance_scale"], "guidance_scale", where, errors, 0, 100)
     job["fps"] = _integer(job["fps"], "fps", where, errors, 1, 120)
@@ -200,17 +252,24 @@ def job_key(job: dict, model: ModelInfo) -> str:
 
 
 class AdapterResolver:
-    """Resolves adapter URIs to files, reading each distinct URI once per resolver."""
+    """Resolves adapter URIs to files under a read policy, reading each distinct URI once per
+    resolver: one per submitted file, one per worker message (a worker never caches by path)."""
 
-    def __init__(self, store: Store | None):
+    def __init__(self, store: Store | None, policy: ReadPolicy = DEFAULT_POLICY):
         self.store = store
+        self.policy = policy
         self._seen: dict[str, AdapterFile | AdapterError] = {}
+
+    @classmethod
+    def from_settings(cls, settings, store: Store | None) -> "AdapterResolver":
+        """A resolver under the settings' read policy."""
+        return cls(store, ReadPolicy.from_settings(settings))
 
     def resolve(self, uri: str) -> AdapterFile:
         """The adapter file a URI means; raises AdapterError naming what was checked."""
         if uri not in self._seen:
             try:
-                self._seen[uri] = read_adapter(uri, self.store)[0]
+                self._seen[uri] = read_adapter(uri, self.store, self.policy)[0]
             except AdapterError as exc:
                 self._seen[uri] = exc
         found = self._seen[uri]
@@ -248,68 +307,95 @@ def prepare_job(obj: dict, where: str, model: ModelInfo, resolver: AdapterResolv
         raise JobError(f"{where}: {exc}") from None
 
 
-def read_job_lines(path: str, max_jobs: int) -> tuple[list[tuple[int, object]], list[str]]:
-    """The JSON objects of a .jsonl file by line number, and an error for each line that is not JSON;
-    stops with one error past `max_jobs` lines."""
-    objects, errors = [], []
+def read_job_lines(path: str, max_jobs: int) -> Iterator[tuple[int, object, str | None]]:
+    """(line number, JSON object, None) for each job line of a .jsonl file, or (line number, None,
+    error) for a line that is not JSON; read as a stream, stopping with one error past `max_jobs` lines."""
     try:
         f = open(path, "rb")
     except OSError as exc:
         raise JobFileError(path, [f"cannot open: {exc.strerror}"]) from None
     with f:
+        if not os.path.isfile(path):  # a FIFO or device would be read forever
+            raise JobFileError(path, ["not a regular file"])
+        lines = 0
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                errors.append(f"line {number}: not UTF-8 text")
+                yield number, None, f"line {number}: not UTF-8 text"
                 continue
             if not line.strip():
                 continue
-            if len(objects) + len(errors) >= max_jobs:
-                errors.append(f"line {number}: more than {max_jobs} jobs in one file (LORAFLEET_MAX_JOBS): split it")
-                break
+            lines += 1
+            if lines > max_jobs:
+                yield (
+                    number,
+                    None,
+                    f"line {number}: more than {max_jobs} jobs in one file (LORAFLEET_MAX_JOBS): split it",
+                )
+                return
             try:
-                objects.append((number, json.loads(line)))
-            except ValueError as exc:
-                errors.append(f"line {number}: not valid JSON ({exc.args[0].split(':')[0]})")
-    return objects, errors
+                yield number, json.loads(line), None
+            except (ValueError, RecursionError) as exc:
+                reason = exc.args[0].split(":")[0] if isinstance(exc, ValueError) else "nested too deep"
+                yield number, None, f"line {number}: not valid JSON ({reason})"
 
 
-def load_jobs(path: str, model_for, store: Store | None, max_jobs: int = 100_000) -> list[dict]:
+def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits = DEFAULT_LIMITS) -> list[dict]:
     """Every job of a .jsonl file, checked, expanded, resolved and keyed; raises JobFileError
     listing every bad line, so nothing is enqueued unless the whole file is good.
 
     `model_for(alias)` gives the ModelInfo of a model alias (None: the fleet's default model)
-    or raises ModelError.
+    or raises ModelError. Each line's lists are counted before they are expanded: a line asking
+    for millions of jobs is refused without building them.
     """
-    objects, errors = read_job_lines(path, max_jobs)
-    if not objects and not errors:
-        errors.append("no jobs: the file is empty")
-    resolver = AdapterResolver(store)
-    jobs = []
-    for number, obj in objects:
+    errors: list[str] = []
+    jobs: list[dict] = []
+    expands_to = lines = 0
+    for number, obj, error in read_job_lines(path, limits.max_jobs):
+        lines += 1
+        if error is not None:
+            errors.append(error)
+            continue
         where = f"line {number}"
         try:
             model = model_for(obj.get("model") if isinstance(obj, dict) else None)
-            jobs.extend(prepare_job(obj, where, model, resolver))
         except ModelError as exc:
             errors.append(f"{where}: model: {exc}")
-        except JobError as exc:
-            errors.extend(str(exc).splitlines())
-    if len(jobs) > max_jobs and not errors:
-        errors.append(f"the file expands to {len(jobs)} jobs, more than {max_jobs} (LORAFLEET_MAX_JOBS): split it")
+            continue
+        job, problems = check_job(obj, where, model, limits.max_video_pixels)
+        if problems:
+            errors.extend(problems)
+            continue
+        expands_to += len(job["lora_scale"]) * len(job["seed"])
+        if expands_to > limits.max_jobs:
+            continue  # counted, never expanded: the file is refused anyway
+        try:
+            jobs.extend(finish_job(one, model, resolver) for one in expand_job(job))
+        except AdapterError as exc:
+            errors.append(f"{where}: {exc}")
+    if not lines:
+        errors.append("no jobs: the file is empty")
+    if expands_to > limits.max_jobs:
+        errors.append(
+            f"the file expands to {expands_to} jobs, more than {limits.max_jobs} (LORAFLEET_MAX_JOBS): split it"
+        )
     if errors:
         raise JobFileError(path, errors)
     return jobs
 
 
-def job_from_message(message, model: ModelInfo, resolver: AdapterResolver) -> dict:
+def job_from_message(
+    message, model: ModelInfo, resolver: AdapterResolver, max_video_pixels: int = JobLimits.max_video_pixels
+) -> dict:
     """The job a `lorafleet.render` message asks for, checked as strictly as a submitted line.
 
-    A message from the producer carries its key and resolved adapters; one from another Celery
-    client may leave them out, and they are filled in here.
+    Whoever can write to Redis can send one, so nothing in it is trusted that can be derived: the
+    key is always computed here from the content, and a message whose own key differs is refused.
+    A message from the producer carries each adapter's url and content hash (checked against the
+    file when it is read); one from another client may leave them out, and they are resolved here.
     """
-    job, errors = check_job(message, "job", model)
+    job, errors = check_job(message, "job", model, max_video_pixels)
     for field in ("lora_scale", "seed"):
         if not errors and len(job[field]) != 1:
             errors.append(f"job: {field}: a message is one job, so a single value (submit expands lists)")
@@ -317,18 +403,29 @@ def job_from_message(message, model: ModelInfo, resolver: AdapterResolver) -> di
         raise JobError("; ".join(errors))
     (job,) = expand_job(job)
     batch = message.get("batch")
-    if batch is not None and not isinstance(batch, str):
-        raise JobError("job: batch: must be a batch name (a string)")
-    job["batch"] = batch
-    key = message.get("key")
-    if key is None:
+    if batch is not None:
         try:
-            return finish_job(job, model, resolver)
+            check_batch_name(batch)
+        except LorafleetError as exc:
+            raise JobError(f"job: batch: {exc}") from None
+    job["batch"] = batch
+    given = message.get("key")
+    if given is not None and not (isinstance(given, str) and len(given) == 64 and set(given) <= SHA256_HEX):
+        raise JobError("job: key: must be the 64 hex digits of a SHA-256 (or left out)")
+    resolved = [
+        isinstance(a.get("url"), str) and isinstance(a.get("sha256"), str) and len(a["sha256"]) == 64
+        for a in job["adapters"]
+    ]
+    if all(resolved):
+        for i, adapter in enumerate(job["adapters"]):
+            if not resolver.policy.allows(adapter["url"], resolver.store):
+                raise JobError(f"job: adapters[{i}]: {resolver.policy.refusal(adapter['url'])}")
+        job = {**job, "key": job_key(job, model)}
+    else:
+        try:
+            job = finish_job(job, model, resolver)
         except AdapterError as exc:
             raise JobError(f"job: {exc}") from None
-    if not (isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)):
-        raise JobError("job: key: must be the 64 hex digits of a SHA-256 (or left out)")
-    for i, adapter in enumerate(job["adapters"]):
-        if not (isinstance(adapter.get("url"), str) and isinstance(adapter.get("sha256"), str)):
-            raise JobError(f"job: adapters[{i}]: a message with a key needs each adapter's url and sha256")
-    return {**job, "key": key}
+    if given is not None and given != job["key"]:
+        raise JobError(f"job: key: the message says {given} but its content hashes to {job['key']}: refused")
+    return job

@@ -8,11 +8,16 @@
   `max_deliveries` times is failed with that reason instead of being delivered again.
 - Key locks: one render per key at a time, fleet-wide; a second worker with the same key waits
   for the first one's video, or takes over if the first one's lock lapses.
+- Fencing: a delivery's lease and key lock hold a random token. The heartbeat extends them only
+  while they still hold it (compare and extend, in one step), so a worker that paused past its
+  lease (SIGSTOP, a long GC, a frozen VM) learns that another delivery took its job over, stops at
+  its next denoising step, and proves it still holds the token before any write to the store.
 - Cancel flags per batch.
 """
 
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -22,8 +27,31 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from common.errors import LeaseLost
+
 log = logging.getLogger("lorafleet.ledger")
 PREFIX = "lorafleet"
+# Each script compares before it acts, in one step: a token no longer stored means the job is someone else's.
+_EXTEND = """
+for i, name in ipairs(KEYS) do
+  if redis.call('get', name) ~= ARGV[1] then return i end
+end
+for _, name in ipairs(KEYS) do redis.call('pexpire', name, ARGV[2]) end
+return 0
+"""
+_HELD = """
+for i, name in ipairs(KEYS) do
+  if redis.call('get', name) ~= ARGV[1] then return i end
+end
+return 0
+"""
+_RELEASE_LEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[1])
+  redis.call('hdel', KEYS[2], ARGV[2])
+end
+"""
+_RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
 
 
 class Ledger:
@@ -60,30 +88,34 @@ class Ledger:
     @contextmanager
     def running(self, task_id: str, message: dict, queue: str, worker: str):
         """Hold a lease on a running job, refreshed in the background; the job is enqueued again
-        by a sweeper if this process dies before the block ends."""
-        lease = f"{PREFIX}:lease:{task_id}"
-        self.redis.set(lease, worker, px=self.lease_ms)  # the lease first: a sweeper never sees it missing
+        by a sweeper if this process dies or pauses past the lease before the block ends.
+
+        Yields the delivery's Lease: its token fences every write this delivery makes."""
+        lease = Lease(self, task_id, f"{PREFIX}:lease:{task_id}")
+        self.redis.set(lease.name, lease.token, px=self.lease_ms)  # the lease first: a sweeper never sees it missing
         self.redis.hset(
             f"{PREFIX}:running", task_id, json.dumps({"message": message, "queue": queue, "worker": worker})
         )
-        stop = threading.Event()
-        heartbeat = threading.Thread(target=self._refresh, args=([lease], stop), daemon=True, name="lease")
+        heartbeat = threading.Thread(target=lease.refresh_until_released, daemon=True, name="lease")
         heartbeat.start()
         try:
-            yield
+            yield lease
         finally:
-            stop.set()
+            lease.released.set()
             heartbeat.join()
-            self._quietly(lambda: self.redis.hdel(f"{PREFIX}:running", task_id))
-            self._quietly(lambda: self.redis.delete(lease))
+            # Only while the lease is still ours: a delivery that took the job over keeps its entry.
+            self._quietly(
+                lambda: self.redis.eval(_RELEASE_LEASE, 2, lease.name, f"{PREFIX}:running", lease.token, task_id)
+            )
 
     @contextmanager
-    def key_lock(self, key: str, task_id: str, done: Callable[[], bool], poll_s: float = 0.5):
-        """Hold the render lock of a key; yields False instead if `done()` turns true (another
-        worker rendered the key) while waiting for the lock."""
+    def key_lock(self, key: str, lease: "Lease", done: Callable[[], bool], poll_s: float = 0.5):
+        """Hold the render lock of a key under the delivery's lease (refreshed and fenced with it);
+        yields False instead if `done()` turns true (another worker rendered the key) while waiting."""
         lock = f"{PREFIX}:lock:{key}"
         waited = False
-        while not self.redis.set(lock, task_id, nx=True, px=self.lease_ms):
+        while not self.redis.set(lock, lease.token, nx=True, px=self.lease_ms):
+            lease.check()  # a delivery that lost its job while waiting stops waiting
             if not waited:
                 log.info("%s is being rendered by another worker: waiting for it", key[:12])
                 waited = True
@@ -91,28 +123,12 @@ class Ledger:
                 yield False
                 return
             time.sleep(poll_s)
-        stop = threading.Event()
-        heartbeat = threading.Thread(target=self._refresh, args=([lock], stop), daemon=True, name="key-lock")
-        heartbeat.start()
+        lease.names.append(lock)
         try:
             yield True
         finally:
-            stop.set()
-            heartbeat.join()
-            # Release only our own lock: compare and delete in one step.
-            self._quietly(
-                lambda: self.redis.eval(
-                    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end",
-                    1,
-                    lock,
-                    task_id,
-                )
-            )
-
-    def _refresh(self, names: list[str], stop: threading.Event) -> None:
-        while not stop.wait(self.lease_ms / 3000):
-            for name in names:
-                self._quietly(lambda n=name: self.redis.pexpire(n, self.lease_ms))
+            lease.names.remove(lock)
+            self._quietly(lambda: self.redis.eval(_RELEASE_LOCK, 1, lock, lease.token))
 
     def _quietly(self, call) -> None:
         try:
@@ -146,6 +162,53 @@ class Ledger:
     def is_cancelled(self, batch: str | None) -> bool:
         """Whether a batch was cancelled."""
         return batch is not None and bool(self.redis.exists(f"{PREFIX}:cancelled:{batch}"))
+
+
+class Lease:
+    """One delivery's hold on its job: a random token stored under the lease (and the key lock,
+    once taken), extended in the background only while Redis still holds that token."""
+
+    def __init__(self, ledger: Ledger, task_id: str, name: str):
+        self.ledger = ledger
+        self.task_id = task_id
+        self.name = name
+        self.names = [name]  # what the heartbeat extends: the lease, then also the key lock
+        self.token = secrets.token_hex(16)
+        self.lost = threading.Event()  # set once Redis says another delivery holds the job
+        self.released = threading.Event()
+
+    def refresh_until_released(self) -> None:
+        """The heartbeat: extend every `lease_s / 3` while the token is ours, else mark the lease lost."""
+        while not self.released.wait(self.ledger.lease_ms / 3000):
+            try:
+                lost_at = self.ledger.redis.eval(
+                    _EXTEND, len(self.names), *self.names, self.token, self.ledger.lease_ms
+                )
+            except redis.RedisError as exc:  # unreachable is not lost: the next beat asks again
+                log.warning("redis: %s", exc)
+                continue
+            if lost_at:
+                self._lose(self.names[lost_at - 1])
+                return
+
+    def check(self) -> None:
+        """Raise LeaseLost if the heartbeat found the job taken over (no Redis round trip)."""
+        if self.lost.is_set():
+            raise LeaseLost(f"{self.task_id}: another delivery holds this job now; stopped without writing")
+
+    def confirm(self) -> None:
+        """Prove, against Redis, that this delivery still holds its lease and lock (before a write);
+        raises LeaseLost otherwise, and Redis' own error if it cannot be asked."""
+        self.check()
+        lost_at = self.ledger.redis.eval(_HELD, len(self.names), *self.names, self.token)
+        if lost_at:
+            self._lose(self.names[lost_at - 1])
+            self.check()
+
+    def _lose(self, name: str) -> None:
+        if not self.lost.is_set():
+            log.warning("%s: %s is no longer ours (paused or cut off past the lease): stopping", self.task_id, name)
+        self.lost.set()
 
 
 def run_sweeper(ledger: Ledger, requeue: Callable[[str, dict], None], stop: threading.Event, worker: str) -> None:

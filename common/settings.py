@@ -34,6 +34,23 @@ class Settings(BaseSettings):
         description="Seconds before Redis hands an unacknowledged job to another worker; must exceed the longest render.",
     )
     max_jobs: int = Field(100_000, description="Most jobs one submitted file may expand to.")
+    max_video_pixels: int = Field(
+        100_000_000,
+        description="Most frames × height × width one job may ask for (CogVideoX 1.5's 81×768×1360 is 85 million).",
+    )
+    max_adapter_mb: int = Field(
+        4096, description="Largest adapter file read, in MiB (a rank-128 LoRA of CogVideoX-5B is about 0.5 GB)."
+    )
+    adapter_schemes: list[str] = Field(
+        ["file", "s3", "gs", "hf"],
+        description='URL schemes adapters may be read from, as JSON (plain http is off: add "https" to allow it); '
+        "the store is always allowed.",
+    )
+    adapter_roots: list[str] = Field(
+        [],
+        description="Local folders adapters may be read from, as JSON; empty: any local path (the store is always allowed).",
+    )
+    read_timeout_s: float = Field(20, description="Seconds a remote adapter read (S3, GCS, the hub) may go unanswered.")
     lease_s: float = Field(
         30,
         description="A running job's lease: if its worker stops refreshing it this long, the job is delivered again.",

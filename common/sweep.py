@@ -19,9 +19,8 @@ import math
 import yaml
 
 from common.errors import AdapterError, JobFileError, ModelError
-from common.job import DEFAULTS, AdapterResolver, _unknown, check_job, expand_job, finish_job
+from common.job import DEFAULT_LIMITS, DEFAULTS, AdapterResolver, JobLimits, _unknown, check_job, expand_job, finish_job
 from common.model import ModelInfo
-from common.store import Store
 
 SPEC_FIELDS = {"name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model"}
 SWEPT = {"prompt", "negative_prompt", "adapters", "lora_scale", "seed", "model", "id"}
@@ -82,7 +81,9 @@ def _prompts(spec: dict, errors: list) -> list[dict]:
     return prompts
 
 
-def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dict], list[dict]]:
+def load_sweep(
+    path: str, model_for, resolver: AdapterResolver, limits: JobLimits = DEFAULT_LIMITS
+) -> tuple[str, list[dict], list[dict]]:
     """The sweep's batch name prefix, its jobs (checked, resolved and keyed) and each job's cell
     ({"set", "prompt", "seed", "lora_scale"}); raises JobFileError naming every problem's place in
     the spec, before anything is enqueued."""
@@ -126,11 +127,17 @@ def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dic
         errors.append("adapter_sets: must be a non-empty list of adapter lists")
         sets = []
 
-    resolver = AdapterResolver(store)
+    cell_count = len(sets) * len(scales) * len(prompts) * len(seeds)
+    if cell_count > limits.max_jobs:
+        raise JobFileError(
+            path, [f"the sweep expands to {cell_count} cells, more than {limits.max_jobs} (LORAFLEET_MAX_JOBS)"]
+        )
     jobs, cells = [], []
     for i, adapters in enumerate(sets):
         base = {**render, "adapters": adapters, "lora_scale": scales, "model": spec.get("model")}
-        checked, problems = check_job({**base, "prompt": "p", "seed": 0}, f"adapter_sets[{i}]", model)
+        checked, problems = check_job(
+            {**base, "prompt": "p", "seed": 0}, f"adapter_sets[{i}]", model, limits.max_video_pixels
+        )
         problems = [p.replace(f"adapter_sets[{i}]: adapters", f"adapter_sets[{i}]") for p in problems]
         problems = [
             p.replace(f"adapter_sets[{i}]: ", "render.", 1) if not p.startswith(f"adapter_sets[{i}][") else p
@@ -150,7 +157,10 @@ def load_sweep(path: str, model_for, store: Store | None) -> tuple[str, list[dic
             for p, prompt in enumerate(prompts):
                 for seed in seeds:
                     job, _ = check_job(
-                        {**base, **prompt, "lora_scale": scale, "seed": seed, "id": f"set{i}-p{p}-s{seed}"}, "", model
+                        {**base, **prompt, "lora_scale": scale, "seed": seed, "id": f"set{i}-p{p}-s{seed}"},
+                        "",
+                        model,
+                        limits.max_video_pixels,
                     )
                     (job,) = expand_job(job)
                     try:

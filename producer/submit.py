@@ -4,7 +4,7 @@ import uuid
 
 from common.batch import Batch, check_batch_name, new_batch_name
 from common.broker import TASK_NAME, check_redis, make_app
-from common.job import load_jobs
+from common.job import AdapterResolver, JobLimits, load_jobs
 from common.model import model_resolver
 from common.settings import Settings, queue_for
 from common.store import Store, video_path
@@ -17,7 +17,12 @@ def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batc
     """
     batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
     store = Store(settings.store_url)
-    jobs = load_jobs(path, model_resolver(settings), store, settings.max_jobs)
+    jobs = load_jobs(
+        path,
+        model_resolver(settings),
+        AdapterResolver.from_settings(settings, store),
+        JobLimits.from_settings(settings),
+    )
     return enqueue(jobs, batch, store, settings)
 
 

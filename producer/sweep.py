@@ -5,6 +5,7 @@ import time
 from rich.console import Console
 
 from common.batch import Batch, check_batch_name
+from common.job import AdapterResolver, JobLimits
 from common.model import model_resolver
 from common.settings import Settings
 from common.store import Store
@@ -19,7 +20,12 @@ def run_sweep(
 ) -> bool:
     """Run a sweep to its report; returns True when every job was rendered."""
     store = Store(settings.store_url)
-    name, jobs, cells = load_sweep(path, model_resolver(settings), store)
+    name, jobs, cells = load_sweep(
+        path,
+        model_resolver(settings),
+        AdapterResolver.from_settings(settings, store),
+        JobLimits.from_settings(settings),
+    )
     previous = load_report(store, compare) if compare else None
     batch = Batch(check_batch_name(batch_name or f"{name}-{time.strftime('%Y%m%d', time.gmtime())}"))
     enqueue(jobs, batch, store, settings)

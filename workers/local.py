@@ -6,7 +6,7 @@ from rich.console import Console
 
 from common.batch import Batch, check_batch_name, new_batch_name
 from common.errors import LorafleetError
-from common.job import load_jobs
+from common.job import AdapterResolver, JobLimits, load_jobs
 from common.model import model_resolver
 from common.settings import Settings
 from common.store import Store
@@ -19,7 +19,12 @@ def render_file(path: str, settings: Settings, device: str, console: Console, ba
     """Render every job of `path` (checked first, as submit does) and write the batch manifest."""
     batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
     store = Store(settings.store_url)
-    jobs = load_jobs(path, model_resolver(settings), store, settings.max_jobs)
+    jobs = load_jobs(
+        path,
+        model_resolver(settings),
+        AdapterResolver.from_settings(settings, store),
+        JobLimits.from_settings(settings),
+    )
     renderers: dict[str | None, Renderer] = {}  # one warm pipeline per model alias in the file
     for number, job in enumerate(jobs, start=1):
         alias = job["model"]

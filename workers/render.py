@@ -16,7 +16,8 @@ from diffusers.utils import export_to_video
 from PIL import Image
 
 import common
-from common.errors import LorafleetError
+from common.adapters import ReadPolicy
+from common.errors import LorafleetError, RenderError
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_path
@@ -53,7 +54,12 @@ class Renderer:
             settings.variant_cache_size,
             settings.pristine_on_host,
         )
-        files = AdapterFiles(settings.adapter_cache_dir, settings.adapter_disk_cache_mb * 2**20)
+        files = AdapterFiles(
+            settings.adapter_cache_dir,
+            settings.adapter_disk_cache_mb * 2**20,
+            ReadPolicy.from_settings(settings),
+            Store(settings.store_url),
+        )
         self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.linears.keys())
         self.compiled = settings.compile
         if settings.compile:
@@ -93,6 +99,7 @@ class Renderer:
         def on_step_end(pipe, step, timestep, tensors):
             if step + 1 == steps:
                 timings["denoise"] = time.perf_counter() - denoise_started
+                check_finite(tensors["latents"], "the latents")
             if progress is not None:
                 progress(step + 1, steps)
             return tensors
@@ -122,6 +129,7 @@ class Renderer:
             frames = run()
         except torch.OutOfMemoryError:
             frames = self._retry_with_less_memory(run)
+        check_finite(torch.as_tensor(frames), "the decoded frames")
         finished = time.perf_counter()
         timings["decode"] = finished - denoise_started - timings["denoise"]
         timings["total"] = finished - started
@@ -171,6 +179,12 @@ class Renderer:
         return stats
 
 
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Fail the job, rather than store a black video as done, when a render produced NaN or Inf."""
+    if not torch.isfinite(tensor).all():
+        raise RenderError(f"{what} came out NaN or infinite: not stored (check the adapters' weights and lora_scale)")
+
+
 def compiled_graphs() -> int:
     """How many graphs torch.compile has made in this process: constant after the first render."""
     from torch._dynamo.utils import counters
@@ -190,9 +204,18 @@ def encode_outputs(frames: list, fps: int) -> tuple[bytes, bytes]:
     return mp4, poster.getvalue()
 
 
-def render_job(renderer: Renderer, store: Store, job: dict, progress: Progress | None = None) -> dict:
+def render_job(
+    renderer: Renderer,
+    store: Store,
+    job: dict,
+    progress: Progress | None = None,
+    fence: Callable[[], None] | None = None,
+) -> dict:
     """Render a finished job (adapters resolved, key set) into the store, unless its video is
-    already there; returns the result the task reports: key, status, output URIs, worker."""
+    already there; returns the result the task reports: key, status, output URIs, worker.
+
+    `fence()` runs right before the first write and raises if this process may no longer write
+    (its lease was taken over while it rendered)."""
     key = job["key"]
     result = {"key": key, "worker": renderer.worker, **output_uris(store, key)}
     if store.exists(video_path(key, "mp4")):
@@ -223,6 +246,8 @@ def render_job(renderer: Renderer, store: Store, job: dict, progress: Progress |
         "variant_switched": renderer.last_switched,
         "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if fence is not None:
+        fence()
     # The MP4 goes last: a video in the store means its poster and metadata are there too.
     store.write_bytes(video_path(key, "png"), png)
     store.write_bytes(video_path(key, "json"), json.dumps(metadata, indent=2).encode())

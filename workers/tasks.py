@@ -1,8 +1,10 @@
 """The `lorafleet.render` Celery task, bound to one worker's warm renderer.
 
-A delivery goes: check the message (a bad one fails at once) → skip it if the batch was
-cancelled or the key's video is in the store → count the delivery (fail it once its workers were
-lost `max_deliveries` times) → hold a lease while running → take the key's render lock → render.
+A delivery goes: take a lease → count the delivery (fail it once its workers were lost
+`max_deliveries` times) → check the message and re-derive its key (a bad one fails at once) →
+skip it if the batch was cancelled or the key's video is in the store → take the key's render
+lock → render → prove the lease is still ours → write. A delivery that learns another one took
+its job over (it paused past its lease) stops and writes nothing.
 Store and network trouble is retried with back-off; everything else a job can do wrong fails
 that job with a one-line reason, and the worker serves on.
 """
@@ -14,11 +16,12 @@ import time
 
 import redis
 from celery import Celery
+from celery.exceptions import Ignore
 
 from common.broker import TASK_NAME
-from common.errors import JobCancelled, LorafleetError, StoreError, WorkerLost
+from common.errors import JobCancelled, LeaseLost, LorafleetError, StoreError, WorkerLost
 from common.job import AdapterResolver, job_from_message
-from common.ledger import Ledger
+from common.ledger import Lease, Ledger
 from common.settings import Settings, queue_for
 from common.store import Store, output_uris, video_path
 from workers.render import Renderer, render_job
@@ -34,41 +37,38 @@ def register_render_task(
     app: Celery, renderer: Renderer, store: Store, ledger: Ledger, settings: Settings, queue: str
 ) -> None:
     """Define `lorafleet.render` on `app`, rendering on `renderer` into `store`."""
-    resolver = AdapterResolver(store)
     worker = renderer.worker
 
     @app.task(name=TASK_NAME, bind=True, throws=(LorafleetError,))
     def render(self, message):
         """Render one job (a JSON object, DESIGN.md's task contract) and return its outputs."""
         task_id = self.request.id
+        key = "?" * 12
         try:
-            job = job_from_message(message, renderer.info, resolver)
-        except LorafleetError as exc:
-            log.error("%s: rejected a malformed message %s: %s", worker, task_id, exc)
-            raise
-        key, batch = job["key"], job.get("batch")
-        done = {"key": key, "worker": worker, **output_uris(store, key)}
-        last_check = 0.0
-
-        def progress(step: int, steps: int) -> None:
-            nonlocal last_check
-            now = time.monotonic()
-            if step == steps or now - last_check >= PROGRESS_INTERVAL_S:
-                last_check = now
-                if ledger.is_cancelled(batch):
-                    raise JobCancelled(f"batch {batch} was cancelled (stopped at step {step} of {steps})")
-                self.update_state(state="PROGRESS", meta={"key": key, "step": step, "steps": steps, "worker": worker})
-
-        try:
-            if ledger.is_cancelled(batch):
-                raise JobCancelled(f"batch {batch} was cancelled")
-            if store.exists(video_path(key, "mp4")):
-                return {**done, "status": "exists"}
-            # The lease comes first: from here on, if this process dies, the job is delivered again.
-            with ledger.running(task_id, message, queue, worker):
+            # The lease comes first, before the message is even read: from here on, if this process
+            # dies or hangs, the job is delivered again.
+            with ledger.running(task_id, message, queue, worker) as lease:
                 deliveries = ledger.count_delivery(task_id)
                 if deliveries > settings.max_deliveries:
                     raise WorkerLost(f"worker lost {deliveries - 1} times")
+                try:
+                    # A fresh resolver per message: a file replaced in place, or one that appeared
+                    # since, is read anew (a worker caches adapters by content hash, never by path).
+                    job = job_from_message(
+                        message,
+                        renderer.info,
+                        AdapterResolver.from_settings(settings, store),
+                        settings.max_video_pixels,
+                    )
+                except LorafleetError as exc:
+                    log.error("%s: rejected a malformed message %s: %s", worker, task_id, exc)
+                    raise
+                key, batch = job["key"], job.get("batch")
+                if ledger.is_cancelled(batch):
+                    raise JobCancelled(f"batch {batch} was cancelled")
+                done = {"key": key, "worker": worker, "status": "exists", **output_uris(store, key)}
+                if store.exists(video_path(key, "mp4")):
+                    return done
                 log.info(
                     "%s: %s started (%s), delivery %d",
                     worker,
@@ -78,11 +78,16 @@ def register_render_task(
                 )
                 if KILL_PROMPT is not None and job["prompt"] == KILL_PROMPT:
                     os.kill(os.getpid(), signal.SIGKILL)
-                with ledger.key_lock(key, task_id, lambda: store.exists(video_path(key, "mp4"))) as locked:
+                with ledger.key_lock(key, lease, lambda: store.exists(video_path(key, "mp4"))) as locked:
                     if not locked or store.exists(video_path(key, "mp4")):
-                        result = {**done, "status": "exists"}
-                    else:
-                        result = render_job(renderer, store, job, progress)
+                        return done
+                    return render_job(
+                        renderer, store, job, progress_reporter(self, lease, key, batch, worker), lease.confirm
+                    )
+        except LeaseLost as exc:
+            # Another delivery owns the job now and reports its result: store nothing, say nothing.
+            log.warning("%s: %s: %s", worker, key[:12], exc)
+            raise Ignore() from exc
         except RETRYABLE as exc:
             retries = self.request.retries
             if retries >= settings.store_retries:
@@ -98,7 +103,27 @@ def register_render_task(
             raise
         finally:
             ledger.delivered_cleanly(task_id)  # however it ended, its worker was not lost
-        return result
+
+
+def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: str):
+    """The per-step callback of a render: stop at once when the lease is lost; every
+    PROGRESS_INTERVAL_S, stop if the batch was cancelled, else report the step. The report is
+    fenced too, so a worker waking from a pause never overwrites the result of the delivery that
+    took its job over."""
+    last_report = 0.0
+
+    def progress(step: int, steps: int) -> None:
+        nonlocal last_report
+        lease.check()
+        now = time.monotonic()
+        if step == steps or now - last_report >= PROGRESS_INTERVAL_S:
+            last_report = now
+            if lease.ledger.is_cancelled(batch):
+                raise JobCancelled(f"batch {batch} was cancelled (stopped at step {step} of {steps})")
+            lease.confirm()
+            task.update_state(state="PROGRESS", meta={"key": key, "step": step, "steps": steps, "worker": worker})
+
+    return progress
 
 
 def requeue(app: Celery, task_id: str, entry: dict) -> None:

@@ -29,7 +29,22 @@ from dataclasses import dataclass
 import safetensors.torch
 import torch
 
-from common.adapters import PEFT_CONFIG_NAME, AdapterFile, content_hash, file_chunks, local_path, read_adapter_url
+from common.adapters import (
+    DEFAULT_POLICY,
+    MAX_ABS_FACTOR,
+    MAX_CONFIG_BYTES,
+    PEFT_CONFIG_NAME,
+    AdapterFile,
+    ReadPolicy,
+    check_regular_file,
+    checked_alpha,
+    content_hash,
+    file_chunks,
+    local_path,
+    parse_peft_config,
+    read_adapter_url,
+    read_bounded,
+)
 from common.errors import AdapterError
 from common.lora_formats import ALPHA, A, B, detect_layout
 
@@ -127,14 +142,26 @@ def load_adapter(path: str, sha256: str, config: dict | None, module_names) -> A
                 raise AdapterError(
                     f"adapter {path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, whose ranks differ"
                 )
+            for role, factor in ((A, a), (B, b)):
+                check_factor(path, roles[role], factor)
             alpha = file_alpha
             if ALPHA in roles:
                 value = f.get_tensor(roles[ALPHA])
                 if value.numel() != 1:
                     raise AdapterError(f"adapter {path}: {roles[ALPHA]} must hold one number, not {tuple(value.shape)}")
-                alpha = float(value.float().item())
+                alpha = checked_alpha(value.float().item(), f"adapter {path}: {roles[ALPHA]}")
             layers[module] = (a.contiguous(), b.contiguous(), alpha)
     return Adapter(sha256, layout.format, layers)
+
+
+def check_factor(path: str, name: str, factor: torch.Tensor) -> None:
+    """Refuse a factor holding NaN, an infinity or a magnitude no LoRA has (as submit does, for
+    messages from other clients and files changed since)."""
+    if not torch.isfinite(factor).all():
+        raise AdapterError(f'adapter {path}: tensor "{name}" holds NaN or infinite values')
+    largest = factor.abs().max().item() if factor.numel() else 0.0
+    if largest > MAX_ABS_FACTOR:
+        raise AdapterError(f'adapter {path}: tensor "{name}" holds {largest:.3g}, beyond ±{MAX_ABS_FACTOR:g}')
 
 
 class AdapterFiles:
@@ -143,9 +170,11 @@ class AdapterFiles:
     A local file is used where it is; its hash is checked in a thread while it loads.
     """
 
-    def __init__(self, directory: str, budget_bytes: int):
+    def __init__(self, directory: str, budget_bytes: int, policy: ReadPolicy = DEFAULT_POLICY, store=None):
         self.directory = os.path.expanduser(directory)
         self.budget_bytes = budget_bytes
+        self.policy = policy
+        self.store = store  # always readable, whatever the policy
         self.hits = self.misses = 0
 
     def fetch(self, url: str, sha256: str) -> tuple[str, dict | None, Future]:
@@ -158,13 +187,16 @@ class AdapterFiles:
             os.utime(folder)  # recently used: evicted last
             return cached, _read_json(os.path.join(folder, PEFT_CONFIG_NAME)), _done()
         self.misses += 1
+        if not self.policy.allows(url, self.store):
+            raise self.policy.refusal(url)
         path = local_path(url)
-        if path is not None and os.path.isfile(path):
+        if path is not None and os.path.isfile(path):  # read in place, through mmap: bounded like any read
+            check_regular_file(path, self.policy.max_bytes)
             config_path = os.path.join(os.path.dirname(path), PEFT_CONFIG_NAME)
-            config_bytes = open(config_path, "rb").read() if os.path.isfile(config_path) else None
+            config_bytes = read_bounded(config_path, MAX_CONFIG_BYTES, self.policy.timeout_s)
             verified = _HASHING.submit(_verify, url, sha256, file_chunks(path), config_bytes)
-            return path, json.loads(config_bytes) if config_bytes else None, verified
-        found = read_adapter_url(url)
+            return path, parse_peft_config(url, config_bytes) if config_bytes else None, verified
+        found = read_adapter_url(url, self.policy)
         if found is None:
             raise AdapterError(f"adapter {url} is not readable from this worker")
         adapter, data = found
@@ -229,7 +261,10 @@ def _done() -> Future:
 
 
 def _read_json(path: str) -> dict | None:
-    return json.load(open(path)) if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _verify(url: str, sha256: str, data, config_bytes: bytes | None, found: str | None = None) -> None:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from common.errors import JobFileError
-from common.job import load_jobs
+from common.job import AdapterResolver, JobLimits, load_jobs
 from common.model import model_info
 from common.store import Store
 from tests.conftest import REPO
@@ -18,7 +18,12 @@ EXPECTED = json.load(open(os.path.join(CORPUS, "expected.json")))
 
 def errors_for(path: str, tiny, tmp_path, max_jobs: int = 100_000) -> list[str]:
     with pytest.raises(JobFileError) as raised:
-        load_jobs(path, lambda alias: model_info(tiny["model"]), Store(str(tmp_path / "store")), max_jobs)
+        load_jobs(
+            path,
+            lambda alias: model_info(tiny["model"]),
+            AdapterResolver(Store(str(tmp_path / "store"))),
+            JobLimits(max_jobs=max_jobs),
+        )
     return raised.value.errors
 
 

@@ -32,7 +32,7 @@ def write_jobs(tmp_path, *lines) -> str:
 
 def errors_of(tmp_path, *lines) -> list[str]:
     with pytest.raises(JobFileError) as raised:
-        load_jobs(write_jobs(tmp_path, *lines), model_for, Store(str(tmp_path / "store")))
+        load_jobs(write_jobs(tmp_path, *lines), model_for, AdapterResolver(Store(str(tmp_path / "store"))))
     return raised.value.errors
 
 
