@@ -141,7 +141,8 @@ def candidate_urls(uri: str, store: Store | None) -> list[str]:
     if "://" in uri:
         return weights_in(uri)
     local = os.path.abspath(os.path.expanduser(uri))
-    candidates = [local] if os.path.isfile(local) else weights_in(local)
+    # A file (or a FIFO or device, refused when read) is itself the adapter; a folder holds it.
+    candidates = [local] if os.path.exists(local) and not os.path.isdir(local) else weights_in(local)
     if store is not None and not uri.startswith(("/", "~")):
         try:
             candidates.extend(weights_in(store.uri(uri)))
@@ -245,21 +246,31 @@ def check_regular_file(path: str, max_bytes: int) -> None:
     _check_size(path, info.st_size, max_bytes)
 
 
+def open_regular_file(path: str):
+    """A local file opened for reading, or None if it is not a regular file (symbolic links
+    followed), found without blocking: opening a FIFO waits for a writer, a device reads forever.
+    Raises what `open` raises (FileNotFoundError, IsADirectoryError, ...)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return os.fdopen(fd, "rb")
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(path)
+    return None
+
+
 def _read_local(path: str, max_bytes: int) -> bytes | None:
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        f = open_regular_file(path)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     except OSError as exc:
         raise AdapterError(f"adapter {path} could not be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            return None
-        if not stat.S_ISREG(mode):
-            raise AdapterError(f"adapter {path} is not a regular file (a device, FIFO or socket): not read")
-        _check_size(path, os.fstat(fd).st_size, max_bytes)
+    if f is None:
+        raise AdapterError(f"adapter {path} is not a regular file (a device, FIFO or socket): not read")
+    with f:
+        _check_size(path, os.fstat(f.fileno()).st_size, max_bytes)
         data = f.read(max_bytes + 1)
     _check_size(path, len(data), max_bytes)
     return data

@@ -9,12 +9,11 @@ import difflib
 import hashlib
 import json
 import math
-import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from common.adapters import DEFAULT_POLICY, AdapterFile, ReadPolicy, read_adapter
+from common.adapters import DEFAULT_POLICY, AdapterFile, ReadPolicy, open_regular_file, read_adapter
 from common.batch import check_batch_name
 from common.errors import AdapterError, JobError, JobFileError, LorafleetError, ModelError
 from common.lora_formats import check_shapes, detect_layout
@@ -311,12 +310,12 @@ def read_job_lines(path: str, max_jobs: int) -> Iterator[tuple[int, object, str 
     """(line number, JSON object, None) for each job line of a .jsonl file, or (line number, None,
     error) for a line that is not JSON; read as a stream, stopping with one error past `max_jobs` lines."""
     try:
-        f = open(path, "rb")
+        f = open_regular_file(path)
     except OSError as exc:
-        raise JobFileError(path, [f"cannot open: {exc.strerror}"]) from None
+        raise JobFileError(path, [f"cannot open: {exc.strerror or exc}"]) from None
+    if f is None:
+        raise JobFileError(path, ["not a regular file (a device, FIFO or socket): not read"])
     with f:
-        if not os.path.isfile(path):  # a FIFO or device would be read forever
-            raise JobFileError(path, ["not a regular file"])
         lines = 0
         for number, raw in enumerate(f, start=1):
             try:

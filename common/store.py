@@ -3,6 +3,7 @@
 Layout (DESIGN.md): videos/<key>.{mp4,png,json} and batches/<batch>/manifest.jsonl.
 """
 
+import contextlib
 import os
 import uuid
 
@@ -57,9 +58,14 @@ class Store:
                 # A temporary name beside the target, then a rename: atomic on one filesystem.
                 self.fs.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                except OSError:
+                    with contextlib.suppress(OSError):  # a full disk leaves no half file behind
+                        os.remove(tmp)
+                    raise
             else:
                 # Object stores make an object visible only once its upload completes.
                 self.fs.pipe_file(path, data)

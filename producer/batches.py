@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from common.batch import Batch
 from common.broker import TASK_NAME, make_app
-from common.errors import LorafleetError
+from common.errors import LorafleetError, StoreError
 from common.ledger import Ledger
 from common.settings import Settings, queue_for
 from common.store import Store, jobs_path, video_path
@@ -113,15 +113,26 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
             if done + failed + cancelled == total:
                 break
             time.sleep(POLL_INTERVAL_S)
-    batch.write_manifest(store)
+    write_manifest_or_warn(batch, store, console)
     batch.print_summary(console)
     return done == total
+
+
+def write_manifest_or_warn(batch: Batch, store: Store, console: Console) -> None:
+    """Bring the manifest in the store up to date; a full or read-only store is a warning here,
+    so that the user still sees the batch's state."""
+    try:
+        batch.write_manifest(store)
+    except StoreError as exc:
+        console.print(f"warning: the manifest was not updated: {exc}", style="yellow", markup=False)
 
 
 def resend_orphans(batch: Batch, app, store: Store, ledger: Ledger, orphans: dict[str, int], checks: int = 3) -> None:
     """Send again the jobs found nowhere (no result, an empty queue, no worker holding them) at
     `checks` checks in a row. A job sent twice is rendered once: its key is in the store or locked."""
-    pending = {e["task_id"]: e for e in batch.entries if e["status"] == "queued"}
+    # A running job is orphaned too when Redis restarted without its data: its lease is gone, and
+    # its worker, unable to prove it holds the job, stopped without writing.
+    pending = {e["task_id"]: e for e in batch.entries if e["status"] in UNFINISHED}
     jobs = None
     for task_id, entry in pending.items():
         queue = queue_for(entry.get("model"))
@@ -155,7 +166,7 @@ def status(settings: Settings, name: str, console: Console) -> Batch:
     """Bring the batch's manifest up to date and show counts by state, and each failure's reason."""
     batch, store = load_batch(settings, name)
     refresh(batch, make_app(settings), store)
-    batch.write_manifest(store)
+    write_manifest_or_warn(batch, store, console)
     counts = {state: batch.count(state) for state in ("done", "running", "queued", "failed", "cancelled")}
     console.print(
         f"batch {name}: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" of {len(batch.entries)} jobs"

@@ -121,7 +121,9 @@ def test_an_adapter_the_model_cannot_take_is_refused_at_submit_and_fails_a_direc
     assert good.get(timeout=60)["status"] == "done"
 
 
-def test_no_corpus_file_reaches_the_queue(fleet_env, monkeypatch):
+def test_no_corpus_file_reaches_the_queue(fleet_env, monkeypatch, tmp_path):
+    """Each hostile file, with a good line before its bad ones, enqueues nothing; the same path
+    enqueues the good line alone (so the count below can see a message)."""
     from common.errors import JobFileError
     from producer.submit import submit
     from tests.unit.test_corpus import CORPUS, EXPECTED
@@ -132,9 +134,17 @@ def test_no_corpus_file_reaches_the_queue(fleet_env, monkeypatch):
         model=fleet_env["LORAFLEET_MODEL"],
         _env_file=None,
     )
-    monkeypatch.chdir(CORPUS)
+    monkeypatch.chdir(CORPUS)  # adapter paths in the corpus are relative to it
+    good = json.dumps({"prompt": "a good line", "seed": 1}).encode() + b"\n"
     for name in EXPECTED:
+        with open(name, "rb") as f:
+            hostile = f.read()
+        mixed = tmp_path / name
+        mixed.write_bytes(good + hostile if hostile.strip() else hostile)
         with pytest.raises(JobFileError):
-            submit(name, settings)
+            submit(str(mixed), settings)
     assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 0
     assert not os.path.exists(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches"))
+    (tmp_path / "good.jsonl").write_bytes(good)
+    submit(str(tmp_path / "good.jsonl"), settings)
+    assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 1

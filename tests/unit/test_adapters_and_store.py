@@ -2,11 +2,15 @@
 
 import os
 import shutil
+import time
 
 import pytest
 
-from common.adapters import WEIGHTS_NAME, candidate_urls, read_adapter
-from common.errors import AdapterError, StoreError
+from common.adapters import WEIGHTS_NAME, ReadPolicy, candidate_urls, read_adapter
+from common.batch import check_batch_name
+from common.errors import AdapterError, JobFileError, LorafleetError, StoreError
+from common.job import AdapterResolver, load_jobs
+from common.model import model_info
 from common.store import Store
 
 pytestmark = pytest.mark.unit
@@ -69,3 +73,61 @@ def test_store_writes_whole_files_and_stays_inside(tmp_path):
     for escape in ("../outside", "/etc/passwd", "videos/../../x", "a//b"):
         with pytest.raises(StoreError):
             store.write_bytes(escape, b"x")
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    (tmp_path / "store" / "videos" / "abc.json").mkdir(parents=True)  # the rename onto a folder fails
+    with pytest.raises(StoreError):
+        store.write_bytes("videos/abc.json", b"{}")
+    assert os.listdir(tmp_path / "store" / "videos") == ["abc.json"]
+
+
+def test_the_url_policy_refuses_outside_its_schemes_and_roots_without_reading(tmp_path, tiny):
+    store = Store(str(tmp_path / "store"))
+    shutil.copytree(tiny["style"], tmp_path / "store" / "adapters" / "style")
+    inside = tmp_path / "allowed"
+    shutil.copytree(tiny["style"], inside / "style")
+    os.symlink(tiny["style"], inside / "escape")  # a link inside a root to a folder outside it
+    policy = ReadPolicy(roots=(str(inside),))
+    assert read_adapter(str(inside / "style"), store, policy)[0].sha256
+    assert read_adapter("adapters/style", store, policy)[0].sha256  # the store is always allowed
+    for outside in (tiny["style"], str(inside / "escape"), "/etc/passwd", "/no/such/file", "http://127.0.0.1:9/a"):
+        with pytest.raises(AdapterError, match="is outside the allowed locations"):
+            read_adapter(outside, store, policy)
+
+
+def test_an_adapter_over_the_size_limit_is_not_read(tiny):
+    with pytest.raises(AdapterError, match=r"is larger than 0 MiB \(LORAFLEET_MAX_ADAPTER_MB\): not read"):
+        read_adapter(tiny["style"], None, ReadPolicy(max_bytes=100))
+
+
+def test_an_unreachable_hub_is_asked_once_briefly(monkeypatch):
+    """Offline, the hub client retries for over 20 s; one short connection try answers instead."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    started = time.monotonic()
+    for _ in range(3):
+        with pytest.raises(AdapterError, match='adapter "someone/some-adapter" not found'):
+            read_adapter("someone/some-adapter", None)
+    assert time.monotonic() - started < 6
+
+
+def test_a_fifo_is_refused_at_submit_without_blocking(tmp_path, tiny):
+    fifo = tmp_path / "adapter.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(AdapterError, match="is not a regular file"):
+        read_adapter(str(fifo), None)
+    jobs = tmp_path / "jobs.jsonl"
+    os.mkfifo(jobs)
+    with pytest.raises(JobFileError, match="not a regular file"):
+        load_jobs(str(jobs), lambda alias: model_info(tiny["model"]), AdapterResolver(None))
+
+
+@pytest.mark.parametrize("name", ["a\nb", "\x1b[31mred", "x" * 10_000, "../up", "", ".hidden", 7])
+def test_batch_names_are_plain_and_never_echoed_whole(name):
+    with pytest.raises(LorafleetError) as refused:
+        check_batch_name(name)
+    assert len(str(refused.value)) < 200 and "\n" not in str(refused.value) and "\x1b" not in str(refused.value)

@@ -1,0 +1,134 @@
+"""The store stays true under hostile clients and failing machines: `videos/<key>.mp4` is the render
+of exactly the job whose content hashes to `<key>`, written once. Real workers, real Redis."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from celery.result import AsyncResult
+
+from common.adapters import content_hash
+from common.job import AdapterResolver, job_from_message
+from common.model import model_info
+from tests.helpers import render_records
+from tests.integration.test_faults import app_for, long_job, progress_of, submit_one, wait_for
+from tests.unit.test_corpus import CORPUS
+
+pytestmark = pytest.mark.integration
+
+
+def store_files(store: str) -> dict[str, tuple[str, int]]:
+    """Every file in the store: its content hash and modification time."""
+    files = {}
+    for folder, _, names in os.walk(store):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, store)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+    return files
+
+
+def failure_of(result, timeout: float = 60) -> str:
+    """The one-line reason a job failed with (the test fails if it did not)."""
+    with pytest.raises(Exception) as failed:
+        result.get(timeout=timeout)
+    return str(failed.value)
+
+
+def metadata(env: dict, key: str) -> dict:
+    with open(os.path.join(env["LORAFLEET_STORE_URL"], "videos", f"{key}.json")) as f:
+        return json.load(f)
+
+
+def test_a_forged_key_is_refused_and_the_real_job_still_renders(fleet_env, start_worker, tiny, tmp_path):
+    start_worker(fleet_env)
+    real = {"prompt": "a red fox in the snow", "seed": 1}
+    real_key = job_from_message(real, model_info(tiny["model"]), AdapterResolver(None))["key"]
+    forged = app_for(fleet_env).send_task(
+        "lorafleet.render", args=[{"prompt": "something else entirely", "seed": 1, "key": real_key}]
+    )
+    reason = failure_of(forged)
+    assert f"the message says {real_key} but its content hashes to " in reason
+    assert not os.path.exists(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "videos", f"{real_key}.mp4"))
+
+    submitted = submit_one(real, tmp_path, fleet_env, "--wait")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert "1 enqueued, 0 already in the store" in submitted.stdout
+    assert metadata(fleet_env, real_key)["job"]["prompt"] == real["prompt"]
+
+
+def test_a_worker_paused_past_its_lease_writes_nothing(fleet_env, start_worker):
+    env = {**fleet_env, "LORAFLEET_LEASE_S": "5"}
+    workers = [start_worker(env), start_worker(env)]
+    result = app_for(env).send_task("lorafleet.render", args=[long_job(7, steps=400)])
+    info = wait_for(lambda: progress_of(result), 60, "the job to start")
+    paused = next(w for w in workers if w.worker == info["worker"])
+    other = next(w for w in workers if w is not paused)
+    os.killpg(paused.pid, signal.SIGSTOP)
+    time.sleep(10)  # twice the lease: the other worker's sweeper hands the job on
+    os.killpg(paused.pid, signal.SIGCONT)
+
+    outcome = result.get(timeout=240)
+    assert outcome["status"] == "done" and outcome["worker"] == other.worker
+    written = store_files(env["LORAFLEET_STORE_URL"])
+    wait_for(lambda: "stopped without writing" in open(paused.log_path).read(), 60, "the paused worker to stop", 0.5)
+    time.sleep(2)
+    assert store_files(env["LORAFLEET_STORE_URL"]) == written  # nothing changed after the job was reported done
+    assert render_records([w.log_path for w in workers]) == {outcome["key"][:12]: 1}
+    assert AsyncResult(result.id, app=app_for(env)).state == "SUCCESS"  # the paused worker did not overwrite it
+    assert paused.poll() is None  # and it serves on
+
+
+def test_a_render_that_overflows_fails_instead_of_storing_a_black_video(fleet_env, start_worker, tiny, tmp_path):
+    start_worker(fleet_env)
+    job = {"prompt": "a cat", "adapters": [tiny["style"]], "lora_scale": 1e30, "seed": 1, "height": 32, "width": 32}
+    submitted = submit_one(job, tmp_path, fleet_env, "--wait")
+    assert submitted.returncode == 1, submitted.stdout + submitted.stderr
+    assert "came out NaN or infinite: not stored" in submitted.stdout
+    assert not os.listdir(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "videos"))
+
+
+def test_a_non_finite_adapter_from_another_client_fails_naming_it(fleet_env, start_worker):
+    """A client that computed the hash itself skips submit's checks: the worker checks the factors."""
+    start_worker(fleet_env)
+    path = os.path.join(CORPUS, "adapters", "nan.safetensors")
+    with open(path, "rb") as f:
+        sha256 = content_hash(f.read(), None)
+    adapter = {"uri": path, "url": path, "sha256": sha256}
+    result = app_for(fleet_env).send_task("lorafleet.render", args=[{"prompt": "x", "seed": 1, "adapters": [adapter]}])
+    assert "nan.safetensors: tensor" in failure_of(result) and "holds NaN or infinite values" in failure_of(result)
+
+
+def test_a_fifo_adapter_fails_its_job_and_the_worker_serves_on(fleet_env, start_worker, tmp_path):
+    fifo = str(tmp_path / "adapter.safetensors")
+    os.mkfifo(fifo)
+    start_worker(fleet_env)
+    app = app_for(fleet_env)
+    bad = app.send_task("lorafleet.render", args=[{"prompt": "x", "seed": 1, "adapters": [fifo]}])
+    assert f"adapter {fifo} is not a regular file (a device, FIFO or socket): not read" in failure_of(bad, timeout=30)
+    assert app.send_task("lorafleet.render", args=[{"prompt": "x", "seed": 2}]).get(timeout=60)["status"] == "done"
+
+
+def test_a_worker_reads_an_adapter_anew_when_its_file_appears_or_changes(fleet_env, start_worker, tiny, tmp_path):
+    start_worker(fleet_env)
+    app = app_for(fleet_env)
+    folder = tmp_path / "late-adapter"
+    message = {"prompt": "x", "seed": 1, "adapters": [str(folder)]}
+    assert "not found" in failure_of(app.send_task("lorafleet.render", args=[message]))
+
+    seen = []
+    for name in ("style", "subject"):  # the file appears, then is replaced in place
+        folder.mkdir(exist_ok=True)
+        shutil.copyfile(
+            os.path.join(tiny[name], "pytorch_lora_weights.safetensors"), folder / "pytorch_lora_weights.safetensors"
+        )
+        outcome = app.send_task("lorafleet.render", args=[message]).get(timeout=60)
+        assert outcome["status"] == "done"
+        with open(folder / "pytorch_lora_weights.safetensors", "rb") as f:
+            assert metadata(fleet_env, outcome["key"])["adapters"][0]["sha256"] == content_hash(f.read(), None)
+        seen.append(outcome["key"])
+    assert seen[0] != seen[1]
