@@ -14,7 +14,7 @@ from celery.result import AsyncResult
 from common.adapters import content_hash
 from common.job import AdapterResolver, job_from_message
 from common.model import model_info
-from tests.helpers import render_records
+from tests.helpers import read_manifest, render_records
 from tests.integration.test_faults import app_for, long_job, progress_of, submit_one, wait_for
 from tests.unit.test_corpus import CORPUS
 
@@ -86,10 +86,11 @@ def test_a_worker_paused_past_its_lease_writes_nothing(fleet_env, start_worker):
 def test_a_render_that_overflows_fails_instead_of_storing_a_black_video(fleet_env, start_worker, tiny, tmp_path):
     start_worker(fleet_env)
     job = {"prompt": "a cat", "adapters": [tiny["style"]], "lora_scale": 1e30, "seed": 1, "height": 32, "width": 32}
-    submitted = submit_one(job, tmp_path, fleet_env, "--wait")
+    submitted = submit_one(job, tmp_path, fleet_env, "--wait", "--batch", "overflow")
     assert submitted.returncode == 1, submitted.stdout + submitted.stderr
-    assert "came out NaN or infinite: not stored" in submitted.stdout
-    assert not os.listdir(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "videos"))
+    (entry,) = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "overflow", "manifest.jsonl"))
+    assert entry["status"] == "failed" and "came out NaN or infinite: not stored" in entry["error"]
+    assert not os.path.exists(entry["video"]) and not os.path.exists(entry["metadata"])
 
 
 def test_a_non_finite_adapter_from_another_client_fails_naming_it(fleet_env, start_worker):
@@ -132,3 +133,32 @@ def test_a_worker_reads_an_adapter_anew_when_its_file_appears_or_changes(fleet_e
             assert metadata(fleet_env, outcome["key"])["adapters"][0]["sha256"] == content_hash(f.read(), None)
         seen.append(outcome["key"])
     assert seen[0] != seen[1]
+
+
+def test_status_and_wait_report_what_they_can_on_a_read_only_store(fleet_env, start_worker, tmp_path, monkeypatch):
+    """A read-only or full store cannot be made here (tests run as root), so writes are made to fail
+    the way the OS fails them; the commands must still show the batch."""
+    from rich.console import Console
+
+    from common.errors import StoreError
+    from common.settings import Settings
+    from common.store import Store
+    from producer import batches
+
+    start_worker(fleet_env)
+    assert submit_one({"prompt": "a cat", "seed": 1}, tmp_path, fleet_env, "--wait", "--batch", "ro").returncode == 0
+    settings = Settings(
+        redis_url=fleet_env["LORAFLEET_REDIS_URL"], store_url=fleet_env["LORAFLEET_STORE_URL"], _env_file=None
+    )
+
+    def read_only(self, relpath, data):
+        raise StoreError(f"cannot write {self.uri(relpath)}: [Errno 30] Read-only file system")
+
+    monkeypatch.setattr(Store, "write_bytes", read_only)
+    console = Console(record=True, width=200)
+    batch = batches.status(settings, "ro", console)
+    assert batch.count("done") == 1
+    shown = console.export_text()
+    assert "batch ro: 1 done, 0 running, 0 queued, 0 failed, 0 cancelled of 1 jobs" in shown
+    assert "warning: the manifest was not updated: cannot write" in shown and "Read-only file system" in shown
+    assert batches.wait_for_batch(batch, settings, console) is True

@@ -4,11 +4,13 @@ import json
 import math
 import os
 import shutil
+import time
 
 import pytest
 
-from common.errors import JobFileError
-from common.job import AdapterResolver, check_job, expand_job, job_key, load_jobs, prepare_job
+from common.adapters import ReadPolicy
+from common.errors import JobError, JobFileError
+from common.job import AdapterResolver, check_job, expand_job, job_from_message, job_key, load_jobs, prepare_job
 from common.model import ModelInfo
 from common.store import Store
 
@@ -171,3 +173,38 @@ def test_at_lora_scale_zero_every_adapter_combination_shares_the_base_key(tmp_pa
         {"prompt": "x", "seed": 1, "lora_scale": 0, "adapters": [tiny["subject"], tiny["style"]]}, tmp_path
     )
     assert base != key_of({"prompt": "x", "seed": 1, "lora_scale": 0.5, "adapters": [tiny["style"]]}, tmp_path)
+
+
+def test_a_message_key_is_always_derived_from_its_content(tmp_path, adapter_file):
+    """Whoever can write to Redis is a client: a message's key is checked, never trusted."""
+    resolver = AdapterResolver(Store(str(tmp_path / "store")))
+    message = {"prompt": "a cat", "seed": 3, "adapters": [adapter_file]}
+    derived = job_from_message(message, MODEL, resolver)
+    assert job_from_message({**message, "key": derived["key"]}, MODEL, resolver)["key"] == derived["key"]
+    forged = "0" * 64
+    with pytest.raises(JobError, match=f"the message says {forged} but its content hashes to {derived['key']}"):
+        job_from_message({**message, "key": forged}, MODEL, resolver)
+    # A producer's message names each adapter's file and hash: the key follows the hash it names.
+    producer_style = {**message, "adapters": derived["adapters"], "key": derived["key"]}
+    assert job_from_message(producer_style, MODEL, resolver)["key"] == derived["key"]
+    other_hash = [{**derived["adapters"][0], "sha256": "f" * 64}]
+    with pytest.raises(JobError, match="but its content hashes to"):
+        job_from_message({**producer_style, "adapters": other_hash}, MODEL, resolver)
+
+
+def test_a_message_naming_a_file_outside_the_policy_is_refused(tmp_path):
+    resolver = AdapterResolver(None, ReadPolicy(schemes=("s3",)))
+    adapter = {"uri": "x", "url": "/etc/passwd", "sha256": "a" * 64}
+    with pytest.raises(JobError, match="outside the allowed locations"):
+        job_from_message({"prompt": "x", "seed": 1, "adapters": [adapter]}, MODEL, resolver)
+    with pytest.raises(JobError, match="job: batch: batch name"):
+        job_from_message({"prompt": "x", "seed": 1, "batch": "a\nb"}, MODEL, resolver)
+
+
+def test_a_file_asking_for_millions_of_jobs_is_refused_before_any_is_built(tmp_path):
+    line = {"prompt": "x", "seed": list(range(4000)), "lora_scale": [i / 4000 for i in range(4000)]}
+    started = time.monotonic()
+    assert errors_of(tmp_path, line) == [
+        "the file expands to 16000000 jobs, more than 100000 (LORAFLEET_MAX_JOBS): split it"
+    ]
+    assert time.monotonic() - started < 5  # counted, not built: 16 million dicts would take minutes and GBs
