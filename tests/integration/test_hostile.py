@@ -64,7 +64,7 @@ def test_a_forged_key_is_refused_and_the_real_job_still_renders(fleet_env, start
 def test_a_worker_paused_past_its_lease_writes_nothing(fleet_env, start_worker):
     env = {**fleet_env, "LORAFLEET_LEASE_S": "5"}
     workers = [start_worker(env), start_worker(env)]
-    job = {**long_job(7, steps=2000), "height": 64, "width": 64}  # seconds of rendering: paused mid-render
+    job = {**long_job(7, steps=1000), "height": 96, "width": 96}  # seconds of rendering: paused mid-render
     result = app_for(env).send_task("lorafleet.render", args=[job])
     info = wait_for(lambda: progress_of(result), 60, "the job to start")
     paused = next(w for w in workers if w.worker == info["worker"])
