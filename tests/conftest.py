@@ -65,9 +65,9 @@ def start_worker(tmp_path):
     """Start real `lorafleet worker --device cpu` processes; each is stopped after the test."""
     started = []
 
-    def start(env: dict, name: str | None = None, flags: tuple[str, ...] = ()) -> subprocess.Popen:
+    def start(env: dict, name: str | None = None, flags: tuple[str, ...] = (), module: str = "lorafleet"):
         log_path = str(tmp_path / f"{name or f'worker{len(started)}'}.log")
-        process = spawn_worker(["--device", "cpu", *flags], env, log_path)
+        process = spawn_worker(["--device", "cpu", *flags], env, log_path, module)
         started.append(process)
         wait_until_ready(process, log_path, timeout_s=120)
         process.log_path = log_path

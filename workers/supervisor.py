@@ -35,9 +35,12 @@ def list_gpus(spec: str) -> list[int]:
     return [int(line) for line in out.split() if line.strip().isdigit()]
 
 
-def spawn_worker(worker_args: list[str], env: dict | None = None, log_path: str | None = None) -> subprocess.Popen:
-    """Start `lorafleet worker ARGS` in its own session (signals reach it only when passed on)."""
-    command = [sys.executable, "-m", "lorafleet", "worker", *worker_args]
+def spawn_worker(
+    worker_args: list[str], env: dict | None = None, log_path: str | None = None, module: str = "lorafleet"
+) -> subprocess.Popen:
+    """Start `lorafleet worker ARGS` (`python -m MODULE worker ARGS`) in its own session (signals
+    reach it only when passed on)."""
+    command = [sys.executable, "-m", module, "worker", *worker_args]
     output = open(log_path, "w") if log_path else None
     return subprocess.Popen(
         command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True

@@ -10,8 +10,6 @@ that job with a one-line reason, and the worker serves on.
 """
 
 import logging
-import os
-import signal
 import time
 
 import redis
@@ -29,8 +27,6 @@ from workers.render import Renderer, render_job
 log = logging.getLogger("lorafleet.worker")
 PROGRESS_INTERVAL_S = 0.5
 RETRYABLE = (StoreError, redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
-# Test-only fault injection: a job with exactly this prompt kills its worker (tests/ prove redelivery with it).
-KILL_PROMPT = os.environ.get("LORAFLEET_TEST_KILL_PROMPT")
 
 
 def register_render_task(
@@ -76,8 +72,6 @@ def register_render_task(
                     job.get("id") or job["prompt"][:40],
                     deliveries,
                 )
-                if KILL_PROMPT is not None and job["prompt"] == KILL_PROMPT:
-                    os.kill(os.getpid(), signal.SIGKILL)
                 with ledger.key_lock(key, lease, lambda: store.exists(video_path(key, "mp4"))) as locked:
                     if not locked or store.exists(video_path(key, "mp4")):
                         return done

@@ -72,13 +72,13 @@ def test_a_poison_job_is_failed_after_max_deliveries_and_the_fleet_serves_on(fas
     env = {**fast_leases, "LORAFLEET_TEST_KILL_PROMPT": "poison", "LORAFLEET_MAX_DELIVERIES": "3"}
     app = app_for(env)
     poison = app.send_task(TASK_NAME, args=[{"prompt": "poison", "seed": 1}])
-    worker = start_worker(env)
+    worker = start_worker(env, module="tests.poison_worker")
     deaths = 0
     deadline = time.monotonic() + 180
     while not poison.ready() and time.monotonic() < deadline:
         if worker.poll() is not None:
             deaths += 1
-            worker = start_worker(env)
+            worker = start_worker(env, module="tests.poison_worker")
         time.sleep(0.2)
     assert poison.state == "FAILURE", poison.state
     assert "worker lost 3 times" in str(poison.result)

@@ -1,0 +1,28 @@
+"""`lorafleet` with one fault planted, for the poison-job test: a job whose prompt is
+$LORAFLEET_TEST_KILL_PROMPT kills its worker with SIGKILL once rendering starts (after its lease is
+taken and its delivery counted), as a job that crashes the GPU driver or the OOM killer would.
+
+Run as `python -m tests.poison_worker worker --device cpu`; production code carries no such hook.
+"""
+
+import os
+import signal
+import sys
+
+import workers.tasks
+from lorafleet.cli import main
+
+KILL_PROMPT = os.environ["LORAFLEET_TEST_KILL_PROMPT"]
+render_job = workers.tasks.render_job
+
+
+def render_or_die(renderer, store, job, *args, **kwargs):
+    if job["prompt"] == KILL_PROMPT:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return render_job(renderer, store, job, *args, **kwargs)
+
+
+workers.tasks.render_job = render_or_die
+
+if __name__ == "__main__":
+    sys.exit(main())
