@@ -2,7 +2,7 @@
 
 from celery import Celery
 
-from common.settings import Settings
+from common.settings import Settings, queue_for
 
 TASK_NAME = "lorafleet.render"
 
@@ -51,3 +51,10 @@ def check_redis(url: str) -> None:
         client.ping()
     finally:
         client.close()
+
+
+def send_job(app: Celery, message: dict, task_id: str, queue: str | None = None, producer=None) -> None:
+    """Enqueue one `lorafleet.render` message (an expanded job with its batch) under a task id, on
+    its model's queue unless `queue` is given: the one way every part of lorafleet sends a job."""
+    queue = queue or queue_for(message.get("model"))
+    app.send_task(TASK_NAME, args=[message], queue=queue, task_id=task_id, producer=producer)

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from common.adapters import DEFAULT_POLICY, AdapterFile, ReadPolicy, open_regular_file, read_adapter
-from common.batch import check_batch_name
 from common.errors import AdapterError, JobError, JobFileError, LorafleetError, ModelError
 from common.lora_formats import check_shapes, detect_layout
+from common.manifest import check_batch_name
 from common.model import ModelInfo
 from common.store import Store
 

@@ -88,6 +88,11 @@ def video_path(key: str, suffix: str) -> str:
     return f"videos/{key}.{suffix}"
 
 
+def video_exists(store: Store, key: str) -> bool:
+    """Whether a job's video is in the store: the truth for "done" (its MP4 is written last)."""
+    return store.exists(video_path(key, "mp4"))
+
+
 OUTPUT_SUFFIXES = {"video": "mp4", "poster": "png", "metadata": "json"}
 
 

@@ -17,6 +17,7 @@ from redis import RedisError
 from rich.console import Console
 
 from common.errors import JobFileError, LorafleetError
+from common.manifest import JobStatus
 from common.settings import get_settings
 
 EXIT_FAILED_JOBS = 1
@@ -158,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, console: Console) -> int:
     settings = get_settings()
     if args.command == "submit":
-        from producer.batches import wait_for_batch
+        from producer.follow import wait_for_batch
         from producer.submit import submit
 
         batch = submit(args.file, settings, args.batch)
-        queued, done = batch.enqueued, batch.count("done")
+        queued, done = batch.enqueued, batch.count(JobStatus.DONE)
         console.print(f"batch {batch.name}: {len(batch.entries)} jobs, {queued} enqueued, {done} already in the store")
         if args.wait:
             return 0 if wait_for_batch(batch, settings, console) else EXIT_FAILED_JOBS
@@ -172,17 +173,18 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
         return 0 if run_sweep(args.file, settings, console, args.batch, args.compare) else EXIT_FAILED_JOBS
     if args.command in ("status", "cancel", "retry"):
-        from producer import batches
+        from producer.control import cancel, retry
+        from producer.follow import status, wait_for_batch
 
         if args.command == "status":
-            batch = batches.status(settings, args.batch, console)
-            return EXIT_FAILED_JOBS if batch.count("failed") else 0
+            batch = status(settings, args.batch, console)
+            return EXIT_FAILED_JOBS if batch.count(JobStatus.FAILED) else 0
         if args.command == "cancel":
-            batches.cancel(settings, args.batch, console)
+            cancel(settings, args.batch, console)
             return 0
-        batch = batches.retry(settings, args.batch, console)
+        batch = retry(settings, args.batch, console)
         if args.wait:
-            return 0 if batches.wait_for_batch(batch, settings, console) else EXIT_FAILED_JOBS
+            return 0 if wait_for_batch(batch, settings, console) else EXIT_FAILED_JOBS
         return 0
     if args.command == "worker":
         device, gpu = _pick_device(args)
@@ -199,10 +201,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             os.environ["LORAFLEET_MODEL"] = settings.model_ref(args.model)
             get_settings.cache_clear()
             settings = get_settings()
-        from workers.local import render_file
+        from lorafleet.local_render import render_file
 
         batch = render_file(args.file, settings, device, console, args.batch)
-        return 0 if batch.count("failed") == 0 else EXIT_FAILED_JOBS
+        return 0 if batch.count(JobStatus.FAILED) == 0 else EXIT_FAILED_JOBS
     if args.command == "tiny-model":
         from workers.tiny_model import write_tiny_model
 

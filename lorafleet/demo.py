@@ -12,7 +12,7 @@ from contextlib import ExitStack
 
 from rich.console import Console
 
-from common.redis_server import RedisServer
+from lorafleet.redis_server import RedisServer
 from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
 
 DEMO_DIR = "demo"

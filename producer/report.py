@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from common.batch import Batch
+from common.manifest import Batch
 from common.store import Store, video_path
 
 SSIM_WINDOW = 7

@@ -2,12 +2,12 @@
 
 import uuid
 
-from common.batch import Batch, check_batch_name, new_batch_name
-from common.broker import TASK_NAME, check_redis, make_app
+from common.broker import check_redis, make_app, send_job
 from common.job import AdapterResolver, JobLimits, load_jobs
+from common.manifest import Batch, JobStatus, check_batch_name, new_batch_name
 from common.model import model_resolver
-from common.settings import Settings, queue_for
-from common.store import Store, video_path
+from common.settings import Settings
+from common.store import Store, video_exists
 
 
 def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batch:
@@ -32,19 +32,18 @@ def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) ->
     task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
     to_send = []
     for job in jobs:
-        if store.exists(video_path(job["key"], "mp4")):
-            batch.add(store, job, "done")
+        if video_exists(store, job["key"]):
+            batch.add(store, job, JobStatus.DONE)
             continue
         if job["key"] not in task_ids:
             task_ids[job["key"]] = str(uuid.uuid4())
             to_send.append((job, task_ids[job["key"]]))
-        batch.add(store, job, "queued", task_ids[job["key"]])
+        batch.add(store, job, JobStatus.QUEUED, task_ids[job["key"]])
     check_redis(settings.redis_url)
     batch.write_jobs(store, jobs)
     batch.write_manifest(store)
     app = make_app(settings)
     with app.producer_or_acquire() as producer:
         for job, task_id in to_send:
-            message = {**job, "batch": batch.name}
-            app.send_task(TASK_NAME, args=[message], queue=queue_for(job["model"]), task_id=task_id, producer=producer)
+            send_job(app, {**job, "batch": batch.name}, task_id, producer=producer)
     return batch

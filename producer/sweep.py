@@ -4,13 +4,13 @@ import time
 
 from rich.console import Console
 
-from common.batch import Batch, check_batch_name
 from common.job import AdapterResolver, JobLimits
+from common.manifest import Batch, JobStatus, check_batch_name
 from common.model import model_resolver
 from common.settings import Settings
 from common.store import Store
-from common.sweep import load_sweep
-from producer.batches import wait_for_batch
+from common.sweep_spec import load_sweep
+from producer.follow import wait_for_batch
 from producer.report import build_report, load_report
 from producer.submit import enqueue
 
@@ -30,7 +30,7 @@ def run_sweep(
     batch = Batch(check_batch_name(batch_name or f"{name}-{time.strftime('%Y%m%d', time.gmtime())}"))
     enqueue(jobs, batch, store, settings)
     console.print(
-        f"sweep {batch.name}: {len(jobs)} cells, {batch.enqueued} enqueued, {batch.count('done')} already in the store"
+        f"sweep {batch.name}: {len(jobs)} cells, {batch.enqueued} enqueued, {batch.count(JobStatus.DONE)} already in the store"
     )
     ok = wait_for_batch(batch, settings, console)
     if not ok:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from common.errors import LorafleetError
-from common.redis_server import RedisServer
+from lorafleet.redis_server import RedisServer
 from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
 
 # No network here or in CI: a hub lookup must fail at once rather than retry for seconds.

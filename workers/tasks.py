@@ -16,13 +16,13 @@ import redis
 from celery import Celery
 from celery.exceptions import Ignore
 
-from common.broker import TASK_NAME
+from common.broker import TASK_NAME, send_job
 from common.errors import JobCancelled, LeaseLost, LorafleetError, StoreError, WorkerLost
 from common.job import AdapterResolver, job_from_message
-from common.ledger import Lease, Ledger
-from common.settings import Settings, queue_for
-from common.store import Store, output_uris, video_path
-from workers.render import Renderer, render_job
+from common.leases import Lease, Ledger
+from common.settings import Settings
+from common.store import Store, output_uris, video_exists
+from workers.renderer import Renderer, render_job
 
 log = logging.getLogger("lorafleet.worker")
 PROGRESS_INTERVAL_S = 0.5
@@ -63,7 +63,7 @@ def register_render_task(
                 if ledger.is_cancelled(batch):
                     raise JobCancelled(f"batch {batch} was cancelled")
                 done = {"key": key, "worker": worker, "status": "exists", **output_uris(store, key)}
-                if store.exists(video_path(key, "mp4")):
+                if video_exists(store, key):
                     return done
                 log.info(
                     "%s: %s started (%s), delivery %d",
@@ -72,8 +72,8 @@ def register_render_task(
                     job.get("id") or job["prompt"][:40],
                     deliveries,
                 )
-                with ledger.key_lock(key, lease, lambda: store.exists(video_path(key, "mp4"))) as locked:
-                    if not locked or store.exists(video_path(key, "mp4")):
+                with ledger.key_lock(key, lease, lambda: video_exists(store, key)) as locked:
+                    if not locked or video_exists(store, key):
                         return done
                     return render_job(
                         renderer, store, job, progress_reporter(self, lease, key, batch, worker), lease.confirm
@@ -122,4 +122,4 @@ def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: s
 
 def requeue(app: Celery, task_id: str, entry: dict) -> None:
     """Enqueue a job whose worker died again, under the same task id (its delivery count goes on)."""
-    app.send_task(TASK_NAME, args=[entry["message"]], task_id=task_id, queue=entry.get("queue") or queue_for(None))
+    send_job(app, entry["message"], task_id, entry.get("queue"))

@@ -15,7 +15,7 @@ from celery import signals as celery_signals
 
 from common.broker import make_app
 from common.errors import LorafleetError
-from common.ledger import Ledger, run_sweeper
+from common.leases import Ledger, run_sweeper
 from common.settings import Settings, queue_for
 from common.store import Store
 
@@ -57,7 +57,7 @@ def escalate_sigterm(name: str, timeout_s: float) -> None:
 
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
     """Serve jobs until told to stop; returns the process exit code."""
-    from workers.render import Renderer
+    from workers.renderer import Renderer
     from workers.tasks import register_render_task, requeue
 
     queue = queue_for(alias)

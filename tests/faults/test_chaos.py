@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from common.redis_server import RedisServer
+from lorafleet.redis_server import RedisServer
 from tests.helpers import decode_video, read_manifest, render_records
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]

@@ -13,8 +13,8 @@ import redis as redis_client
 from celery.result import AsyncResult
 
 from common.broker import TASK_NAME, make_app
-from common.redis_server import RedisServer
 from common.settings import Settings
+from lorafleet.redis_server import RedisServer
 from tests.conftest import lorafleet
 from tests.helpers import decode_video, queued_messages, read_manifest, render_records
 

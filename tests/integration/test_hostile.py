@@ -144,7 +144,7 @@ def test_status_and_wait_report_what_they_can_on_a_read_only_store(fleet_env, st
     from common.errors import StoreError
     from common.settings import Settings
     from common.store import Store
-    from producer import batches
+    from producer.follow import status, wait_for_batch
 
     start_worker(fleet_env)
     assert submit_one({"prompt": "a cat", "seed": 1}, tmp_path, fleet_env, "--wait", "--batch", "ro").returncode == 0
@@ -157,9 +157,9 @@ def test_status_and_wait_report_what_they_can_on_a_read_only_store(fleet_env, st
 
     monkeypatch.setattr(Store, "write_bytes", read_only)
     console = Console(record=True, width=200)
-    batch = batches.status(settings, "ro", console)
+    batch = status(settings, "ro", console)
     assert batch.count("done") == 1
     shown = console.export_text()
     assert "batch ro: 1 done, 0 running, 0 queued, 0 failed, 0 cancelled of 1 jobs" in shown
     assert "warning: the manifest was not updated: cannot write" in shown and "Read-only file system" in shown
-    assert batches.wait_for_batch(batch, settings, console) is True
+    assert wait_for_batch(batch, settings, console) is True

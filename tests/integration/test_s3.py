@@ -7,7 +7,7 @@ import boto3
 import pytest
 
 from common.adapters import WEIGHTS_NAME
-from common.redis_server import free_port
+from lorafleet.redis_server import free_port
 from tests.conftest import lorafleet
 from tests.helpers import decode_video
 

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from common.adapters import WEIGHTS_NAME, ReadPolicy, candidate_urls, read_adapter
-from common.batch import check_batch_name
 from common.errors import AdapterError, JobFileError, LorafleetError, StoreError
 from common.job import AdapterResolver, load_jobs
+from common.manifest import check_batch_name
 from common.model import model_info
 from common.store import Store
 

@@ -12,7 +12,7 @@ from common.adapters import WEIGHTS_NAME
 from common.errors import JobError
 from common.job import AdapterResolver, prepare_job
 from common.settings import Settings
-from workers.render import Renderer
+from workers.renderer import Renderer
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 
 def test_producer_never_imports_torch():
     code = (
-        "import sys, producer.submit, producer.batches, common.job, common.batch;"
+        "import sys, producer.submit, producer.follow, producer.control, common.job, common.manifest;"
         "bad = [m for m in ('torch', 'diffusers', 'workers') if m in sys.modules];"
         "assert not bad, bad"
     )

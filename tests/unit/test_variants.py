@@ -7,7 +7,7 @@ from diffusers import DiffusionPipeline
 
 from common.job import AdapterResolver, prepare_job
 from common.settings import Settings
-from workers.render import Renderer
+from workers.renderer import Renderer
 
 pytestmark = pytest.mark.unit
 
@@ -156,7 +156,7 @@ def test_caches_too_small_for_two_adapters_still_render_every_job_right(renderer
 
 
 def test_compiled_transformer_switches_without_recompiling(tiny, tmp_path):
-    from workers.render import compiled_graphs
+    from workers.renderer import compiled_graphs
 
     settings = Settings(adapter_cache_dir=str(tmp_path), compile=True, compile_backend="aot_eager", _env_file=None)
     compiled = Renderer(tiny["model"], "cpu", settings, "compiled")

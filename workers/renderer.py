@@ -20,7 +20,7 @@ from common.adapters import ReadPolicy
 from common.errors import LorafleetError, RenderError
 from common.model import ModelInfo, model_info
 from common.settings import Settings
-from common.store import Store, output_uris, video_path
+from common.store import Store, output_uris, video_exists, video_path
 from workers.variants import AdapterCache, AdapterFiles, Term, VariantEngine
 
 log = logging.getLogger("lorafleet.render")
@@ -218,7 +218,7 @@ def render_job(
     (its lease was taken over while it rendered)."""
     key = job["key"]
     result = {"key": key, "worker": renderer.worker, **output_uris(store, key)}
-    if store.exists(video_path(key, "mp4")):
+    if video_exists(store, key):
         log.info("%s: %s already in the store, not rendered again", renderer.worker, key[:12])
         return {**result, "status": "exists"}
     frames, timings = renderer.render(job, progress)

@@ -1,16 +1,29 @@
-"""A batch of jobs: its name, one manifest entry per job, and the manifest in the store."""
+"""A batch's manifest: one entry per job (id, key, state, task, outputs, error), kept in the store
+as batches/<batch>/manifest.jsonl, beside the batch's expanded jobs (batches/<batch>/jobs.jsonl)."""
 
 import json
 import re
 import secrets
 import time
 from dataclasses import dataclass, field
-
-from rich.console import Console
-from rich.table import Table
+from enum import StrEnum
 
 from common.errors import LorafleetError
 from common.store import Store, jobs_path, manifest_path, output_uris
+
+
+class JobStatus(StrEnum):
+    """A job's state in its batch's manifest (written as its plain value: "queued", ...)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 @dataclass
@@ -20,7 +33,7 @@ class Batch:
     name: str
     entries: list[dict] = field(default_factory=list)
 
-    def add(self, store: Store, job: dict, status: str, task_id: str | None = None) -> dict:
+    def add(self, store: Store, job: dict, status: JobStatus, task_id: str | None = None) -> dict:
         """Add a job's manifest entry: id, key, status, task id, output URIs, error."""
         entry = {
             "id": job["id"],
@@ -28,6 +41,8 @@ class Batch:
             "status": status,
             "task_id": task_id,
             "model": job["model"],
+            "lora_scale": job["lora_scale"],
+            "seed": job["seed"],
             **output_uris(store, job["key"]),
             "error": None,
         }
@@ -41,16 +56,24 @@ class Batch:
 
     @classmethod
     def load(cls, store: Store, name: str) -> "Batch":
-        """A batch from its manifest in the store; raises FileNotFoundError if there is none."""
-        lines = store.read_bytes(manifest_path(check_batch_name(name))).decode().splitlines()
+        """A batch from its manifest in the store; raises LorafleetError if there is none."""
+        try:
+            lines = store.read_bytes(manifest_path(check_batch_name(name))).decode().splitlines()
+        except FileNotFoundError:
+            raise LorafleetError(f'no batch "{name}" in {store.url} (no {manifest_path(name)})') from None
         return cls(name, [json.loads(line) for line in lines if line.strip()])
 
     def write_jobs(self, store: Store, jobs: list[dict]) -> None:
-        """Write the batch's expanded jobs, one per key, for `lorafleet retry`."""
+        """Write the batch's expanded jobs, one per key, for `lorafleet retry` and re-sends."""
         unique = {job["key"]: job for job in jobs}
         store.write_bytes(jobs_path(self.name), "".join(json.dumps(job) + "\n" for job in unique.values()).encode())
 
-    def count(self, status: str) -> int:
+    def read_jobs(self, store: Store) -> dict[str, dict]:
+        """The batch's expanded jobs by key, as `write_jobs` wrote them."""
+        lines = store.read_bytes(jobs_path(self.name)).decode().splitlines()
+        return {job["key"]: job for job in map(json.loads, lines)}
+
+    def count(self, status: JobStatus) -> int:
         """How many jobs have this status."""
         return sum(entry["status"] == status for entry in self.entries)
 
@@ -58,19 +81,6 @@ class Batch:
         """Write batches/<name>/manifest.jsonl (one line per job); returns its URI."""
         lines = "".join(json.dumps(entry) + "\n" for entry in self.entries)
         return store.write_bytes(manifest_path(self.name), lines.encode())
-
-    def print_summary(self, console: Console) -> None:
-        """A table of every job: its id, key, status, and its video or its error."""
-        table = Table(
-            title=f"batch {self.name}: {self.count('done')} done, {self.count('failed')} failed, {len(self.entries)} jobs"
-        )
-        for column in ("id", "key", "status", "video / error"):
-            table.add_column(column, overflow="fold")
-        for entry in self.entries:
-            style = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(entry["status"], "white")
-            detail = entry["error"] if entry["status"] in ("failed", "cancelled") else entry["video"]
-            table.add_row(entry["id"] or "", entry["key"][:12], f"[{style}]{entry['status']}[/]", detail)
-        console.print(table)
 
 
 def new_batch_name() -> str:
@@ -85,7 +95,8 @@ def check_batch_name(name) -> str:
     """A batch name that is one plain folder name in the store, safe in a terminal and a URL:
     letters, digits, ".", "_" and "-", at most 128; raises LorafleetError otherwise."""
     if not (isinstance(name, str) and BATCH_NAME.fullmatch(name)):
-        shown = json.dumps(name)[:60] + ("…" if len(json.dumps(name)) > 60 else "")  # never echo a huge name whole
+        shown = json.dumps(name)
+        shown = shown if len(shown) <= 60 else shown[:60] + "…"  # never echo a huge name whole
         raise LorafleetError(
             f'batch name {shown} must be 1 to 128 letters, digits, ".", "_" or "-", starting with a letter or digit'
         )

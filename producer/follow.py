@@ -1,26 +1,25 @@
-"""Following and controlling a submitted batch: wait (with progress), status, cancel, retry."""
+"""Following a submitted batch: its jobs' states from Celery's results and the store, progress
+until every job ends (re-sending jobs found nowhere), the status command, the result table."""
 
-import json
 import logging
 import time
-import uuid
 
 import redis
 from celery.result import AsyncResult
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from common.batch import Batch
-from common.broker import TASK_NAME, make_app
-from common.errors import LorafleetError, StoreError
-from common.ledger import Ledger
+from common.broker import make_app, send_job
+from common.errors import StoreError
+from common.leases import Ledger
+from common.manifest import RETRYABLE, UNFINISHED, Batch, JobStatus
 from common.settings import Settings, queue_for
-from common.store import Store, jobs_path, video_path
+from common.store import Store, video_exists
 
 log = logging.getLogger("lorafleet.producer")
 POLL_INTERVAL_S = 0.5
 STORE_CHECK_EVERY = 20  # polls: look for finished videos in the store every 10 s
-UNFINISHED = ("queued", "running")
 ENDED = {"SUCCESS", "FAILURE"}
 
 
@@ -41,13 +40,13 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
             _record(entries, result)
         elif state in ("STARTED", "PROGRESS"):
             for entry in entries:
-                entry["status"] = "running"
+                entry["status"] = JobStatus.RUNNING
             if state == "PROGRESS" and isinstance(result.info, dict):
                 running[task_id] = result.info
     if store is not None:
         for entry in batch.entries:
-            if entry["status"] in UNFINISHED and store.exists(video_path(entry["key"], "mp4")):
-                entry.update(status="done", error=None)
+            if entry["status"] in UNFINISHED and video_exists(store, entry["key"]):
+                entry.update(status=JobStatus.DONE, error=None)
                 running.pop(entry["task_id"], None)
     return running
 
@@ -56,7 +55,7 @@ def _record(entries: list[dict], result: AsyncResult) -> None:
     if result.successful():
         outcome = result.result or {}
         for entry in entries:
-            entry.update(status="done", worker=outcome.get("worker"), error=None)
+            entry.update(status=JobStatus.DONE, worker=outcome.get("worker"), error=None)
         return
     error = result.result
     cancelled = type(error).__name__ == "JobCancelled"
@@ -68,7 +67,7 @@ def _record(entries: list[dict], result: AsyncResult) -> None:
         else str(error)
     )
     for entry in entries:
-        entry.update(status="cancelled" if cancelled else "failed", error=reason)
+        entry.update(status=JobStatus.CANCELLED if cancelled else JobStatus.FAILED, error=reason)
 
 
 def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
@@ -104,7 +103,11 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
                 if task_id not in rows:
                     rows[task_id] = progress.add_task(label, total=info.get("steps"))
                 progress.update(rows[task_id], description=label, completed=info.get("step", 0))
-            done, failed, cancelled = batch.count("done"), batch.count("failed"), batch.count("cancelled")
+            done, failed, cancelled = (
+                batch.count(JobStatus.DONE),
+                batch.count(JobStatus.FAILED),
+                batch.count(JobStatus.CANCELLED),
+            )
             progress.update(
                 overall,
                 completed=done + failed + cancelled,
@@ -114,7 +117,7 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
                 break
             time.sleep(POLL_INTERVAL_S)
     write_manifest_or_warn(batch, store, console)
-    batch.print_summary(console)
+    print_summary(batch, console)
     return done == total
 
 
@@ -142,66 +145,47 @@ def resend_orphans(batch: Batch, app, store: Store, ledger: Ledger, orphans: dic
         orphans[task_id] = orphans.get(task_id, 0) + 1
         if orphans[task_id] >= checks:
             if jobs is None:
-                jobs = {
-                    j["key"]: j for j in map(json.loads, store.read_bytes(jobs_path(batch.name)).decode().splitlines())
-                }
-            job = jobs[entry["key"]]
+                jobs = batch.read_jobs(store)
             log.warning("%s (%s) was found nowhere %d times: sending it again", entry["key"][:12], task_id, checks)
-            app.send_task(
-                TASK_NAME, args=[{**job, "batch": batch.name}], queue=queue_for(job["model"]), task_id=task_id
-            )
+            send_job(app, {**jobs[entry["key"]], "batch": batch.name}, task_id)
             orphans.pop(task_id)
-
-
-def load_batch(settings: Settings, name: str) -> tuple[Batch, Store]:
-    """A batch as its manifest in the store says."""
-    store = Store(settings.store_url)
-    try:
-        return Batch.load(store, name), store
-    except FileNotFoundError:
-        raise LorafleetError(f'no batch "{name}" in {settings.store_url} (no batches/{name}/manifest.jsonl)') from None
 
 
 def status(settings: Settings, name: str, console: Console) -> Batch:
     """Bring the batch's manifest up to date and show counts by state, and each failure's reason."""
-    batch, store = load_batch(settings, name)
+    store = Store(settings.store_url)
+    batch = Batch.load(store, name)
     refresh(batch, make_app(settings), store)
     write_manifest_or_warn(batch, store, console)
-    counts = {state: batch.count(state) for state in ("done", "running", "queued", "failed", "cancelled")}
+    counts = {state.value: batch.count(state) for state in (JobStatus.DONE, *UNFINISHED[::-1], *RETRYABLE)}
     console.print(
         f"batch {name}: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" of {len(batch.entries)} jobs"
     )
     for entry in batch.entries:
-        if entry["status"] in ("failed", "cancelled"):
+        if entry["status"] in RETRYABLE:
             console.print(
                 f"  {entry['key'][:12]} {entry['id'] or ''}: {entry['status']}: {entry['error']}", markup=False
             )
     return batch
 
 
-def cancel(settings: Settings, name: str, console: Console) -> None:
-    """Cancel a batch: queued jobs never start, running ones stop at their next denoising step."""
-    load_batch(settings, name)
-    Ledger.from_settings(settings).cancel(name)
-    console.print(f"batch {name}: cancelled; running jobs stop at their next step (see `lorafleet status {name}`)")
-
-
-def retry(settings: Settings, name: str, console: Console) -> Batch:
-    """Enqueue the batch's failed and cancelled jobs again."""
-    batch, store = load_batch(settings, name)
-    app = make_app(settings)
-    refresh(batch, app)
-    jobs = {job["key"]: job for job in map(json.loads, store.read_bytes(jobs_path(name)).decode().splitlines())}
-    Ledger.from_settings(settings).uncancel(name)
-    again: dict[str, str] = {}
+def print_summary(batch: Batch, console: Console) -> None:
+    """A table of every job: its id, key, lora_scale, seed, status, and its video or its error."""
+    table = Table(
+        title=f"batch {batch.name}: {batch.count(JobStatus.DONE)} done, {batch.count(JobStatus.FAILED)} failed, "
+        f"{len(batch.entries)} jobs"
+    )
+    for column in ("id", "key", "scale", "seed", "status", "video / error"):
+        table.add_column(column, overflow="fold")
     for entry in batch.entries:
-        if entry["status"] in ("failed", "cancelled"):
-            key = entry["key"]
-            if key not in again:
-                again[key] = str(uuid.uuid4())
-                job = {**jobs[key], "batch": name}
-                app.send_task(TASK_NAME, args=[job], queue=queue_for(job["model"]), task_id=again[key])
-            entry.update(status="queued", task_id=again[key], error=None)
-    batch.write_manifest(store)
-    console.print(f"batch {name}: {len(again)} job(s) enqueued again")
-    return batch
+        style = {JobStatus.DONE: "green", JobStatus.FAILED: "red", JobStatus.CANCELLED: "yellow"}.get(entry["status"])
+        detail = entry["error"] if entry["status"] in RETRYABLE else entry["video"]
+        table.add_row(
+            entry["id"] or "",
+            entry["key"][:12],
+            str(entry.get("lora_scale", "")),
+            str(entry.get("seed", "")),
+            f"[{style or 'white'}]{entry['status']}[/]",
+            detail,
+        )
+    console.print(table)

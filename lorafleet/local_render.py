@@ -4,13 +4,14 @@ import logging
 
 from rich.console import Console
 
-from common.batch import Batch, check_batch_name, new_batch_name
 from common.errors import LorafleetError
 from common.job import AdapterResolver, JobLimits, load_jobs
+from common.manifest import Batch, JobStatus, check_batch_name, new_batch_name
 from common.model import model_resolver
 from common.settings import Settings
 from common.store import Store
-from workers.render import Renderer, render_job
+from producer.follow import print_summary
+from workers.renderer import Renderer, render_job
 
 log = logging.getLogger("lorafleet.render")
 
@@ -30,16 +31,16 @@ def render_file(path: str, settings: Settings, device: str, console: Console, ba
         alias = job["model"]
         if alias not in renderers:
             renderers[alias] = Renderer(settings.model_ref(alias), device, settings, f"local-{device}")
-        entry = batch.add(store, job, "running")
+        entry = batch.add(store, job, JobStatus.RUNNING)
         console.print(f"[{number}/{len(jobs)}] {job['key'][:12]} {job.get('id') or job['prompt'][:50]}")
         try:
             render_job(renderers[alias], store, job)
-            entry["status"] = "done"
+            entry["status"] = JobStatus.DONE
         except LorafleetError as exc:
-            entry.update(status="failed", error=str(exc))
+            entry.update(status=JobStatus.FAILED, error=str(exc))
         except Exception as exc:
             log.exception("%s failed", job["key"][:12])
-            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            entry.update(status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
     batch.write_manifest(store)
-    batch.print_summary(console)
+    print_summary(batch, console)
     return batch

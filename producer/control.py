@@ -1,0 +1,40 @@
+"""Controlling a submitted batch: cancel it, or enqueue its failed and cancelled jobs again."""
+
+import uuid
+
+from rich.console import Console
+
+from common.broker import make_app, send_job
+from common.leases import Ledger
+from common.manifest import RETRYABLE, Batch, JobStatus
+from common.settings import Settings
+from common.store import Store
+from producer.follow import refresh
+
+
+def cancel(settings: Settings, name: str, console: Console) -> None:
+    """Cancel a batch: queued jobs never start, running ones stop at their next denoising step."""
+    Batch.load(Store(settings.store_url), name)  # a batch that does not exist is an error
+    Ledger.from_settings(settings).cancel(name)
+    console.print(f"batch {name}: cancelled; running jobs stop at their next step (see `lorafleet status {name}`)")
+
+
+def retry(settings: Settings, name: str, console: Console) -> Batch:
+    """Enqueue the batch's failed and cancelled jobs again."""
+    store = Store(settings.store_url)
+    batch = Batch.load(store, name)
+    app = make_app(settings)
+    refresh(batch, app)
+    jobs = batch.read_jobs(store)
+    Ledger.from_settings(settings).uncancel(name)
+    again: dict[str, str] = {}
+    for entry in batch.entries:
+        if entry["status"] in RETRYABLE:
+            key = entry["key"]
+            if key not in again:
+                again[key] = str(uuid.uuid4())
+                send_job(app, {**jobs[key], "batch": name}, again[key])
+            entry.update(status=JobStatus.QUEUED, task_id=again[key], error=None)
+    batch.write_manifest(store)
+    console.print(f"batch {name}: {len(again)} job(s) enqueued again")
+    return batch
