@@ -184,15 +184,15 @@ def bench_lorafleet(model, paths, device, args, variant_cache: int = 0, pristine
         model, device_cache_bytes=2**34, variant_cache_size=variant_cache, pristine_on_host=pristine_on_host
     )
     with tempfile.TemporaryDirectory() as cache_dir:
-        adapters = AdapterCache(AdapterFiles(cache_dir, 2**34), 2**34, engine.linears.keys())
+        adapters = AdapterCache(AdapterFiles(cache_dir, 2**34), 2**34, engine.layer_sizes())
         url = {n: os.path.join(p, "pytorch_lora_weights.safetensors") for n, p in paths.items()}
         sha = {n: read_adapter_url(u)[0].sha256 for n, u in url.items()}
 
-        def cold():
-            adapter = adapters.get(url["a1"], sha["a1"])
-            engine.prepare(adapter)
+        def cold():  # an adapter's first use on a worker: read, checked, factors to the device, fused
+            engine.apply([(adapters.get(url["a1"], sha["a1"]), 1.0, None)], 1.0, ("cold",))
 
         out = {"cold load (s)": timed(device, cold)}
+        engine.apply([], 0.0, ())
         loaded = {n: adapters.get(url[n], sha[n]) for n in ("a1", "a2")}
 
     def switch(combo, scale=1.0):

@@ -219,20 +219,26 @@ def expand_job(job: dict) -> list[dict]:
     return [{**job, "lora_scale": scale, "seed": seed} for scale in job["lora_scale"] for seed in job["seed"]]
 
 
+def adapter_combination(job: dict) -> tuple[tuple[str, float, float | None], ...]:
+    """What a job's adapters contribute to its pixels: (content hash, weight, alpha) of each, in one
+    canonical order; empty at lora_scale 0, where no adapter touches a pixel. The one identity of an
+    adapter combination: in the job key, the worker's variant cache and the sweep report."""
+    if job["lora_scale"] == 0:
+        return ()
+    terms = [{"sha256": a["sha256"], "weight": float(a["weight"]), "alpha": a["alpha"]} for a in job["adapters"]]
+    terms.sort(key=lambda term: json.dumps(term, sort_keys=True))
+    return tuple((term["sha256"], term["weight"], term["alpha"]) for term in terms)
+
+
 def job_key(job: dict, model: ModelInfo) -> str:
     """The SHA-256 of everything that decides the output: the same job always gets the same key."""
     decisive = {
         "model": model.ref,
         "scheduler": model.scheduler,
-        # At lora_scale 0 no adapter touches a pixel: every combination shares the base's key and video.
-        "adapters": sorted(
-            (
-                {"sha256": a["sha256"], "weight": float(a["weight"]), "alpha": a["alpha"]}
-                for a in job["adapters"]
-                if job["lora_scale"] != 0
-            ),
-            key=lambda a: json.dumps(a, sort_keys=True),
-        ),
+        # At lora_scale 0 every combination is empty: it shares the base's key and video.
+        "adapters": [
+            {"sha256": sha256, "weight": weight, "alpha": alpha} for sha256, weight, alpha in adapter_combination(job)
+        ],
         "lora_scale": float(job["lora_scale"]),
         "seed": job["seed"],
         "prompt": job["prompt"],

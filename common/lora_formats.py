@@ -93,14 +93,20 @@ def detect_layout(keys: list[str], module_names) -> Layout:
 
 
 def check_shapes(layout: Layout, shapes: dict[str, list[int]], linear_layers: dict[str, tuple[int, int]]) -> None:
-    """Check every targeted module exists in the model and its A and B fit it; raises AdapterError."""
-    missing = [m for m in layout.modules if m not in linear_layers]
+    """Check a file's layout against the model from its tensors' shapes (a header is enough)."""
+    check_factors({m: (shapes[roles[A]], shapes[roles[B]]) for m, roles in layout.modules.items()}, linear_layers)
+
+
+def check_factors(factors: dict[str, tuple], linear_layers: dict[str, tuple[int, int]]) -> None:
+    """Check every targeted module exists in the model and its A (r×in) and B (out×r) shapes fit
+    it; raises AdapterError. The one shape check, at submit (headers) and on the worker (tensors)."""
+    missing = [m for m in factors if m not in linear_layers]
     if missing:
         raise AdapterError(
             f"{len(missing)} module(s) match no linear layer of the model, e.g. {', '.join(missing[:3])}"
         )
-    for module, roles in layout.modules.items():
-        a, b = shapes[roles[A]], shapes[roles[B]]
+    for module, (a, b) in factors.items():
+        a, b = list(a), list(b)
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise AdapterError(f"{module}: lora_A {tuple(a)} and lora_B {tuple(b)} have different ranks")
         out_features, in_features = linear_layers[module]

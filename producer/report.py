@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 
+from common.job import adapter_combination
 from common.manifest import Batch
 from common.store import Store, video_path
 
@@ -118,8 +119,7 @@ def build_report(
 
 def _identity(cell: dict) -> tuple:
     """What makes two nights' cells the same cell: the adapters' content, prompt, seed and scale."""
-    adapters = tuple(sorted((a["sha256"], a["weight"], a["alpha"]) for a in cell["adapters"]))
-    return adapters, cell["prompt_text"], cell["seed"], cell["lora_scale"]
+    return adapter_combination(cell), cell["prompt_text"], cell["seed"], cell["lora_scale"]
 
 
 def _mark_moved(cells: list[dict], previous: dict) -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 import common
 from common.adapters import ReadPolicy
 from common.errors import LorafleetError, RenderError
+from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists, video_path
@@ -60,7 +61,7 @@ class Renderer:
             ReadPolicy.from_settings(settings),
             Store(settings.store_url),
         )
-        self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.linears.keys())
+        self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.layer_sizes())
         self.compiled = settings.compile
         if settings.compile:
             # Compiled once, here: variants rewrite the weights in place, which never recompiles.
@@ -76,12 +77,12 @@ class Renderer:
         return f"cpu ({platform.processor() or platform.machine()})"
 
     def _terms(self, job: dict) -> tuple[list[Term], tuple]:
-        """The job's adapters as (adapter, weight, alpha) terms, and the variant's canonical key."""
-        if job["lora_scale"] == 0:  # the base model: no adapter to read
+        """The job's adapters as (adapter, weight, alpha) terms, and the variant's identity."""
+        combination = adapter_combination(job)
+        if not combination:  # the base model: no adapter to read
             return [], ()
         terms = [(self.adapters.get(a["url"], a["sha256"]), a["weight"], a["alpha"]) for a in job["adapters"]]
-        combination = sorted((a["sha256"], float(a["weight"]), a["alpha"]) for a in job["adapters"])
-        return terms, (tuple(combination), float(job["lora_scale"]))
+        return terms, (combination, float(job["lora_scale"]))
 
     def render(self, job: dict, progress: Progress | None = None) -> tuple[list, dict]:
         """The job's frames (a list of H×W×3 float arrays in [0, 1]) and its timings in seconds."""

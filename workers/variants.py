@@ -46,7 +46,7 @@ from common.adapters import (
     read_bounded,
 )
 from common.errors import AdapterError
-from common.lora_formats import ALPHA, A, B, detect_layout
+from common.lora_formats import ALPHA, A, B, check_factors, detect_layout
 
 log = logging.getLogger("lorafleet.variants")
 
@@ -137,11 +137,7 @@ def load_adapter(path: str, sha256: str, config: dict | None, module_names) -> A
         file_alpha = header.metadata_alpha() or header.config_alpha()
         layers = {}
         for module, roles in layout.modules.items():
-            a, b = f.get_tensor(roles[A]), f.get_tensor(roles[B])
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-                raise AdapterError(
-                    f"adapter {path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, whose ranks differ"
-                )
+            a, b = f.get_tensor(roles[A]), f.get_tensor(roles[B])  # shapes: checked against the model on use
             for role, factor in ((A, a), (B, b)):
                 check_factor(path, roles[role], factor)
             alpha = file_alpha
@@ -278,17 +274,22 @@ def _verify(url: str, sha256: str, data, config_bytes: bytes | None, found: str 
 class AdapterCache:
     """Parsed adapters in host memory by content hash, over the disk cache."""
 
-    def __init__(self, files: AdapterFiles, budget_bytes: int, module_names):
+    def __init__(self, files: AdapterFiles, budget_bytes: int, layer_sizes: dict[str, tuple[int, int]]):
         self.files = files
-        self.module_names = module_names
+        self.layer_sizes = layer_sizes  # the model's linear layers: name -> (out_features, in_features)
         self.lru = LRU(budget_bytes, size=lambda adapter: adapter.nbytes)
 
     def get(self, url: str, sha256: str) -> Adapter:
-        """The adapter with this content hash, read (from disk or `url`) if it is not cached."""
+        """The adapter with this content hash, read (from disk or `url`) and checked against the
+        model if it is not cached."""
         adapter = self.lru.get(sha256)
         if adapter is None:
             path, config, verified = self.files.fetch(url, sha256)
-            adapter = load_adapter(path, sha256, config, self.module_names)
+            adapter = load_adapter(path, sha256, config, self.layer_sizes)
+            try:
+                check_factors({m: (a.shape, b.shape) for m, (a, b, _) in adapter.layers.items()}, self.layer_sizes)
+            except AdapterError as exc:
+                raise AdapterError(f"adapter {path}: {exc}") from None
             verified.result()  # the hash, computed while the tensors loaded
             self.lru.put(sha256, adapter)
         return adapter
@@ -349,16 +350,13 @@ class VariantEngine:
         self.switches += 1
         return True
 
-    def prepare(self, adapter: Adapter) -> None:
-        """Check an adapter against the model and put its factors on the device, ready to fuse."""
-        self._plan([(adapter, 1.0, None)], 1.0)
-
     def _plan(self, terms: list[Term], lora_scale: float) -> list[tuple]:
-        """Per group of same-shaped layers: (names, W0, B [n, out, Σr], A [n, Σr, in]); checked before any write."""
+        """Per group of same-shaped layers: (names, W0, B [n, out, Σr], A [n, Σr, in]). The adapters
+        were checked against the model when they were loaded (AdapterCache)."""
         groups: dict[tuple, set[str]] = {}
         for adapter, _, _ in terms:
-            for name, (a, b, _) in adapter.layers.items():
-                weight = self._check(adapter, name, a, b)
+            for name in adapter.layers:
+                weight = self.linears[name].weight
                 groups.setdefault((tuple(weight.shape), weight.dtype), set()).add(name)
         plan = []
         for members in groups.values():
@@ -412,20 +410,9 @@ class VariantEngine:
             self.factors.put(key, found)
         return found
 
-    def _check(self, adapter: Adapter, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        module = self.linears.get(name)
-        if module is None:
-            missing = [m for m in adapter.layers if m not in self.linears]
-            raise AdapterError(
-                f"adapter {adapter.sha256[:12]}: {len(missing)} module(s) match no linear layer of the model, "
-                f"e.g. {', '.join(missing[:3])}"
-            )
-        if (b.shape[0], a.shape[1]) != (module.out_features, module.in_features):
-            raise AdapterError(
-                f"adapter {adapter.sha256[:12]}: {name} is {module.out_features}×{module.in_features} in the model "
-                f"but {b.shape[0]}×{a.shape[1]} in the adapter"
-            )
-        return module.weight
+    def layer_sizes(self) -> dict[str, tuple[int, int]]:
+        """The model's linear layers, name -> (out_features, in_features): what adapters may target."""
+        return {name: (m.out_features, m.in_features) for name, m in self.linears.items()}
 
     def stats(self) -> dict:
         """Switches and the device caches' counts and bytes, for logs and job metadata."""
