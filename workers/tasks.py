@@ -5,15 +5,15 @@ A delivery goes: take a lease → count the delivery (fail it once its workers w
 skip it if the batch was cancelled or the key's video is in the store → take the key's render
 lock → render → prove the lease is still ours → write. A delivery that learns another one took
 its job over (it paused past its lease) stops and writes nothing.
-Store and network trouble is retried with back-off; everything else a job can do wrong fails
-that job with a one-line reason, and the worker serves on.
+Store and network trouble is retried with back-off (Celery's autoretry); everything else a job can
+do wrong fails that job with a one-line reason, and the worker serves on.
 """
 
 import logging
 import time
 
 import redis
-from celery import Celery
+from celery import Celery, Task
 from celery.exceptions import Ignore
 
 from common.broker import TASK_NAME, send_job
@@ -29,66 +29,52 @@ PROGRESS_INTERVAL_S = 0.5
 RETRYABLE = (StoreError, redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
 
-def register_render_task(
-    app: Celery, renderer: Renderer, store: Store, ledger: Ledger, settings: Settings, queue: str
-) -> None:
-    """Define `lorafleet.render` on `app`, rendering on `renderer` into `store`."""
-    worker = renderer.worker
+class RenderTask(Task):
+    """`lorafleet.render` on one worker: holds the warm renderer, the store and the ledger, and
+    runs one delivery of a job as the module docstring says. Store and network trouble is retried
+    by Celery with exponential back-off and jitter, `LORAFLEET_STORE_RETRIES` times."""
 
-    @app.task(name=TASK_NAME, bind=True, throws=(LorafleetError,))
-    def render(self, message):
+    name = TASK_NAME
+    throws = (LorafleetError,)  # expected failures: logged as one line, no traceback
+    autoretry_for = RETRYABLE
+    retry_backoff = True
+    retry_jitter = True
+    typing = False
+
+    def __init__(self, renderer: Renderer, store: Store, ledger: Ledger, settings: Settings, queue: str):
+        self.renderer = renderer
+        self.store = store
+        self.ledger = ledger
+        self.settings = settings
+        self.queue = queue
+        self.worker = renderer.worker
+        self.max_retries = settings.store_retries
+
+    def run(self, message):
         """Render one job (a JSON object, DESIGN.md's task contract) and return its outputs."""
-        task_id = self.request.id
+        task_id, worker = self.request.id, self.worker
         key = "?" * 12
         try:
             # The lease comes first, before the message is even read: from here on, if this process
             # dies or hangs, the job is delivered again.
-            with ledger.running(task_id, message, queue, worker) as lease:
-                deliveries = ledger.count_delivery(task_id)
-                if deliveries > settings.max_deliveries:
+            with self.ledger.running(task_id, message, self.queue, worker) as lease:
+                deliveries = self.ledger.count_delivery(task_id)
+                if deliveries > self.settings.max_deliveries:
                     raise WorkerLost(f"worker lost {deliveries - 1} times")
-                try:
-                    # A fresh resolver per message: a file replaced in place, or one that appeared
-                    # since, is read anew (a worker caches adapters by content hash, never by path).
-                    job = job_from_message(
-                        message,
-                        renderer.info,
-                        AdapterResolver.from_settings(settings, store),
-                        settings.max_video_pixels,
-                    )
-                except LorafleetError as exc:
-                    log.error("%s: rejected a malformed message %s: %s", worker, task_id, exc)
-                    raise
-                key, batch = job["key"], job.get("batch")
-                if ledger.is_cancelled(batch):
-                    raise JobCancelled(f"batch {batch} was cancelled")
-                done = {"key": key, "worker": worker, "status": "exists", **output_uris(store, key)}
-                if video_exists(store, key):
-                    return done
+                job = self.check(message)
+                key = job["key"]
                 log.info(
-                    "%s: %s started (%s), delivery %d",
-                    worker,
-                    key[:12],
-                    job.get("id") or job["prompt"][:40],
-                    deliveries,
+                    "%s: %s started (%s), delivery %d", worker, key[:12], job["id"] or job["prompt"][:40], deliveries
                 )
-                with ledger.key_lock(key, lease, lambda: video_exists(store, key)) as locked:
-                    if not locked or video_exists(store, key):
-                        return done
-                    return render_job(
-                        renderer, store, job, progress_reporter(self, lease, key, batch, worker), lease.confirm
-                    )
+                return self.render(job, lease)
         except LeaseLost as exc:
             # Another delivery owns the job now and reports its result: store nothing, say nothing.
             log.warning("%s: %s: %s", worker, key[:12], exc)
             raise Ignore() from exc
         except RETRYABLE as exc:
-            retries = self.request.retries
-            if retries >= settings.store_retries:
-                log.error("%s: %s failed after %d retries: %s", worker, key[:12], retries, exc)
-                raise StoreError(f"{type(exc).__name__}: {exc} (after {retries} retries)") from exc
-            log.warning("%s: %s: %s; retry %d in %ds", worker, key[:12], exc, retries + 1, 2**retries)
-            raise self.retry(exc=exc, countdown=2**retries, max_retries=settings.store_retries) from exc
+            attempt, attempts = self.request.retries + 1, self.max_retries + 1
+            log.warning("%s: %s: %s (attempt %d of %d)", worker, key[:12], exc, attempt, attempts)
+            raise
         except LorafleetError as exc:
             log.error("%s: %s failed: %s", worker, key[:12], exc)
             raise
@@ -96,7 +82,31 @@ def register_render_task(
             log.exception("%s: %s failed with an unexpected error", worker, key[:12])
             raise
         finally:
-            ledger.delivered_cleanly(task_id)  # however it ended, its worker was not lost
+            self.ledger.delivered_cleanly(task_id)  # however it ended, its worker was not lost
+
+    def check(self, message) -> dict:
+        """The job a message asks for, its key derived from its content; raises JobError if bad."""
+        try:
+            # A fresh resolver per message: a file replaced in place, or one that appeared since,
+            # is read anew (a worker caches adapters by content hash, never by path).
+            resolver = AdapterResolver.from_settings(self.settings, self.store)
+            return job_from_message(message, self.renderer.info, resolver, self.settings.max_video_pixels)
+        except LorafleetError as exc:
+            log.error("%s: rejected a malformed message %s: %s", self.worker, self.request.id, exc)
+            raise
+
+    def render(self, job: dict, lease: Lease) -> dict:
+        """Render a checked job under its key's lock, unless its batch was cancelled or its video
+        is in the store (or appears there while waiting for another worker's lock)."""
+        key, batch = job["key"], job["batch"]
+        if self.ledger.is_cancelled(batch):
+            raise JobCancelled(f"batch {batch} was cancelled")
+        exists = {"key": key, "worker": self.worker, "status": "exists", **output_uris(self.store, key)}
+        with self.ledger.key_lock(key, lease, lambda: video_exists(self.store, key)) as locked:
+            if not locked or video_exists(self.store, key):
+                return exists
+            progress = progress_reporter(self, lease, key, batch, self.worker)
+            return render_job(self.renderer, self.store, job, progress, lease.confirm)
 
 
 def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: str):

@@ -58,7 +58,7 @@ def escalate_sigterm(name: str, timeout_s: float) -> None:
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
     """Serve jobs until told to stop; returns the process exit code."""
     from workers.renderer import Renderer
-    from workers.tasks import register_render_task, requeue
+    from workers.tasks import RenderTask, requeue
 
     queue = queue_for(alias)
     try:
@@ -73,7 +73,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         return EXIT_MODEL_LOAD_FAILED
     app = make_app(settings)
     ledger = Ledger.from_settings(settings)
-    register_render_task(app, renderer, Store(settings.store_url), ledger, settings, queue)
+    app.register_task(RenderTask(renderer, Store(settings.store_url), ledger, settings, queue))
     stop_sweeping = threading.Event()
     sweeper = threading.Thread(
         target=run_sweeper,

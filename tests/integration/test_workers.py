@@ -10,7 +10,7 @@ import pytest
 from celery.result import AsyncResult
 
 from common.broker import TASK_NAME, make_app
-from common.errors import LorafleetError
+from common.errors import LorafleetError, StoreError
 from common.settings import Settings
 from workers.supervisor import list_gpus
 
@@ -21,7 +21,7 @@ def test_running_job_reports_its_denoising_step(fleet_env, start_worker):
     start_worker(fleet_env)
     app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
     # A message without a key, as any Celery client may send: the worker checks and keys it.
-    result = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 1, "steps": 600, "height": 32, "width": 32}])
+    result = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 1, "steps": 600, "height": 64, "width": 64}])
     seen = []
     deadline = time.monotonic() + 120
     while not result.ready() and time.monotonic() < deadline:
@@ -81,3 +81,19 @@ def test_worker_compile_flag_compiles_once_and_switching_adds_no_graph(fleet_env
         metadata = json.loads(open(outcome["metadata"]).read())
         graphs.append(metadata["caches"]["compiled_graphs"])
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0], graphs[0]], graphs
+
+
+def test_store_trouble_is_retried_with_back_off_then_fails_with_its_reason(fleet_env, start_worker, tmp_path):
+    store = tmp_path / "broken-store"
+    store.mkdir()
+    (store / "videos").write_text("a file where the videos folder should be")  # every write fails
+    env = {**fleet_env, "LORAFLEET_STORE_URL": str(store), "LORAFLEET_STORE_RETRIES": "2"}
+    worker = start_worker(env)
+    result = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"], _env_file=None)).send_task(
+        TASK_NAME, args=[{"prompt": "x", "seed": 1}]
+    )
+    with pytest.raises(StoreError, match="cannot write"):
+        result.get(timeout=60)
+    log = open(worker.log_path).read()
+    assert all(f"(attempt {n} of 3)" in log for n in (1, 2, 3))
+    assert log.count("rendered in") == 0 and worker.poll() is None
