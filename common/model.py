@@ -84,7 +84,9 @@ def model_info(ref: str) -> ModelInfo:
 
 
 def cogvideox_linear_layers(config: dict) -> dict[str, tuple[int, int]]:
-    """The linear layers of a CogVideoX transformer and their (out, in) sizes, from its config."""
+    """The linear layers of a CogVideoX transformer and their (out, in) sizes, from its config
+    (the producer has no torch to build the model). tests/unit/test_model.py checks this table
+    against the real module tree of every kind: 2B, 5B, 5B-I2V, 1.5 and 1.5-I2V."""
     inner = config.get("num_attention_heads", 30) * config.get("attention_head_dim", 64)
     time = config.get("time_embed_dim", 512)
     patch = config.get("patch_size", 2) ** 2 * (config.get("patch_size_t") or 1)
@@ -95,6 +97,12 @@ def cogvideox_linear_layers(config: dict) -> dict[str, tuple[int, int]]:
         "norm_out.linear": (2 * inner, time),
         "proj_out": (patch * config.get("out_channels", 16), inner),
     }
+    if config.get("patch_size_t"):  # 1.5 embeds patches of 2 frames with a linear layer, not a convolution
+        in_features = config.get("in_channels", 16) * patch
+        layers["patch_embed.proj"] = (inner, in_features)
+    if config.get("ofs_embed_dim"):  # 1.5's ofs embedding: a timestep embedding of its own
+        ofs = config["ofs_embed_dim"]
+        layers["ofs_embedding.linear_1"] = layers["ofs_embedding.linear_2"] = (ofs, ofs)
     for i in range(config.get("num_layers", 30)):
         block = f"transformer_blocks.{i}"
         for name in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"):
