@@ -1,15 +1,35 @@
-"""lorafleet's errors: one base, and a subclass for each kind of failure a user can act on."""
+"""lorafleet's errors: one base, and a subclass for each kind of failure a user can act on; and
+the exit codes every lorafleet process ends with (the README's table is this one)."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """How a lorafleet command or worker process ends."""
+
+    OK = 0  # done: every job rendered, or the worker stopped when asked
+    JOBS_FAILED = 1  # the command ran, and some jobs failed or were cancelled
+    BAD_INPUT = 2  # a bad file, flag or batch name: nothing was enqueued
+    REDIS_UNREACHABLE = 3  # Redis refused us (down, wrong password, TLS)
+    HANDED_BACK = 4  # a worker stopped mid-job (a second SIGTERM or the shutdown timeout): it runs again elsewhere
+    MODEL_LOAD_FAILED = 5  # a worker could not load its model
+    FAILED = 6  # something else went wrong, said in one line
+    INTERRUPTED = 130  # Ctrl-C
 
 
 class LorafleetError(Exception):
     """Raised for any failure lorafleet can explain in one line; its message is that line."""
 
 
-class JobError(LorafleetError):
+class InputError(LorafleetError):
+    """Raised when what a user gave (a file, a name, a setting) is wrong: nothing was done with it."""
+
+
+class JobError(InputError):
     """Raised when a job is malformed: the message names the line (or job) and the field."""
 
 
-class JobFileError(LorafleetError):
+class JobFileError(InputError):
     """Raised when a jobs file has errors; holds every line's error so all are shown at once."""
 
     def __init__(self, path: str, errors: list[str]):
@@ -20,11 +40,11 @@ class JobFileError(LorafleetError):
         super().__init__(f"{path}: {len(errors)} error(s), nothing was enqueued\n{shown}{more}")
 
 
-class AdapterError(LorafleetError):
+class AdapterError(InputError):
     """Raised when an adapter cannot be found, read, or applied to the model."""
 
 
-class ModelError(LorafleetError):
+class ModelError(InputError):
     """Raised when the model cannot be found or its configuration cannot be read."""
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from common.errors import LorafleetError
+from common.errors import InputError
 from common.store import Store, jobs_path, manifest_path, output_uris
 
 
@@ -60,7 +60,7 @@ class Batch:
         try:
             lines = store.read_bytes(manifest_path(check_batch_name(name))).decode().splitlines()
         except FileNotFoundError:
-            raise LorafleetError(f'no batch "{name}" in {store.url} (no {manifest_path(name)})') from None
+            raise InputError(f'no batch "{name}" in {store.url} (no {manifest_path(name)})') from None
         return cls(name, [json.loads(line) for line in lines if line.strip()])
 
     def write_jobs(self, store: Store, jobs: list[dict]) -> None:
@@ -93,11 +93,11 @@ BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 def check_batch_name(name) -> str:
     """A batch name that is one plain folder name in the store, safe in a terminal and a URL:
-    letters, digits, ".", "_" and "-", at most 128; raises LorafleetError otherwise."""
+    letters, digits, ".", "_" and "-", at most 128; raises InputError otherwise."""
     if not (isinstance(name, str) and BATCH_NAME.fullmatch(name)):
         shown = json.dumps(name)
         shown = shown if len(shown) <= 60 else shown[:60] + "…"  # never echo a huge name whole
-        raise LorafleetError(
+        raise InputError(
             f'batch name {shown} must be 1 to 128 letters, digits, ".", "_" or "-", starting with a letter or digit'
         )
     return name

@@ -3,7 +3,8 @@
 Every CLI flag maps onto one of these fields; the README's configuration table lists them.
 """
 
-from functools import lru_cache
+import json
+import os
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -101,7 +102,10 @@ def queue_for(alias: str | None) -> str:
     return "render" if alias is None else f"render.{alias}"
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The settings of this process, read once from the environment."""
-    return Settings()
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment of a child process that must see these settings (a supervisor's workers):
+    this one's, with every setting written out as LORAFLEET_<NAME>."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"LORAFLEET_{name.upper()}"] = json.dumps(value) if isinstance(value, (bool, list, dict)) else str(value)
+    return env

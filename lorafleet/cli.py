@@ -1,221 +1,291 @@
-"""`lorafleet`: submit, worker, workers, render, tiny-model, demo.
+"""`lorafleet`: submit, worker, workers, render, sweep, status, cancel, retry, tiny-model, demo.
 
-Flags map onto settings (common/settings.py) by being written into the environment as
-LORAFLEET_* before the settings are read, so worker processes started from here inherit them.
-Workers' modules (and torch) are imported only by the commands that need them: `submit` never
-imports torch, and `worker --gpu N` pins the GPU before torch starts.
+One Settings object is built per command from the environment (LORAFLEET_*) and the flags, which
+win, and handed down; the environment carries settings only to child processes (a supervisor's
+workers). The flags every command shares (--redis-url, --store-url, --default-model, -v) work
+before or after the command's name. Workers' modules (and torch) are imported only by the commands
+that need them: `submit` never imports torch, and `worker --gpu N` pins the GPU before torch starts.
 """
 
-import argparse
+import functools
 import logging
 import os
 import re
 import sys
 
+import click
 from kombu.exceptions import OperationalError
+from pydantic import ValidationError
 from redis import RedisError
 from rich.console import Console
 
-from common.errors import JobFileError, LorafleetError
+import common
+from common.errors import ExitCode, InputError, JobFileError, LorafleetError
 from common.manifest import JobStatus
-from common.settings import get_settings
+from common.settings import Settings, settings_env
 
-EXIT_FAILED_JOBS = 1
-EXIT_BAD_INPUT = 2
-EXIT_UNREACHABLE = 3
 # What the `worker` extra brings: commands that render need it, `submit` does not.
 WORKER_EXTRA = {
-    "torch",
-    "diffusers",
-    "transformers",
-    "peft",
-    "safetensors",
-    "imageio",
-    "imageio_ffmpeg",
-    "sentencepiece",
-    "PIL",
-}
+    "torch", "diffusers", "transformers", "peft", "safetensors", "imageio", "imageio_ffmpeg", "sentencepiece", "PIL",
+}  # fmt: skip
+# Flag -> the setting it sets (None: not given).
+SHARED_FLAGS = {"redis_url": "redis_url", "store_url": "store_url", "default_model": "model"}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafleet", description="Render CogVideoX + LoRA videos on a GPU fleet.")
-    parser.add_argument("--redis-url", help="broker and results (LORAFLEET_REDIS_URL)")
-    parser.add_argument("--store-url", help="the shared store (LORAFLEET_STORE_URL; default ./results)")
-    parser.add_argument("--default-model", help="the fleet's default model folder or hub id (LORAFLEET_MODEL)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    submit = commands.add_parser("submit", help="validate a .jsonl of jobs and enqueue them")
-    submit.add_argument("file")
-    submit.add_argument("--wait", action="store_true", help="show progress until every job ends")
-    submit.add_argument("--batch", help="batch name (default: the time and a random suffix)")
-
-    device = argparse.ArgumentParser(add_help=False)
-    where = device.add_mutually_exclusive_group()
-    where.add_argument("--gpu", type=int, help="pin to this GPU (sets CUDA_VISIBLE_DEVICES before torch starts)")
-    where.add_argument("--device", choices=["cpu", "cuda"], help="run on the CPU, or on the first visible GPU")
-    device.add_argument("--model", help="serve this model alias (LORAFLEET_MODELS) instead of the default model")
-    device.add_argument(
-        "--compile", action="store_true", default=None, help="torch.compile the transformer (LORAFLEET_COMPILE)"
-    )
-
-    commands.add_parser("worker", parents=[device], help="one Celery worker pinned to one device")
-    workers = commands.add_parser("workers", help="one supervised worker per GPU")
-    workers.add_argument("--gpus", default="all", help='"all" or a list such as 0,2')
-    workers.add_argument("--model", help="serve this model alias (LORAFLEET_MODELS)")
-    workers.add_argument("--compile", action="store_true", default=None, help="torch.compile each worker's transformer")
-
-    render = commands.add_parser("render", parents=[device], help="render a .jsonl in this process, no Redis")
-    render.add_argument("file")
-    render.add_argument("--out", help="store to write into (LORAFLEET_STORE_URL)")
-    render.add_argument("--batch", help="batch name for the manifest")
-
-    tiny = commands.add_parser("tiny-model", help="build the tiny random-weight pipeline and two adapters")
-    tiny.add_argument("dir")
-    tiny.add_argument("--seed", type=int, default=0)
-
-    sweep = commands.add_parser("sweep", help="run a sweep spec (YAML or JSON) as one batch and write its report")
-    sweep.add_argument("file")
-    sweep.add_argument("--batch", help="batch name (default: the spec's name and today's date)")
-    sweep.add_argument("--compare", metavar="BATCH", help="mark the cells whose numbers moved since that sweep")
-
-    for name, text in (
-        ("status", "counts by state, and each failure's reason; brings the manifest up to date"),
-        ("cancel", "queued jobs never start; running ones stop at their next denoising step"),
-        ("retry", "enqueue the batch's failed and cancelled jobs again"),
+def shared_options(command):
+    """The flags every command takes, wherever they stand on the command line."""
+    for option in reversed(
+        (
+            click.option("--redis-url", help="broker and results (LORAFLEET_REDIS_URL)"),
+            click.option("--store-url", help="the shared store (LORAFLEET_STORE_URL; default ./results)"),
+            click.option("--default-model", help="the fleet's default model folder or hub id (LORAFLEET_MODEL)"),
+            click.option("-v", "--verbose", is_flag=True, default=None, help="debug logging"),
+        )
     ):
-        control = commands.add_parser(name, help=text)
-        control.add_argument("batch")
-        if name == "retry":
-            control.add_argument("--wait", action="store_true", help="show progress until every job ends")
+        command = option(command)
 
-    commands.add_parser("demo", help="tiny model, private Redis, one CPU worker, submit examples/prompts.jsonl --wait")
-    return parser
+    @functools.wraps(command)
+    def run(**flags):
+        given = {**click.get_current_context().find_root().params, **{k: v for k, v in flags.items() if v is not None}}
+        overrides = {SHARED_FLAGS[k]: v for k, v in given.items() if k in SHARED_FLAGS and v is not None}
+        logging.basicConfig(
+            level=logging.DEBUG if given.get("verbose") else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        for name in (*SHARED_FLAGS, "verbose"):
+            flags.pop(name, None)
+        settings = None
+        try:
+            settings = Settings(**overrides)
+            return command(settings=settings, console=Console(), **flags)
+        except JobFileError as exc:
+            print(exc, file=sys.stderr)  # plain lines, never wrapped: one error a line, easy to grep
+            return ExitCode.BAD_INPUT
+        except ValidationError as exc:  # a setting in the environment
+            for error in exc.errors():
+                name = "LORAFLEET_" + "_".join(map(str, error["loc"])).upper()
+                print(f"lorafleet: {name}: {error['msg']}, got {error['input']!r}"[:300], file=sys.stderr)
+            return ExitCode.BAD_INPUT
+        except (LorafleetError, click.BadParameter) as exc:
+            print(f"lorafleet {click.get_current_context().info_name}: {exc}", file=sys.stderr)
+            return (
+                ExitCode.FAILED
+                if isinstance(exc, LorafleetError) and not isinstance(exc, InputError)
+                else ExitCode.BAD_INPUT
+            )
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in WORKER_EXTRA:
+                print(f"lorafleet: this command needs {exc.name}: pip install 'lorafleet[worker]'", file=sys.stderr)
+                return ExitCode.FAILED
+            raise
+        except (RedisError, OperationalError) as exc:
+            url = re.sub(r"://([^@/]*):[^@/]*@", r"://\1:***@", (settings or Settings()).redis_url)  # no password
+            print(
+                f"lorafleet {click.get_current_context().info_name}: cannot use Redis at {url}: {exc}", file=sys.stderr
+            )
+            return ExitCode.REDIS_UNREACHABLE
+        except KeyboardInterrupt:
+            return ExitCode.INTERRUPTED
+
+    return run
 
 
-def _apply_flags(args: argparse.Namespace) -> None:
-    """Write the flags that map onto settings into the environment, before settings are read."""
-    for flag, env in (
-        ("redis_url", "REDIS_URL"),
-        ("store_url", "STORE_URL"),
-        ("default_model", "MODEL"),
-        ("out", "STORE_URL"),
+def device_options(command):
+    """Where a rendering command runs, and which model it serves."""
+    for option in reversed(
+        (
+            click.option("--gpu", type=int, help="pin to this GPU (sets CUDA_VISIBLE_DEVICES before torch starts)"),
+            click.option("--device", type=click.Choice(["cpu", "cuda"]), help="the CPU, or the first visible GPU"),
+            click.option("--model", "alias", metavar="ALIAS", help="serve this model alias (LORAFLEET_MODELS)"),
+            click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the transformer"),
+        )
     ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            os.environ[f"LORAFLEET_{env}"] = value
-    if getattr(args, "compile", None):
-        os.environ["LORAFLEET_COMPILE"] = "true"  # `workers` passes it on to each worker this way
-    get_settings.cache_clear()
+        command = option(command)
+    return command
 
 
-def _pick_device(args: argparse.Namespace) -> tuple[str, int | None]:
+def _with_compile(settings: Settings, compile_: bool | None) -> Settings:
+    return settings.model_copy(update={"compile": True}) if compile_ else settings
+
+
+def _pick_device(gpu: int | None, device: str | None) -> tuple[str, int | None]:
     """The torch device and GPU index for a worker; pins the GPU before torch is imported."""
-    if args.gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-        return "cuda:0", args.gpu
-    if args.device == "cpu":
+    if gpu is not None and device is not None:
+        raise click.BadParameter("give --gpu N or --device, not both")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # for this process's CUDA, not a setting
+        return "cuda:0", gpu
+    if device == "cpu":
         return "cpu", None
     import torch
 
     if torch.cuda.is_available():
         return "cuda:0", 0
-    if args.device == "cuda":
+    if device == "cuda":
         raise LorafleetError("--device cuda: no GPU is visible to torch here")
     logging.getLogger("lorafleet").warning("no GPU visible: running on the CPU (say --device cpu to silence this)")
     return "cpu", None
 
 
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(common.__version__, "--version", prog_name="lorafleet")
+@click.option("--redis-url", hidden=True)
+@click.option("--store-url", hidden=True)
+@click.option("--default-model", hidden=True)
+@click.option("-v", "--verbose", is_flag=True, default=None, hidden=True)
+def cli(**_):
+    """Render CogVideoX + LoRA videos on a GPU fleet.
+
+    Settings come from the environment (LORAFLEET_*); the shared flags (--redis-url, --store-url,
+    --default-model, -v) override them, before or after the command's name.
+    """
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--wait", is_flag=True, help="show progress until every job ends")
+@click.option("--batch", help="batch name (default: the time and a random suffix)")
+@shared_options
+def submit(settings: Settings, console: Console, file: str, wait: bool, batch: str | None):
+    """Check every line of FILE (.jsonl, one job a line), expand its lists, enqueue what is not in the store."""
+    from producer.follow import wait_for_batch
+    from producer.submit import submit as submit_file
+
+    submitted = submit_file(file, settings, batch)
+    queued, done = submitted.enqueued, submitted.count(JobStatus.DONE)
+    console.print(
+        f"batch {submitted.name}: {len(submitted.entries)} jobs, {queued} enqueued, {done} already in the store"
+    )
+    if wait and not wait_for_batch(submitted, settings, console):
+        return ExitCode.JOBS_FAILED
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--batch", help="batch name (default: the spec's name and today's date)")
+@click.option("--compare", metavar="BATCH", help="mark the cells whose numbers moved since that sweep")
+@shared_options
+def sweep(settings: Settings, console: Console, file: str, batch: str | None, compare: str | None):
+    """Run a sweep spec FILE (YAML or JSON) as one batch, wait for it, and write its report."""
+    from producer.sweep import run_sweep
+
+    return ExitCode.OK if run_sweep(file, settings, console, batch, compare) else ExitCode.JOBS_FAILED
+
+
+@cli.command()
+@click.argument("batch")
+@shared_options
+def status(settings: Settings, console: Console, batch: str):
+    """Counts by state and each failure's reason; brings the manifest up to date."""
+    from producer.follow import status as batch_status
+
+    return ExitCode.JOBS_FAILED if batch_status(settings, batch, console).count(JobStatus.FAILED) else ExitCode.OK
+
+
+@cli.command()
+@click.argument("batch")
+@shared_options
+def cancel(settings: Settings, console: Console, batch: str):
+    """Queued jobs of BATCH never start; running ones stop at their next denoising step."""
+    from producer.control import cancel as cancel_batch
+
+    cancel_batch(settings, batch, console)
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("batch")
+@click.option("--wait", is_flag=True, help="show progress until every job ends")
+@shared_options
+def retry(settings: Settings, console: Console, batch: str, wait: bool):
+    """Enqueue the failed and cancelled jobs of BATCH again."""
+    from producer.control import retry as retry_batch
+    from producer.follow import wait_for_batch
+
+    again = retry_batch(settings, batch, console)
+    if wait and not wait_for_batch(again, settings, console):
+        return ExitCode.JOBS_FAILED
+    return ExitCode.OK
+
+
+@cli.command()
+@device_options
+@shared_options
+def worker(settings: Settings, console: Console, gpu, device, alias, compile_):
+    """One Celery worker pinned to one device, serving one model's queue."""
+    where, index = _pick_device(gpu, device)
+    from workers.worker import run_worker, worker_name
+
+    return run_worker(_with_compile(settings, compile_), where, worker_name(index), alias)
+
+
+@cli.command()
+@click.option("--gpus", default="all", show_default=True, help='"all" or a list such as 0,2')
+@click.option("--model", "alias", metavar="ALIAS", help="serve this model alias (LORAFLEET_MODELS)")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile each worker's transformer")
+@shared_options
+def workers(settings: Settings, console: Console, gpus: str, alias: str | None, compile_: bool | None):
+    """One supervised worker per GPU of this host."""
+    from workers.supervisor import list_gpus, run_workers
+
+    env = settings_env(_with_compile(settings, compile_))
+    return run_workers(list_gpus(gpus), ["--model", alias] if alias else [], env)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--out", help="the store to write into (LORAFLEET_STORE_URL)")
+@click.option("--batch", help="batch name for the manifest")
+@device_options
+@shared_options
+def render(settings: Settings, console: Console, file, out, batch, gpu, device, alias, compile_):
+    """Render the jobs of FILE in this process, without Redis: one-off runs and debugging."""
+    where, _ = _pick_device(gpu, device)
+    from lorafleet.local_render import render_file
+
+    update = {"store_url": out} if out else {}
+    if alias:  # the jobs that name no model render on ALIAS's
+        update["model"] = settings.model_ref(alias)
+    settings = _with_compile(settings.model_copy(update=update), compile_)
+    rendered = render_file(file, settings, where, console, batch)
+    return ExitCode.JOBS_FAILED if rendered.count(JobStatus.FAILED) else ExitCode.OK
+
+
+@cli.command(name="tiny-model")
+@click.argument("directory", metavar="DIR")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")
+@shared_options
+def tiny_model(settings: Settings, console: Console, directory: str, seed: int):
+    """Build the tiny random-weight pipeline (DIR/model) and two adapters (DIR/adapters/{style,subject})."""
+    from workers.tiny_model import write_tiny_model
+
+    for name, path in write_tiny_model(directory, seed).items():
+        console.print(f"{name}: {path}")
+    return ExitCode.OK
+
+
+@cli.command()
+@shared_options
+def demo(settings: Settings, console: Console):
+    """The tiny model, a private Redis, one CPU worker, and examples/prompts.jsonl submitted with --wait."""
+    from lorafleet.demo import run_demo
+
+    return run_demo(console)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one lorafleet command; returns its exit code."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    _apply_flags(args)
-    console = Console(stderr=False)
     try:
-        return _run(args, console)
-    except JobFileError as exc:
-        print(exc, file=sys.stderr)  # plain lines, never wrapped: one error a line, easy to grep
-        return EXIT_BAD_INPUT
-    except LorafleetError as exc:
-        print(f"lorafleet {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in WORKER_EXTRA:
-            print(f"lorafleet {args.command}: needs {exc.name}: pip install 'lorafleet[worker]'", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
-    except (RedisError, OperationalError) as exc:
-        url = re.sub(r"://([^@/]*):[^@/]*@", r"://\1:***@", get_settings().redis_url)  # never print a password
-        print(f"lorafleet {args.command}: cannot use Redis at {url}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except KeyboardInterrupt:
-        return 130
-
-
-def _run(args: argparse.Namespace, console: Console) -> int:
-    settings = get_settings()
-    if args.command == "submit":
-        from producer.follow import wait_for_batch
-        from producer.submit import submit
-
-        batch = submit(args.file, settings, args.batch)
-        queued, done = batch.enqueued, batch.count(JobStatus.DONE)
-        console.print(f"batch {batch.name}: {len(batch.entries)} jobs, {queued} enqueued, {done} already in the store")
-        if args.wait:
-            return 0 if wait_for_batch(batch, settings, console) else EXIT_FAILED_JOBS
-        return 0
-    if args.command == "sweep":
-        from producer.sweep import run_sweep
-
-        return 0 if run_sweep(args.file, settings, console, args.batch, args.compare) else EXIT_FAILED_JOBS
-    if args.command in ("status", "cancel", "retry"):
-        from producer.control import cancel, retry
-        from producer.follow import status, wait_for_batch
-
-        if args.command == "status":
-            batch = status(settings, args.batch, console)
-            return EXIT_FAILED_JOBS if batch.count(JobStatus.FAILED) else 0
-        if args.command == "cancel":
-            cancel(settings, args.batch, console)
-            return 0
-        batch = retry(settings, args.batch, console)
-        if args.wait:
-            return 0 if wait_for_batch(batch, settings, console) else EXIT_FAILED_JOBS
-        return 0
-    if args.command == "worker":
-        device, gpu = _pick_device(args)
-        from workers.worker import run_worker, worker_name
-
-        return run_worker(settings, device, worker_name(gpu), args.model)
-    if args.command == "workers":
-        from workers.supervisor import list_gpus, run_workers
-
-        return run_workers(list_gpus(args.gpus), ["--model", args.model] if args.model else [])
-    if args.command == "render":
-        device, _ = _pick_device(args)
-        if args.model:
-            os.environ["LORAFLEET_MODEL"] = settings.model_ref(args.model)
-            get_settings.cache_clear()
-            settings = get_settings()
-        from lorafleet.local_render import render_file
-
-        batch = render_file(args.file, settings, device, console, args.batch)
-        return 0 if batch.count(JobStatus.FAILED) == 0 else EXIT_FAILED_JOBS
-    if args.command == "tiny-model":
-        from workers.tiny_model import write_tiny_model
-
-        for name, path in write_tiny_model(args.dir, args.seed).items():
-            console.print(f"{name}: {path}")
-        return 0
-    if args.command == "demo":
-        from lorafleet.demo import run_demo
-
-        return run_demo(console)
-    raise AssertionError(args.command)
+        code = cli.main(args=argv, prog_name="lorafleet", standalone_mode=False)
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return ExitCode.BAD_INPUT
+    except click.exceptions.Abort:
+        return ExitCode.INTERRUPTED
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ def stop_worker(process: subprocess.Popen, timeout_s: float = 60) -> int:
     return process.returncode
 
 
-def run_workers(gpus: list[int], worker_args: list[str]) -> int:
-    """Run `lorafleet worker --gpu N` for each GPU until told to stop; returns the exit code."""
+def run_workers(gpus: list[int], worker_args: list[str], env: dict | None = None) -> int:
+    """Run `lorafleet worker --gpu N` for each GPU (in `env`) until told to stop; returns the exit code."""
     if not gpus:
         raise LorafleetError("no GPUs to start workers on")
     signals = []
@@ -87,7 +87,7 @@ def run_workers(gpus: list[int], worker_args: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def start(gpu: int) -> subprocess.Popen:
-        return spawn_worker(["--gpu", str(gpu), *worker_args])
+        return spawn_worker(["--gpu", str(gpu), *worker_args], env)
 
     workers = {gpu: start(gpu) for gpu in gpus}
     restarts = dict.fromkeys(gpus, 0)

@@ -14,14 +14,12 @@ import threading
 from celery import signals as celery_signals
 
 from common.broker import make_app
-from common.errors import LorafleetError
+from common.errors import ExitCode, LorafleetError
 from common.leases import Ledger, run_sweeper
 from common.settings import Settings, queue_for
 from common.store import Store
 
 log = logging.getLogger("lorafleet.worker")
-EXIT_MODEL_LOAD_FAILED = 3
-EXIT_HANDED_BACK = 4
 
 
 def worker_name(gpu: int | None) -> str:
@@ -40,7 +38,7 @@ def escalate_sigterm(name: str, timeout_s: float) -> None:
     def hand_back(why: str) -> None:
         log.warning("%s: %s: exiting now; the running job, if any, is delivered again", name, why)
         logging.shutdown()
-        os._exit(EXIT_HANDED_BACK)
+        os._exit(ExitCode.HANDED_BACK)
 
     def on_sigterm(signum, frame):
         received.append(signum)
@@ -67,10 +65,10 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         renderer = Renderer(model_ref, device, settings, name)
     except LorafleetError as exc:
         log.error("%s: cannot start: %s", name, exc)
-        return EXIT_MODEL_LOAD_FAILED
+        return ExitCode.MODEL_LOAD_FAILED
     except Exception:
         log.exception("%s: cannot start: the model failed to load", name)
-        return EXIT_MODEL_LOAD_FAILED
+        return ExitCode.MODEL_LOAD_FAILED
     app = make_app(settings)
     ledger = Ledger.from_settings(settings)
     app.register_task(RenderTask(renderer, Store(settings.store_url), ledger, settings, queue))
