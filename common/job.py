@@ -1,53 +1,27 @@
-"""The job: its schema (DESIGN.md's table), validation with line-numbered errors, expansion, key.
+"""The job: checking it (its schema is JobSpec, common/job_spec.py) with line-numbered errors,
+expanding its lists, resolving its adapters, and its key (docs/design.md).
 
 A job goes through three steps, on the producer or, for a message without a key, on the worker:
 check it (`check_job`), expand its lists (`expand_job`), resolve its adapters and key it
 (`finish_job`). `load_jobs` does all three for a whole file and raises every error at once.
 """
 
-import difflib
 import hashlib
 import json
-import math
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from common.adapters import DEFAULT_POLICY, AdapterFile, ReadPolicy, open_regular_file, read_adapter
 from common.errors import AdapterError, JobError, JobFileError, LorafleetError, ModelError
+from common.job_spec import JobSpec, describe
 from common.lora_formats import check_shapes, detect_layout
 from common.manifest import check_batch_name
 from common.model import ModelInfo
 from common.store import Store
 
-# Field -> default; None under a render size means "the model's own".
-DEFAULTS = {
-    "prompt": None,
-    "negative_prompt": "",
-    "adapters": [],
-    "lora_scale": 1.0,
-    "seed": None,
-    "num_frames": None,
-    "height": None,
-    "width": None,
-    "steps": 50,
-    "guidance_scale": 6.0,
-    "use_dynamic_cfg": False,
-    "fps": 8,
-    "fuse": True,
-    "model": None,
-    "id": None,
-}
-ADAPTER_DEFAULTS = {"uri": None, "weight": 1.0, "alpha": None, "name": None}
-# Fields the producer fills in; a message from another Celery client may carry them too.
-RESOLVED_FIELDS = {"key", "batch"}
-RESOLVED_ADAPTER_FIELDS = {"url", "sha256"}
-MAX_SEED = 2**63 - 1
-MAX_PIXELS_SIDE = 8192
-MAX_FRAMES = 1025
-# T5 reads 226 tokens of a prompt (about 1,000 characters); anything much longer is a mistake.
-MAX_PROMPT_CHARS = 2000
-MAX_ADAPTERS = 16
 SHA256_HEX = set("0123456789abcdef")
 
 
@@ -67,151 +41,47 @@ class JobLimits:
 DEFAULT_LIMITS = JobLimits()
 
 
-def _unknown(field: str, known, where: str) -> str:
-    guess = difflib.get_close_matches(field, list(known), n=1)
-    hint = f' (did you mean "{guess[0]}"?)' if guess else ""
-    return f'{where}: unknown field "{field}"{hint}'
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _number(value, field: str, where: str, errors: list, low=None, high=None) -> float | None:
-    if not _is_number(value):
-        errors.append(f"{where}: {field}: must be a number, got {json.dumps(value)}")
-        return None
-    if not math.isfinite(value):
-        errors.append(f"{where}: {field}: must be a finite number, got {value}")
-        return None
-    if (low is not None and value < low) or (high is not None and value > high):
-        errors.append(f"{where}: {field}: must be between {low} and {high}, got {value}")
-        return None
-    return float(value)
-
-
-def _integer(value, field: str, where: str, errors: list, low: int, high: int) -> int | None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        errors.append(f"{where}: {field}: must be an integer, got {json.dumps(value)}")
-        return None
-    if not low <= value <= high:
-        errors.append(f"{where}: {field}: must be between {low} and {high}, got {value}")
-        return None
-    return value
-
-
-def _text(value, field: str, where: str, errors: list, max_chars: int | None = None) -> None:
-    """Check a string field: a string, valid Unicode (JSON can carry a lone surrogate), not too long."""
-    if not isinstance(value, str):
-        errors.append(f"{where}: {field}: must be a string")
-        return
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        errors.append(f"{where}: {field}: holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text")
-        return
-    if max_chars is not None and len(value) > max_chars:
-        errors.append(f"{where}: {field}: {len(value)} characters, more than {max_chars}")
-
-
-def _one_or_list(value, field: str, where: str, errors: list, check) -> list:
-    values = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and not value:
-        errors.append(f"{where}: {field}: an empty list renders nothing")
-    checked = [check(v, f"{field}[{i}]" if isinstance(value, list) else field) for i, v in enumerate(values)]
-    return [v for v in checked if v is not None]
-
-
-def _check_adapters(value, where: str, errors: list) -> list[dict]:
-    if not isinstance(value, list):
-        errors.append(f"{where}: adapters: must be a list of adapters, got {json.dumps(value)[:80]}")
-        return []
-    if len(value) > MAX_ADAPTERS:
-        errors.append(f"{where}: adapters: {len(value)} adapters, more than {MAX_ADAPTERS} in one job")
-        return []
-    adapters = []
-    for i, item in enumerate(value):
-        field = f"adapters[{i}]"
-        if isinstance(item, str):
-            item = {"uri": item}
-        if not isinstance(item, dict):
-            errors.append(f'{where}: {field}: must be a URI string or {{"uri": ..., "weight": ...}}')
-            continue
-        for name in item:
-            if name not in ADAPTER_DEFAULTS and name not in RESOLVED_ADAPTER_FIELDS:
-                errors.append(_unknown(name, ADAPTER_DEFAULTS, f"{where}: {field}"))
-        adapter = {**ADAPTER_DEFAULTS, **item}
-        if not isinstance(adapter["uri"], str) or not adapter["uri"].strip():
-            errors.append(f"{where}: {field}.uri: must be a non-empty string")
-        else:
-            _text(adapter["uri"], f"{field}.uri", where, errors, max_chars=4096)
-        adapter["weight"] = _number(adapter["weight"], f"{field}.weight", where, errors)
-        if adapter["alpha"] is not None:
-            adapter["alpha"] = _number(adapter["alpha"], f"{field}.alpha", where, errors, low=1e-6, high=1e6)
-        if adapter["name"] is not None:
-            _text(adapter["name"], f"{field}.name", where, errors, max_chars=256)
-        adapters.append(adapter)
-    return adapters
-
-
 def check_job(
     obj, where: str, model: ModelInfo, max_video_pixels: int = JobLimits.max_video_pixels
 ) -> tuple[dict, list[str]]:
-    """Check one job against the schema and the model's rules; returns it with defaults filled in,
-    and the list of errors (each starting with `where`, e.g. "line 3")."""
-    errors: list[str] = []
+    """Check one job against the schema (JobSpec) and the model's rules; returns it as a dict with
+    defaults filled in (lora_scale and seed as lists), and the list of errors, each starting with
+    `where` (e.g. "line 3") and naming the field (e.g. "adapters[1].weight")."""
     if not isinstance(obj, dict):
         return {}, [f"{where}: a job must be a JSON object, got {type(obj).__name__}"]
-    for field in obj:
-        if field not in DEFAULTS and field not in RESOLVED_FIELDS:
-            errors.append(_unknown(field, DEFAULTS, where))
-    job = {**DEFAULTS, **{k: v for k, v in obj.items() if k in DEFAULTS}}
-
-    if not isinstance(job["prompt"], str) or not job["prompt"].strip():
-        errors.append(f"{where}: prompt: required, a non-empty string")
-    else:
-        _text(job["prompt"], "prompt", where, errors, MAX_PROMPT_CHARS)
-    _text(job["negative_prompt"], "negative_prompt", where, errors, MAX_PROMPT_CHARS)
-    job["adapters"] = _check_adapters(job["adapters"], where, errors)
-    job["lora_scale"] = _one_or_list(
-        job["lora_scale"], "lora_scale", where, errors, lambda v, f: _number(v, f, where, errors)
-    )
+    try:
+        spec = JobSpec.model_validate(obj)
+    except ValidationError as exc:
+        return {}, [
+            f"{where}: {field}: {message}" if field else f"{where}: {message}" for field, message in describe(exc, obj)
+        ]
+    job = spec.model_dump(exclude={"key", "batch"})
     if job["seed"] is None:
-        job["seed"] = secrets.randbelow(2**32)  # drawn once, then written into the job
-    job["seed"] = _one_or_list(
-        job["seed"], "seed", where, errors, lambda v, f: _integer(v, f, where, errors, 0, MAX_SEED)
-    )
-    for field, default, high in (
-        ("num_frames", model.num_frames, MAX_FRAMES),
-        ("height", model.height, MAX_PIXELS_SIDE),
-        ("width", model.width, MAX_PIXELS_SIDE),
-    ):
-        job[field] = default if job[field] is None else _integer(job[field], field, where, errors, 1, high)
-    if None not in (job["num_frames"], job["height"], job["width"]):
-        for field, problem in model.check_size(job["num_frames"], job["height"], job["width"]):
-            errors.append(f"{where}: {field}: {problem}, got {job[field]}")
-        pixels = job["num_frames"] * job["height"] * job["width"]
-        if pixels > max_video_pixels:
-            errors.append(
-                f"{where}: num_frames × height × width: {job['num_frames']}×{job['height']}×{job['width']} is "
-                f"{pixels:,} pixels, more than {max_video_pixels:,} (LORAFLEET_MAX_VIDEO_PIXELS)"
+        job["seed"] = [secrets.randbelow(2**32)]  # drawn once, then written into the job
+    problems = check_render(job, model, max_video_pixels)
+    return job, [f"{where}: {field}: {problem}" for field, problem in problems]
+
+
+def check_render(job: dict, model: ModelInfo, max_video_pixels: int) -> list[tuple[str, str]]:
+    """Fill in the model's own frames, height and width where a job leaves them out, and check
+    them against the model's rules and the pixel limit; returns (field, problem) pairs."""
+    for field in ("num_frames", "height", "width"):
+        if job.get(field) is None:
+            job[field] = getattr(model, field)
+    problems = [
+        (field, f"{problem}, got {job[field]}")
+        for field, problem in model.check_size(job["num_frames"], job["height"], job["width"])
+    ]
+    pixels = job["num_frames"] * job["height"] * job["width"]
+    if pixels > max_video_pixels:
+        problems.append(
+            (
+                "num_frames × height × width",
+                f"{job['num_frames']}×{job['height']}×{job['width']} is {pixels:,} pixels, "
+                f"more than {max_video_pixels:,} (LORAFLEET_MAX_VIDEO_PIXELS)",
             )
-    job["steps"] = _integer(job["steps"], "steps", where, errors, 1, 1000)
-    job["guidance_scale"] = _number(job["guidance_scale"], "guidance_scale", where, errors, 0, 100)
-    job["fps"] = _integer(job["fps"], "fps", where, errors, 1, 120)
-    for field in ("use_dynamic_cfg", "fuse"):
-        if not isinstance(job[field], bool):
-            errors.append(f"{where}: {field}: must be true or false, got {json.dumps(job[field])}")
-    if job["model"] is not None and not isinstance(job["model"], str):
-        errors.append(f"{where}: model: must be a model alias (a string)")
-    if job["id"] is not None:
-        if not isinstance(job["id"], str) or len(job["id"]) > 256:
-            errors.append(f"{where}: id: must be a string of at most 256 characters")
-        elif any(part in job["id"] for part in ("/", "\\", "..")) or not job["id"].isprintable():
-            errors.append(
-                f'{where}: id: must not contain "/", "\\", ".." or control characters (an id is a label, never a path)'
-            )
-    return job, errors
+        )
+    return problems
 
 
 def expand_job(job: dict) -> list[dict]:

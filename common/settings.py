@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     adapter_host_cache_mb: int = Field(4096, description="Host memory budget (MiB) for parsed adapter tensors.")
     adapter_device_cache_mb: int = Field(2048, description="GPU memory budget (MiB) for adapter tensors.")
     variant_cache_size: int = Field(
-        0, description="Whole fused variants kept on the device (each as large as the targeted weights: 3.2 GB on 5B)."
+        0,
+        description="Whole fused variants kept on the device (each as large as the targeted weights: 3.2 GB, 3.0 GiB, on 5B).",
     )
     pristine_on_host: bool = Field(
         False,

@@ -17,13 +17,15 @@ import json
 import math
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from common.errors import AdapterError, JobFileError, ModelError
-from common.job import DEFAULT_LIMITS, DEFAULTS, AdapterResolver, JobLimits, _unknown, check_job, expand_job, finish_job
+from common.job import DEFAULT_LIMITS, AdapterResolver, JobLimits, check_job, check_render, expand_job, finish_job
+from common.job_spec import SWEPT_FIELDS, AdapterItem, AdapterSpec, RenderFields, describe, unknown_field
 from common.model import ModelInfo
 
 SPEC_FIELDS = {"name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model"}
-SWEPT = {"prompt", "negative_prompt", "adapters", "lora_scale", "seed", "model", "id"}
+ADAPTER_LIST = TypeAdapter(list[AdapterItem])
 
 
 def parse_scales(value, errors: list) -> list[float]:
@@ -75,7 +77,7 @@ def _prompts(spec: dict, errors: list) -> list[dict]:
             continue
         extra = set(item) - {"prompt", "negative_prompt"}
         if extra:
-            errors.append(_unknown(sorted(extra)[0], ["prompt", "negative_prompt"], f"{where}[{i}]"))
+            errors.append(f"{where}[{i}]: {unknown_field(sorted(extra)[0], ['prompt', 'negative_prompt'])}")
             continue
         prompts.append(item)
     return prompts
@@ -87,14 +89,8 @@ def load_sweep(
     """The sweep's batch name prefix, its jobs (checked, resolved and keyed) and each job's cell
     ({"set", "prompt", "seed", "lora_scale"}); raises JobFileError naming every problem's place in
     the spec, before anything is enqueued."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)  # JSON is YAML too
-    except (OSError, yaml.YAMLError) as exc:
-        raise JobFileError(path, [f"not a readable YAML or JSON sweep spec: {exc}"]) from None
-    if not isinstance(spec, dict):
-        raise JobFileError(path, ["a sweep spec must be a mapping with prompts, adapter_sets, lora_scales, seeds"])
-    errors = [_unknown(field, SPEC_FIELDS, "spec") for field in spec if field not in SPEC_FIELDS]
+    spec = _read_spec(path)
+    errors = [f"spec: {unknown_field(field, SPEC_FIELDS)}" for field in spec if field not in SPEC_FIELDS]
     try:
         model: ModelInfo = model_for(spec.get("model"))
     except ModelError as exc:
@@ -103,74 +99,99 @@ def load_sweep(
     scales = parse_scales(spec.get("lora_scales", [1.0]), errors)
     if 0.0 not in scales:
         scales = [0.0, *scales]  # the reference every cell is compared with
-    seeds = spec.get("seeds", [0])
+    seeds = _seeds(spec.get("seeds", [0]), errors)
+    render = _render(spec.get("render", {}), model, limits, errors)
+    sets = _adapter_sets(spec.get("adapter_sets"), resolver, errors)
+    cell_count = len(sets) * len(scales) * len(prompts) * len(seeds)
+    if cell_count > limits.max_jobs:
+        errors.append(f"the sweep expands to {cell_count} cells, more than {limits.max_jobs} (LORAFLEET_MAX_JOBS)")
+    name = spec.get("name", "sweep")
+    if not isinstance(name, str) or not name or "/" in name:
+        errors.append('name: must be a plain name (no "/")')
+    if errors:
+        raise JobFileError(path, list(dict.fromkeys(errors)))
+    jobs, cells = [], []
+    for i, adapters in enumerate(sets):
+        for scale in scales:  # grouped by combination and scale: one variant switch per group
+            for p, prompt in enumerate(prompts):
+                for seed in seeds:
+                    fields = {**render, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
+                    job, problems = check_job(
+                        {**fields, "model": spec.get("model"), "id": f"set{i}-p{p}-s{seed}"},
+                        f"adapter_sets[{i}]",
+                        model,
+                        limits.max_video_pixels,
+                    )
+                    if problems:  # each part was checked above; what is left is how they combine
+                        raise JobFileError(path, problems)
+                    (job,) = expand_job(job)
+                    try:
+                        jobs.append(finish_job(job, model, resolver))
+                    except AdapterError as exc:
+                        raise JobFileError(path, [f"adapter_sets[{i}]: {exc}"]) from None
+                    cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale})
+    return name, jobs, cells
+
+
+def _read_spec(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f)  # JSON is YAML too
+    except (OSError, yaml.YAMLError) as exc:
+        raise JobFileError(path, [f"not a readable YAML or JSON sweep spec: {exc}"]) from None
+    if not isinstance(spec, dict):
+        raise JobFileError(path, ["a sweep spec must be a mapping with prompts, adapter_sets, lora_scales, seeds"])
+    return spec
+
+
+def _seeds(seeds, errors: list) -> list[int]:
     if (
         not isinstance(seeds, list)
         or not seeds
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         errors.append("seeds: must be a non-empty list of integers ≥ 0")
-        seeds = []
-    render = spec.get("render", {})
+        return []
+    return seeds
+
+
+def _render(render, model: ModelInfo, limits: JobLimits, errors: list) -> dict:
+    """The `render:` mapping, checked as job fields (RenderFields) and against the model's rules."""
     if not isinstance(render, dict):
         errors.append("render: must be a mapping of job fields")
-        render = {}
-    for field in render:
-        if field in SWEPT or field not in DEFAULTS:
-            errors.append(
-                _unknown(field, set(DEFAULTS) - SWEPT, "render")
-                if field not in DEFAULTS
-                else f"render.{field}: set by the sweep itself"
-            )
-    sets = spec.get("adapter_sets")
+        return {}
+    swept = [field for field in render if field in SWEPT_FIELDS]
+    errors.extend(f"render.{field}: set by the sweep itself" for field in swept)
+    given = {field: value for field, value in render.items() if field not in swept}
+    try:
+        checked = RenderFields.model_validate(given).model_dump()
+    except ValidationError as exc:
+        errors.extend(
+            f"render.{field}: {message}" if field else f"render: {message}"
+            for field, message in describe(exc, given, RenderFields)
+        )
+        return {}
+    errors.extend(
+        f"render.{field}: {problem}" for field, problem in check_render(dict(checked), model, limits.max_video_pixels)
+    )
+    return given
+
+
+def _adapter_sets(sets, resolver: AdapterResolver, errors: list) -> list[list[dict]]:
+    """Each adapter set, checked as a job's `adapters` (AdapterSpec) and read once."""
     if not isinstance(sets, list) or not sets or not all(isinstance(s, list) for s in sets):
         errors.append("adapter_sets: must be a non-empty list of adapter lists")
-        sets = []
-
-    cell_count = len(sets) * len(scales) * len(prompts) * len(seeds)
-    if cell_count > limits.max_jobs:
-        raise JobFileError(
-            path, [f"the sweep expands to {cell_count} cells, more than {limits.max_jobs} (LORAFLEET_MAX_JOBS)"]
-        )
-    jobs, cells = [], []
+        return []
+    checked = []
     for i, adapters in enumerate(sets):
-        base = {**render, "adapters": adapters, "lora_scale": scales, "model": spec.get("model")}
-        checked, problems = check_job(
-            {**base, "prompt": "p", "seed": 0}, f"adapter_sets[{i}]", model, limits.max_video_pixels
-        )
-        problems = [p.replace(f"adapter_sets[{i}]: adapters", f"adapter_sets[{i}]") for p in problems]
-        problems = [
-            p.replace(f"adapter_sets[{i}]: ", "render.", 1) if not p.startswith(f"adapter_sets[{i}][") else p
-            for p in problems
-        ]
-        if problems:
-            errors.extend(dict.fromkeys(problems))
+        try:
+            checked.append([a.model_dump(exclude_none=True) for a in ADAPTER_LIST.validate_python(adapters)])
+        except ValidationError as exc:
+            errors.extend(f"adapter_sets[{i}]{field}: {message}" for field, message in describe(exc, {}, AdapterSpec))
             continue
-        for j, adapter in enumerate(checked["adapters"]):
+        for j, adapter in enumerate(checked[-1]):
             try:
                 resolver.resolve(adapter["uri"])
             except AdapterError as exc:
                 errors.append(f"adapter_sets[{i}][{j}].uri: {exc}")
-        if errors:
-            continue
-        for scale in scales:  # grouped by combination and scale: one variant switch per group
-            for p, prompt in enumerate(prompts):
-                for seed in seeds:
-                    job, _ = check_job(
-                        {**base, **prompt, "lora_scale": scale, "seed": seed, "id": f"set{i}-p{p}-s{seed}"},
-                        "",
-                        model,
-                        limits.max_video_pixels,
-                    )
-                    (job,) = expand_job(job)
-                    try:
-                        jobs.append(finish_job(job, model, resolver))
-                        cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale})
-                    except (AdapterError, ModelError) as exc:
-                        errors.append(f"adapter_sets[{i}]: {exc}")
-    if errors:
-        raise JobFileError(path, list(dict.fromkeys(errors)))
-    name = spec.get("name", "sweep")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise JobFileError(path, ['name: must be a plain name (no "/")'])
-    return name, jobs, cells
+    return checked

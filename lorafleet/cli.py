@@ -267,6 +267,18 @@ def tiny_model(settings: Settings, console: Console, directory: str, seed: int):
 
 @cli.command()
 @shared_options
+def schema(settings: Settings, console: Console):
+    """Print the JSON Schema of a job: one line of a jobs file, or a `lorafleet.render` message."""
+    import json
+
+    from common.job_spec import JobSpec
+
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return ExitCode.OK
+
+
+@cli.command()
+@shared_options
 def demo(settings: Settings, console: Console):
     """The tiny model, a private Redis, one CPU worker, and examples/prompts.jsonl submitted with --wait."""
     from lorafleet.demo import run_demo

@@ -65,7 +65,7 @@ def test_supervisor_restarts_a_dying_worker_and_stops_on_sigterm(fleet_env, tmp_
     _, rest = supervisor.communicate(timeout=60)
     log.append(rest)
     text = "".join(log)
-    assert "gpu0 worker died (code 3); restart 1" in text and "restart 2" in text, text[-3000:]
+    assert "gpu0 worker died (code 5); restart 1" in text and "restart 2" in text, text[-3000:]
     assert "cannot start" in text and "no-such-model" in text
     assert supervisor.returncode == 0
 
