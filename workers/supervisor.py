@@ -5,6 +5,7 @@ makes it finish its current job and exit, a second makes it exit at once, and it
 again. A worker that dies on its own is restarted, with a back-off.
 """
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -41,10 +42,10 @@ def spawn_worker(
     """Start `lorafleet worker ARGS` (`python -m MODULE worker ARGS`) in its own session (signals
     reach it only when passed on)."""
     command = [sys.executable, "-m", module, "worker", *worker_args]
-    output = open(log_path, "w") if log_path else None
-    return subprocess.Popen(
-        command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True
-    )
+    with open(log_path, "w") if log_path else contextlib.nullcontext() as output:  # the child keeps its own copy
+        return subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True
+        )
 
 
 def wait_until_ready(process: subprocess.Popen, log_path: str, timeout_s: float = 300) -> None:
