@@ -14,15 +14,20 @@ class ExitCode(IntEnum):
     HANDED_BACK = 4  # a worker stopped mid-job (a second SIGTERM or the shutdown timeout): it runs again elsewhere
     MODEL_LOAD_FAILED = 5  # a worker could not load its model
     FAILED = 6  # something else went wrong, said in one line
+    TIMEOUT = 7  # --timeout passed before every job ended: the jobs stay queued
     INTERRUPTED = 130  # Ctrl-C
 
 
 class LorafleetError(Exception):
     """Raised for any failure lorafleet can explain in one line; its message is that line."""
 
+    exit_code = ExitCode.FAILED  # what a command that ends on it exits with
+
 
 class InputError(LorafleetError):
     """Raised when what a user gave (a file, a name, a setting) is wrong: nothing was done with it."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 class JobError(InputError):
@@ -67,3 +72,9 @@ class LeaseLost(LorafleetError):
 
 class RenderError(LorafleetError):
     """Raised when a render produced something that must not be stored (NaN or infinite values)."""
+
+
+class WaitTimeout(LorafleetError):
+    """Raised when a waiting command's --timeout passes before every job ended; the jobs stay queued."""
+
+    exit_code = ExitCode.TIMEOUT

@@ -13,6 +13,8 @@
   lease (SIGSTOP, a long GC, a frozen VM) learns that another delivery took its job over, stops at
   its next denoising step, and proves it still holds the token before any write to the store.
 - Cancel flags per batch.
+- Worker heartbeats: each consuming worker refreshes a key naming it and its queue every
+  HEARTBEAT_S, so a waiting command can tell a queue nobody serves from a busy one.
 """
 
 import json
@@ -31,6 +33,7 @@ from common.errors import LeaseLost
 
 log = logging.getLogger("lorafleet.ledger")
 PREFIX = "lorafleet"
+HEARTBEAT_S = 5.0  # a worker's heartbeat lives 3 beats: a worker that stops beating is gone within 15 s
 # Each script compares before it acts, in one step: a token no longer stored means the job is someone else's.
 _EXTEND = """
 for i, name in ipairs(KEYS) do
@@ -151,6 +154,20 @@ class Ledger:
         at the instant Redis restarts; the producer sends such a job again."""
         return self.redis.llen(queue) == 0 and not self.redis.exists(f"{PREFIX}:lease:{task_id}")
 
+    def beat(self, worker: str, queue: str, since: float) -> None:
+        """Say this worker is alive and consuming `queue` (since `since`, a Unix time)."""
+        record = {"worker": worker, "queue": queue, "since": since, "beat": time.time()}
+        self.redis.set(f"{PREFIX}:worker:{worker}", json.dumps(record), ex=int(3 * HEARTBEAT_S))
+
+    def forget_worker(self, worker: str) -> None:
+        """The worker stopped: it serves no queue from now on."""
+        self._quietly(lambda: self.redis.delete(f"{PREFIX}:worker:{worker}"))
+
+    def live_workers(self) -> list[dict]:
+        """The workers whose heartbeat is fresh: {"worker", "queue", "since", "beat"} each."""
+        names = list(self.redis.scan_iter(match=f"{PREFIX}:worker:*", count=1000))
+        return [json.loads(record) for record in (self.redis.mget(names) if names else []) if record]
+
     def cancel(self, batch: str) -> None:
         """Mark a batch cancelled: its queued jobs never start, its running ones stop at their next step."""
         self.redis.set(f"{PREFIX}:cancelled:{batch}", 1, ex=self.ttl_s)
@@ -209,6 +226,19 @@ class Lease:
         if not self.lost.is_set():
             log.warning("%s: %s is no longer ours (paused or cut off past the lease): stopping", self.task_id, name)
         self.lost.set()
+
+
+def run_heartbeat(ledger: Ledger, worker: str, queue: str, stop: threading.Event) -> None:
+    """Every HEARTBEAT_S until `stop`, say this worker is alive and consuming `queue`."""
+    since = time.time()
+    while True:
+        try:
+            ledger.beat(worker, queue, since)
+        except redis.RedisError as exc:
+            log.warning("%s: heartbeat: redis: %s", worker, exc)
+        if stop.wait(HEARTBEAT_S):
+            ledger.forget_worker(worker)
+            return
 
 
 def run_sweeper(ledger: Ledger, requeue: Callable[[str, dict], None], stop: threading.Event, worker: str) -> None:

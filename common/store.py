@@ -4,6 +4,7 @@ Layout (DESIGN.md): videos/<key>.{mp4,png,json} and batches/<batch>/manifest.jso
 """
 
 import contextlib
+import datetime
 import os
 import uuid
 
@@ -45,6 +46,22 @@ class Store:
     def exists(self, relpath: str) -> bool:
         """Whether a file is in the store."""
         return self._call(self.fs.exists, relpath)
+
+    def list_folder(self, relpath: str) -> list[str]:
+        """The names of the folders directly under a store folder ([] if there is none)."""
+        try:
+            entries = self._call(lambda path: self.fs.ls(path, detail=True), relpath)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+    def modified(self, relpath: str) -> str | None:
+        """When a file was last written (ISO 8601, UTC), or None if the store cannot say."""
+        try:
+            when = self._call(self.fs.modified, relpath)
+        except (FileNotFoundError, NotImplementedError, StoreError):
+            return None
+        return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def read_bytes(self, relpath: str) -> bytes:
         """A file's contents."""

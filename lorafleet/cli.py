@@ -8,6 +8,7 @@ that need them: `submit` never imports torch, and `worker --gpu N` pins the GPU 
 """
 
 import functools
+import json
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from redis import RedisError
 from rich.console import Console
 
 import common
-from common.errors import ExitCode, InputError, JobFileError, LorafleetError
+from common.errors import ExitCode, JobFileError, LorafleetError
 from common.manifest import JobStatus
 from common.settings import Settings, settings_env
 
@@ -68,11 +69,7 @@ def shared_options(command):
             return ExitCode.BAD_INPUT
         except (LorafleetError, click.BadParameter) as exc:
             print(f"lorafleet {click.get_current_context().info_name}: {exc}", file=sys.stderr)
-            return (
-                ExitCode.FAILED
-                if isinstance(exc, LorafleetError) and not isinstance(exc, InputError)
-                else ExitCode.BAD_INPUT
-            )
+            return exc.exit_code if isinstance(exc, LorafleetError) else ExitCode.BAD_INPUT
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.split(".")[0] in WORKER_EXTRA:
                 print(f"lorafleet: this command needs {exc.name}: pip install 'lorafleet[worker]'", file=sys.stderr)
@@ -141,46 +138,112 @@ def cli(**_):
     """
 
 
+def timeout_option(command):
+    """--timeout for every command that waits."""
+    return click.option(
+        "--timeout",
+        "timeout_s",
+        type=click.FloatRange(min=0),
+        help="stop waiting after this many seconds (exit 7); the jobs stay queued: `lorafleet wait BATCH` follows them",
+    )(command)
+
+
+def json_option(command):
+    """--json: the result as one JSON object on stdout; progress goes to stderr."""
+    return click.option("--json", "as_json", is_flag=True, help="print the result as JSON (progress on stderr)")(
+        command
+    )
+
+
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--wait", is_flag=True, help="show progress until every job ends")
 @click.option("--batch", help="batch name (default: the time and a random suffix)")
+@timeout_option
+@json_option
 @shared_options
-def submit(settings: Settings, console: Console, file: str, wait: bool, batch: str | None):
+def submit(settings: Settings, console: Console, file: str, wait: bool, batch: str | None, timeout_s, as_json):
     """Check every line of FILE (.jsonl, one job a line), expand its lists, enqueue what is not in the store."""
     from producer.follow import wait_for_batch
     from producer.submit import submit as submit_file
 
+    console = Console(stderr=True) if as_json else console
     submitted = submit_file(file, settings, batch)
     queued, done = submitted.enqueued, submitted.count(JobStatus.DONE)
     console.print(
         f"batch {submitted.name}: {len(submitted.entries)} jobs, {queued} enqueued, {done} already in the store"
     )
-    if wait and not wait_for_batch(submitted, settings, console):
-        return ExitCode.JOBS_FAILED
+    ok = True
+    if wait or timeout_s is not None:
+        ok = wait_for_batch(submitted, settings, console, timeout_s)
+    if as_json:
+        print(json.dumps({"batch": submitted.name, "enqueued": queued, "entries": submitted.entries}))
+    return ExitCode.OK if ok else ExitCode.JOBS_FAILED
+
+
+@cli.command()
+@click.argument("batch")
+@timeout_option
+@shared_options
+def wait(settings: Settings, console: Console, batch: str, timeout_s):
+    """Follow a submitted BATCH until every job ends (or --timeout passes)."""
+    from common.manifest import Batch
+    from common.store import Store
+    from producer.follow import wait_for_batch
+
+    followed = Batch.load(Store(settings.store_url), batch)
+    return ExitCode.OK if wait_for_batch(followed, settings, console, timeout_s) else ExitCode.JOBS_FAILED
+
+
+@cli.command()
+@json_option
+@shared_options
+def batches(settings: Settings, console: Console, as_json: bool):
+    """The batches in the store: name, when submitted, jobs, counts as last recorded, sweep or not."""
+    from common.store import Store
+    from producer.follow import list_batches
+
+    found = list_batches(Store(settings.store_url))
+    if as_json:
+        print(json.dumps(found))
+        return ExitCode.OK
+    for entry in found:
+        counts = ", ".join(f"{n} {state}" for state, n in entry["counts"].items())
+        kind = "sweep" if entry["sweep"] else "batch"
+        print(f"{entry['name']}  {entry['submitted'] or '?'}  {kind}  {entry['jobs']} jobs: {counts}")
+    if not found:
+        print(f"no batches in {settings.store_url}")
     return ExitCode.OK
 
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--batch", help="batch name (default: the spec's name and today's date)")
-@click.option("--compare", metavar="BATCH", help="mark the cells whose numbers moved since that sweep")
+@click.option(
+    "--compare",
+    metavar="BATCH",
+    help='mark the cells whose numbers moved since that sweep; "latest": the newest earlier batch of this sweep',
+)
+@timeout_option
 @shared_options
-def sweep(settings: Settings, console: Console, file: str, batch: str | None, compare: str | None):
+def sweep(settings: Settings, console: Console, file: str, batch: str | None, compare: str | None, timeout_s):
     """Run a sweep spec FILE (YAML or JSON) as one batch, wait for it, and write its report."""
     from producer.sweep import run_sweep
 
-    return ExitCode.OK if run_sweep(file, settings, console, batch, compare) else ExitCode.JOBS_FAILED
+    ok = run_sweep(file, settings, console, batch, compare, timeout_s)
+    return ExitCode.OK if ok else ExitCode.JOBS_FAILED
 
 
 @cli.command()
 @click.argument("batch")
+@json_option
 @shared_options
-def status(settings: Settings, console: Console, batch: str):
+def status(settings: Settings, console: Console, batch: str, as_json: bool):
     """Counts by state and each failure's reason; brings the manifest up to date."""
     from producer.follow import status as batch_status
 
-    return ExitCode.JOBS_FAILED if batch_status(settings, batch, console).count(JobStatus.FAILED) else ExitCode.OK
+    shown = batch_status(settings, batch, Console(stderr=True) if as_json else console, as_json)
+    return ExitCode.JOBS_FAILED if shown.count(JobStatus.FAILED) else ExitCode.OK
 
 
 @cli.command()
@@ -197,14 +260,15 @@ def cancel(settings: Settings, console: Console, batch: str):
 @cli.command()
 @click.argument("batch")
 @click.option("--wait", is_flag=True, help="show progress until every job ends")
+@timeout_option
 @shared_options
-def retry(settings: Settings, console: Console, batch: str, wait: bool):
+def retry(settings: Settings, console: Console, batch: str, wait: bool, timeout_s):
     """Enqueue the failed and cancelled jobs of BATCH again."""
     from producer.control import retry as retry_batch
     from producer.follow import wait_for_batch
 
     again = retry_batch(settings, batch, console)
-    if wait and not wait_for_batch(again, settings, console):
+    if (wait or timeout_s is not None) and not wait_for_batch(again, settings, console, timeout_s):
         return ExitCode.JOBS_FAILED
     return ExitCode.OK
 
@@ -269,8 +333,6 @@ def tiny_model(settings: Settings, console: Console, directory: str, seed: int):
 @shared_options
 def schema(settings: Settings, console: Console):
     """Print the JSON Schema of a job: one line of a jobs file, or a `lorafleet.render` message."""
-    import json
-
     from common.job_spec import JobSpec
 
     print(json.dumps(JobSpec.model_json_schema(), indent=2))

@@ -12,11 +12,23 @@ from common.store import Store
 from producer.follow import refresh
 
 
-def cancel(settings: Settings, name: str, console: Console) -> None:
-    """Cancel a batch: queued jobs never start, running ones stop at their next denoising step."""
-    Batch.load(Store(settings.store_url), name)  # a batch that does not exist is an error
+def cancel(settings: Settings, name: str, console: Console) -> Batch:
+    """Cancel a batch: its queued jobs are cancelled at once (a worker that takes one anyway skips
+    it), running ones stop at their next denoising step."""
+    store = Store(settings.store_url)
+    batch = Batch.load(store, name)
     Ledger.from_settings(settings).cancel(name)
-    console.print(f"batch {name}: cancelled; running jobs stop at their next step (see `lorafleet status {name}`)")
+    refresh(batch, make_app(settings))
+    queued = [entry for entry in batch.entries if entry["status"] == JobStatus.QUEUED]
+    for entry in queued:
+        entry.update(status=JobStatus.CANCELLED, error=f"batch {name} was cancelled before the job started")
+    batch.write_manifest(store)
+    running = batch.count(JobStatus.RUNNING)
+    console.print(
+        f"batch {name}: cancelled {len(queued)} queued job(s); {running} running job(s) stop at their next step "
+        f"(see `lorafleet status {name}`)"
+    )
+    return batch
 
 
 def retry(settings: Settings, name: str, console: Console) -> Batch:

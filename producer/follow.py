@@ -1,7 +1,9 @@
 """Following a submitted batch: its jobs' states from Celery's results and the store, progress
 until every job ends (re-sending jobs found nowhere), the status command, the result table."""
 
+import json
 import logging
+import math
 import time
 
 import redis
@@ -10,16 +12,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.broker import make_app, send_job
-from common.errors import StoreError
+from common.broker import check_redis, make_app, send_job
+from common.errors import InputError, StoreError, WaitTimeout
 from common.leases import Ledger
 from common.manifest import RETRYABLE, UNFINISHED, Batch, JobStatus
 from common.settings import Settings, queue_for
-from common.store import Store, video_exists
+from common.store import Store, jobs_path, video_exists
 
 log = logging.getLogger("lorafleet.producer")
 POLL_INTERVAL_S = 0.5
 STORE_CHECK_EVERY = 20  # polls: look for finished videos in the store every 10 s
+WORKER_CHECK_EVERY = 10  # polls: look for live workers every 5 s (from the first poll on)
+NO_WORKER_REPEAT_S = 30
+PLAIN_SUMMARY_S = 30
 ENDED = {"SUCCESS", "FAILURE"}
 
 
@@ -70,55 +75,154 @@ def _record(entries: list[dict], result: AsyncResult) -> None:
         entry.update(status=JobStatus.CANCELLED if cancelled else JobStatus.FAILED, error=reason)
 
 
-def wait_for_batch(batch: Batch, settings: Settings, console: Console) -> bool:
-    """Follow every job of `batch` until it ends, riding out Redis outages; returns True when all are done."""
+def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s: float | None = None) -> bool:
+    """Follow every job of `batch` until it ends, riding out Redis outages; returns True when all
+    are done. Says within seconds when no live worker serves a queue the batch waits on, and again
+    every 30 s while that lasts. Raises WaitTimeout after `timeout_s`, leaving the jobs queued."""
     app = make_app(settings)
-    total = len(batch.entries)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        overall = progress.add_task("", total=total)
-        rows: dict[str, int] = {}  # task id -> its progress row
-        store = Store(settings.store_url)
-        ledger = Ledger.from_settings(settings)
-        orphans: dict[str, int] = {}  # task id -> checks in a row it was found nowhere
-        polls = 0
+    store = Store(settings.store_url)
+    ledger = Ledger.from_settings(settings)
+    view = LiveView(batch, console) if console.is_terminal else PlainView(batch, console)
+    orphans: dict[str, int] = {}  # task id -> checks in a row it was found nowhere
+    warned: dict[str, float] = {}  # queue nobody serves -> when that was last said
+    started = time.monotonic()
+    polls = 0
+    with view:
         while True:
             polls += 1
             try:
                 running = refresh(batch, app, store if polls % STORE_CHECK_EVERY == 0 else None)
+                if polls % STORE_CHECK_EVERY == 0:
+                    resend_orphans(batch, app, store, ledger, orphans)
+                if polls % WORKER_CHECK_EVERY == 1:
+                    warn_of_unserved_queues(batch, ledger, warned, console)
             except (redis.RedisError, OSError, RuntimeError) as exc:  # Celery's result store says RuntimeError
-                progress.update(
-                    overall,
-                    description=f"batch {batch.name}: [yellow]Redis unreachable ({type(exc).__name__}), retrying[/]",
-                )
+                view.note(f"Redis unreachable ({type(exc).__name__}), retrying")
                 time.sleep(2 * POLL_INTERVAL_S)
                 continue
-            if polls % STORE_CHECK_EVERY == 0:
-                resend_orphans(batch, app, store, ledger, orphans)
-            for task_id in list(rows):
-                if task_id not in running:
-                    progress.remove_task(rows.pop(task_id))
-            for task_id, info in running.items():
-                label = f"  {info.get('worker', '?')} {info.get('key', '')[:12]}"
-                if task_id not in rows:
-                    rows[task_id] = progress.add_task(label, total=info.get("steps"))
-                progress.update(rows[task_id], description=label, completed=info.get("step", 0))
-            done, failed, cancelled = (
-                batch.count(JobStatus.DONE),
-                batch.count(JobStatus.FAILED),
-                batch.count(JobStatus.CANCELLED),
-            )
-            progress.update(
-                overall,
-                completed=done + failed + cancelled,
-                description=f"batch {batch.name}: [green]{done} done[/] · [red]{failed} failed[/] · {total} jobs",
-            )
-            if done + failed + cancelled == total:
+            view.update(running)
+            if not any(entry["status"] in UNFINISHED for entry in batch.entries):
                 break
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                write_manifest_or_warn(batch, store, console)
+                raise WaitTimeout(
+                    f"batch {batch.name}: {summary(batch)} after {timeout_s:g}s; the unfinished jobs stay queued: "
+                    f"follow them with `lorafleet wait {batch.name}`"
+                )
             time.sleep(POLL_INTERVAL_S)
     write_manifest_or_warn(batch, store, console)
     print_summary(batch, console)
-    return done == total
+    return batch.count(JobStatus.DONE) == len(batch.entries)
+
+
+def warn_of_unserved_queues(batch: Batch, ledger: Ledger, warned: dict[str, float], console: Console) -> None:
+    """Say which queues the batch waits on that no live worker serves (each again every 30 s)."""
+    aliases = {queue_for(e["model"]): e["model"] for e in batch.entries if e["status"] in UNFINISHED}
+    served = {worker["queue"] for worker in ledger.live_workers()}
+    now = time.monotonic()
+    for queue, alias in aliases.items():
+        if queue in served:
+            warned.pop(queue, None)
+        elif now - warned.get(queue, -math.inf) >= NO_WORKER_REPEAT_S:
+            warned[queue] = now
+            model = f" --model {alias}" if alias else ""
+            console.print(
+                f"warning: no live worker serves queue {queue}: its jobs wait until one does. Start one with "
+                f"`lorafleet worker --device cpu{model}` or `lorafleet workers --gpus all{model}`",
+                style="yellow",
+                markup=False,
+                soft_wrap=True,
+            )
+
+
+def summary(batch: Batch) -> str:
+    """`3 done, 1 failed, 2 running, 4 queued of 10 jobs`: the counts that are not zero."""
+    counts = [(batch.count(state), state.value) for state in (JobStatus.DONE, *RETRYABLE, *UNFINISHED[::-1])]
+    return ", ".join(f"{n} {state}" for n, state in counts if n) + f" of {len(batch.entries)} jobs"
+
+
+class LiveView:
+    """Progress in a terminal: a bar for the batch and one per running job's denoising steps."""
+
+    def __init__(self, batch: Batch, console: Console):
+        self.batch = batch
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.progress = Progress(*columns, console=console)
+        self.overall = self.progress.add_task("", total=len(batch.entries))
+        self.rows: dict[str, int] = {}  # task id -> its progress row
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def note(self, text: str) -> None:
+        """A passing condition, shown in place of the batch's counts."""
+        self.progress.update(self.overall, description=f"batch {self.batch.name}: [yellow]{text}[/]")
+
+    def update(self, running: dict[str, dict]) -> None:
+        """Show the batch's counts and each running job's step."""
+        for task_id in list(self.rows):
+            if task_id not in running:
+                self.progress.remove_task(self.rows.pop(task_id))
+        for task_id, info in running.items():
+            label = f"  {info.get('worker', '?')} {info.get('key', '')[:12]}"
+            if task_id not in self.rows:
+                self.rows[task_id] = self.progress.add_task(label, total=info.get("steps"))
+            self.progress.update(self.rows[task_id], description=label, completed=info.get("step", 0))
+        ended = sum(entry["status"] not in UNFINISHED for entry in self.batch.entries)
+        done, failed = self.batch.count(JobStatus.DONE), self.batch.count(JobStatus.FAILED)
+        description = (
+            f"batch {self.batch.name}: [green]{done} done[/] · [red]{failed} failed[/] · {len(self.batch.entries)} jobs"
+        )
+        self.progress.update(self.overall, completed=ended, description=description)
+
+
+class PlainView:
+    """Progress for a log (cron, CI, a pipe): a line per job that ends, a summary every 30 s."""
+
+    def __init__(self, batch: Batch, console: Console):
+        self.batch = batch
+        self.console = console
+        self.seen = [entry["status"] for entry in batch.entries]
+        self.said_at = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        """A passing condition, said at most every 30 s."""
+        if time.monotonic() - self.said_at >= PLAIN_SUMMARY_S:
+            self.said_at = time.monotonic()
+            self.say(f"batch {self.batch.name}: {text}")
+
+    def update(self, running: dict[str, dict]) -> None:
+        """Say each job that ended since the last update, and the counts every 30 s."""
+        for i, entry in enumerate(self.batch.entries):
+            if entry["status"] != self.seen[i] and entry["status"] not in UNFINISHED:
+                self.say(job_line(entry))
+            self.seen[i] = entry["status"]
+        if time.monotonic() - self.said_at >= PLAIN_SUMMARY_S:
+            self.said_at = time.monotonic()
+            self.say(f"batch {self.batch.name}: {summary(self.batch)}")
+
+
+def job_line(entry: dict) -> str:
+    """One job as one line: status, key, id, scale, seed, then its video or its error."""
+    detail = entry["error"] if entry["status"] in RETRYABLE else entry["video"]
+    label = f" {entry['id']}" if entry.get("id") else ""
+    return (
+        f"{entry['status']:<9} {entry['key'][:12]}{label} "
+        f"scale={entry.get('lora_scale', '?')} seed={entry.get('seed', '?')} {detail}"
+    )
 
 
 def write_manifest_or_warn(batch: Batch, store: Store, console: Console) -> None:
@@ -151,30 +255,69 @@ def resend_orphans(batch: Batch, app, store: Store, ledger: Ledger, orphans: dic
             orphans.pop(task_id)
 
 
-def status(settings: Settings, name: str, console: Console) -> Batch:
-    """Bring the batch's manifest up to date and show counts by state, and each failure's reason."""
+def status(settings: Settings, name: str, console: Console, as_json: bool = False) -> Batch:
+    """Bring the batch's manifest up to date and show counts by state and each failure's reason
+    (or, with `as_json`, the counts and every entry as JSON). With Redis down, show the states as
+    last recorded, say so, and raise Redis' error."""
     store = Store(settings.store_url)
     batch = Batch.load(store, name)
-    refresh(batch, make_app(settings), store)
-    write_manifest_or_warn(batch, store, console)
+    try:
+        check_redis(settings.redis_url)
+    except redis.RedisError as exc:
+        unreachable = exc
+        console.print("warning: Redis is unreachable: the states below are as last recorded", style="yellow")
+    else:
+        unreachable = None
+        refresh(batch, make_app(settings), store)
+        write_manifest_or_warn(batch, store, console)
     counts = {state.value: batch.count(state) for state in (JobStatus.DONE, *UNFINISHED[::-1], *RETRYABLE)}
-    console.print(
-        f"batch {name}: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" of {len(batch.entries)} jobs"
-    )
-    for entry in batch.entries:
-        if entry["status"] in RETRYABLE:
-            console.print(
-                f"  {entry['key'][:12]} {entry['id'] or ''}: {entry['status']}: {entry['error']}", markup=False
-            )
+    if as_json:
+        print(json.dumps({"batch": name, "counts": counts, "jobs": len(batch.entries), "entries": batch.entries}))
+    else:
+        console.print(
+            f"batch {name}: "
+            + ", ".join(f"{n} {state}" for state, n in counts.items())
+            + f" of {len(batch.entries)} jobs"
+        )
+        for entry in batch.entries:
+            if entry["status"] in RETRYABLE:
+                console.print(f"  {job_line(entry)}", markup=False, highlight=False, soft_wrap=True)
+    if unreachable is not None:
+        raise unreachable
     return batch
 
 
+def list_batches(store: Store) -> list[dict]:
+    """Every batch in the store, oldest first: name, when it was submitted, its job count and
+    counts by state as its manifest last recorded them, and whether it is a sweep."""
+    found = []
+    for name in store.list_folder("batches"):
+        try:
+            batch = Batch.load(store, name)
+        except InputError:
+            continue  # a folder without a manifest (or with a name lorafleet never makes)
+        found.append(
+            {
+                "name": name,
+                "submitted": store.modified(jobs_path(name)),
+                "jobs": len(batch.entries),
+                "counts": {state.value: n for state in JobStatus if (n := batch.count(state))},
+                "sweep": store.exists(f"batches/{name}/report.json") or store.exists(f"batches/{name}/spec.yaml"),
+            }
+        )
+    return sorted(found, key=lambda b: (b["submitted"] or "", b["name"]))
+
+
 def print_summary(batch: Batch, console: Console) -> None:
-    """A table of every job: its id, key, lora_scale, seed, status, and its video or its error."""
-    table = Table(
-        title=f"batch {batch.name}: {batch.count(JobStatus.DONE)} done, {batch.count(JobStatus.FAILED)} failed, "
-        f"{len(batch.entries)} jobs"
-    )
+    """Every job with its video or its error: a table in a terminal, one line per job in a log
+    (full paths, never wrapped)."""
+    title = f"batch {batch.name}: {summary(batch)}"
+    if not console.is_terminal:
+        for entry in batch.entries:
+            console.print(job_line(entry), markup=False, highlight=False, soft_wrap=True)
+        console.print(title, markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=title)
     for column in ("id", "key", "scale", "seed", "status", "video / error"):
         table.add_column(column, overflow="fold")
     for entry in batch.entries:

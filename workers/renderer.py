@@ -45,7 +45,7 @@ class Renderer:
         self.worker = worker
         self.info: ModelInfo = model_info(model_ref)
         started = time.perf_counter()
-        self.pipe = DiffusionPipeline.from_pretrained(model_ref, torch_dtype=self.dtype).to(self.device)
+        self.pipe = DiffusionPipeline.from_pretrained(model_ref, dtype=self.dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         if settings.vae_tiling:
             self.pipe.vae.enable_tiling()

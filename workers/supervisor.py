@@ -12,10 +12,11 @@ import subprocess
 import sys
 import time
 
-from common.errors import LorafleetError
+from common.errors import ExitCode, LorafleetError
 
 log = logging.getLogger("lorafleet.workers")
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+MODEL_LOAD_TRIES = 3  # a model that fails to load this many times in a row is a configuration error
 
 
 def list_gpus(spec: str) -> list[int]:
@@ -92,6 +93,8 @@ def run_workers(gpus: list[int], worker_args: list[str], env: dict | None = None
 
     workers = {gpu: start(gpu) for gpu in gpus}
     restarts = dict.fromkeys(gpus, 0)
+    load_failures = dict.fromkeys(gpus, 0)  # in a row: a model that never loads is not retried forever
+    exit_code = ExitCode.OK
     restart_at: dict[int, float] = {}  # GPU of a dead worker -> when it starts again
     forwarded = 0
     log.info("started %d worker(s) on GPU(s) %s", len(gpus), ",".join(map(str, gpus)))
@@ -111,6 +114,17 @@ def run_workers(gpus: list[int], worker_args: list[str], env: dict | None = None
             if signals:
                 log.info("gpu%d worker exited (code %s)", gpu, code)
                 continue
+            load_failures[gpu] = load_failures[gpu] + 1 if code == ExitCode.MODEL_LOAD_FAILED else 0
+            if load_failures[gpu] >= MODEL_LOAD_TRIES:
+                log.error(
+                    "gpu%d: the model failed to load %d times in a row (the worker's reason is above): "
+                    "a configuration error, not a crash; stopping every worker",
+                    gpu,
+                    MODEL_LOAD_TRIES,
+                )
+                exit_code = ExitCode.MODEL_LOAD_FAILED
+                signals.append(signal.SIGTERM)  # stop the others the way a user's SIGTERM does
+                continue
             delay = RESTART_BACKOFF_S[min(restarts[gpu], len(RESTART_BACKOFF_S) - 1)]
             restarts[gpu] += 1
             log.warning("gpu%d worker died (code %s); restart %d in %ds", gpu, code, restarts[gpu], delay)
@@ -121,4 +135,4 @@ def run_workers(gpus: list[int], worker_args: list[str], env: dict | None = None
                 workers[gpu] = start(gpu)
         time.sleep(0.2)
     log.info("all workers stopped; %d restart(s)", sum(restarts.values()))
-    return 0
+    return exit_code

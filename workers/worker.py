@@ -10,12 +10,13 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from celery import signals as celery_signals
 
 from common.broker import make_app
 from common.errors import ExitCode, LorafleetError
-from common.leases import Ledger, run_sweeper
+from common.leases import Ledger, run_heartbeat, run_sweeper
 from common.settings import Settings, queue_for
 from common.store import Store
 
@@ -53,15 +54,41 @@ def escalate_sigterm(name: str, timeout_s: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+class OncePerMessage(logging.Filter):
+    """Let a log message through once per process: diffusers warns of a truncated prompt on every
+    job, and a fleet's sweep repeats its prompts."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def quiet_per_job_noise() -> None:
+    """One line per job is lorafleet's own; Celery's result dicts and repeated library warnings go."""
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)  # "succeeded in 1.2s: {…whole result…}"
+    for pipeline in ("cogvideox", "cogvideox_image2video"):
+        logging.getLogger(f"diffusers.pipelines.cogvideo.pipeline_{pipeline}").addFilter(OncePerMessage())
+
+
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
     """Serve jobs until told to stop; returns the process exit code."""
+    started = time.perf_counter()
+    log.info("%s: starting on %s (importing torch and diffusers)", name, device)
     from workers.renderer import Renderer
     from workers.tasks import RenderTask, requeue
 
+    quiet_per_job_noise()
     queue = queue_for(alias)
     try:
         model_ref = settings.model_ref(alias)
-        log.info("%s: loading %s on %s", name, model_ref, device)
+        log.info("%s: imports took %.1fs; loading %s", name, time.perf_counter() - started, model_ref)
         renderer = Renderer(model_ref, device, settings, name)
     except LorafleetError as exc:
         log.error("%s: cannot start: %s", name, exc)
@@ -72,22 +99,29 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     app = make_app(settings)
     ledger = Ledger.from_settings(settings)
     app.register_task(RenderTask(renderer, Store(settings.store_url), ledger, settings, queue))
-    stop_sweeping = threading.Event()
+    stop = threading.Event()
     sweeper = threading.Thread(
         target=run_sweeper,
-        args=(ledger, lambda task_id, entry: requeue(app, task_id, entry), stop_sweeping, name),
+        args=(ledger, lambda task_id, entry: requeue(app, task_id, entry), stop, name),
         daemon=True,
     )
     sweeper.start()
-    celery_signals.worker_ready.connect(lambda **_: escalate_sigterm(name, settings.shutdown_timeout_s), weak=False)
-    log.info(
-        "%s: READY: %s (%s) loaded in %.1fs, serving queue %s",
-        name,
-        model_ref,
-        str(renderer.dtype).removeprefix("torch."),
-        renderer.load_seconds,
-        queue,
-    )
+
+    def on_ready(**_):
+        # Celery says ready once it consumes from the broker: only now is this worker READY.
+        escalate_sigterm(name, settings.shutdown_timeout_s)
+        threading.Thread(target=run_heartbeat, args=(ledger, name, queue, stop), daemon=True, name="heartbeat").start()
+        log.info(
+            "%s: READY: %s (%s) loaded in %.1fs, broker connected, serving queue %s",
+            name,
+            model_ref,
+            str(renderer.dtype).removeprefix("torch."),
+            renderer.load_seconds,
+            queue,
+        )
+
+    celery_signals.worker_ready.connect(on_ready, weak=False)
+    log.info("%s: model loaded in %.1fs; connecting to the broker", name, renderer.load_seconds)
     try:
         app.worker_main(
             [
@@ -104,7 +138,8 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         code = exc.code if isinstance(exc.code, int) else 0
     else:
         code = 0
-    stop_sweeping.set()
+    stop.set()
+    ledger.forget_worker(name)
     log.info("%s: stopped after %d render(s); %s", name, renderer.rendered, renderer.cache_stats())
     return code
 

@@ -97,3 +97,13 @@ def test_store_trouble_is_retried_with_back_off_then_fails_with_its_reason(fleet
     log = open(worker.log_path).read()
     assert all(f"(attempt {n} of 3)" in log for n in (1, 2, 3))
     assert log.count("rendered in") == 0 and worker.poll() is None
+
+
+def test_supervisor_gives_up_on_a_model_that_never_loads(fleet_env, tmp_path):
+    env = {**fleet_env, "LORAFLEET_MODEL": str(tmp_path / "no-such-model")}  # every start fails
+    command = [sys.executable, "-m", "lorafleet", "workers", "--gpus", "0"]
+    supervisor = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    text = supervisor.stderr
+    assert "gpu0 worker died (code 5); restart 1" in text and "restart 2" in text, text[-3000:]
+    assert "the model failed to load 3 times in a row" in text
+    assert "restart 3" not in text and supervisor.returncode == 5
