@@ -42,11 +42,11 @@ DEFAULT_LIMITS = JobLimits()
 
 
 def check_job(
-    obj, where: str, model: ModelInfo, max_video_pixels: int = JobLimits.max_video_pixels
+    obj, where: str, model: ModelInfo | None, max_video_pixels: int = JobLimits.max_video_pixels
 ) -> tuple[dict, list[str]]:
-    """Check one job against the schema (JobSpec) and the model's rules; returns it as a dict with
-    defaults filled in (lora_scale and seed as lists), and the list of errors, each starting with
-    `where` (e.g. "line 3") and naming the field (e.g. "adapters[1].weight")."""
+    """Check one job against the schema (JobSpec) and the model's rules (None: the schema alone);
+    returns it as a dict with defaults filled in (lora_scale and seed as lists), and the list of
+    errors, each starting with `where` (e.g. "line 3") and naming the field ("adapters[1].weight")."""
     if not isinstance(obj, dict):
         return {}, [f"{where}: a job must be a JSON object, got {type(obj).__name__}"]
     try:
@@ -58,6 +58,8 @@ def check_job(
     job = spec.model_dump(exclude={"key", "batch"})
     if job["seed"] is None:
         job["seed"] = [secrets.randbelow(2**32)]  # drawn once, then written into the job
+    if model is None:
+        return job, []
     problems = check_render(job, model, max_video_pixels)
     return job, [f"{where}: {field}: {problem}" for field, problem in problems]
 
@@ -218,14 +220,16 @@ def read_job_lines(path: str, max_jobs: int) -> Iterator[tuple[int, object, str 
 
 def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits = DEFAULT_LIMITS) -> list[dict]:
     """Every job of a .jsonl file, checked, expanded, resolved and keyed; raises JobFileError
-    listing every bad line, so nothing is enqueued unless the whole file is good.
+    listing every bad line in line order, so nothing is enqueued unless the whole file is good.
 
     `model_for(alias)` gives the ModelInfo of a model alias (None: the fleet's default model)
-    or raises ModelError. Each line's lists are counted before they are expanded: a line asking
-    for millions of jobs is refused without building them.
+    or raises ModelError; a model that cannot be read is one error for the whole file, and its
+    lines are still checked against the schema. Each line's lists are counted before they are
+    expanded: a line asking for millions of jobs is refused without building them.
     """
     errors: list[str] = []
     jobs: list[dict] = []
+    models: dict = {}  # alias -> ModelInfo, or the ModelError it gave (asked once per file)
     expands_to = lines = 0
     for number, obj, error in read_job_lines(path, limits.max_jobs):
         lines += 1
@@ -233,14 +237,19 @@ def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits
             errors.append(error)
             continue
         where = f"line {number}"
-        try:
-            model = model_for(obj.get("model") if isinstance(obj, dict) else None)
-        except ModelError as exc:
-            errors.append(f"{where}: model: {exc}")
-            continue
-        job, problems = check_job(obj, where, model, limits.max_video_pixels)
-        if problems:
-            errors.extend(problems)
+        alias = obj.get("model") if isinstance(obj, dict) else None
+        key = alias if isinstance(alias, str) or alias is None else json.dumps(alias)
+        if key not in models:
+            try:
+                models[key] = model_for(alias)
+            except ModelError as exc:
+                models[key] = exc
+                errors.append(f"{where}: model: {exc}" + (" (every line that names it)" if alias else " (every line)"))
+        model = models[key]
+        job, problems = check_job(obj, where, None if isinstance(model, ModelError) else model, limits.max_video_pixels)
+        if problems:  # and the adapters it names, so that one run shows every problem of the line
+            errors.extend(problems + [f"{where}: {exc}" for exc in unreadable_adapters(obj, resolver)])
+        if problems or isinstance(model, ModelError):
             continue
         expands_to += len(job["lora_scale"]) * len(job["seed"])
         if expands_to > limits.max_jobs:
@@ -258,6 +267,20 @@ def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits
     if errors:
         raise JobFileError(path, errors)
     return jobs
+
+
+def unreadable_adapters(obj: dict, resolver: AdapterResolver) -> list[AdapterError]:
+    """What is wrong with the adapters a job names, read even when other fields are bad."""
+    found = []
+    adapters = obj.get("adapters") if isinstance(obj, dict) else None
+    for item in adapters if isinstance(adapters, list) else []:
+        uri = item if isinstance(item, str) else item.get("uri") if isinstance(item, dict) else None
+        if isinstance(uri, str) and uri.strip():
+            try:
+                resolver.resolve(uri)
+            except AdapterError as exc:
+                found.append(exc)
+    return found
 
 
 def job_from_message(

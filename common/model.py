@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from common.adapters import hub_reachable
 from common.errors import ModelError
 
 
@@ -42,6 +43,13 @@ def _read_config(ref: str, relpath: str) -> dict:
         path = os.path.join(ref, relpath)
         if not os.path.isfile(path):
             raise ModelError(f'model folder "{ref}" has no {relpath}: is it a diffusers pipeline folder?')
+    elif ref.startswith(("/", ".", "~")) or ref.count("/") != 1:
+        raise ModelError(f'model "{ref}" is not a folder here (nor a hub id like THUDM/CogVideoX-5b)')
+    elif not hub_reachable(5.0):  # offline, the hub client retries for a minute and more
+        raise ModelError(
+            f'model "{ref}" is not a local folder, and the Hugging Face hub is not reachable from here: '
+            "set LORAFLEET_MODEL to a pipeline folder (after `make demo`: $PWD/demo/model)"
+        )
     else:
         try:
             from huggingface_hub import hf_hub_download
