@@ -33,6 +33,14 @@ WORKER_EXTRA = {
 SHARED_FLAGS = {"redis_url": "redis_url", "store_url": "store_url", "default_model": "model"}
 
 
+def make_console(stderr: bool = False) -> Console:
+    """Rich output for a terminal; for a log or a pipe, lines that are never wrapped (a path stays
+    on one line, a grep finds it)."""
+    console = Console(stderr=stderr)
+    console.soft_wrap = not console.is_terminal
+    return console
+
+
 def shared_options(command):
     """The flags every command takes, wherever they stand on the command line."""
     for option in reversed(
@@ -58,7 +66,7 @@ def shared_options(command):
         settings = None
         try:
             settings = Settings(**overrides)
-            return command(settings=settings, console=Console(), **flags)
+            return command(settings=settings, console=make_console(), **flags)
         except JobFileError as exc:
             print(exc, file=sys.stderr)  # plain lines, never wrapped: one error a line, easy to grep
             return ExitCode.BAD_INPUT
@@ -167,7 +175,7 @@ def submit(settings: Settings, console: Console, file: str, wait: bool, batch: s
     from producer.follow import wait_for_batch
     from producer.submit import submit as submit_file
 
-    console = Console(stderr=True) if as_json else console
+    console = make_console(stderr=True) if as_json else console
     submitted = submit_file(file, settings, batch)
     queued, done = submitted.enqueued, submitted.count(JobStatus.DONE)
     console.print(
@@ -242,7 +250,7 @@ def status(settings: Settings, console: Console, batch: str, as_json: bool):
     """Counts by state and each failure's reason; brings the manifest up to date."""
     from producer.follow import status as batch_status
 
-    shown = batch_status(settings, batch, Console(stderr=True) if as_json else console, as_json)
+    shown = batch_status(settings, batch, make_console(stderr=True) if as_json else console, as_json)
     return ExitCode.JOBS_FAILED if shown.count(JobStatus.FAILED) else ExitCode.OK
 
 

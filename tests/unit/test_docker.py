@@ -35,6 +35,8 @@ def test_nightly_schedules_run_the_sweep():
     cronjob = yaml.safe_load(open(os.path.join(DOCKER, "nightly-cronjob.yaml")))
     assert cronjob["kind"] == "CronJob" and cronjob["spec"]["schedule"] == "0 2 * * *"
     (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    assert "lorafleet sweep" in container["args"][0]
+    assert "lorafleet sweep" in container["args"][0] and "--compare latest --timeout 21600" in container["args"][0]
+    assert cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] > 21600  # the sweep times out first
     (line,) = [text for text in open(os.path.join(DOCKER, "nightly.cron")) if text.strip() and not text.startswith("#")]
     assert line.split()[:5] == ["0", "2", "*", "*", "*"] and "lorafleet sweep" in line
+    assert "--compare latest --timeout 21600" in line
