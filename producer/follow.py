@@ -111,7 +111,7 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
                 )
             time.sleep(POLL_INTERVAL_S)
     write_manifest_or_warn(batch, store, console)
-    print_summary(batch, console)
+    view.finish()
     return batch.count(JobStatus.DONE) == len(batch.entries)
 
 
@@ -158,6 +158,10 @@ class LiveView:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
+    def finish(self) -> None:
+        """The table of every job, once the bars are gone."""
+        print_summary(self.batch, self.progress.console)
+
     def note(self, text: str) -> None:
         """A passing condition, shown in place of the batch's counts."""
         self.progress.update(self.overall, description=f"batch {self.batch.name}: [yellow]{text}[/]")
@@ -190,10 +194,17 @@ class PlainView:
         self.said_at = time.monotonic()
 
     def __enter__(self):
+        for entry in self.batch.entries:  # the jobs that had ended before the wait began
+            if entry["status"] not in UNFINISHED:
+                self.say(job_line(entry))
         return self
 
     def __exit__(self, *exc):
         return None
+
+    def finish(self) -> None:
+        """Every job was said as it ended: the counts close the log."""
+        self.say(f"batch {self.batch.name}: {summary(self.batch)}")
 
     def say(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
