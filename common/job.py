@@ -19,7 +19,7 @@ from common.errors import AdapterError, JobError, JobFileError, LorafleetError, 
 from common.job_spec import JobSpec, describe
 from common.lora_formats import check_shapes, detect_layout
 from common.manifest import check_batch_name
-from common.model import ModelInfo
+from common.model import ModelInfo, model_resolver
 from common.store import Store
 
 SHA256_HEX = set("0123456789abcdef")
@@ -267,6 +267,16 @@ def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits
     if errors:
         raise JobFileError(path, errors)
     return jobs
+
+
+def load_jobs_for(path: str, settings, store: Store) -> list[dict]:
+    """`load_jobs` as the settings say: the fleet's models, the adapter read policy, the limits."""
+    return load_jobs(
+        path,
+        model_resolver(settings),
+        AdapterResolver.from_settings(settings, store),
+        JobLimits.from_settings(settings),
+    )
 
 
 def unreadable_adapters(obj: dict, resolver: AdapterResolver) -> list[AdapterError]:

@@ -49,6 +49,11 @@ class Batch:
         self.entries.append(entry)
         return entry
 
+    @classmethod
+    def new(cls, name: str | None = None) -> "Batch":
+        """A new, empty batch under `name` (checked), or under a fresh name that sorts by time."""
+        return cls(check_batch_name(name) if name else new_batch_name())
+
     @property
     def enqueued(self) -> int:
         """How many distinct jobs went to the queue (a job listed twice is enqueued once)."""

@@ -5,9 +5,8 @@ import logging
 from rich.console import Console
 
 from common.errors import LorafleetError
-from common.job import AdapterResolver, JobLimits, load_jobs
-from common.manifest import Batch, JobStatus, check_batch_name, new_batch_name
-from common.model import model_resolver
+from common.job import load_jobs_for
+from common.manifest import Batch, JobStatus
 from common.settings import Settings
 from common.store import Store
 from producer.follow import print_summary
@@ -18,14 +17,9 @@ log = logging.getLogger("lorafleet.render")
 
 def render_file(path: str, settings: Settings, device: str, console: Console, batch_name: str | None = None) -> Batch:
     """Render every job of `path` (checked first, as submit does) and write the batch manifest."""
-    batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
+    batch = Batch.new(batch_name)
     store = Store(settings.store_url)
-    jobs = load_jobs(
-        path,
-        model_resolver(settings),
-        AdapterResolver.from_settings(settings, store),
-        JobLimits.from_settings(settings),
-    )
+    jobs = load_jobs_for(path, settings, store)
     renderers: dict[str | None, Renderer] = {}  # one warm pipeline per model alias in the file
     for number, job in enumerate(jobs, start=1):
         alias = job["model"]

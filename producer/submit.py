@@ -3,9 +3,8 @@
 import uuid
 
 from common.broker import check_redis, make_app, send_job
-from common.job import AdapterResolver, JobLimits, load_jobs
-from common.manifest import Batch, JobStatus, check_batch_name, new_batch_name
-from common.model import model_resolver
+from common.job import load_jobs_for
+from common.manifest import Batch, JobStatus
 from common.settings import Settings
 from common.store import Store, video_exists
 
@@ -15,15 +14,9 @@ def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batc
 
     Raises JobFileError (listing every bad line) before anything is enqueued.
     """
-    batch = Batch(check_batch_name(batch_name) if batch_name else new_batch_name())
+    batch = Batch.new(batch_name)
     store = Store(settings.store_url)
-    jobs = load_jobs(
-        path,
-        model_resolver(settings),
-        AdapterResolver.from_settings(settings, store),
-        JobLimits.from_settings(settings),
-    )
-    return enqueue(jobs, batch, store, settings)
+    return enqueue(load_jobs_for(path, settings, store), batch, store, settings)
 
 
 def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) -> Batch:

@@ -29,7 +29,7 @@ def run_sweep(
     store = Store(settings.store_url)
     resolver = AdapterResolver.from_settings(settings, store)
     name, jobs, cells = load_sweep(path, model_resolver(settings), resolver, JobLimits.from_settings(settings))
-    batch = Batch(check_batch_name(batch_name or f"{name}-{time.strftime('%Y%m%d', time.gmtime())}"))
+    batch = Batch.new(batch_name or f"{name}-{time.strftime('%Y%m%d', time.gmtime())}")
     previous = baseline(store, compare, name, batch.name, console) if compare else None
     enqueue(jobs, batch, store, settings)
     with open(path, "rb") as f:
