@@ -63,10 +63,7 @@ class RenderTask(Task):
                     raise WorkerLost(f"worker lost {deliveries - 1} times")
                 job = self.check(message)
                 key = job["key"]
-                log.info(
-                    "%s: %s started (%s), delivery %d", worker, key[:12], job["id"] or job["prompt"][:40], deliveries
-                )
-                return self.render(job, lease)
+                return self.render(job, lease, deliveries)
         except LeaseLost as exc:
             # Another delivery owns the job now and reports its result: store nothing, say nothing.
             log.warning("%s: %s: %s", worker, key[:12], exc)
@@ -95,13 +92,17 @@ class RenderTask(Task):
             log.error("%s: rejected a malformed message %s: %s", self.worker, self.request.id, exc)
             raise
 
-    def render(self, job: dict, lease: Lease) -> dict:
+    def render(self, job: dict, lease: Lease, deliveries: int) -> dict:
         """Render a checked job under its key's lock, unless its batch was cancelled or its video
         is in the store (or appears there while waiting for another worker's lock)."""
         key, batch = job["key"], job["batch"]
         if self.ledger.is_cancelled(batch):
             raise JobCancelled(f"batch {batch} was cancelled")
         exists = {"key": key, "worker": self.worker, "status": "exists", **output_uris(self.store, key)}
+        if video_exists(self.store, key):
+            return exists
+        label = job["id"] or job["prompt"][:40]
+        log.info("%s: %s started (%s), delivery %d", self.worker, key[:12], label, deliveries)
         with self.ledger.key_lock(key, lease, lambda: video_exists(self.store, key)) as locked:
             if not locked or video_exists(self.store, key):
                 return exists
