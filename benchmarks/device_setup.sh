@@ -30,7 +30,11 @@ fi
 started=$(date +%s.%N)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   $(ls "$WHEELS"/*.whl | grep -v imageio_ffmpeg) || return 1 2>/dev/null || exit 1
-unzip -qo "$WHEELS"/imageio_ffmpeg-*.whl 'imageio_ffmpeg/*' -d /tmp/site  # the module; its binary comes next
+python3 - "$WHEELS"/imageio_ffmpeg-*.whl <<'PY'  # the module (no unzip there); its binary comes next
+import sys, zipfile
+wheel = zipfile.ZipFile(sys.argv[1])
+wheel.extractall("/tmp/site", [name for name in wheel.namelist() if name.startswith("imageio_ffmpeg/")])
+PY
 xz -dc "$WHEELS/ffmpeg.xz" > /tmp/ffmpeg && chmod +x /tmp/ffmpeg
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg HF_HUB_OFFLINE=1
 echo "device_setup: lorafleet's packages in /tmp/site, ffmpeg at /tmp/ffmpeg ($(python3 -c "print(round($(date +%s.%N) - $started, 1))") s)"
