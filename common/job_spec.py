@@ -190,6 +190,6 @@ def describe(exc: ValidationError, given: dict, model=JobSpec) -> list[tuple[str
             if kind in ("finite_number", "between") and isinstance(value, float) and not math.isfinite(value):
                 message += f", got {value}"
             elif kind not in ("missing", "too_short", "model_type", "surrogate", "label", "blank"):
-                message += f", got {json.dumps(value)[:80]}"
+                message += f", got {json.dumps(value, default=str)[:80]}"  # YAML can hold dates
         found.append((where, message))
     return found

@@ -29,7 +29,7 @@ from common.settings import Settings, settings_env
 WORKER_EXTRA = {
     "torch", "diffusers", "transformers", "peft", "safetensors", "imageio", "imageio_ffmpeg", "sentencepiece", "PIL",
 }  # fmt: skip
-# Flag -> the setting it sets (None: not given).
+# A shared flag -> the setting it sets.
 SHARED_FLAGS = {"redis_url": "redis_url", "store_url": "store_url", "default_model": "model"}
 
 
@@ -63,7 +63,6 @@ def shared_options(command):
         )
         for name in (*SHARED_FLAGS, "verbose"):
             flags.pop(name, None)
-        settings = None
         try:
             settings = Settings(**overrides)
             return command(settings=settings, console=make_console(), **flags)
@@ -84,7 +83,7 @@ def shared_options(command):
                 return ExitCode.FAILED
             raise
         except (RedisError, OperationalError) as exc:
-            url = re.sub(r"://([^@/]*):[^@/]*@", r"://\1:***@", (settings or Settings()).redis_url)  # no password
+            url = re.sub(r"://([^@/]*):[^@/]*@", r"://\1:***@", settings.redis_url)  # never print a password
             print(
                 f"lorafleet {click.get_current_context().info_name}: cannot use Redis at {url}: {exc}", file=sys.stderr
             )
