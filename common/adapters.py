@@ -40,7 +40,7 @@ DTYPE_BYTES = {
 @dataclass(frozen=True)
 class ReadPolicy:
     """Where adapters may be read from, and how much and how long: every adapter read, at submit
-    and on a worker, goes through one policy (DESIGN.md's trust model)."""
+    and on a worker, goes through one policy (docs/design.md: Trust)."""
 
     schemes: tuple[str, ...] = ("file", "s3", "gs", "hf")
     roots: tuple[str, ...] = ()  # local folders adapters may be read from; none: any local path

@@ -1,4 +1,5 @@
-"""The Celery app both sides use: Redis as broker and result backend, configured as DOMAIN.md advises."""
+"""The Celery app both sides use: Redis as broker and result backend, configured as docs/design.md
+says (JSON only, late acks, no prefetch hoarding, a visibility timeout above the longest render)."""
 
 from celery import Celery
 

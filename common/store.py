@@ -1,6 +1,6 @@
 """The shared store: an fsspec URL (a local folder by default, s3://bucket/prefix in clusters).
 
-Layout (DESIGN.md): videos/<key>.{mp4,png,json} and batches/<batch>/manifest.jsonl.
+Layout (docs/design.md): videos/<key>.{mp4,png,json} and batches/<batch>/manifest.jsonl.
 """
 
 import contextlib

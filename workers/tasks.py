@@ -51,7 +51,7 @@ class RenderTask(Task):
         self.max_retries = settings.store_retries
 
     def run(self, message):
-        """Render one job (a JSON object, DESIGN.md's task contract) and return its outputs."""
+        """Render one job (a JSON object, docs/design.md's task contract) and return its outputs."""
         task_id, worker = self.request.id, self.worker
         key = "?" * 12
         try:

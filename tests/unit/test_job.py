@@ -1,4 +1,4 @@
-"""The job schema, its errors, expansion and key (DESIGN.md's contract)."""
+"""The job schema, its errors, expansion and key (docs/design.md)."""
 
 import json
 import math
