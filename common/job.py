@@ -173,17 +173,6 @@ def finish_job(job: dict, model: ModelInfo, resolver: AdapterResolver) -> dict:
     return finished
 
 
-def prepare_job(obj: dict, where: str, model: ModelInfo, resolver: AdapterResolver) -> list[dict]:
-    """Check, expand and finish one job object; raises JobError with every problem found."""
-    job, errors = check_job(obj, where, model)
-    if errors:
-        raise JobError("\n".join(errors))
-    try:
-        return [finish_job(one, model, resolver) for one in expand_job(job)]
-    except AdapterError as exc:
-        raise JobError(f"{where}: {exc}") from None
-
-
 def read_job_lines(path: str, max_jobs: int) -> Iterator[tuple[int, object, str | None]]:
     """(line number, JSON object, None) for each job line of a .jsonl file, or (line number, None,
     error) for a line that is not JSON; read as a stream, stopping with one error past `max_jobs` lines."""

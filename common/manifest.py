@@ -23,7 +23,7 @@ class JobStatus(StrEnum):
 
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
-RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
+FAILED_OR_CANCELLED = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 @dataclass

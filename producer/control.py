@@ -6,7 +6,7 @@ from rich.console import Console
 
 from common.broker import make_app, send_job
 from common.leases import Ledger
-from common.manifest import RETRYABLE, Batch, JobStatus
+from common.manifest import FAILED_OR_CANCELLED, Batch, JobStatus
 from common.settings import Settings
 from common.store import Store
 from producer.follow import refresh
@@ -41,7 +41,7 @@ def retry(settings: Settings, name: str, console: Console) -> Batch:
     Ledger.from_settings(settings).uncancel(name)
     again: dict[str, str] = {}
     for entry in batch.entries:
-        if entry["status"] in RETRYABLE:
+        if entry["status"] in FAILED_OR_CANCELLED:
             key = entry["key"]
             if key not in again:
                 again[key] = str(uuid.uuid4())

@@ -15,7 +15,7 @@ from rich.table import Table
 from common.broker import check_redis, make_app, send_job
 from common.errors import InputError, StoreError, WaitTimeout
 from common.leases import Ledger
-from common.manifest import RETRYABLE, UNFINISHED, Batch, JobStatus
+from common.manifest import FAILED_OR_CANCELLED, UNFINISHED, Batch, JobStatus
 from common.settings import Settings, queue_for
 from common.store import Store, jobs_path, video_exists
 
@@ -137,7 +137,7 @@ def warn_of_unserved_queues(batch: Batch, ledger: Ledger, warned: dict[str, floa
 
 def summary(batch: Batch) -> str:
     """`3 done, 1 failed, 2 running, 4 queued of 10 jobs`: the counts that are not zero."""
-    counts = [(batch.count(state), state.value) for state in (JobStatus.DONE, *RETRYABLE, *UNFINISHED[::-1])]
+    counts = [(batch.count(state), state.value) for state in (JobStatus.DONE, *FAILED_OR_CANCELLED, *UNFINISHED[::-1])]
     return ", ".join(f"{n} {state}" for n, state in counts if n) + f" of {len(batch.entries)} jobs"
 
 
@@ -228,7 +228,7 @@ class PlainView:
 
 def job_line(entry: dict) -> str:
     """One job as one line: status, key, id, scale, seed, then its video or its error."""
-    detail = entry["error"] if entry["status"] in RETRYABLE else entry["video"]
+    detail = entry["error"] if entry["status"] in FAILED_OR_CANCELLED else entry["video"]
     label = f" {entry['id']}" if entry.get("id") else ""
     return (
         f"{entry['status']:<9} {entry['key'][:12]}{label} "
@@ -281,7 +281,7 @@ def status(settings: Settings, name: str, console: Console, as_json: bool = Fals
         unreachable = None
         refresh(batch, make_app(settings), store)
         write_manifest_or_warn(batch, store, console)
-    counts = {state.value: batch.count(state) for state in (JobStatus.DONE, *UNFINISHED[::-1], *RETRYABLE)}
+    counts = {state.value: batch.count(state) for state in (JobStatus.DONE, *UNFINISHED[::-1], *FAILED_OR_CANCELLED)}
     if as_json:
         print(json.dumps({"batch": name, "counts": counts, "jobs": len(batch.entries), "entries": batch.entries}))
     else:
@@ -291,7 +291,7 @@ def status(settings: Settings, name: str, console: Console, as_json: bool = Fals
             + f" of {len(batch.entries)} jobs"
         )
         for entry in batch.entries:
-            if entry["status"] in RETRYABLE:
+            if entry["status"] in FAILED_OR_CANCELLED:
                 console.print(f"  {job_line(entry)}", markup=False, highlight=False, soft_wrap=True)
     if unreachable is not None:
         raise unreachable
@@ -333,7 +333,7 @@ def print_summary(batch: Batch, console: Console) -> None:
         table.add_column(column, overflow="fold")
     for entry in batch.entries:
         style = {JobStatus.DONE: "green", JobStatus.FAILED: "red", JobStatus.CANCELLED: "yellow"}.get(entry["status"])
-        detail = entry["error"] if entry["status"] in RETRYABLE else entry["video"]
+        detail = entry["error"] if entry["status"] in FAILED_OR_CANCELLED else entry["video"]
         table.add_row(
             entry["id"] or "",
             entry["key"][:12],

@@ -41,3 +41,17 @@ def render_records(log_paths) -> dict[str, int]:
         for key in re.findall(r": ([0-9a-f]{12}) rendered in ", open(path).read()):
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def prepare_job(obj: dict, where: str, model, resolver) -> list[dict]:
+    """Check, expand and finish one job object as submit does; raises JobError with every problem."""
+    from common.errors import AdapterError, JobError
+    from common.job import check_job, expand_job, finish_job
+
+    job, errors = check_job(obj, where, model)
+    if errors:
+        raise JobError("\n".join(errors))
+    try:
+        return [finish_job(one, model, resolver) for one in expand_job(job)]
+    except AdapterError as exc:
+        raise JobError(f"{where}: {exc}") from None

@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from common.adapters import WEIGHTS_NAME
 from common.errors import JobError
-from common.job import AdapterResolver, prepare_job
+from common.job import AdapterResolver
 from common.settings import Settings
+from tests.helpers import prepare_job
 from workers.renderer import Renderer
 
 pytestmark = pytest.mark.unit

@@ -10,9 +10,10 @@ import pytest
 
 from common.adapters import ReadPolicy
 from common.errors import JobError, JobFileError
-from common.job import AdapterResolver, check_job, expand_job, job_from_message, job_key, load_jobs, prepare_job
+from common.job import AdapterResolver, check_job, expand_job, job_from_message, job_key, load_jobs
 from common.model import ModelInfo
 from common.store import Store
+from tests.helpers import prepare_job
 
 pytestmark = pytest.mark.unit
 

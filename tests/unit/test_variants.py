@@ -5,8 +5,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from common.job import AdapterResolver, prepare_job
+from common.job import AdapterResolver
 from common.settings import Settings
+from tests.helpers import prepare_job
 from workers.renderer import Renderer
 
 pytestmark = pytest.mark.unit
