@@ -27,22 +27,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel  # noqa: E402
+from diffusers import CogVideoXPipeline  # noqa: E402
 
+from benchmarks.full_size import CONFIGS, TARGETS, write_adapters  # noqa: E402
+from benchmarks.full_size import build_transformer as build  # noqa: E402
 from common.adapters import read_adapter_url  # noqa: E402
 from workers.variants import AdapterCache, AdapterFiles, VariantEngine  # noqa: E402
 
-CONFIGS = {
-    # diffusers' defaults are CogVideoX-2B's transformer; 5B differs in these fields.
-    "2b": {},
-    "5b": {"num_attention_heads": 48, "use_rotary_positional_embeddings": True, "num_layers": 42},
-    "tiny": {
-        "num_attention_heads": 4, "attention_head_dim": 8, "in_channels": 4, "out_channels": 4, "time_embed_dim": 2,
-        "text_embed_dim": 32, "num_layers": 1, "sample_width": 2, "sample_height": 2, "sample_frames": 9,
-        "max_text_seq_length": 16,
-    },
-}  # fmt: skip
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 COMBO_X = [("a1", 1.0), ("a2", 0.5)]
 COMBO_Y = [("a1", 0.7), ("a2", 1.0)]
 SWEEP = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -59,32 +50,6 @@ def timed(device, fn) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
-
-
-def build(name: str, device: torch.device, dtype: torch.dtype) -> CogVideoXTransformer3DModel:
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = CogVideoXTransformer3DModel(**CONFIGS[name])
-    return model.to(dtype).eval().requires_grad_(False)
-
-
-def write_adapters(model, rank: int, folder: str, dtype: torch.dtype) -> dict[str, str]:
-    paths = {}
-    for seed, name in enumerate(("a1", "a2"), start=1):
-        generator = torch.Generator().manual_seed(seed)
-        layers = {}
-        for i, _ in enumerate(model.transformer_blocks):
-            for target in TARGETS:
-                linear = model.get_submodule(f"transformer_blocks.{i}.attn1.{target}")
-                layers[f"transformer_blocks.{i}.attn1.{target}.lora_A.weight"] = (
-                    torch.randn(rank, linear.in_features, generator=generator) / linear.in_features**0.5
-                ).to(dtype)
-                layers[f"transformer_blocks.{i}.attn1.{target}.lora_B.weight"] = (
-                    torch.randn(linear.out_features, rank, generator=generator) * 0.01
-                ).to(dtype)
-        paths[name] = os.path.join(folder, name)
-        CogVideoXPipeline.save_lora_weights(paths[name], transformer_lora_layers=layers)
-    return paths
 
 
 def targeted(model) -> dict[str, torch.Tensor]:

@@ -292,16 +292,20 @@ def worker(settings: Settings, console: Console, gpu, device, alias, compile_):
 
 
 @cli.command()
-@click.option("--gpus", default="all", show_default=True, help='"all" or a list such as 0,2')
+@click.option("--gpus", help='"all" (the default) or a list such as 0,2')
+@click.option("--cpus", type=click.IntRange(min=1), help="run N workers on the CPU instead (hosts without GPUs)")
 @click.option("--model", "alias", metavar="ALIAS", help="serve this model alias (LORAFLEET_MODELS)")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile each worker's transformer")
 @shared_options
-def workers(settings: Settings, console: Console, gpus: str, alias: str | None, compile_: bool | None):
-    """One supervised worker per GPU of this host."""
-    from workers.supervisor import list_gpus, run_workers
+def workers(settings: Settings, console: Console, gpus: str | None, cpus: int | None, alias, compile_):
+    """One supervised worker per GPU of this host, restarted when it dies."""
+    from workers.supervisor import list_gpus, run_workers, worker_slots
 
+    if gpus is not None and cpus is not None:
+        raise click.BadParameter("give --gpus or --cpus, not both")
+    slots = worker_slots([], cpus) if cpus else worker_slots(list_gpus(gpus or "all"))
     env = settings_env(_with_compile(settings, compile_))
-    return run_workers(list_gpus(gpus), ["--model", alias] if alias else [], env)
+    return run_workers(slots, ["--model", alias] if alias else [], env)
 
 
 @cli.command()

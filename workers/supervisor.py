@@ -1,4 +1,4 @@
-"""`lorafleet workers`: one supervised worker process per GPU of this host.
+"""`lorafleet workers`: one supervised worker process per GPU of this host (or N on its CPU).
 
 Signal handlers only set flags. Each SIGTERM (or Ctrl-C) is passed on to every worker: the first
 makes it finish its current job and exit, a second makes it exit at once, and its job is delivered
@@ -35,6 +35,14 @@ def list_gpus(spec: str) -> list[int]:
             "--gpus all: nvidia-smi lists no GPU here; name them (--gpus 0,1) or run `lorafleet worker --device cpu`"
         ) from None
     return [int(line) for line in out.split() if line.strip().isdigit()]
+
+
+def worker_slots(gpus: list[int], cpus: int = 0) -> dict[str, list[str]]:
+    """What each supervised worker is started with, by the name the supervisor's log gives it:
+    `gpuN` pinned to GPU N, or `cpuN` for the N-th CPU worker."""
+    slots = {f"gpu{gpu}": ["--gpu", str(gpu)] for gpu in gpus}
+    slots.update({f"cpu{n}": ["--device", "cpu"] for n in range(cpus)})
+    return slots
 
 
 def spawn_worker(
@@ -76,9 +84,10 @@ def stop_worker(process: subprocess.Popen, timeout_s: float = 60) -> int:
     return process.returncode
 
 
-def run_workers(gpus: list[int], worker_args: list[str], env: dict | None = None) -> int:
-    """Run `lorafleet worker --gpu N` for each GPU (in `env`) until told to stop; returns the exit code."""
-    if not gpus:
+def run_workers(slots: dict[str, list[str]], worker_args: list[str], env: dict | None = None) -> int:
+    """Run `lorafleet worker SLOT_ARGS WORKER_ARGS` for each slot of `worker_slots` (in `env`) until
+    told to stop; returns the exit code."""
+    if not slots:
         raise LorafleetError("no GPUs to start workers on")
     signals = []
 
@@ -88,16 +97,16 @@ def run_workers(gpus: list[int], worker_args: list[str], env: dict | None = None
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    def start(gpu: int) -> subprocess.Popen:
-        return spawn_worker(["--gpu", str(gpu), *worker_args], env)
+    def start(slot: str) -> subprocess.Popen:
+        return spawn_worker([*slots[slot], *worker_args], env)
 
-    workers = {gpu: start(gpu) for gpu in gpus}
-    restarts = dict.fromkeys(gpus, 0)
-    load_failures = dict.fromkeys(gpus, 0)  # in a row: a model that never loads is not retried forever
+    workers = {slot: start(slot) for slot in slots}
+    restarts = dict.fromkeys(slots, 0)
+    load_failures = dict.fromkeys(slots, 0)  # in a row: a model that never loads is not retried forever
     exit_code = ExitCode.OK
-    restart_at: dict[int, float] = {}  # GPU of a dead worker -> when it starts again
+    restart_at: dict[str, float] = {}  # slot of a dead worker -> when it starts again
     forwarded = 0
-    log.info("started %d worker(s) on GPU(s) %s", len(gpus), ",".join(map(str, gpus)))
+    log.info("started %d worker(s): %s", len(slots), ", ".join(f"{slot} (pid {p.pid})" for slot, p in workers.items()))
     while workers or restart_at:
         if len(signals) > forwarded:
             forwarded = len(signals)
@@ -106,33 +115,34 @@ def run_workers(gpus: list[int], worker_args: list[str], env: dict | None = None
             for process in workers.values():
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)  # a worker's second SIGTERM makes it exit at once
-        for gpu, process in list(workers.items()):
+        for slot, process in list(workers.items()):
             code = process.poll()
             if code is None:
                 continue
-            del workers[gpu]
+            del workers[slot]
             if signals:
-                log.info("gpu%d worker exited (code %s)", gpu, code)
+                log.info("%s worker exited (code %s)", slot, code)
                 continue
-            load_failures[gpu] = load_failures[gpu] + 1 if code == ExitCode.MODEL_LOAD_FAILED else 0
-            if load_failures[gpu] >= MODEL_LOAD_TRIES:
+            load_failures[slot] = load_failures[slot] + 1 if code == ExitCode.MODEL_LOAD_FAILED else 0
+            if load_failures[slot] >= MODEL_LOAD_TRIES:
                 log.error(
-                    "gpu%d: the model failed to load %d times in a row (the worker's reason is above): "
+                    "%s: the model failed to load %d times in a row (the worker's reason is above): "
                     "a configuration error, not a crash; stopping every worker",
-                    gpu,
+                    slot,
                     MODEL_LOAD_TRIES,
                 )
                 exit_code = ExitCode.MODEL_LOAD_FAILED
                 signals.append(signal.SIGTERM)  # stop the others the way a user's SIGTERM does
                 continue
-            delay = RESTART_BACKOFF_S[min(restarts[gpu], len(RESTART_BACKOFF_S) - 1)]
-            restarts[gpu] += 1
-            log.warning("gpu%d worker died (code %s); restart %d in %ds", gpu, code, restarts[gpu], delay)
-            restart_at[gpu] = time.monotonic() + delay
-        for gpu, when in list(restart_at.items()):
+            delay = RESTART_BACKOFF_S[min(restarts[slot], len(RESTART_BACKOFF_S) - 1)]
+            restarts[slot] += 1
+            log.warning("%s worker died (code %s); restart %d in %ds", slot, code, restarts[slot], delay)
+            restart_at[slot] = time.monotonic() + delay
+        for slot, when in list(restart_at.items()):
             if time.monotonic() >= when:  # waiting here, not in a sleep, keeps SIGTERM passed on at once
-                del restart_at[gpu]
-                workers[gpu] = start(gpu)
+                del restart_at[slot]
+                workers[slot] = start(slot)
+                log.info("%s worker restarted (pid %d)", slot, workers[slot].pid)
         time.sleep(0.2)
     log.info("all workers stopped; %d restart(s)", sum(restarts.values()))
     return exit_code
