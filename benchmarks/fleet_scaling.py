@@ -57,7 +57,7 @@ def write_model(args, folder: str) -> dict[str, str]:
     return write_pipeline(folder, args.model, "cuda")
 
 
-def write_jobs(path: str, paths: dict[str, str], args, seeds=(1, 2), steps: int | None = None, tag: str = "") -> int:
+def write_jobs(path: str, paths: dict[str, str], args, seeds=(1, 2)) -> int:
     """4 adapter sets x len(SCALES) scales x the seeds; returns the number of jobs."""
     sets = {
         "a1": [paths["a1"]],
@@ -65,14 +65,19 @@ def write_jobs(path: str, paths: dict[str, str], args, seeds=(1, 2), steps: int 
         "a1+a2": [paths["a1"], paths["a2"]],
         "a1.5+a2": [{"uri": paths["a1"], "weight": 0.5}, paths["a2"]],
     }
-    size = {"num_frames": args.frames, "height": args.height, "width": args.width}
     with open(path, "w") as f:
         for name, adapters in sets.items():
             for seed in seeds:
-                line = {"id": f"{name}-s{seed}{tag}", "prompt": PROMPTS[seed % 2] + tag, "seed": seed}
-                line |= {"adapters": adapters, "lora_scale": SCALES, "steps": steps or args.steps, **size}
-                f.write(json.dumps({k: v for k, v in line.items() if v is not None}) + "\n")
+                line = {"id": f"{name}-s{seed}", "prompt": PROMPTS[seed % 2], "seed": seed}
+                line |= {"adapters": adapters, "lora_scale": SCALES, "steps": args.steps, **size_fields(args)}
+                f.write(json.dumps(line) + "\n")
     return len(sets) * len(seeds) * len(SCALES)
+
+
+def size_fields(args) -> dict:
+    """The video size the command line sets; the rest is the model's default."""
+    size = {"num_frames": args.frames, "height": args.height, "width": args.width}
+    return {field: value for field, value in size.items() if value is not None}
 
 
 def log_time(stamp: str) -> float:
@@ -157,15 +162,16 @@ def measure(count: int, args, env: dict, paths: dict, work: str) -> tuple[dict, 
     holders = {}
     if args.device == "cuda":  # look once the workers are busy: every worker then holds its GPU
         threading.Timer(args.look_after, lambda: holders.update(gpu_holders())).start()
-    started = time.monotonic()
+    submitted = time.time()  # wall clock, as the workers' log lines are stamped
     submit = lorafleet(
         "submit", jobs_file, "--batch", f"scale-{count}", "--wait", "--timeout", str(args.timeout), env=env
     )
-    elapsed = time.monotonic() - started
+    elapsed = time.time() - submitted
     if submit.returncode != 0:
         raise SystemExit(f"the sweep on {count} worker(s) failed:\n{submit.stdout}{submit.stderr}")
     spans = job_spans(fleet.log())
     between = gaps(spans)
+    times = [end - start for v in spans.values() for start, end in v]
     row = {
         "workers": count,
         "jobs": jobs,
@@ -173,7 +179,10 @@ def measure(count: int, args, env: dict, paths: dict, work: str) -> tuple[dict, 
         "sweep (s)": elapsed,
         "jobs/h": jobs / elapsed * 3600,
         "jobs per worker": "/".join(str(len(v)) for _, v in sorted(spans.items())),
-        "job (s, median)": statistics.median(end - start for v in spans.values() for start, end in v),
+        "first job starts after submit (s)": min(start for v in spans.values() for start, _ in v) - submitted,
+        "job (s, median)": statistics.median(times),
+        "job (s, max)": max(times),
+        "workers busy (% of the sweep)": sum(times) / len(spans) / elapsed * 100,
         "gap between jobs (s, max)": max(between, default=0.0),
         "gap between jobs (s, median)": statistics.median(between) if between else 0.0,
         "GPU per worker": "; ".join(f"gpu{i}: {', '.join(h) or 'none'}" for i, h in sorted(holders.items()))
@@ -187,7 +196,10 @@ def kill_one_mid_render(fleet: Fleet, args, env: dict, paths: dict, work: str) -
     """SIGKILL a worker as soon as it starts a job; the job must still end done. Returns failures."""
     env = {**env, "LORAFLEET_STORE_URL": os.path.join(work, f"store-{fleet.count}")}
     jobs_file = os.path.join(work, "kill.jsonl")
-    write_jobs(jobs_file, paths, args, seeds=(3,), steps=args.steps * 5, tag=" (kill)")
+    with open(jobs_file, "w") as f:  # one longer job per worker
+        for seed in range(fleet.count):
+            line = {"prompt": "a killed worker's job", "seed": seed, "adapters": [paths["a1"]], "steps": args.steps * 4}
+            f.write(json.dumps(line | size_fields(args)) + "\n")
     seen = len(fleet.log())
     submit = lorafleet(
         "submit", jobs_file, "--batch", "kill", "--wait", "--timeout", str(args.timeout), env=env, background=True
