@@ -12,7 +12,7 @@ from celery.result import AsyncResult
 from common.broker import TASK_NAME, make_app
 from common.errors import LorafleetError, StoreError
 from common.settings import Settings
-from workers.supervisor import list_gpus
+from workers.supervisor import list_gpus, worker_slots
 
 pytestmark = pytest.mark.integration
 
@@ -46,10 +46,12 @@ def test_a_malformed_message_fails_that_job_and_the_worker_keeps_serving(fleet_e
     assert AsyncResult(bad.id, app=app).state == "FAILURE"
 
 
-def test_gpu_lists():
+def test_gpu_lists_and_worker_slots():
     assert list_gpus("0,2") == [0, 2]
     with pytest.raises(LorafleetError, match="--gpus"):
         list_gpus("first")
+    assert worker_slots([0, 2]) == {"gpu0": ["--gpu", "0"], "gpu2": ["--gpu", "2"]}
+    assert worker_slots([], cpus=2) == {"cpu0": ["--device", "cpu"], "cpu1": ["--device", "cpu"]}
 
 
 def test_supervisor_restarts_a_dying_worker_and_stops_on_sigterm(fleet_env, tmp_path):
