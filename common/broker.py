@@ -6,6 +6,7 @@ from celery import Celery
 from common.settings import Settings, queue_for
 
 TASK_NAME = "lorafleet.render"
+EVAL_TASK_NAME = "lorafleet.evaluate"
 
 
 def make_app(settings: Settings) -> Celery:
@@ -59,3 +60,8 @@ def send_job(app: Celery, message: dict, task_id: str, queue: str | None = None,
     its model's queue unless `queue` is given: the one way every part of lorafleet sends a job."""
     queue = queue or queue_for(message.get("model"))
     app.send_task(TASK_NAME, args=[message], queue=queue, task_id=task_id, producer=producer)
+
+
+def send_evaluation(app: Celery, key: str, queue: str | None = None):
+    """Enqueue one `lorafleet.evaluate` message ({"key": KEY}) on a model's queue; returns its AsyncResult."""
+    return app.send_task(EVAL_TASK_NAME, args=[{"key": key}], queue=queue or queue_for(None))

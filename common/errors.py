@@ -78,3 +78,7 @@ class WaitTimeout(LorafleetError):
     """Raised when a waiting command's --timeout passes before every job ended; the jobs stay queued."""
 
     exit_code = ExitCode.TIMEOUT
+
+
+class EvaluationError(LorafleetError):
+    """A key cannot be evaluated: no video or metadata in the store, or the CLIP model does not load."""

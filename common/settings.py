@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype on the worker: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp16, fp32."
     )
     vae_tiling: bool = Field(False, description="Decode the video in tiles: less GPU memory, a little slower.")
+    eval_clip: str | None = Field(
+        None,
+        description="The CLIP model a sweep's evaluations use (a hub id such as openai/clip-vit-large-patch14, "
+        "or a local folder); none: the report has no prompt-adherence numbers.",
+    )
     adapter_cache_dir: str = Field(
         "~/.cache/lorafleet/adapters",
         description="Folder where a worker host keeps adapter files by content hash (an S3 adapter is fetched once).",

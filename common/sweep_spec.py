@@ -8,6 +8,8 @@
     lora_scales: "0:1:0.25"            # or a list; 0 is always rendered, as the reference
     seeds: [1, 2]
     render: {steps: 30, num_frames: 49} # any other job field
+    suggest: {clip_score_drop: 1.0, consistency_drop: 0.02}   # the suggested scale's tolerances
+    moved: {clip_score: 1.0}            # --compare thresholds, by metric (defaults: MOVED)
 
 Checked as strictly as a jobs file; errors name the place in the spec (`adapter_sets[1][0].uri`).
 Jobs come out grouped by adapter combination and scale, so a worker switches variants rarely.
@@ -24,7 +26,17 @@ from common.job import DEFAULT_LIMITS, AdapterResolver, JobLimits, check_job, ch
 from common.job_spec import SWEPT_FIELDS, AdapterItem, AdapterSpec, RenderFields, describe, unknown_field
 from common.model import ModelInfo
 
-SPEC_FIELDS = {"name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model"}
+SPEC_FIELDS = {
+    "name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model", "suggest", "moved",
+}  # fmt: skip
+# The suggested scale of an adapter set is the largest whose mean CLIPScore is within
+# clip_score_drop of scale 0's and whose mean consistency (CLIP's, else temporal SSIM) is within
+# consistency_drop of scale 0's.
+SUGGEST = {"clip_score_drop": 1.0, "consistency_drop": 0.02}
+# --compare marks a cell whose number moved by more than this since the baseline night.
+MOVED = {
+    "clip_score": 1.0, "clip_consistency": 0.02, "ssim_vs_base": 0.02, "psnr_vs_base": 1.0, "temporal_ssim": 0.02,
+}  # fmt: skip
 ADAPTER_LIST = TypeAdapter(list[AdapterItem])
 
 
@@ -85,10 +97,11 @@ def _prompts(spec: dict, errors: list) -> list[dict]:
 
 def load_sweep(
     path: str, model_for, resolver: AdapterResolver, limits: JobLimits = DEFAULT_LIMITS
-) -> tuple[str, list[dict], list[dict]]:
-    """The sweep's batch name prefix, its jobs (checked, resolved and keyed) and each job's cell
-    ({"set", "prompt", "seed", "lora_scale"}); raises JobFileError naming every problem's place in
-    the spec, before anything is enqueued."""
+) -> tuple[str, list[dict], list[dict], dict]:
+    """The sweep's batch name prefix, its jobs (checked, resolved and keyed), each job's cell
+    ({"set", "prompt", "seed", "lora_scale"}) and the report's settings ({"suggest", "moved"},
+    defaults filled in); raises JobFileError naming every problem's place in the spec, before
+    anything is enqueued."""
     spec = _read_spec(path)
     errors = [f"spec: {unknown_field(field, SPEC_FIELDS)}" for field in spec if field not in SPEC_FIELDS]
     try:
@@ -105,6 +118,10 @@ def load_sweep(
     cell_count = len(sets) * len(scales) * len(prompts) * len(seeds)
     if cell_count > limits.max_jobs:
         errors.append(f"the sweep expands to {cell_count} cells, more than {limits.max_jobs} (LORAFLEET_MAX_JOBS)")
+    report = {
+        field: _thresholds(spec, field, defaults, errors)
+        for field, defaults in (("suggest", SUGGEST), ("moved", MOVED))
+    }
     name = spec.get("name", "sweep")
     if not isinstance(name, str) or not name or "/" in name:
         errors.append('name: must be a plain name (no "/")')
@@ -130,7 +147,24 @@ def load_sweep(
                     except AdapterError as exc:
                         raise JobFileError(path, [f"adapter_sets[{i}]: {exc}"]) from None
                     cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale})
-    return name, jobs, cells
+    return name, jobs, cells, report
+
+
+def _thresholds(spec: dict, field: str, defaults: dict, errors: list) -> dict:
+    """A mapping of non-negative numbers over `defaults`' names (`suggest:`, `moved:`)."""
+    given = spec.get(field, {})
+    if not isinstance(given, dict):
+        errors.append(f"{field}: must be a mapping such as {json.dumps(defaults)}")
+        return dict(defaults)
+    checked = dict(defaults)
+    for name, value in given.items():
+        if name not in defaults:
+            errors.append(f"{field}: {unknown_field(str(name), defaults)}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            errors.append(f"{field}.{name}: must be a finite number ≥ 0, got {json.dumps(value, default=str)}")
+        else:
+            checked[name] = float(value)
+    return checked
 
 
 def _read_spec(path: str) -> dict:

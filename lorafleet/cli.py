@@ -332,7 +332,8 @@ def render(settings: Settings, console: Console, file, out, batch, gpu, device, 
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")
 @shared_options
 def tiny_model(settings: Settings, console: Console, directory: str, seed: int):
-    """Build the tiny random-weight pipeline (DIR/model) and two adapters (DIR/adapters/{style,subject})."""
+    """Build the tiny random-weight pipeline (DIR/model), two adapters (DIR/adapters/{style,subject})
+    and a tiny CLIP for evaluations (DIR/clip)."""
     from workers.tiny_model import write_tiny_model
 
     for name, path in write_tiny_model(directory, seed).items():

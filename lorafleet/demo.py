@@ -1,6 +1,6 @@
 """`lorafleet demo` (`make demo`): the whole flow on one machine, with nothing but this repository.
 
-Builds the tiny model and its two adapters into ./demo (once), starts a private redis-server
+Builds the tiny model, its two adapters and a tiny CLIP into ./demo (once), starts a private redis-server
 (unless LORAFLEET_REDIS_URL is set) and one CPU worker, submits examples/prompts.jsonl with
 --wait, prints where the videos are, then stops what it started.
 """
@@ -22,7 +22,8 @@ EXAMPLES = os.path.join("examples", "prompts.jsonl")
 def run_demo(console: Console) -> int:
     """Run the demo; returns the exit code of the submit."""
     model_dir = os.path.join(DEMO_DIR, "model")
-    if not os.path.exists(os.path.join(model_dir, "model_index.json")):
+    built = (os.path.join(model_dir, "model_index.json"), os.path.join(DEMO_DIR, "clip", "config.json"))
+    if not all(os.path.exists(path) for path in built):
         console.print(f"building the tiny random-weight model into {DEMO_DIR}/ ...")
         from workers.tiny_model import write_tiny_model
 

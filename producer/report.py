@@ -1,26 +1,61 @@
-"""A sweep's report: for each adapter set, a grid of prompt × seed rows and lora_scale columns.
+"""A sweep's report, written for the person who picks the lora_scale to ship for an adapter set.
 
-Each cell links the poster to the MP4 and gives numbers computed from the videos alone (no extra
-model weights): mean SSIM and PSNR against the same prompt and seed at lora_scale 0 (how far the
-adapter moves the output), temporal consistency (mean SSIM of consecutive frames), render time.
-Written to batches/<batch>/report.html (images are the store's posters, linked relative to it),
-report.json (every number) and plots/set<N>.png (each number against lora_scale).
+batches/<batch>/report.html (with report.json holding every number, and plots/set<N>.png):
+what each number measures and which way is better; the sweep's settings and provenance; per
+adapter set a suggested scale by the rule the page states, the mean and spread of each number
+across prompts × seeds at each scale, plots, and the grid of videos (rows prompt × seed, columns
+lora_scale), each cell a muted looping video; the adapter sets side by side at each scale; render
+time per worker. The per-key numbers come from the workers' evaluations (eval.json,
+common/evaluation.py); the ones between a cell and its scale-0 cell are computed here.
 """
 
 import html
 import io
 import json
-import math
+import statistics
 import tempfile
+import time
 
 import numpy as np
 
+import common
+from common.evaluation import vs_base
 from common.job import adapter_combination
 from common.manifest import Batch
 from common.store import Store, video_path
+from common.sweep_spec import MOVED, SUGGEST
 
-SSIM_WINDOW = 7
-MOVED = {"ssim_vs_base": 0.02, "psnr_vs_base": 1.0, "temporal_ssim": 0.02}  # default --compare thresholds
+# name: (label, what it measures, which way is better)
+METRICS = {
+    "clip_score": (
+        "CLIPScore",
+        "how well the frames match the prompt: 100 × the cosine of CLIP's prompt and frame embeddings, "
+        "floored at 0, mean over 8 frames spread over the video",
+        "higher is better",
+    ),
+    "clip_consistency": (
+        "CLIP consistency",
+        "how alike consecutive sampled frames look to CLIP: mean cosine of their image embeddings",
+        "higher is steadier; a drop means flicker or jumps in content",
+    ),
+    "temporal_ssim": (
+        "temporal SSIM",
+        "pixel-level smoothness: mean SSIM of consecutive frames",
+        "higher is steadier",
+    ),
+    "ssim_vs_base": (
+        "SSIM vs scale 0",
+        "how much of the base video's structure is kept: mean SSIM against the same prompt and seed at lora_scale 0",
+        "1 at scale 0; lower means the adapter changes the video more (its strength, not its quality)",
+    ),
+    "psnr_vs_base": (
+        "PSNR vs scale 0",
+        "pixel difference from the same prompt and seed at lora_scale 0, in dB",
+        "∞ at scale 0 (identical); lower means the adapter changes the video more",
+    ),
+}
+CLIP_METRICS = ("clip_score", "clip_consistency")
+PSNR_CEILING = 60.0  # where the plots draw scale 0's infinite PSNR
 
 
 def decode(store: Store, key: str) -> np.ndarray:
@@ -33,88 +68,164 @@ def decode(store: Store, key: str) -> np.ndarray:
         return np.stack(list(iio.imiter(f.name, plugin="FFMPEG")))
 
 
-def _box(image: np.ndarray, size: int) -> np.ndarray:
-    """Mean over every size×size window ("valid" positions only), through summed-area tables."""
-    table = np.pad(image.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    return (table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]) / size**2
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Structural similarity of two RGB frames (on luma, 7×7 windows, the usual constants)."""
-    weights = np.array([0.299, 0.587, 0.114])
-    x, y = (frame.astype(np.float64) @ weights for frame in (a, b))
-    size = min(SSIM_WINDOW, *x.shape)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = _box(x, size), _box(y, size)
-    vx, vy, cxy = _box(x * x, size) - mx**2, _box(y * y, size) - my**2, _box(x * y, size) - mx * my
-    return float(np.mean(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB (inf for identical videos)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def video_numbers(video: np.ndarray, base: np.ndarray) -> dict:
-    """SSIM and PSNR against the base video, and temporal consistency."""
-    return {
-        "ssim_vs_base": float(np.mean([ssim(f, g) for f, g in zip(video, base, strict=True)])),
-        "psnr_vs_base": psnr(video, base),
-        "temporal_ssim": float(np.mean([ssim(f, g) for f, g in zip(video[:-1], video[1:], strict=True)]))
-        if len(video) > 1
-        else 1.0,
-    }
-
-
 def build_report(
-    batch: Batch, store: Store, jobs: list[dict], cells: list[dict], prompts: list[str], compare: dict | None = None
+    batch: Batch,
+    store: Store,
+    jobs: list[dict],
+    cells: list[dict],
+    prompts: list[str],
+    evaluations: dict[str, dict],
+    options: dict | None = None,
+    compare: dict | None = None,
 ) -> dict:
     """Compute every cell's numbers and write report.json, report.html and the plots; returns the report."""
+    options = options or {"suggest": SUGGEST, "moved": MOVED}
     entries = {entry["key"]: entry for entry in batch.entries}
     metadata = {job["key"]: json.loads(store.read_bytes(video_path(job["key"], "json"))) for job in jobs}
-    bases: dict[tuple, np.ndarray] = {}
-    for job, cell in zip(jobs, cells, strict=True):
-        if cell["lora_scale"] == 0:
-            bases[(cell["prompt"], cell["seed"])] = decode(store, job["key"])
+    videos: dict[str, np.ndarray] = {}
+
+    def video(key: str) -> np.ndarray:
+        if key not in videos:
+            videos[key] = decode(store, key)
+        return videos[key]
+
+    base_keys = {(c["prompt"], c["seed"]): j["key"] for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0}
     report_cells = []
     for job, cell in zip(jobs, cells, strict=True):
-        video = bases[(cell["prompt"], cell["seed"])] if cell["lora_scale"] == 0 else decode(store, job["key"])
-        numbers = video_numbers(video, bases[(cell["prompt"], cell["seed"])])
-        meta = metadata[job["key"]]
-        numbers["render_s"] = meta["timings_s"]["total"]
-        if math.isinf(numbers["psnr_vs_base"]):
-            numbers["psnr_vs_base"] = None  # identical to the base; JSON has no infinity
+        key = job["key"]
+        evaluation = evaluations.get(key)
+        numbers = {
+            **vs_base(video(key), video(base_keys[(cell["prompt"], cell["seed"])])),
+            **(evaluation["numbers"] if evaluation else {}),
+            "render_s": metadata[key]["timings_s"]["total"],
+        }
         report_cells.append(
             {
                 **cell,
-                "key": job["key"],
+                "key": key,
                 "adapters": [
                     {"sha256": a["sha256"], "weight": a["weight"], "alpha": a["alpha"], "uri": a["uri"]}
+                    | ({"name": a["name"]} if a.get("name") else {})
                     for a in job["adapters"]
                 ],
                 "prompt_text": prompts[cell["prompt"]],
-                "status": entries[job["key"]]["status"],
-                "worker": meta["worker"],
+                "status": entries[key]["status"],
+                "worker": metadata[key]["worker"],
+                "evaluated": evaluation is not None,
                 "numbers": numbers,
                 "moved": [],
             }
         )
     if compare:
-        _mark_moved(report_cells, compare)
+        _mark_moved(report_cells, compare, options["moved"])
+    clip = any(name in c["numbers"] for c in report_cells for name in CLIP_METRICS)
+    sets = [
+        _summarise(s, [c for c in report_cells if c["set"] == s], options["suggest"], clip) for s in _sets(report_cells)
+    ]
+    if compare:
+        before = {tuple(map(tuple, s["combination"])): s["suggested"] for s in compare.get("sets", [])}
+        for s in sets:
+            s["baseline_suggested"] = before.get(tuple(map(tuple, s["combination"])), "none")
     report = {
         "batch": batch.name,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "provenance": _provenance(jobs, metadata, evaluations),
+        "clip": clip,
+        "rule": _rule(options["suggest"], clip),
+        "options": options,
+        "sets": sets,
         "cells": report_cells,
+        "render_time_per_worker": _render_times(metadata),
         "switches": _switches(metadata),
         "compared_with": (compare or {}).get("batch"),
     }
     base_dir = f"batches/{batch.name}"
     store.write_bytes(f"{base_dir}/report.json", json.dumps(report, indent=1).encode())
-    sets = sorted({c["set"] for c in report_cells})
     for s in sets:
-        store.write_bytes(f"{base_dir}/plots/set{s}.png", _plot([c for c in report_cells if c["set"] == s], s))
-    store.write_bytes(f"{base_dir}/report.html", _html(report, sets).encode())
+        cells_of_set = [c for c in report_cells if c["set"] == s["set"]]
+        store.write_bytes(f"{base_dir}/plots/set{s['set']}.png", _plot(cells_of_set, s["set"]))
+    store.write_bytes(f"{base_dir}/report.html", _html(report).encode())
     return report
+
+
+def _sets(cells: list[dict]) -> list[int]:
+    return sorted({c["set"] for c in cells})
+
+
+def _summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict:
+    """Mean and spread of each number at each scale across prompts × seeds, and the suggested scale."""
+    scales = sorted({c["lora_scale"] for c in cells})
+    summary = {}
+    for scale in scales:
+        at = [c["numbers"] for c in cells if c["lora_scale"] == scale]
+        summary[str(scale)] = {}
+        for name in METRICS:
+            values = [n[name] for n in at if n.get(name) is not None]
+            if values:
+                spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+                summary[str(scale)][name] = {"mean": statistics.fmean(values), "sd": spread, "n": len(values)}
+    consistency = "clip_consistency" if clip else "temporal_ssim"
+    suggested = None
+    base = summary.get("0.0", {})
+    for scale in scales:
+        now = summary[str(scale)]
+        if scale == 0 or consistency not in now or consistency not in base:
+            continue
+        adherent = not clip or now["clip_score"]["mean"] >= base["clip_score"]["mean"] - suggest["clip_score_drop"]
+        steady = now[consistency]["mean"] >= base[consistency]["mean"] - suggest["consistency_drop"]
+        if adherent and steady:
+            suggested = scale
+    return {
+        "set": index,
+        "adapters": cells[0]["adapters"],
+        "combination": [list(term) for term in adapter_combination(cells[0])],
+        "scales": scales,
+        "summary": summary,
+        "suggested": suggested,
+    }
+
+
+def _rule(suggest: dict, clip: bool) -> str:
+    if clip:
+        return (
+            f"the largest lora_scale above 0 whose mean CLIPScore is at most {suggest['clip_score_drop']:g} below "
+            f"scale 0's and whose mean CLIP consistency is at most {suggest['consistency_drop']:g} below scale 0's"
+        )
+    return (
+        f"no CLIP model is configured (LORAFLEET_EVAL_CLIP), so prompt adherence is not measured: the largest "
+        f"lora_scale above 0 whose mean temporal SSIM is at most {suggest['consistency_drop']:g} below scale 0's"
+    )
+
+
+def _provenance(jobs: list[dict], metadata: dict, evaluations: dict) -> dict:
+    job, meta = jobs[0], metadata[jobs[0]["key"]]
+    evaluator = next(iter(evaluations.values()), {}).get("evaluator")
+    return {
+        "model": meta["model"],
+        "scheduler": meta.get("scheduler"),
+        "steps": job["steps"],
+        "size": f"{job['num_frames']} frames × {job['height']} × {job['width']}",
+        "guidance_scale": job["guidance_scale"],
+        "fps": job["fps"],
+        "dtype": meta.get("dtype"),
+        "lorafleet": common.__version__,
+        "versions": meta.get("versions", {}),
+        "workers": sorted({m["worker"] for m in metadata.values()}),
+        "devices": sorted({m.get("device", "?") for m in metadata.values()}),
+        "rendered": f"{min(m['rendered_at'] for m in metadata.values())} to {max(m['rendered_at'] for m in metadata.values())}",
+        "evaluator": evaluator,
+    }
+
+
+def _render_times(metadata: dict) -> dict[str, dict]:
+    """Render seconds per worker: jobs, mean, min, max (a number per worker, not a plot of noise)."""
+    times: dict[str, list[float]] = {}
+    for meta in metadata.values():
+        times.setdefault(meta["worker"], []).append(meta["timings_s"]["total"])
+    return {
+        worker: {"jobs": len(t), "mean": statistics.fmean(t), "min": min(t), "max": max(t)}
+        for worker, t in sorted(times.items())
+    }
 
 
 def _identity(cell: dict) -> tuple:
@@ -122,15 +233,16 @@ def _identity(cell: dict) -> tuple:
     return adapter_combination(cell), cell["prompt_text"], cell["seed"], cell["lora_scale"]
 
 
-def _mark_moved(cells: list[dict], previous: dict) -> None:
+def _mark_moved(cells: list[dict], previous: dict, thresholds: dict) -> None:
     before = {_identity(c): c["numbers"] for c in previous["cells"]}
     for cell in cells:
         old = before.get(_identity(cell))
         if old is None:
             continue
-        for name, threshold in MOVED.items():
-            a, b = cell["numbers"][name], old[name]
-            a, b = (100.0 if v is None else v for v in (a, b))  # None: identical to the base
+        for name, threshold in thresholds.items():
+            if name not in cell["numbers"] or name not in old:
+                continue  # not measured on one of the nights (no CLIP then)
+            a, b = (100.0 if v is None else v for v in (cell["numbers"][name], old[name]))  # None: identical
             if abs(a - b) > threshold:
                 cell["moved"].append(name)
 
@@ -143,82 +255,259 @@ def _switches(metadata: dict) -> dict[str, int]:
     return counts
 
 
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _plot(cells: list[dict], set_index: int) -> bytes:
+    """Each number against lora_scale: a line per prompt × seed (the prompt in the legend), the mean
+    in black; scale 0's infinite PSNR drawn at the ceiling and said so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ("ssim_vs_base", "psnr_vs_base", "temporal_ssim", "render_s")
-    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), constrained_layout=True)
+    names = [name for name in METRICS if any(name in c["numbers"] for c in cells)]
+    figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), constrained_layout=True)
     rows = sorted({(c["prompt"], c["seed"]) for c in cells})
-    for axis, name in zip(axes, names, strict=True):
-        for row in rows:
-            points = sorted((c["lora_scale"], c["numbers"][name]) for c in cells if (c["prompt"], c["seed"]) == row)
-            points = [(x, y) for x, y in points if y is not None]
-            axis.plot(
-                [x for x, _ in points], [y for _, y in points], marker="o", label=f"prompt {row[0]}, seed {row[1]}"
+    scales = sorted({c["lora_scale"] for c in cells})
+    for axis, name in zip(np.atleast_1d(axes), names, strict=True):
+
+        def value(cell, name=name):
+            number = cell["numbers"].get(name)
+            return PSNR_CEILING if name == "psnr_vs_base" and number is None else number
+
+        for prompt, seed in rows:
+            row = sorted(
+                (c for c in cells if (c["prompt"], c["seed"]) == (prompt, seed)), key=lambda c: c["lora_scale"]
             )
+            points = [(c["lora_scale"], value(c)) for c in row if value(c) is not None]
+            text = _short(row[0]["prompt_text"], 32)
+            axis.plot(*zip(*points, strict=True), marker="o", alpha=0.6, label=f"{text} (seed {seed})")
+        means = [
+            (s, statistics.fmean(v))
+            for s in scales
+            if (v := [value(c) for c in cells if c["lora_scale"] == s and value(c) is not None])
+        ]
+        axis.plot(*zip(*means, strict=True), color="black", linewidth=2.5, label="mean")
         axis.set_xlabel("lora_scale")
-        axis.set_title(name)
-    axes[0].legend(fontsize=7)
-    figure.suptitle(f"adapter set {set_index}")
+        axis.set_title(METRICS[name][0], fontsize=10)
+        if name == "psnr_vs_base":
+            axis.annotate(f"scale 0: ∞ (identical),\ndrawn at {PSNR_CEILING:g} dB", (0, PSNR_CEILING), fontsize=7,
+                          xytext=(6, -22), textcoords="offset points")  # fmt: skip
+    np.atleast_1d(axes)[0].legend(fontsize=6)
+    figure.suptitle(f"adapter set {set_index}", fontsize=11)
     out = io.BytesIO()
     figure.savefig(out, format="png", dpi=80)
     plt.close(figure)
     return out.getvalue()
 
 
-def _fmt(value, digits=3) -> str:
-    return "∞" if value is None else f"{value:.{digits}f}"
+def _fmt(name: str, value) -> str:
+    if value is None:
+        return "∞" if name == "psnr_vs_base" else "—"
+    return f"{value:.1f}" if name in ("psnr_vs_base", "clip_score") else f"{value:.3f}"
 
 
-def _html(report: dict, sets: list[int]) -> str:
+def _number(name: str, value, suffix: str = "") -> str:
+    """One number with its explanation as a tooltip."""
+    label, what, better = METRICS[name]
+    tip = html.escape(f"{label}: {what}. {better.capitalize()}.", quote=True)
+    return f"<span class='num' title=\"{tip}\">{html.escape(label)} {_fmt(name, value)}{suffix}</span>"
+
+
+STYLE = (
+    "body{font:14px sans-serif;margin:2em;max-width:1600px}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
+    "td,th{border:1px solid #ccc;padding:5px;text-align:center;vertical-align:top}"
+    "video.cell{width:180px;image-rendering:pixelated;background:#000}img.plot{max-width:100%}"
+    "td.moved{background:#fff3cd}.n{font:12px monospace;text-align:left}.num{display:block}"
+    "th.suggested,td.suggested{outline:3px solid #2a9d3c;outline-offset:-3px}"
+    ".suggestion{font-size:16px;padding:6px 10px;background:#e8f5e9;border-left:5px solid #2a9d3c;display:inline-block}"
+    "dl.prov{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dt{font-weight:bold}"
+)
+
+
+def _video(cell: dict, up: str, suggested: bool = False) -> str:
+    key = cell["key"]
+    return (
+        f"<video class='cell' src='{up}videos/{key}.mp4' poster='{up}videos/{key}.png' muted loop autoplay "
+        f"playsinline preload='auto' data-key='{key}'></video><br><a href='{up}videos/{key}.mp4'>MP4</a>"
+        + (" ★" if suggested else "")
+    )
+
+
+def _cell_numbers(cell: dict) -> str:
+    n = cell["numbers"]
+    shown = [name for name in METRICS if name in n]
+    text = "".join(_number(name, n[name], " dB" if name == "psnr_vs_base" else "") for name in shown)
+    text += f"<span class='num'>render {n['render_s']:.2f} s</span>"
+    if not cell["evaluated"]:
+        text += "<span class='num'>not evaluated</span>"
+    if cell["moved"]:
+        text += f"<span class='num'>moved: {', '.join(cell['moved'])}</span>"
+    return f"<div class='n'>{text}</div>"
+
+
+def _suggested_text(summary: dict) -> str:
+    return "none above 0" if summary["suggested"] is None else f"{summary['suggested']:g}"
+
+
+def _adapters_text(adapters: list[dict]) -> str:
+    return (
+        ", ".join(
+            f"{html.escape(a.get('name') or a['uri'])} ×{a['weight']:g} (sha256 {a['sha256'][:12]})" for a in adapters
+        )
+        or "none (the base model)"
+    )
+
+
+def _html(report: dict) -> str:
     up = "../../"  # from batches/<batch>/ to the store's root
+    cells, prov = report["cells"], report["provenance"]
     parts = [
         "<!doctype html><meta charset='utf-8'>",
-        f"<title>lorafleet sweep {html.escape(report['batch'])}</title>",
-        "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
-        "td,th{border:1px solid #ccc;padding:6px;text-align:center;vertical-align:top}img.poster{width:160px;image-rendering:pixelated}img.plot{max-width:100%}"
-        "td.moved{background:#fff3cd}.n{font:12px monospace;text-align:left}</style>",
+        f"<title>lorafleet sweep {html.escape(report['batch'])}</title><style>{STYLE}</style>",
         f"<h1>Sweep {html.escape(report['batch'])}</h1>",
-        f"<p>{len(report['cells'])} cells. Variant switches per worker: "
-        + ", ".join(f"{html.escape(w)}: {n}" for w, n in sorted(report["switches"].items()))
+        f"<p>{len(cells)} cells in {len(report['sets'])} adapter set(s); every number is in "
+        "<a href='report.json'>report.json</a>."
         + (
-            f". Cells marked yellow moved since batch {html.escape(report['compared_with'])}."
+            f" Cells marked yellow moved since batch {html.escape(report['compared_with'])}."
             if report["compared_with"]
-            else "."
+            else ""
         )
         + "</p>",
+        "<h2>Suggested lora_scale</h2>",
+        f"<p id='rule'>Rule: {html.escape(report['rule'])}. Marked ★ and framed green in each grid.</p><ul>",
     ]
-    for s in sets:
-        cells = [c for c in report["cells"] if c["set"] == s]
-        scales = sorted({c["lora_scale"] for c in cells})
-        rows = sorted({(c["prompt"], c["seed"]) for c in cells})
-        adapters = ", ".join(f"{html.escape(a['uri'])} ×{a['weight']}" for a in cells[0]["adapters"])
-        parts.append(
-            f"<h2>Adapter set {s}: {adapters}</h2><img src='plots/set{s}.png' class='plot' alt='numbers against lora_scale'>"
+    for s in report["sets"]:
+        baseline = (
+            f"; baseline night ({html.escape(report['compared_with'])}): {s['baseline_suggested']}"
+            if "baseline_suggested" in s
+            else ""
         )
         parts.append(
-            "<table><tr><th>prompt, seed</th>" + "".join(f"<th>lora_scale {x:g}</th>" for x in scales) + "</tr>"
+            f"<li>set {s['set']} ({_adapters_text(s['adapters'])}): <b class='suggested-scale' data-set='{s['set']}'>"
+            f"{_suggested_text(s)}</b>{baseline}</li>"
         )
-        for prompt, seed in rows:
+    parts.append("</ul><h2>How to read the numbers</h2><ul id='metrics'>")
+    for name, (label, what, better) in METRICS.items():
+        absent = (
+            " <i>(not measured: no CLIP model configured)</i>" if name in CLIP_METRICS and not report["clip"] else ""
+        )
+        parts.append(
+            f"<li class='metric' data-metric='{name}'><b>{label}</b>: {html.escape(what)}. <b>{better.capitalize()}.</b>{absent}</li>"
+        )
+    parts.append(
+        "</ul><p>Per cell, hover a number for its explanation. Each video plays muted in a loop; "
+        "MP4 opens the file.</p><h2>Settings and provenance</h2><dl class='prov'>"
+    )
+    evaluator = prov["evaluator"] or {}
+    for label, value in (
+        ("model", prov["model"]),
+        ("scheduler", prov["scheduler"]),
+        ("steps", prov["steps"]),
+        ("size", prov["size"]),
+        ("guidance scale", prov["guidance_scale"]),
+        ("fps", prov["fps"]),
+        ("dtype", prov["dtype"]),
+        ("rendered", prov["rendered"]),
+        ("report written", report["created"]),
+        ("lorafleet", prov["lorafleet"]),
+        ("versions", ", ".join(f"{k} {v}" for k, v in sorted(prov["versions"].items()))),
+        ("workers", ", ".join(prov["workers"])),
+        ("devices", ", ".join(prov["devices"])),
+        ("evaluator", f"CLIP {evaluator.get('clip') or 'none'}, version {evaluator.get('version', '—')}"),
+    ):
+        parts.append(f"<dt>{label}</dt><dd>{html.escape(str(value))}</dd>")
+    parts.append("</dl>")
+    for s in report["sets"]:
+        parts += _set_section(s, [c for c in cells if c["set"] == s["set"]], up)
+    parts += _side_by_side(report, up)
+    parts.append(
+        "<h2>Render time per worker</h2><table><tr><th>worker</th><th>jobs</th><th>mean s</th><th>min s</th><th>max s</th><th>variant switches</th></tr>"
+    )
+    for worker, t in report["render_time_per_worker"].items():
+        parts.append(
+            f"<tr><td>{html.escape(worker)}</td><td>{t['jobs']}</td><td>{t['mean']:.2f}</td><td>{t['min']:.2f}</td>"
+            f"<td>{t['max']:.2f}</td><td>{report['switches'].get(worker, 0)}</td></tr>"
+        )
+    parts.append("</table>")
+    return "\n".join(parts)
+
+
+def _set_section(s: dict, cells: list[dict], up: str) -> list[str]:
+    index, scales, summary = s["set"], s["scales"], s["summary"]
+    star = lambda scale: " class='suggested'" if scale == s["suggested"] else ""  # noqa: E731
+    parts = [
+        f"<h2 id='set{index}'>Adapter set {index}: {_adapters_text(s['adapters'])}</h2>",
+        f"<p class='suggestion'>Suggested lora_scale: <b>{_suggested_text(s)}</b></p>",
+        "<h3>Mean ± spread across prompts × seeds</h3><table><tr><th>number</th>"
+        + "".join(f"<th{star(x)}>lora_scale {x:g}{' ★' if x == s['suggested'] else ''}</th>" for x in scales)
+        + "</tr>",
+    ]
+    for name, (label, what, better) in METRICS.items():
+        if not any(name in summary[str(x)] for x in scales):
+            continue
+        tip = html.escape(f"{label}: {what}. {better.capitalize()}.", quote=True)
+        row = [f'<tr><th title="{tip}">{label}</th>']
+        for x in scales:
+            m = summary[str(x)].get(name)
+            text = (
+                "∞"
+                if m is None and name == "psnr_vs_base"
+                else "—"
+                if m is None
+                else f"{_fmt(name, m['mean'])} ± {_fmt(name, m['sd'])}"
+            )
+            row.append(f'<td{star(x)} title="{tip}">{text}</td>')
+        parts.append("".join(row) + "</tr>")
+    parts.append(
+        f"</table><img src='plots/set{index}.png' class='plot' alt='each number against lora_scale, set {index}'>"
+    )
+    parts.append(
+        "<h3>Videos</h3><table><tr><th>prompt, seed</th>"
+        + "".join(f"<th{star(x)}>lora_scale {x:g}</th>" for x in scales)
+        + "</tr>"
+    )
+    for prompt, seed in sorted({(c["prompt"], c["seed"]) for c in cells}):
+        text = next(c["prompt_text"] for c in cells if c["prompt"] == prompt)
+        parts.append(f"<tr><th>{html.escape(text)}<br>seed {seed}</th>")
+        for x in scales:
+            cell = next(c for c in cells if (c["prompt"], c["seed"], c["lora_scale"]) == (prompt, seed, x))
+            classes = "cell" + (" moved" if cell["moved"] else "") + (" suggested" if x == s["suggested"] else "")
+            parts.append(f"<td class='{classes}'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>")
+        parts.append("</tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _side_by_side(report: dict, up: str) -> list[str]:
+    """At each scale, the adapter sets as columns: the same prompt and seed, set against set."""
+    sets, cells = report["sets"], report["cells"]
+    if len(sets) < 2:
+        return []
+    parts = ["<h2>Adapter sets side by side</h2>"]
+    for x in sorted({c["lora_scale"] for c in cells}):
+        if x == 0:
+            continue  # every set's scale 0 is the base model
+        parts.append(
+            f"<h3>lora_scale {x:g}</h3><table><tr><th>prompt, seed</th>"
+            + "".join(f"<th>set {s['set']}: {_adapters_text(s['adapters'])}</th>" for s in sets)
+            + "</tr>"
+        )
+        for prompt, seed in sorted({(c["prompt"], c["seed"]) for c in cells}):
             text = next(c["prompt_text"] for c in cells if c["prompt"] == prompt)
             parts.append(f"<tr><th>{html.escape(text)}<br>seed {seed}</th>")
-            for scale in scales:
-                cell = next(c for c in cells if (c["prompt"], c["seed"], c["lora_scale"]) == (prompt, seed, scale))
-                n = cell["numbers"]
-                parts.append(
-                    f"<td class='cell{' moved' if cell['moved'] else ''}' data-key='{cell['key']}'>"
-                    f"<a href='{up}videos/{cell['key']}.mp4'><img class='poster' src='{up}videos/{cell['key']}.png' alt='poster'></a>"
-                    f"<div class='n'>SSIM {_fmt(n['ssim_vs_base'])}<br>PSNR {_fmt(n['psnr_vs_base'], 1)} dB<br>"
-                    f"temporal {_fmt(n['temporal_ssim'])}<br>{_fmt(n['render_s'], 2)} s"
-                    + (f"<br>moved: {', '.join(cell['moved'])}" if cell["moved"] else "")
-                    + "</div></td>"
+            for s in sets:
+                cell = next(
+                    c
+                    for c in cells
+                    if (c["set"], c["prompt"], c["seed"], c["lora_scale"]) == (s["set"], prompt, seed, x)
                 )
+                parts.append(f"<td class='side'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>")
             parts.append("</tr>")
         parts.append("</table>")
-    return "\n".join(parts)
+    return parts
 
 
 def load_report(store: Store, batch: str) -> dict:

@@ -1,13 +1,17 @@
-"""`lorafleet sweep`: expand a sweep spec, submit it as one batch, wait, and write its report."""
+"""`lorafleet sweep`: expand a sweep spec, submit it as one batch, wait, have the fleet evaluate
+the videos that lack an evaluation by the configured evaluator, and write the report."""
 
+import json
 import time
 
 from rich.console import Console
 
+from common.broker import make_app, send_evaluation
+from common.evaluation import eval_path, evaluator_identity
 from common.job import AdapterResolver, JobLimits
 from common.manifest import Batch, JobStatus, check_batch_name
 from common.model import model_resolver
-from common.settings import Settings
+from common.settings import Settings, queue_for
 from common.store import Store
 from common.sweep_spec import load_sweep
 from producer.follow import wait_for_batch
@@ -28,7 +32,7 @@ def run_sweep(
     missing is a warning, and the report is written without comparison."""
     store = Store(settings.store_url)
     resolver = AdapterResolver.from_settings(settings, store)
-    name, jobs, cells = load_sweep(path, model_resolver(settings), resolver, JobLimits.from_settings(settings))
+    name, jobs, cells, options = load_sweep(path, model_resolver(settings), resolver, JobLimits.from_settings(settings))
     batch = Batch.new(batch_name or f"{name}-{time.strftime('%Y%m%d', time.gmtime())}")
     previous = baseline(store, compare, name, batch.name, console) if compare else None
     enqueue(jobs, batch, store, settings)
@@ -37,17 +41,76 @@ def run_sweep(
     console.print(
         f"sweep {batch.name}: {len(jobs)} cells, {batch.enqueued} enqueued, {batch.count(JobStatus.DONE)} already in the store"
     )
+    started = time.monotonic()
     if not wait_for_batch(batch, settings, console, timeout_s):
         console.print("[red]some cells failed: no report[/] (see `lorafleet status " + batch.name + "`)")
         return False
+    left = None if timeout_s is None else max(60.0, timeout_s - (time.monotonic() - started))
+    evaluations = evaluate(
+        [job["key"] for job in jobs], settings, store, console, queue_for(jobs[0].get("model")), left
+    )
     prompts = {}
     for job, cell in zip(jobs, cells, strict=True):
         prompts[cell["prompt"]] = job["prompt"]
-    report = build_report(batch, store, jobs, cells, [prompts[i] for i in sorted(prompts)], previous)
+    report = build_report(
+        batch, store, jobs, cells, [prompts[i] for i in sorted(prompts)], evaluations, options, previous
+    )
     moved = sum(bool(c["moved"]) for c in report["cells"])
     compared = f" ({moved} cells moved since {previous['batch']})" if previous else ""
     console.print(f"report: {store.uri(f'batches/{batch.name}/report.html')}{compared}")
     return True
+
+
+def read_evaluation(store: Store, key: str) -> dict | None:
+    """A key's eval.json, or None if there is none (or it is not JSON)."""
+    try:
+        return json.loads(store.read_bytes(eval_path(key)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def evaluate(
+    keys: list[str], settings: Settings, store: Store, console: Console, queue: str, timeout_s: float | None
+) -> dict[str, dict]:
+    """Each key's evaluation by the evaluator configured now (LORAFLEET_EVAL_CLIP): the ones the
+    store lacks, or holds from another evaluator (an earlier night without CLIP, another model),
+    are computed by the fleet's workers (`lorafleet.evaluate`) and waited for. A key whose
+    evaluation fails is left out, with a warning; the report says it was not evaluated."""
+    identity = evaluator_identity(settings)
+    found = {}
+    for key in dict.fromkeys(keys):
+        evaluation = read_evaluation(store, key)
+        if evaluation is not None and evaluation.get("evaluator") == identity:
+            found[key] = evaluation
+    missing = [key for key in dict.fromkeys(keys) if key not in found]
+    if not missing:
+        console.print(f"evaluations: all {len(found)} videos already evaluated by this evaluator")
+        return found
+    clip = settings.eval_clip or "none configured (LORAFLEET_EVAL_CLIP): no prompt-adherence numbers"
+    console.print(f"evaluating {len(missing)} video(s) on the fleet ({len(found)} already evaluated); CLIP: {clip}")
+    app = make_app(settings)
+    pending = {key: send_evaluation(app, key, queue) for key in missing}
+    started = time.monotonic()
+    deadline = started + (timeout_s or 3600)
+    mismatched: list[str] = []
+    for key, result in pending.items():
+        try:
+            result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=True)
+        except Exception as exc:  # a failure or a timeout: one warning, the rest of the report stands
+            console.print(f"warning: {key[:12]} was not evaluated: {exc}", style="yellow")
+            continue
+        evaluation = read_evaluation(store, key)
+        if evaluation is not None:
+            found[key] = evaluation
+            if evaluation.get("evaluator") != identity and not mismatched:
+                mismatched.append(key)  # said once: every later night would evaluate again
+                console.print(
+                    f"warning: a worker evaluated {key[:12]} with {evaluation.get('evaluator')}, but this producer "
+                    f"expects {identity}: set LORAFLEET_EVAL_CLIP alike on the workers and here",
+                    style="yellow",
+                )
+    console.print(f"evaluated {len(missing)} video(s) in {time.monotonic() - started:.1f}s")
+    return found
 
 
 def baseline(store: Store, compare: str, sweep: str, batch: str, console: Console) -> dict | None:

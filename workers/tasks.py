@@ -10,18 +10,20 @@ do wrong fails that job with a one-line reason, and the worker serves on.
 """
 
 import logging
+import re
 import time
 
 import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from common.broker import TASK_NAME, send_job
-from common.errors import JobCancelled, LeaseLost, LorafleetError, StoreError, WorkerLost
+from common.broker import EVAL_TASK_NAME, TASK_NAME, send_job
+from common.errors import EvaluationError, JobCancelled, LeaseLost, LorafleetError, StoreError, WorkerLost
 from common.job import AdapterResolver, job_from_message
 from common.leases import Lease, Ledger
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists
+from workers.evaluator import Evaluator
 from workers.renderer import Renderer, render_job
 
 log = logging.getLogger("lorafleet.worker")
@@ -108,6 +110,36 @@ class RenderTask(Task):
                 return exists
             progress = progress_reporter(self, lease, key, batch, self.worker)
             return render_job(self.renderer, self.store, job, progress, lease.confirm)
+
+
+class EvaluateTask(Task):
+    """`lorafleet.evaluate` on one worker: a key's eval.json (workers/evaluator.py). The message
+    names only the key; everything else (the video, the prompt) is read from the store."""
+
+    name = EVAL_TASK_NAME
+    throws = (LorafleetError,)
+    autoretry_for = RETRYABLE
+    retry_backoff = True
+    retry_jitter = True
+    typing = False
+
+    def __init__(self, evaluator: Evaluator, store: Store, settings: Settings, worker: str):
+        self.evaluator = evaluator
+        self.store = store
+        self.worker = worker
+        self.max_retries = settings.store_retries
+
+    def run(self, message):
+        key = message.get("key") if isinstance(message, dict) else None
+        if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise EvaluationError(f"evaluate: the message names no job key (64 hex digits): {str(message)[:100]}")
+        try:
+            result = self.evaluator.evaluate(self.store, key)
+        except LorafleetError as exc:
+            log.error("%s: %s evaluation failed: %s", self.worker, key[:12], exc)
+            raise
+        log.info("%s: %s evaluated in %.2fs: %s", self.worker, key[:12], result["seconds"], result["numbers"])
+        return {"key": key, "worker": self.worker, "numbers": result["numbers"]}
 
 
 def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: str):

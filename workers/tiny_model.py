@@ -6,6 +6,7 @@ Built deterministically from a seed: the same seed gives the same files, bit for
 """
 
 import io
+import json
 import os
 
 import sentencepiece
@@ -121,12 +122,40 @@ def adapter_layers(transformer, rank: int, targets: list[str], seed: int) -> dic
     return layers
 
 
+def write_tiny_clip(directory: str, seed: int = 0) -> str:
+    """A tiny random-weight CLIP (what `LORAFLEET_EVAL_CLIP` names) in DIR, with a BPE tokenizer whose
+    vocabulary is the letters (no merges: a word is its letters), for `CLIPModel`/`CLIPProcessor`'s
+    `from_pretrained`; returns DIR."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters)]
+    vocab_file, merges_file = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    with open(vocab_file, "w") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(merges_file, "w") as f:
+        f.write("#version: 0.2\n")
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(vocab), "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(seed + 3)
+    CLIPModel(config).save_pretrained(directory)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=CLIPTokenizer(vocab_file, merges_file)).save_pretrained(directory)
+    return directory
+
+
 def write_tiny_model(directory: str, seed: int = 0) -> dict[str, str]:
-    """Write the pipeline to DIR/model and the adapters to DIR/adapters/<name>; returns their paths."""
+    """Write the pipeline to DIR/model, the adapters to DIR/adapters/<name> and a tiny CLIP for
+    evaluations to DIR/clip; returns their paths."""
     pipe = build_pipeline(seed)
     model_dir = os.path.join(directory, "model")
     pipe.save_pretrained(model_dir)
-    paths = {"model": model_dir}
+    paths = {"model": model_dir, "clip": write_tiny_clip(os.path.join(directory, "clip"), seed)}
     for offset, (name, (rank, alpha, targets)) in enumerate(ADAPTERS.items(), start=1):
         adapter_dir = os.path.join(directory, "adapters", name)
         metadata = None

@@ -81,8 +81,9 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     """Serve jobs until told to stop; returns the process exit code."""
     started = time.perf_counter()
     log.info("%s: starting on %s (importing torch and diffusers)", name, device)
+    from workers.evaluator import Evaluator
     from workers.renderer import Renderer
-    from workers.tasks import RenderTask, requeue
+    from workers.tasks import EvaluateTask, RenderTask, requeue
 
     quiet_per_job_noise()
     queue = queue_for(alias)
@@ -98,7 +99,9 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         return ExitCode.MODEL_LOAD_FAILED
     app = make_app(settings)
     ledger = Ledger.from_settings(settings)
-    app.register_task(RenderTask(renderer, Store(settings.store_url), ledger, settings, queue))
+    store = Store(settings.store_url)
+    app.register_task(RenderTask(renderer, store, ledger, settings, queue))
+    app.register_task(EvaluateTask(Evaluator(settings, device), store, settings, name))
     stop = threading.Event()
     sweeper = threading.Thread(
         target=run_sweeper,

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from producer.report import ssim
+from common.evaluation import ssim
 from tests.conftest import lorafleet
 from tests.helpers import decode_video
 
@@ -36,16 +36,34 @@ def report_cells(store: str, batch: str) -> tuple[str, dict]:
     return html, json.load(open(os.path.join(store, "batches", batch, "report.json")))
 
 
-def test_a_sweep_renders_its_grid_and_reports_numbers_from_the_videos(fleet_env, start_worker, sweep_spec):
-    start_worker(fleet_env)
-    first = lorafleet("sweep", sweep_spec, "--batch", "night1", env=fleet_env)
+def clip_score_of(video: np.ndarray, prompt: str, clip_dir: str) -> float:
+    """CLIPScore as the report defines it, computed here from the decoded video with transformers:
+    100 × max(0, cosine(prompt, frame)) over 8 frames evenly spaced from the first to the last."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    frames = [video[i] for i in np.linspace(0, len(video) - 1, min(8, len(video))).round().astype(int)]
+    inputs = processor(text=[prompt], images=frames, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    text = torch.nn.functional.normalize(out.text_embeds, dim=-1)
+    images = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+    return float((images @ text.T).clamp(min=0).mean() * 100)
+
+
+def test_a_sweep_evaluates_every_cell_and_reports_numbers_from_the_videos(fleet_env, start_worker, sweep_spec, tiny):
+    env = {**fleet_env, "LORAFLEET_EVAL_CLIP": tiny["clip"]}
+    start_worker(env)
+    first = lorafleet("sweep", sweep_spec, "--batch", "night1", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     # 12 cells, 10 renders: at lora_scale 0 both adapter sets are the base model, one key per prompt.
     assert "sweep night1: 12 cells, 10 enqueued" in first.stdout
+    assert "evaluating 10 video(s) on the fleet (0 already evaluated)" in first.stdout
     store = fleet_env["LORAFLEET_STORE_URL"]
     html, report = report_cells(store, "night1")
     cells = report["cells"]
-    assert len(cells) == 12 and html.count("class='cell") == 12
+    assert len(cells) == 12 and html.count("<video class='cell'") == 12 + 8  # the grids, then sets side by side
     folder = os.path.join(store, "batches", "night1")
     for link in re.findall(r"href='([^']+\.mp4)'", html):
         assert decode_video(os.path.normpath(os.path.join(folder, link))).shape == (9, 32, 32, 3)
@@ -53,13 +71,19 @@ def test_a_sweep_renders_its_grid_and_reports_numbers_from_the_videos(fleet_env,
 
     videos = {c["key"]: decode_video(os.path.join(store, "videos", f"{c['key']}.mp4")) for c in cells}
     for cell in cells:
+        evaluation = json.load(open(os.path.join(store, "videos", f"{cell['key']}.eval.json")))
+        assert evaluation["evaluator"] == {"version": 1, "clip": tiny["clip"]}
+        numbers = cell["numbers"]
+        assert numbers["clip_score"] == pytest.approx(
+            clip_score_of(videos[cell["key"]], cell["prompt_text"], tiny["clip"]), abs=1e-3
+        )
+        assert -1 <= numbers["clip_consistency"] <= 1
         base = next(
             c for c in cells if (c["prompt"], c["seed"], c["lora_scale"]) == (cell["prompt"], cell["seed"], 0.0)
         )
         a, b = videos[cell["key"]].astype(np.float64), videos[base["key"]].astype(np.float64)
         mse = np.mean((a - b) ** 2)
         expected_psnr = None if mse == 0 else 10 * np.log10(255**2 / mse)
-        numbers = cell["numbers"]
         assert (numbers["psnr_vs_base"] is None) == (expected_psnr is None)
         if expected_psnr is not None:
             assert numbers["psnr_vs_base"] == pytest.approx(expected_psnr)
@@ -72,10 +96,52 @@ def test_a_sweep_renders_its_grid_and_reports_numbers_from_the_videos(fleet_env,
             assert numbers["ssim_vs_base"] == pytest.approx(1.0)
     assert sum(report["switches"].values()) <= 6  # grouped: one switch per (adapter set, scale)
 
-    again = lorafleet("sweep", sweep_spec, "--batch", "night2", "--compare", "night1", env=fleet_env)
+    # The suggested scale follows the rule stated on the page, from the means in report.json.
+    assert report["clip"] and "CLIPScore is at most 1 below" in report["rule"]
+    for summary in report["sets"]:
+        scales = [x for x in summary["scales"] if x > 0]
+        means = {x: {k: v["mean"] for k, v in summary["summary"][str(x)].items()} for x in summary["scales"]}
+        fits = [
+            x
+            for x in scales
+            if means[x]["clip_score"] >= means[0.0]["clip_score"] - 1.0
+            and means[x]["clip_consistency"] >= means[0.0]["clip_consistency"] - 0.02
+        ]
+        assert summary["suggested"] == (max(fits) if fits else None)
+        shown = "none above 0" if summary["suggested"] is None else f"{summary['suggested']:g}"
+        assert f"data-set='{summary['set']}'>{shown}</b>" in html
+
+    again = lorafleet("sweep", sweep_spec, "--batch", "night2", "--compare", "night1", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "sweep night2: 12 cells, 0 enqueued, 12 already in the store" in again.stdout
+    assert "evaluations: all 10 videos already evaluated by this evaluator" in again.stdout  # none redone
     assert "(0 cells moved since night1)" in again.stdout
+    _, second = report_cells(store, "night2")
+    assert [s["baseline_suggested"] for s in second["sets"]] == [s["suggested"] for s in report["sets"]]
+
+
+def test_cells_rendered_before_clip_was_configured_are_evaluated_by_the_next_sweep(
+    fleet_env, start_worker, sweep_spec, tiny
+):
+    plain = start_worker(fleet_env)  # no LORAFLEET_EVAL_CLIP anywhere
+    first = lorafleet("sweep", sweep_spec, "--batch", "before", env=fleet_env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "CLIP: none configured (LORAFLEET_EVAL_CLIP)" in first.stdout
+    store = fleet_env["LORAFLEET_STORE_URL"]
+    html, report = report_cells(store, "before")
+    assert not report["clip"] and "no CLIP model is configured" in html
+    assert all("clip_score" not in c["numbers"] and "temporal_ssim" in c["numbers"] for c in report["cells"])
+
+    plain.terminate()
+    plain.wait(timeout=60)
+    env = {**fleet_env, "LORAFLEET_EVAL_CLIP": tiny["clip"]}
+    start_worker(env)
+    after = lorafleet("sweep", sweep_spec, "--batch", "after", env=env)
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "0 enqueued, 12 already in the store" in after.stdout  # nothing rendered again
+    assert "evaluating 10 video(s) on the fleet (0 already evaluated)" in after.stdout
+    _, report = report_cells(store, "after")
+    assert report["clip"] and all(c["numbers"]["clip_score"] >= 0 for c in report["cells"])
 
 
 def test_a_bad_sweep_spec_names_the_place(fleet_env, tmp_path, tiny):
@@ -90,31 +156,66 @@ def test_a_bad_sweep_spec_names_the_place(fleet_env, tmp_path, tiny):
     assert 'adapter_sets[2][0].uri: adapter "missing/adapter" not found' in result.stderr
 
 
-def test_the_report_opens_in_a_real_browser_with_every_image(fleet_env, start_worker, sweep_spec, tmp_path):
+def test_the_report_plays_every_cell_in_a_real_browser(fleet_env, start_worker, sweep_spec, tiny, tmp_path):
     browser = shutil.which("chromium")
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: `make install` installs it (apt-get install chromium)")
         pytest.skip("no chromium here: `make install` as root installs it")
-    start_worker(fleet_env)
-    assert lorafleet("sweep", sweep_spec, "--batch", "browse", env=fleet_env).returncode == 0
+    env = {**fleet_env, "LORAFLEET_EVAL_CLIP": tiny["clip"]}
+    start_worker(env)
+    assert lorafleet("sweep", sweep_spec, "--batch", "browse", env=env).returncode == 0
     folder = os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "browse")
-    # A copy of the report with a probe that writes what the browser loaded into the page.
-    probe = (
-        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
-        "document.body.setAttribute('data-probe', JSON.stringify({cells: document.querySelectorAll('td.cell').length,"
-        "images: imgs.length, loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length})); });</script>"
-    )
+    # A copy of the report with a probe: once every video has its first frame (or failed), play
+    # them all, and write into the page what the browser saw.
+    probe = """<script>
+      const visible = e => e.offsetParent !== null && e.getBoundingClientRect().height > 0;
+      window.addEventListener('load', async () => {
+        const videos = [...document.querySelectorAll('video')];
+        await Promise.all(videos.map(v => v.readyState >= 2 ? null : new Promise(done => {
+          v.addEventListener('loadeddata', done); v.addEventListener('error', done); })));
+        const ready = videos.filter(v => v.readyState >= 2).length;
+        const played = await Promise.all(videos.map(v => v.play().then(() => !v.paused, () => false)));
+        const start = videos.map(v => v.currentTime);
+        await new Promise(done => setTimeout(done, 1500));
+        document.body.setAttribute('data-probe', JSON.stringify({
+          videos: videos.length, ready, playing: played.filter(Boolean).length,
+          advanced: videos.filter((v, i) => v.currentTime !== start[i]).length,
+          errors: videos.filter(v => v.error).map(v => v.error.message),
+          suggested: [...document.querySelectorAll('.suggested-scale')].filter(visible).map(e => e.textContent),
+          metrics: [...document.querySelectorAll('#metrics li.metric')].filter(visible).map(e => e.dataset.metric),
+          rule: visible(document.getElementById('rule')),
+          plots: [...document.images].filter(i => i.complete && i.naturalWidth > 0).length,
+        }));
+      });
+    </script>"""
     page = os.path.join(folder, "probe.html")
     with open(page, "w") as f:
         f.write(open(os.path.join(folder, "report.html")).read() + probe)
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+        "--allow-file-access-from-files", "--autoplay-policy=no-user-gesture-required",
+    ]  # fmt: skip
     dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--allow-file-access-from-files", "--virtual-time-budget=5000", "--dump-dom", f"file://{page}"],
-        capture_output=True, text=True, timeout=120,
+        [browser, *flags, "--virtual-time-budget=20000", "--dump-dom", f"file://{page}"],
+        capture_output=True, text=True, timeout=180,
     ).stdout  # fmt: skip
     found = json.loads(re.search(r"data-probe=\"([^\"]+)\"", dom).group(1).replace("&quot;", '"'))
-    assert found["cells"] == 12
-    assert found["images"] == 12 + 2  # a poster per cell and a plot per adapter set
-    assert found["loaded"] == found["images"]
+    assert found["videos"] == 12 + 8  # the two grids, then the sets side by side at scales 0.5 and 1
+    assert found["errors"] == [] and found["ready"] == found["videos"], found
+    assert found["playing"] == found["videos"] and found["advanced"] == found["videos"], found
+    report = json.load(open(os.path.join(folder, "report.json")))
+    assert found["suggested"] == [
+        "none above 0" if s["suggested"] is None else f"{s['suggested']:g}" for s in report["sets"]
+    ]
+    assert found["metrics"] == ["clip_score", "clip_consistency", "temporal_ssim", "ssim_vs_base", "psnr_vs_base"]
+    assert found["rule"] and found["plots"] == 2
+
+    screenshot = tmp_path / "report.png"  # the test's output folder: look at it
+    subprocess.run(
+        [browser, *flags, "--window-size=1400,2400", "--virtual-time-budget=5000", f"--screenshot={screenshot}",
+         f"file://{os.path.join(folder, 'report.html')}"],
+        capture_output=True, timeout=180,
+    )  # fmt: skip
+    assert screenshot.stat().st_size > 10_000

@@ -1,0 +1,87 @@
+"""What a video is judged by: the numbers of `videos/<key>.eval.json` and the ones between two videos.
+
+Per key, computed once by a worker (`lorafleet.evaluate`, workers/evaluator.py) and kept in the
+store beside the video: CLIPScore of the prompt, CLIP frame-to-frame consistency and temporal
+SSIM. An eval.json is reused while the evaluator that wrote it is the one configured now
+(`evaluator_identity`: this module's version and the CLIP model); otherwise it is computed again.
+Between a cell and its lora_scale-0 cell the report computes SSIM and PSNR (numpy only, no torch).
+"""
+
+import math
+
+import numpy as np
+
+from common.settings import Settings
+
+EVAL_VERSION = 1  # raise when a per-key number is computed differently: every eval.json is redone
+EVAL_FRAMES = 8  # frames CLIP looks at, evenly spaced over the video
+SSIM_WINDOW = 7
+
+
+def eval_path(key: str) -> str:
+    """Where a key's evaluation lives in the store."""
+    return f"videos/{key}.eval.json"
+
+
+def evaluator_identity(settings: Settings) -> dict:
+    """What decides a key's numbers besides its video: an eval.json by another evaluator is redone."""
+    return {"version": EVAL_VERSION, "clip": settings.eval_clip}
+
+
+def sample_indices(frames: int, count: int = EVAL_FRAMES) -> list[int]:
+    """`count` frame indices evenly spaced from the first frame to the last (all, if fewer)."""
+    if frames <= count:
+        return list(range(frames))
+    return [round(i * (frames - 1) / (count - 1)) for i in range(count)]
+
+
+def _box(image: np.ndarray, size: int) -> np.ndarray:
+    """Mean over every size×size window ("valid" positions only), through summed-area tables."""
+    table = np.pad(image.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return (table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]) / size**2
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity of two RGB frames (on luma, 7×7 windows, the usual constants)."""
+    weights = np.array([0.299, 0.587, 0.114])
+    x, y = (frame.astype(np.float64) @ weights for frame in (a, b))
+    size = min(SSIM_WINDOW, *x.shape)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _box(x, size), _box(y, size)
+    vx, vy, cxy = _box(x * x, size) - mx**2, _box(y * y, size) - my**2, _box(x * y, size) - mx * my
+    return float(np.mean(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Peak signal-to-noise ratio in dB; None for identical videos (infinite, and JSON has no infinity)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return None if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def temporal_ssim(video: np.ndarray) -> float:
+    """Mean SSIM of consecutive frames: 1 for a still video, lower for flicker and jumps."""
+    if len(video) < 2:
+        return 1.0
+    return float(np.mean([ssim(f, g) for f, g in zip(video[:-1], video[1:], strict=True)]))
+
+
+def vs_base(video: np.ndarray, base: np.ndarray) -> dict:
+    """How far a cell moved from its lora_scale-0 cell: mean SSIM and PSNR of its frames."""
+    return {
+        "ssim_vs_base": float(np.mean([ssim(f, g) for f, g in zip(video, base, strict=True)])),
+        "psnr_vs_base": psnr(video, base),
+    }
+
+
+def clip_numbers(text_embedding: np.ndarray, frame_embeddings: np.ndarray) -> dict:
+    """CLIPScore (100 × the cosine of prompt and frame, floored at 0, averaged over the frames; as
+    torchmetrics computes it) and frame consistency (mean cosine of consecutive frames)."""
+    text = text_embedding / np.linalg.norm(text_embedding)
+    frames = frame_embeddings / np.linalg.norm(frame_embeddings, axis=1, keepdims=True)
+    score = float(np.mean(np.maximum(frames @ text, 0.0)) * 100)
+    consistency = float(np.mean(np.sum(frames[:-1] * frames[1:], axis=1))) if len(frames) > 1 else 1.0
+    return {"clip_score": score, "clip_consistency": consistency}
+
+
+def finite_or_none(value):
+    return value if value is None or math.isfinite(value) else None

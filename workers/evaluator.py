@@ -1,0 +1,116 @@
+"""A key's evaluation (`lorafleet.evaluate`), on the worker, where the GPU is: decode its MP4, score
+a fixed sample of frames with CLIP against the prompt its metadata records, and write
+`videos/<key>.eval.json` (common/evaluation.py says what each number is)."""
+
+import json
+import logging
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from common.errors import EvaluationError
+from common.evaluation import (
+    clip_numbers,
+    eval_path,
+    evaluator_identity,
+    sample_indices,
+    temporal_ssim,
+)
+from common.settings import Settings
+from common.store import Store, video_exists, video_path
+
+log = logging.getLogger("lorafleet.evaluate")
+MAX_METADATA_BYTES = 1 << 20
+
+
+def decode_video(store: Store, key: str) -> np.ndarray:
+    """A stored video's frames as (frames, height, width, 3) uint8."""
+    import imageio.v3 as iio
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(store.read_bytes(video_path(key, "mp4")))
+        f.flush()
+        return np.stack(list(iio.imiter(f.name, plugin="FFMPEG")))
+
+
+class Evaluator:
+    """Scores videos with the CLIP model `LORAFLEET_EVAL_CLIP` names, loaded on first use (a
+    worker that never evaluates never loads it); without one, only the numbers that need no model."""
+
+    def __init__(self, settings: Settings, device: str):
+        self.clip_ref = settings.eval_clip
+        self.identity = evaluator_identity(settings)
+        self.device = torch.device(device)
+        self._clip = None
+
+    def clip(self):
+        if self._clip is None:
+            from transformers import CLIPModel, CLIPProcessor
+
+            started = time.perf_counter()
+            try:
+                model = CLIPModel.from_pretrained(self.clip_ref).to(self.device).eval()
+                processor = CLIPProcessor.from_pretrained(self.clip_ref)
+            except (OSError, ValueError) as exc:
+                raise EvaluationError(f"LORAFLEET_EVAL_CLIP={self.clip_ref}: cannot load a CLIP model: {exc}") from None
+            self._clip = model, processor
+            log.info("CLIP %s loaded in %.1fs", self.clip_ref, time.perf_counter() - started)
+        return self._clip
+
+    @torch.no_grad()
+    def score(self, frames: np.ndarray, prompt: str) -> dict:
+        """The CLIP numbers of a video's sampled frames against its prompt."""
+        model, processor = self.clip()
+        sample = [frames[i] for i in sample_indices(len(frames))]
+        inputs = processor(
+            text=[prompt], images=sample, return_tensors="pt", padding=True, truncation=True, max_length=77
+        ).to(self.device)
+        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        images = model.get_image_features(pixel_values=inputs["pixel_values"].to(model.dtype))
+        return clip_numbers(_array(text)[0], _array(images))
+
+    def evaluate(self, store: Store, key: str) -> dict:
+        """Compute and store `key`'s eval.json; returns it."""
+        if not video_exists(store, key):
+            raise EvaluationError(f"{key[:12]}: no video in the store to evaluate")
+        started = time.perf_counter()
+        metadata = _read_metadata(store, key)
+        frames = decode_video(store, key)
+        numbers = {"temporal_ssim": temporal_ssim(frames)}
+        if self.clip_ref:
+            numbers |= self.score(frames, metadata["job"]["prompt"])
+        result = {
+            "key": key,
+            "evaluator": self.identity,
+            "frames": len(frames),
+            "sampled_frames": len(sample_indices(len(frames))) if self.clip_ref else 0,
+            "numbers": numbers,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        store.write_bytes(eval_path(key), json.dumps(result, indent=1).encode())
+        return result
+
+
+def _array(features) -> np.ndarray:
+    # transformers 5 returns a model output here, 4.x a tensor
+    tensor = features if isinstance(features, torch.Tensor) else features.pooler_output
+    return tensor.float().cpu().numpy()
+
+
+def _read_metadata(store: Store, key: str) -> dict:
+    try:
+        raw = store.read_bytes(video_path(key, "json"))
+    except FileNotFoundError:
+        raise EvaluationError(f"{key[:12]}: no metadata in the store") from None
+    if len(raw) > MAX_METADATA_BYTES:
+        raise EvaluationError(f"{key[:12]}: metadata larger than {MAX_METADATA_BYTES} bytes")
+    try:
+        metadata = json.loads(raw)
+        prompt = metadata["job"]["prompt"]
+    except (ValueError, KeyError, TypeError):
+        raise EvaluationError(f"{key[:12]}: metadata holds no job prompt") from None
+    if not isinstance(prompt, str):
+        raise EvaluationError(f"{key[:12]}: metadata's prompt is not text")
+    return metadata
