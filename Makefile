@@ -36,8 +36,9 @@ submit: install
 worker: install
 	$(BIN)/lorafleet worker
 
+# With LORAFLEET_MODEL unset, on the demo's own fleet (tiny model and CLIP, a private Redis, a CPU worker).
 sweep: install
-	$(BIN)/lorafleet sweep $(SWEEP)
+	$(BIN)/lorafleet $(if $(LORAFLEET_MODEL),sweep,demo --sweep) $(SWEEP)
 
 workers: install
 	$(BIN)/lorafleet workers --gpus $(GPUS)

@@ -352,12 +352,13 @@ def schema(settings: Settings, console: Console):
 
 
 @cli.command()
+@click.option("--sweep", "spec", metavar="SPEC", type=click.Path(dir_okay=False), help="run this sweep spec instead")
 @shared_options
-def demo(settings: Settings, console: Console):
+def demo(settings: Settings, console: Console, spec: str | None):
     """The tiny model, a private Redis, one CPU worker, and examples/prompts.jsonl submitted with --wait."""
     from lorafleet.demo import run_demo
 
-    return run_demo(console)
+    return run_demo(console, spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 Builds the tiny model, its two adapters and a tiny CLIP into ./demo (once), starts a private redis-server
 (unless LORAFLEET_REDIS_URL is set) and one CPU worker, submits examples/prompts.jsonl with
---wait, prints where the videos are, then stops what it started.
+--wait, prints where the videos are, then stops what it started. With a sweep spec
+(`lorafleet demo --sweep examples/sweep.yaml`, what `make sweep` runs when no fleet is configured),
+the same fleet runs that sweep instead, evaluated with the tiny CLIP, compared with the last one.
 """
 
 import os
@@ -19,8 +21,8 @@ DEMO_DIR = "demo"
 EXAMPLES = os.path.join("examples", "prompts.jsonl")
 
 
-def run_demo(console: Console) -> int:
-    """Run the demo; returns the exit code of the submit."""
+def run_demo(console: Console, sweep: str | None = None) -> int:
+    """Run the demo (or the sweep `sweep` on the demo's fleet); returns the exit code of the submit."""
     model_dir = os.path.join(DEMO_DIR, "model")
     built = (os.path.join(model_dir, "model_index.json"), os.path.join(DEMO_DIR, "clip", "config.json"))
     if not all(os.path.exists(path) for path in built):
@@ -28,7 +30,11 @@ def run_demo(console: Console) -> int:
         from workers.tiny_model import write_tiny_model
 
         write_tiny_model(DEMO_DIR)
-    env = {**os.environ, "LORAFLEET_MODEL": os.path.abspath(model_dir)}
+    env = {
+        **os.environ,
+        "LORAFLEET_MODEL": os.path.abspath(model_dir),
+        "LORAFLEET_EVAL_CLIP": os.path.abspath(os.path.join(DEMO_DIR, "clip")),
+    }
     env.setdefault("LORAFLEET_STORE_URL", "./results")
     with ExitStack() as stack:
         if "LORAFLEET_REDIS_URL" not in os.environ:
@@ -40,8 +46,11 @@ def run_demo(console: Console) -> int:
         worker = spawn_worker(["--device", "cpu"], env, log_path)
         stack.callback(stop_worker, worker)
         wait_until_ready(worker, log_path)
-        code = subprocess.call([sys.executable, "-m", "lorafleet", "submit", EXAMPLES, "--wait"], env=env)
+        command = ["sweep", sweep, "--compare", "latest"] if sweep else ["submit", EXAMPLES, "--wait"]
+        code = subprocess.call([sys.executable, "-m", "lorafleet", *command], env=env)
     store = env["LORAFLEET_STORE_URL"]
+    if sweep:
+        return code
     if code == 0:
         console.print(f"[green]demo done:[/] videos in {store}/videos/, manifests in {store}/batches/")
     else:

@@ -39,13 +39,14 @@ def run(line: str, env: dict, cwd, timeout: float = 240) -> tuple[int, str, floa
 
 def test_from_the_demo_to_your_own_fleet(tiny, redis_url, tmp_path):
     lines = section_lines()
-    assert lines[:4] == [
+    assert lines[:5] == [
         "export PATH=$PWD/.venv/bin:$PATH",
         "redis-server --daemonize yes --appendonly yes",
         "export LORAFLEET_REDIS_URL=redis://127.0.0.1:6379/0",
         "export LORAFLEET_MODEL=$PWD/demo/model",
+        "export LORAFLEET_EVAL_CLIP=$PWD/demo/clip",
     ]
-    # What those four lines give a user, here: lorafleet on PATH, a Redis, the demo's model in ./demo.
+    # What those five lines give a user, here: lorafleet on PATH, a Redis, the demo's model and CLIP in ./demo.
     shutil.copytree(os.path.join(REPO, "examples"), tmp_path / "examples")
     shutil.copytree(os.path.dirname(tiny["model"]), tmp_path / "demo")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
@@ -54,10 +55,11 @@ def test_from_the_demo_to_your_own_fleet(tiny, redis_url, tmp_path):
         PYTHONPATH=REPO,
         LORAFLEET_REDIS_URL=redis_url,
         LORAFLEET_MODEL=str(tmp_path / "demo" / "model"),
+        LORAFLEET_EVAL_CLIP=str(tmp_path / "demo" / "clip"),
         LORAFLEET_STORE_URL=str(tmp_path / "results"),
         LORAFLEET_ADAPTER_CACHE_DIR=str(tmp_path / "adapter-cache"),
     )
-    commands = lines[4:]
+    commands = lines[5:]
     assert [c.split()[1] for c in commands] == ["submit", "worker", "wait", "sweep", "sweep", "batches"]
 
     code, output, warned_at = run(commands[0], env, tmp_path)
@@ -84,9 +86,11 @@ def test_from_the_demo_to_your_own_fleet(tiny, redis_url, tmp_path):
         code, output, _ = run(commands[3], env, tmp_path)
         assert code == 0, output
         assert "no earlier batch of sweep demo-sweep has a report: nothing to compare with" in output
+        assert "evaluating 10 video(s) on the fleet" in output and f"CLIP: {tmp_path}/demo/clip" in output
         code, output, _ = run(commands[4], env, tmp_path)
         assert code == 0, output
         assert "comparing with demo-sweep-1" in output and "moved since demo-sweep-1" in output
+        assert "evaluations: all 10 videos already evaluated by this evaluator" in output
 
         missing = commands[4].replace("demo-sweep-2", "demo-sweep-3").replace("latest", "no-such-batch")
         code, output, _ = run(missing, env, tmp_path)  # last night's batch is missing: a warning, not a crash
