@@ -7,8 +7,6 @@ SSIM. An eval.json is reused while the evaluator that wrote it is the one config
 Between a cell and its lora_scale-0 cell the report computes SSIM and PSNR (numpy only, no torch).
 """
 
-import math
-
 import numpy as np
 
 from common.settings import Settings
@@ -81,7 +79,3 @@ def clip_numbers(text_embedding: np.ndarray, frame_embeddings: np.ndarray) -> di
     score = float(np.mean(np.maximum(frames @ text, 0.0)) * 100)
     consistency = float(np.mean(np.sum(frames[:-1] * frames[1:], axis=1))) if len(frames) > 1 else 1.0
     return {"clip_score": score, "clip_consistency": consistency}
-
-
-def finite_or_none(value):
-    return value if value is None or math.isfinite(value) else None

@@ -131,6 +131,10 @@ def test_cells_rendered_before_clip_was_configured_are_evaluated_by_the_next_swe
     html, report = report_cells(store, "before")
     assert not report["clip"] and "no CLIP model is configured" in html
     assert all("clip_score" not in c["numbers"] and "temporal_ssim" in c["numbers"] for c in report["cells"])
+    for summary in report["sets"]:  # without CLIP, temporal SSIM alone decides the suggested scale
+        means = {x: summary["summary"][str(x)]["temporal_ssim"]["mean"] for x in summary["scales"]}
+        fits = [x for x in summary["scales"] if x > 0 and means[x] >= means[0.0] - 0.02]
+        assert summary["suggested"] == (max(fits) if fits else None)
 
     plain.terminate()
     plain.wait(timeout=60)
@@ -149,11 +153,14 @@ def test_a_bad_sweep_spec_names_the_place(fleet_env, tmp_path, tiny):
     spec.write_text(
         f"prompts: [a cat]\nadapter_sets:\n  - [{tiny['style']}]\n  - [{{uri: {tiny['style']}, wieght: 0.8}}]\n"
         "  - [missing/adapter]\nlora_scales: [0, 1]\nseeds: [1]\n"
+        "suggest: {clip_drop: 1}\nmoved: {clip_score: -1}\n"
     )
     result = lorafleet("sweep", str(spec), env=fleet_env)
     assert result.returncode == 2
     assert 'adapter_sets[1][0]: unknown field "wieght" (did you mean "weight"?)' in result.stderr
     assert 'adapter_sets[2][0].uri: adapter "missing/adapter" not found' in result.stderr
+    assert 'suggest: unknown field "clip_drop" (did you mean "clip_score_drop"?)' in result.stderr
+    assert "moved.clip_score: must be a finite number ≥ 0, got -1" in result.stderr
 
 
 def test_the_report_plays_every_cell_in_a_real_browser(fleet_env, start_worker, sweep_spec, tiny, tmp_path):

@@ -9,7 +9,7 @@ import time
 import pytest
 from celery.result import AsyncResult
 
-from common.broker import TASK_NAME, make_app
+from common.broker import EVAL_TASK_NAME, TASK_NAME, make_app
 from common.errors import LorafleetError, StoreError
 from common.settings import Settings
 from workers.supervisor import list_gpus, worker_slots
@@ -44,6 +44,11 @@ def test_a_malformed_message_fails_that_job_and_the_worker_keeps_serving(fleet_e
     good = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 2}])
     assert good.get(timeout=60)["status"] == "done"
     assert AsyncResult(bad.id, app=app).state == "FAILURE"
+    # An evaluation that names no key, or a key with no video: one-line failures, the worker serves on.
+    for message, reason in (({"key": "../../etc/passwd"}, "names no job key"), ({"key": "0" * 64}, "no video")):
+        with pytest.raises(Exception, match=reason):
+            app.send_task(EVAL_TASK_NAME, args=[message]).get(timeout=60)
+    assert app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 3}]).get(timeout=60)["status"] == "done"
 
 
 def test_gpu_lists_and_worker_slots():

@@ -31,3 +31,12 @@ def test_variant_switch_benchmark_prints_its_table_with_no_drift_and_no_recompil
         assert float(table["drift after N switches (max abs)"][column]) == 0
         assert int(table["recompiles after the first compile"][column]) == 0
     assert int(table["recompiles after the first compile"]["tiny diffusers"]) >= 1  # what the engine avoids
+
+
+def test_evaluation_cost_benchmark_evaluates_every_video():
+    script = os.path.join(REPO, "benchmarks", "evaluation_cost.py")
+    command = [sys.executable, script, "--clips", "none", "tiny", "--videos", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    table = table_of(result.stdout)
+    assert set(table) == {"none", "tiny"}
+    assert all(float(row["all videos (s)"]) > 0 for row in table.values())
