@@ -7,13 +7,26 @@ SSIM. An eval.json is reused while the evaluator that wrote it is the one config
 Between a cell and its lora_scale-0 cell the report computes SSIM and PSNR (numpy only, no torch).
 """
 
+import tempfile
+
 import numpy as np
 
 from common.settings import Settings
+from common.store import Store, video_path
 
 EVAL_VERSION = 1  # raise when a per-key number is computed differently: every eval.json is redone
 EVAL_FRAMES = 8  # frames CLIP looks at, evenly spaced over the video
 SSIM_WINDOW = 7
+
+
+def read_video(store: Store, key: str) -> np.ndarray:
+    """A stored video's frames as (frames, height, width, 3) uint8."""
+    import imageio.v3 as iio
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(store.read_bytes(video_path(key, "mp4")))
+        f.flush()
+        return np.stack(list(iio.imiter(f.name, plugin="FFMPEG")))
 
 
 def eval_path(key: str) -> str:

@@ -13,13 +13,12 @@ import html
 import io
 import json
 import statistics
-import tempfile
 import time
 
 import numpy as np
 
 import common
-from common.evaluation import vs_base
+from common.evaluation import read_video, vs_base
 from common.job import adapter_combination
 from common.manifest import Batch
 from common.store import Store, video_path
@@ -58,16 +57,6 @@ CLIP_METRICS = ("clip_score", "clip_consistency")
 PSNR_CEILING = 60.0  # where the plots draw scale 0's infinite PSNR
 
 
-def decode(store: Store, key: str) -> np.ndarray:
-    """A stored video's frames as (frames, height, width, 3) uint8."""
-    import imageio.v3 as iio
-
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-        f.write(store.read_bytes(video_path(key, "mp4")))
-        f.flush()
-        return np.stack(list(iio.imiter(f.name, plugin="FFMPEG")))
-
-
 def build_report(
     batch: Batch,
     store: Store,
@@ -86,7 +75,7 @@ def build_report(
 
     def video(key: str) -> np.ndarray:
         if key not in videos:
-            videos[key] = decode(store, key)
+            videos[key] = read_video(store, key)
         return videos[key]
 
     base_keys = {(c["prompt"], c["seed"]): j["key"] for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0}
@@ -464,21 +453,15 @@ def _set_section(s: dict, cells: list[dict], up: str) -> list[str]:
     parts.append(
         f"</table><img src='plots/set{index}.png' class='plot' alt='each number against lora_scale, set {index}'>"
     )
-    parts.append(
-        "<h3>Videos</h3><table><tr><th>prompt, seed</th>"
-        + "".join(f"<th{star(x)}>lora_scale {x:g}</th>" for x in scales)
-        + "</tr>"
-    )
-    for prompt, seed in sorted({(c["prompt"], c["seed"]) for c in cells}):
-        text = next(c["prompt_text"] for c in cells if c["prompt"] == prompt)
-        parts.append(f"<tr><th>{html.escape(text)}<br>seed {seed}</th>")
-        for x in scales:
-            cell = next(c for c in cells if (c["prompt"], c["seed"], c["lora_scale"]) == (prompt, seed, x))
-            classes = "cell" + (" moved" if cell["moved"] else "") + (" suggested" if x == s["suggested"] else "")
-            parts.append(f"<td class='{classes}'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>")
-        parts.append("</tr>")
-    parts.append("</table>")
-    return parts
+    parts.append("<h3>Videos</h3>")
+
+    def td(x, cell):
+        classes = "cell" + (" moved" if cell["moved"] else "") + (" suggested" if x == s["suggested"] else "")
+        return f"<td class='{classes}'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>"
+
+    by_place = {(c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
+    columns = [(f"<th{star(x)}>lora_scale {x:g}</th>", x) for x in scales]
+    return parts + _grid(cells, columns, lambda x, prompt, seed: by_place[(x, prompt, seed)], td)
 
 
 def _side_by_side(report: dict, up: str) -> list[str]:
@@ -486,27 +469,31 @@ def _side_by_side(report: dict, up: str) -> list[str]:
     sets, cells = report["sets"], report["cells"]
     if len(sets) < 2:
         return []
+    by_place = {(c["set"], c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
     parts = ["<h2>Adapter sets side by side</h2>"]
     for x in sorted({c["lora_scale"] for c in cells}):
         if x == 0:
             continue  # every set's scale 0 is the base model
-        parts.append(
-            f"<h3>lora_scale {x:g}</h3><table><tr><th>prompt, seed</th>"
-            + "".join(f"<th>set {s['set']}: {_adapters_text(s['adapters'])}</th>" for s in sets)
-            + "</tr>"
-        )
-        for prompt, seed in sorted({(c["prompt"], c["seed"]) for c in cells}):
-            text = next(c["prompt_text"] for c in cells if c["prompt"] == prompt)
-            parts.append(f"<tr><th>{html.escape(text)}<br>seed {seed}</th>")
-            for s in sets:
-                cell = next(
-                    c
-                    for c in cells
-                    if (c["set"], c["prompt"], c["seed"], c["lora_scale"]) == (s["set"], prompt, seed, x)
-                )
-                parts.append(f"<td class='side'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>")
-            parts.append("</tr>")
-        parts.append("</table>")
+
+        def td(s, cell, x=x):
+            return f"<td class='side'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>"
+
+        columns = [(f"<th>set {s['set']}: {_adapters_text(s['adapters'])}</th>", s) for s in sets]
+        pick = lambda s, prompt, seed, x=x: by_place[(s["set"], x, prompt, seed)]  # noqa: E731
+        parts += [f"<h3>lora_scale {x:g}</h3>", *_grid(cells, columns, pick, td)]
+    return parts
+
+
+def _grid(cells: list[dict], columns: list[tuple[str, object]], pick, td) -> list[str]:
+    """A table of videos: a row per prompt × seed, a column per (header's HTML, value) of
+    `columns`; `pick(value, prompt, seed)` finds a cell and `td(value, cell)` writes it."""
+    parts = ["<table><tr><th>prompt, seed</th>" + "".join(header for header, _ in columns) + "</tr>"]
+    for prompt, seed in sorted({(c["prompt"], c["seed"]) for c in cells}):
+        text = next(c["prompt_text"] for c in cells if c["prompt"] == prompt)
+        parts.append(f"<tr><th>{html.escape(text)}<br>seed {seed}</th>")
+        parts += [td(value, pick(value, prompt, seed)) for _, value in columns]
+        parts.append("</tr>")
+    parts.append("</table>")
     return parts
 
 

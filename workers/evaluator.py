@@ -4,7 +4,6 @@ a fixed sample of frames with CLIP against the prompt its metadata records, and 
 
 import json
 import logging
-import tempfile
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from common.evaluation import (
     clip_numbers,
     eval_path,
     evaluator_identity,
+    read_video,
     sample_indices,
     temporal_ssim,
 )
@@ -23,16 +23,6 @@ from common.store import Store, video_exists, video_path
 
 log = logging.getLogger("lorafleet.evaluate")
 MAX_METADATA_BYTES = 1 << 20
-
-
-def decode_video(store: Store, key: str) -> np.ndarray:
-    """A stored video's frames as (frames, height, width, 3) uint8."""
-    import imageio.v3 as iio
-
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-        f.write(store.read_bytes(video_path(key, "mp4")))
-        f.flush()
-        return np.stack(list(iio.imiter(f.name, plugin="FFMPEG")))
 
 
 class Evaluator:
@@ -77,7 +67,7 @@ class Evaluator:
             raise EvaluationError(f"{key[:12]}: no video in the store to evaluate")
         started = time.perf_counter()
         metadata = _read_metadata(store, key)
-        frames = decode_video(store, key)
+        frames = read_video(store, key)
         numbers = {"temporal_ssim": temporal_ssim(frames)}
         if self.clip_ref:
             numbers |= self.score(frames, metadata["job"]["prompt"])
