@@ -112,9 +112,10 @@ def build_report(
         _summarise(s, [c for c in report_cells if c["set"] == s], options["suggest"], clip) for s in _sets(report_cells)
     ]
     if compare:
-        before = {tuple(map(tuple, s["combination"])): s["suggested"] for s in compare.get("sets", [])}
-        for s in sets:
-            s["baseline_suggested"] = before.get(tuple(map(tuple, s["combination"])), "none")
+        before = {json.dumps(s["combination"]): s["suggested"] for s in compare.get("sets", [])}
+        for s in sets:  # the baseline night's suggestion, where it swept the same adapter set
+            if json.dumps(s["combination"]) in before:
+                s["baseline_suggested"] = before[json.dumps(s["combination"])]
     report = {
         "batch": batch.name,
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -167,7 +168,8 @@ def _summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict
     return {
         "set": index,
         "adapters": cells[0]["adapters"],
-        "combination": [list(term) for term in adapter_combination(cells[0])],
+        # the set's identity across nights (at scale 0 every combination is empty: ask at scale 1)
+        "combination": [list(term) for term in adapter_combination({**cells[0], "lora_scale": 1.0})],
         "scales": scales,
         "summary": summary,
         "suggested": suggested,
@@ -369,11 +371,12 @@ def _html(report: dict) -> str:
         f"<p id='rule'>Rule: {html.escape(report['rule'])}. Marked ★ and framed green in each grid.</p><ul>",
     ]
     for s in report["sets"]:
-        baseline = (
-            f"; baseline night ({html.escape(report['compared_with'])}): {s['baseline_suggested']}"
-            if "baseline_suggested" in s
-            else ""
-        )
+        baseline = ""
+        if report["compared_with"]:
+            before = (
+                _suggested_text({"suggested": s["baseline_suggested"]}) if "baseline_suggested" in s else "not swept"
+            )
+            baseline = f"; baseline night ({html.escape(report['compared_with'])}): {before}"
         parts.append(
             f"<li>set {s['set']} ({_adapters_text(s['adapters'])}): <b class='suggested-scale' data-set='{s['set']}'>"
             f"{_suggested_text(s)}</b>{baseline}</li>"

@@ -118,6 +118,7 @@ def test_a_sweep_evaluates_every_cell_and_reports_numbers_from_the_videos(fleet_
     assert "(0 cells moved since night1)" in again.stdout
     _, second = report_cells(store, "night2")
     assert [s["baseline_suggested"] for s in second["sets"]] == [s["suggested"] for s in report["sets"]]
+    assert len({json.dumps(s["combination"]) for s in second["sets"]}) == 2  # each set known by its adapters
 
 
 def test_cells_rendered_before_clip_was_configured_are_evaluated_by_the_next_sweep(
