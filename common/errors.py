@@ -9,6 +9,7 @@ class ExitCode(IntEnum):
 
     OK = 0  # done: every job rendered, or the worker stopped when asked
     JOBS_FAILED = 1  # the command ran, and some jobs failed or were cancelled
+    UNHEALTHY = 1  # `lorafleet health`: no fresh heartbeat from the worker (an alias of 1)
     BAD_INPUT = 2  # a bad file, flag or batch name: nothing was enqueued
     REDIS_UNREACHABLE = 3  # Redis refused us (down, wrong password, TLS)
     HANDED_BACK = 4  # a worker stopped mid-job (a second SIGTERM or the shutdown timeout): it runs again elsewhere

@@ -228,12 +228,17 @@ class Lease:
         self.lost.set()
 
 
-def run_heartbeat(ledger: Ledger, worker: str, queue: str, stop: threading.Event) -> None:
-    """Every HEARTBEAT_S until `stop`, say this worker is alive and consuming `queue`."""
+def run_heartbeat(
+    ledger: Ledger, worker: str, queue: str, stop: threading.Event, on_beat: Callable[[], None] | None = None
+) -> None:
+    """Every HEARTBEAT_S until `stop`, say this worker is alive and consuming `queue` (and tell
+    `on_beat`, the worker's /healthz, each time Redis took it)."""
     since = time.time()
     while True:
         try:
             ledger.beat(worker, queue, since)
+            if on_beat is not None:
+                on_beat()
         except redis.RedisError as exc:
             log.warning("%s: heartbeat: redis: %s", worker, exc)
         if stop.wait(HEARTBEAT_S):

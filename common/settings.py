@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype on the worker: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp16, fp32."
     )
     vae_tiling: bool = Field(False, description="Decode the video in tiles: less GPU memory, a little slower.")
+    metrics_port: int | None = Field(
+        None,
+        description="A worker serves /metrics, /healthz and /readyz on this port; `lorafleet workers` gives "
+        "its N workers this port and the next N-1. None: no server.",
+    )
     eval_clip: str | None = Field(
         None,
         description="The CLIP model a sweep's evaluations use (a hub id such as openai/clip-vit-large-patch14, "

@@ -327,6 +327,30 @@ def render(settings: Settings, console: Console, file, out, batch, gpu, device, 
     return ExitCode.JOBS_FAILED if rendered.count(JobStatus.FAILED) else ExitCode.OK
 
 
+@cli.command()
+@click.option("--worker", "name", metavar="NAME", help="this worker (gpu0@host, as its log names it); default: any")
+@shared_options
+def health(settings: Settings, console: Console, name: str | None):
+    """Exit 0 if the worker's heartbeat in Redis is fresh (without --worker: any worker's), else 1."""
+    import time
+
+    from common.leases import Ledger
+
+    live = {record["worker"]: record for record in Ledger.from_settings(settings).live_workers()}
+    shown = [name] if name else sorted(live)
+    for worker in shown:
+        record = live.get(worker)
+        if record is None:
+            console.print(f"{worker}: no fresh heartbeat in Redis (stopped, hung, or not READY yet)")
+        else:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["since"]))
+            ago = time.time() - record["beat"]
+            console.print(f"{worker}: alive, serving queue {record['queue']} since {since}, last beat {ago:.0f}s ago")
+    if not live and not name:
+        console.print("no worker has a fresh heartbeat in Redis")
+    return ExitCode.OK if (name in live if name else live) else ExitCode.UNHEALTHY
+
+
 @cli.command(name="tiny-model")
 @click.argument("directory", metavar="DIR")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")

@@ -22,6 +22,7 @@ from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists, video_path
+from workers.metrics import observe_render
 from workers.variants import AdapterCache, AdapterFiles, Term, VariantEngine
 
 log = logging.getLogger("lorafleet.render")
@@ -75,6 +76,15 @@ class Renderer:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return f"cpu ({platform.processor() or platform.machine()})"
+
+    def gpu_memory(self) -> dict | None:
+        """Bytes torch holds on the GPU now and at most since the worker started; None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        return {
+            "allocated": torch.cuda.memory_allocated(self.device),
+            "peak": torch.cuda.max_memory_allocated(self.device),
+        }
 
     def _terms(self, job: dict) -> tuple[list[Term], tuple]:
         """The job's adapters as (adapter, weight, alpha) terms, and the variant's identity."""
@@ -254,6 +264,7 @@ def render_job(
     store.write_bytes(video_path(key, "json"), json.dumps(metadata, indent=2).encode())
     store.write_bytes(video_path(key, "mp4"), mp4)
     timings["export_upload"] = time.perf_counter() - upload_started
+    observe_render(timings)
     caches = metadata["caches"]
     log.info(
         "%s: %s rendered in %.2fs (%s frames %sx%s, %s steps; variant %.1f ms), uploaded in %.2fs; "

@@ -104,8 +104,13 @@ def run_workers(slots: dict[str, list[str]], worker_args: list[str], env: dict |
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    ports = {}
+    if env.get("LORAFLEET_METRICS_PORT"):  # one port each: the base port and the ones after it
+        ports = {slot: str(int(env["LORAFLEET_METRICS_PORT"]) + i) for i, slot in enumerate(slots)}
+
     def start(slot: str) -> subprocess.Popen:
-        return spawn_worker([*slots[slot], *worker_args], env)
+        port = {"LORAFLEET_METRICS_PORT": ports[slot]} if slot in ports else {}
+        return spawn_worker([*slots[slot], *worker_args], {**env, **port})
 
     workers = {slot: start(slot) for slot in slots}
     restarts = dict.fromkeys(slots, 0)

@@ -24,6 +24,7 @@ from common.leases import Lease, Ledger
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists
 from workers.evaluator import Evaluator
+from workers.metrics import EVALUATIONS, JOBS, STEP, STEPS
 from workers.renderer import Renderer, render_job
 
 log = logging.getLogger("lorafleet.worker")
@@ -65,22 +66,34 @@ class RenderTask(Task):
                     raise WorkerLost(f"worker lost {deliveries - 1} times")
                 job = self.check(message)
                 key = job["key"]
-                return self.render(job, lease, deliveries)
+                result = self.render(job, lease, deliveries)
+                JOBS.labels(result["status"]).inc()
+                return result
         except LeaseLost as exc:
             # Another delivery owns the job now and reports its result: store nothing, say nothing.
+            JOBS.labels("lease_lost").inc()
             log.warning("%s: %s: %s", worker, key[:12], exc)
             raise Ignore() from exc
         except RETRYABLE as exc:
+            JOBS.labels("retried").inc()
             attempt, attempts = self.request.retries + 1, self.max_retries + 1
             log.warning("%s: %s: %s (attempt %d of %d)", worker, key[:12], exc, attempt, attempts)
             raise
+        except JobCancelled as exc:
+            JOBS.labels("cancelled").inc()
+            log.error("%s: %s failed: %s", worker, key[:12], exc)
+            raise
         except LorafleetError as exc:
+            JOBS.labels("failed").inc()
             log.error("%s: %s failed: %s", worker, key[:12], exc)
             raise
         except Exception:
+            JOBS.labels("failed").inc()
             log.exception("%s: %s failed with an unexpected error", worker, key[:12])
             raise
         finally:
+            STEP.set(0)
+            STEPS.set(0)
             self.ledger.delivered_cleanly(task_id)  # however it ended, its worker was not lost
 
     def check(self, message) -> dict:
@@ -136,8 +149,10 @@ class EvaluateTask(Task):
         try:
             result = self.evaluator.evaluate(self.store, key)
         except LorafleetError as exc:
+            EVALUATIONS.labels("failed").inc()
             log.error("%s: %s evaluation failed: %s", self.worker, key[:12], exc)
             raise
+        EVALUATIONS.labels("done").inc()
         log.info("%s: %s evaluated in %.2fs: %s", self.worker, key[:12], result["seconds"], result["numbers"])
         return {"key": key, "worker": self.worker, "numbers": result["numbers"]}
 
@@ -152,6 +167,8 @@ def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: s
     def progress(step: int, steps: int) -> None:
         nonlocal last_report
         lease.check()
+        STEP.set(step)
+        STEPS.set(steps)
         now = time.monotonic()
         if step == steps or now - last_report >= PROGRESS_INTERVAL_S:
             last_report = now

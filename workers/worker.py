@@ -19,6 +19,7 @@ from common.errors import ExitCode, LorafleetError
 from common.leases import Ledger, run_heartbeat, run_sweeper
 from common.settings import Settings, queue_for
 from common.store import Store
+from workers.metrics import Health, serve
 
 log = logging.getLogger("lorafleet.worker")
 
@@ -80,9 +81,13 @@ def quiet_per_job_noise() -> None:
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
     """Serve jobs until told to stop; returns the process exit code."""
     started = time.perf_counter()
+    health = Health()
+    if settings.metrics_port is not None:  # first: probes get "starting" while the model loads
+        serve(settings.metrics_port, health)
     log.info("%s: starting on %s (importing torch and diffusers)", name, device)
     from workers.evaluator import Evaluator
-    from workers.renderer import Renderer
+    from workers.metrics import INFO, RENDERER
+    from workers.renderer import Renderer, versions
     from workers.tasks import EvaluateTask, RenderTask, requeue
 
     quiet_per_job_noise()
@@ -99,6 +104,11 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         return ExitCode.MODEL_LOAD_FAILED
     app = make_app(settings)
     ledger = Ledger.from_settings(settings)
+    RENDERER.renderer = renderer
+    INFO.info(
+        {"worker": name, "model": model_ref, "device": renderer.device_name(), "dtype": str(renderer.dtype)}
+        | {f"{package}_version": version for package, version in versions().items()}
+    )
     store = Store(settings.store_url)
     app.register_task(RenderTask(renderer, store, ledger, settings, queue))
     app.register_task(EvaluateTask(Evaluator(settings, device), store, settings, name))
@@ -113,7 +123,10 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     def on_ready(**_):
         # Celery says ready once it consumes from the broker: only now is this worker READY.
         escalate_sigterm(name, settings.shutdown_timeout_s)
-        threading.Thread(target=run_heartbeat, args=(ledger, name, queue, stop), daemon=True, name="heartbeat").start()
+        health.ready = True
+        threading.Thread(
+            target=run_heartbeat, args=(ledger, name, queue, stop, health.beat), daemon=True, name="heartbeat"
+        ).start()
         log.info(
             "%s: READY: %s (%s) loaded in %.1fs, broker connected, serving queue %s",
             name,

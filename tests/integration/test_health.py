@@ -1,0 +1,93 @@
+"""A worker's /metrics, /healthz and /readyz over HTTP, and `lorafleet health`, with a real worker."""
+
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.broker import TASK_NAME, make_app
+from common.settings import Settings
+from lorafleet.redis_server import free_port
+from tests.conftest import lorafleet
+from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
+
+pytestmark = pytest.mark.integration
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    """Every sample of /metrics as {(name, labels...): value}."""
+    code, text = get(port, "/metrics")
+    assert code == 200
+    return {
+        (sample.name, *sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_a_worker_serves_metrics_and_probes_and_health_follows_its_heartbeat(fleet_env, tmp_path):
+    port = free_port()
+    env = {**fleet_env, "LORAFLEET_METRICS_PORT": str(port)}
+    log_path = str(tmp_path / "worker.log")
+    worker = spawn_worker(["--device", "cpu"], env, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the server is up before torch is imported: the first answer is "starting"
+            try:
+                first = get(port, "/readyz")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, open(log_path).read()
+                time.sleep(0.05)
+        assert first == (503, "starting\n")
+        assert get(port, "/healthz")[0] == 200  # alive while it starts: no heartbeat is due yet
+        wait_until_ready(worker, log_path, timeout_s=120)
+        deadline = time.monotonic() + 10
+        while get(port, "/readyz")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        before = scrape(port)
+        app = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"], _env_file=None))
+        done = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 7, "steps": 3}]).get(timeout=60)
+        assert done["status"] == "done"
+        after = scrape(port)
+        jobs_done = ("lorafleet_jobs_total", ("outcome", "done"))
+        assert after[jobs_done] == before.get(jobs_done, 0) + 1
+        for phase in ("adapters", "variant", "denoise", "decode", "export_upload"):
+            count = ("lorafleet_render_seconds_count", ("phase", phase))
+            assert after[count] == before.get(count, 0) + 1, phase
+        assert (
+            after[("lorafleet_variant_switch_seconds_count",)]
+            == before.get(("lorafleet_variant_switch_seconds_count",), 0) + 1
+        )
+        assert ("lorafleet_cache_misses_total", ("tier", "disk")) in after
+        assert after[("lorafleet_job_step",)] == 0  # idle again
+        info = next(key for key in after if key[0] == "lorafleet_worker_info")
+        assert ("model", env["LORAFLEET_MODEL"]) in info and ("dtype", "torch.float32") in info
+
+        name = f"cpu-{worker.pid}@{socket.gethostname()}"
+        alive = lorafleet("health", "--worker", name, env=env)
+        assert alive.returncode == 0 and f"{name}: alive, serving queue render" in alive.stdout
+        assert lorafleet("health", env=env).returncode == 0  # any worker
+
+        worker.kill()  # no goodbye: its heartbeat lapses in Redis within 3 beats
+        worker.wait()
+        deadline = time.monotonic() + 30
+        while (gone := lorafleet("health", "--worker", name, env=env)).returncode == 0:
+            assert time.monotonic() < deadline, gone.stdout
+            time.sleep(1)
+        assert gone.returncode == 1 and "no fresh heartbeat in Redis" in gone.stdout
+    finally:
+        stop_worker(worker)

@@ -1,0 +1,132 @@
+"""A worker's `/metrics` (Prometheus), `/healthz` and `/readyz`, on `LORAFLEET_METRICS_PORT`.
+
+The server starts first thing in a worker, before torch is imported, so a probe gets an answer
+while the model loads: `/readyz` is 503 until the model is loaded and Celery consumes from the
+broker, then 200; `/healthz` is 200 while the process serves and its heartbeat to Redis is fresh
+(or not yet due, during start-up), 503 once the heartbeat stopped. The counters and histograms
+are module-level (one worker per process); the caches and GPU memory are read at scrape time.
+"""
+
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from common.leases import HEARTBEAT_S
+
+log = logging.getLogger("lorafleet.metrics")
+REGISTRY = CollectorRegistry()
+JOBS = Counter("lorafleet_jobs", "Jobs this worker ended, by outcome", ["outcome"], registry=REGISTRY)
+EVALUATIONS = Counter(
+    "lorafleet_evaluations", "Videos this worker evaluated, by outcome", ["outcome"], registry=REGISTRY
+)
+RENDER_SECONDS = Histogram(
+    "lorafleet_render_seconds",
+    "Seconds of a job by phase: adapters, variant, denoise, decode, export_upload",
+    ["phase"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280),
+    registry=REGISTRY,
+)
+SWITCH_SECONDS = Histogram(
+    "lorafleet_variant_switch_seconds",
+    "Seconds to make the transformer hold a job's fused variant",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+    registry=REGISTRY,
+)
+STEP = Gauge("lorafleet_job_step", "The running job's denoising step (0 when idle)", registry=REGISTRY)
+STEPS = Gauge("lorafleet_job_steps", "The running job's number of steps (0 when idle)", registry=REGISTRY)
+INFO = Info("lorafleet_worker", "What this worker serves: model, device, dtype, versions", registry=REGISTRY)
+PHASES = ("adapters", "variant", "denoise", "decode", "export_upload")
+
+
+def observe_render(timings: dict) -> None:
+    """A rendered job's phases into the histograms (`timings` as render_job records them)."""
+    for phase in PHASES:
+        if phase in timings:
+            RENDER_SECONDS.labels(phase).observe(timings[phase])
+    if "variant" in timings:
+        SWITCH_SECONDS.observe(timings["variant"])
+
+
+class Health:
+    """What the probes answer from: set by the worker as it starts, beats and stops."""
+
+    def __init__(self):
+        self.ready = False  # the model loaded and Celery consumes from the broker
+        self.last_beat: float | None = None  # monotonic time of the last heartbeat written to Redis
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
+
+    def alive(self) -> bool:
+        if self.last_beat is None:
+            return not self.ready  # starting: no heartbeat is due yet
+        return time.monotonic() - self.last_beat < 3 * HEARTBEAT_S
+
+
+class RendererCollector:
+    """The caches' counters and the GPU's memory, read from the worker's renderer at scrape time."""
+
+    def __init__(self):
+        self.renderer = None
+
+    def collect(self):
+        renderer = self.renderer
+        if renderer is None:
+            return
+        stats = renderer.cache_stats()
+        tiers = {"disk": stats["adapter_files"], "host": stats["adapter_host"], "device": stats["device_factors"]}
+        if "fused_variants" in stats:
+            tiers["variants"] = stats["fused_variants"]
+        for event in ("hits", "misses", "evictions"):
+            family = CounterMetricFamily(f"lorafleet_cache_{event}", f"Cache {event} by tier", labels=["tier"])
+            for tier, counts in tiers.items():
+                if event in counts:
+                    family.add_metric([tier], counts[event])
+            yield family
+        yield CounterMetricFamily("lorafleet_variant_switches", "Variant switches", value=stats["switches"])
+        memory = renderer.gpu_memory()
+        if memory is not None:
+            family = GaugeMetricFamily("lorafleet_gpu_memory_bytes", "GPU memory allocated by torch", labels=["kind"])
+            for kind, value in memory.items():
+                family.add_metric([kind], value)
+            yield family
+
+
+RENDERER = RendererCollector()
+REGISTRY.register(RENDERER)
+
+
+def serve(port: int, health: Health) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz on `port` (0: any free port) in a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/metrics":
+                self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                alive = health.alive()
+                self._send(200 if alive else 503, b"ok\n" if alive else b"heartbeat stopped\n")
+            elif self.path == "/readyz":
+                self._send(200 if health.ready else 503, b"ready\n" if health.ready else b"starting\n")
+            else:
+                self._send(404, b"not found: /metrics, /healthz, /readyz\n")
+
+        def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8"):
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # a scrape every few seconds is not worth a log line
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    log.info("metrics and probes on :%d (/metrics, /healthz, /readyz)", server.server_address[1])
+    return server
