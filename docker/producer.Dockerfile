@@ -10,5 +10,7 @@ COPY workers ./workers
 COPY lorafleet ./lorafleet
 RUN pip install --no-cache-dir ".[s3,report]"
 
+# One-shot commands (submit, sweep, status) end with an exit code; nothing long-running to probe.
+HEALTHCHECK NONE
 ENTRYPOINT ["lorafleet"]
 CMD ["--help"]

@@ -28,7 +28,9 @@ def test_images_copy_every_package_the_project_installs():
         text = open(os.path.join(DOCKER, dockerfile)).read()
         for package in ("common", "producer", "workers", "lorafleet"):
             assert f"COPY {package} ./{package}" in text, (dockerfile, package)
-    assert 'ENTRYPOINT ["lorafleet", "worker"' in open(os.path.join(DOCKER, "worker.Dockerfile")).read()
+    worker = open(os.path.join(DOCKER, "worker.Dockerfile")).read()
+    assert 'ENTRYPOINT ["lorafleet", "worker"' in worker
+    assert "LORAFLEET_METRICS_PORT=9400" in worker and "HEALTHCHECK" in worker and ":9400/healthz" in worker
 
 
 def test_nightly_schedules_run_the_sweep():
