@@ -351,6 +351,17 @@ def health(settings: Settings, console: Console, name: str | None):
     return ExitCode.OK if (name in live if name else live) else ExitCode.UNHEALTHY
 
 
+@cli.command()
+@click.option("--port", type=int, default=9401, show_default=True, help="serve /metrics on this port")
+@click.option("--batches", type=click.IntRange(min=0), default=20, show_default=True, help="newest batches to count")
+@shared_options
+def exporter(settings: Settings, console: Console, port: int, batches: int):
+    """Serve the fleet's queue lengths, running jobs, live workers and batch states for Prometheus."""
+    from producer.exporter import run_exporter
+
+    run_exporter(settings, port, batches)
+
+
 @cli.command(name="tiny-model")
 @click.argument("directory", metavar="DIR")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")

@@ -1,6 +1,8 @@
 """A worker's /metrics, /healthz and /readyz over HTTP, and `lorafleet health`, with a real worker."""
 
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -91,3 +93,28 @@ def test_a_worker_serves_metrics_and_probes_and_health_follows_its_heartbeat(fle
         assert gone.returncode == 1 and "no fresh heartbeat in Redis" in gone.stdout
     finally:
         stop_worker(worker)
+
+
+def test_the_exporter_counts_queues_running_jobs_workers_and_batches(fleet_env, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat", "seed": [1, 2, 3]}\n')
+    assert lorafleet("submit", str(jobs), "--batch", "waiting", env=fleet_env).returncode == 0  # no worker yet
+    port = free_port()
+    exporter = subprocess.Popen([sys.executable, "-m", "lorafleet", "exporter", "--port", str(port)], env=fleet_env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                samples = scrape(port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and exporter.poll() is None
+                time.sleep(0.1)
+        assert samples[("lorafleet_queue_length", ("queue", "render"))] == 3
+        assert samples[("lorafleet_running_jobs",)] == 0
+        assert samples[("lorafleet_live_workers", ("queue", "render"))] == 0
+        assert samples[("lorafleet_batch_jobs", ("batch", "waiting"), ("state", "queued"))] == 3
+        assert samples[("lorafleet_batch_jobs", ("batch", "waiting"), ("state", "done"))] == 0
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=30)

@@ -1,0 +1,78 @@
+"""`lorafleet exporter`: the fleet's queue-side numbers for Prometheus, from one place.
+
+Per worker, `/metrics` says what that worker did (workers/metrics.py). What belongs to no worker
+is here, so Prometheus scrapes it once: the length of each model's queue, the jobs running now
+(their leases), the live workers per queue (their heartbeats), and the jobs of the newest batches
+by state, as their manifests last recorded them (read at most every `refresh_s`: a store with
+thousands of batches is not read on every scrape).
+"""
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from common.leases import PREFIX, Ledger
+from common.manifest import JobStatus
+from common.settings import Settings, queue_for
+from common.store import Store
+from producer.follow import list_batches
+
+log = logging.getLogger("lorafleet.exporter")
+
+
+class FleetCollector:
+    def __init__(self, settings: Settings, batches: int, refresh_s: float):
+        self.settings = settings
+        self.ledger = Ledger.from_settings(settings)
+        self.store = Store(settings.store_url)
+        self.batches, self.refresh_s = batches, refresh_s
+        self._batch_counts: list[dict] = []
+        self._read_at = -float("inf")
+
+    def queues(self) -> list[str]:
+        return [queue_for(None), *(queue_for(alias) for alias in self.settings.models)]
+
+    def collect(self):
+        redis = self.ledger.redis
+        lengths = GaugeMetricFamily("lorafleet_queue_length", "Jobs waiting in a model's queue", labels=["queue"])
+        for queue in self.queues():
+            lengths.add_metric([queue], redis.llen(queue))
+        yield lengths
+        yield GaugeMetricFamily(
+            "lorafleet_running_jobs", "Jobs running now (a lease each)", value=redis.hlen(f"{PREFIX}:running")
+        )
+        workers = GaugeMetricFamily(
+            "lorafleet_live_workers", "Workers with a fresh heartbeat, by queue", labels=["queue"]
+        )
+        live: dict[str, int] = dict.fromkeys(self.queues(), 0)
+        for record in self.ledger.live_workers():
+            live[record["queue"]] = live.get(record["queue"], 0) + 1
+        for queue, count in live.items():
+            workers.add_metric([queue], count)
+        yield workers
+        jobs = GaugeMetricFamily(
+            "lorafleet_batch_jobs", "Jobs of the newest batches by state, as last recorded", labels=["batch", "state"]
+        )
+        for batch in self.batch_counts():
+            for state in JobStatus:
+                jobs.add_metric([batch["name"], state.value], batch["counts"].get(state.value, 0))
+        yield jobs
+
+    def batch_counts(self) -> list[dict]:
+        if time.monotonic() - self._read_at >= self.refresh_s:
+            self._batch_counts = list_batches(self.store)[-self.batches :]
+            self._read_at = time.monotonic()
+        return self._batch_counts
+
+
+def run_exporter(settings: Settings, port: int, batches: int = 20, refresh_s: float = 30) -> None:
+    """Serve the fleet's numbers on `port` until interrupted."""
+    registry = CollectorRegistry()
+    collector = FleetCollector(settings, batches, refresh_s)
+    registry.register(collector)
+    start_http_server(port, registry=registry)
+    log.info("fleet metrics on :%d/metrics (queues %s)", port, ", ".join(collector.queues()))
+    while True:
+        time.sleep(3600)
