@@ -7,6 +7,11 @@ from common.settings import Settings, queue_for
 
 TASK_NAME = "lorafleet.render"
 EVAL_TASK_NAME = "lorafleet.evaluate"
+# A job's priority as kombu's Redis transport takes it: one Redis list per step, and a worker
+# takes from the lowest step that holds a job (0 first). A message sent without a priority is 0.
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITIES = {"high": 0, "normal": 3, "low": 6}  # submit's default: normal; a sweep's: low
+PRIORITY_SEPARATOR = "\x06\x16"  # kombu's, between a queue's name and its step
 
 
 def make_app(settings: Settings) -> Celery:
@@ -25,7 +30,7 @@ def make_app(settings: Settings) -> Celery:
         # One GPU takes one job at a time; the rest stay in Redis for other workers.
         worker_prefetch_multiplier=1,
         # Redis hands an unacknowledged job to another worker after this: longer than any render.
-        broker_transport_options=transport,
+        broker_transport_options={**transport, "priority_steps": list(PRIORITY_STEPS), "sep": PRIORITY_SEPARATOR},
         result_backend_transport_options=transport,
         result_expires=settings.result_expires_s,
         result_extended=True,
@@ -59,9 +64,24 @@ def send_job(app: Celery, message: dict, task_id: str, queue: str | None = None,
     """Enqueue one `lorafleet.render` message (an expanded job with its batch) under a task id, on
     its model's queue unless `queue` is given: the one way every part of lorafleet sends a job."""
     queue = queue or queue_for(message.get("model"))
-    app.send_task(TASK_NAME, args=[message], queue=queue, task_id=task_id, producer=producer)
+    priority = PRIORITIES[message.get("priority") or "normal"]
+    app.send_task(TASK_NAME, args=[message], queue=queue, task_id=task_id, producer=producer, priority=priority)
 
 
 def send_evaluation(app: Celery, key: str, queue: str | None = None):
     """Enqueue one `lorafleet.evaluate` message ({"key": KEY}) on a model's queue; returns its AsyncResult."""
     return app.send_task(EVAL_TASK_NAME, args=[{"key": key}], queue=queue or queue_for(None))
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's jobs, the ones served first first (`render`, then
+    `render\\x06\\x163`, ...): what a queue's length and KEDA's triggers count."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def queue_length(redis, queue: str) -> int:
+    """Jobs waiting in a queue, at every priority."""
+    pipe = redis.pipeline(transaction=False)
+    for name in queue_lists(queue):
+        pipe.llen(name)
+    return sum(pipe.execute())

@@ -9,7 +9,7 @@ users write them: `adapters[1].weight`, `lora_scale[2]`.
 import difflib
 import json
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
@@ -126,6 +126,9 @@ class JobSpec(RenderFields):
         | None
     ) = Field(None, description="an integer, or a list of them: one job per value; default: drawn once at submit")
     model: Text | None = Field(None, description="a model alias (LORAFLEET_MODELS); default: the fleet's model")
+    priority: Literal["high", "normal", "low"] | None = Field(
+        None, description="which jobs a worker takes first; default: submit's --priority (normal), a sweep's low"
+    )
     id: Annotated[Text, Field(max_length=256), AfterValidator(_label)] | None = Field(
         None, description="the user's label, kept in the manifest; not part of the key"
     )
@@ -179,6 +182,8 @@ def describe(exc: ValidationError, given: dict, model=JobSpec) -> list[tuple[str
             continue
         if kind == "missing" and loc == ["prompt"]:
             message = "required, a non-empty string"
+        elif kind == "literal_error":
+            message = f"must be one of {error['ctx']['expected']}"
         elif kind in ("string_too_long", "too_long"):
             limit = error["ctx"]["max_length"]
             noun = "characters" if isinstance(value, str) else "adapters" if loc == ["adapters"] else "items"

@@ -29,6 +29,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from common.broker import queue_length
 from common.errors import LeaseLost
 
 log = logging.getLogger("lorafleet.ledger")
@@ -152,7 +153,7 @@ class Ledger:
         """Whether a job that has no result yet is nowhere: not waiting in its (empty) queue and
         held by no worker. Kombu's Redis transport can lose a message that is in flight to a worker
         at the instant Redis restarts; the producer sends such a job again."""
-        return self.redis.llen(queue) == 0 and not self.redis.exists(f"{PREFIX}:lease:{task_id}")
+        return queue_length(self.redis, queue) == 0 and not self.redis.exists(f"{PREFIX}:lease:{task_id}")
 
     def beat(self, worker: str, queue: str, since: float) -> None:
         """Say this worker is alive and consuming `queue` (since `since`, a Unix time)."""

@@ -8,6 +8,7 @@
     lora_scales: "0:1:0.25"            # or a list; 0 is always rendered, as the reference
     seeds: [1, 2]
     render: {steps: 30, num_frames: 49} # any other job field
+    priority: low                      # the default: interactive submits go first
     suggest: {clip_score_drop: 1.0, consistency_drop: 0.02}   # the suggested scale's tolerances
     moved: {clip_score: 1.0}            # --compare thresholds, by metric (defaults: MOVED)
 
@@ -28,6 +29,7 @@ from common.model import ModelInfo
 
 SPEC_FIELDS = {
     "name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model", "suggest", "moved",
+    "priority",
 }  # fmt: skip
 # The suggested scale of an adapter set is the largest whose mean CLIPScore is within
 # clip_score_drop of scale 0's and whose mean consistency (CLIP's, else temporal SSIM) is within
@@ -134,7 +136,13 @@ def load_sweep(
                 for seed in seeds:
                     fields = {**render, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
                     job, problems = check_job(
-                        {**fields, "model": spec.get("model"), "id": f"set{i}-p{p}-s{seed}"},
+                        # a nightly sweep yields to interactive jobs unless its spec says otherwise
+                        {
+                            **fields,
+                            "model": spec.get("model"),
+                            "priority": spec.get("priority", "low"),
+                            "id": f"set{i}-p{p}-s{seed}",
+                        },
                         f"adapter_sets[{i}]",
                         model,
                         limits.max_video_pixels,

@@ -166,16 +166,23 @@ def json_option(command):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--wait", is_flag=True, help="show progress until every job ends")
 @click.option("--batch", help="batch name (default: the time and a random suffix)")
+@click.option(
+    "--priority",
+    type=click.Choice(["high", "normal", "low"]),
+    default="normal",
+    show_default=True,
+    help="workers take high before normal before low (a sweep's); a line's own priority wins",
+)
 @timeout_option
 @json_option
 @shared_options
-def submit(settings: Settings, console: Console, file: str, wait: bool, batch: str | None, timeout_s, as_json):
+def submit(settings: Settings, console: Console, file: str, wait: bool, batch, priority: str, timeout_s, as_json):
     """Check every line of FILE (.jsonl, one job a line), expand its lists, enqueue what is not in the store."""
     from producer.follow import wait_for_batch
     from producer.submit import submit as submit_file
 
     console = make_console(stderr=True) if as_json else console
-    submitted = submit_file(file, settings, batch)
+    submitted = submit_file(file, settings, batch, priority)
     queued, done = submitted.enqueued, submitted.count(JobStatus.DONE)
     console.print(
         f"batch {submitted.name}: {len(submitted.entries)} jobs, {queued} enqueued, {done} already in the store"

@@ -13,6 +13,7 @@ import time
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from common.broker import queue_length
 from common.leases import PREFIX, Ledger
 from common.manifest import JobStatus
 from common.settings import Settings, queue_for
@@ -38,7 +39,7 @@ class FleetCollector:
         redis = self.ledger.redis
         lengths = GaugeMetricFamily("lorafleet_queue_length", "Jobs waiting in a model's queue", labels=["queue"])
         for queue in self.queues():
-            lengths.add_metric([queue], redis.llen(queue))
+            lengths.add_metric([queue], queue_length(redis, queue))
         yield lengths
         yield GaugeMetricFamily(
             "lorafleet_running_jobs", "Jobs running now (a lease each)", value=redis.hlen(f"{PREFIX}:running")

@@ -9,14 +9,16 @@ from common.settings import Settings
 from common.store import Store, video_exists
 
 
-def submit(path: str, settings: Settings, batch_name: str | None = None) -> Batch:
-    """Validate every line of `path`, then enqueue each job whose video is not in the store.
+def submit(path: str, settings: Settings, batch_name: str | None = None, priority: str = "normal") -> Batch:
+    """Validate every line of `path`, then enqueue each job whose video is not in the store, at
+    its line's priority or `priority`.
 
     Raises JobFileError (listing every bad line) before anything is enqueued.
     """
     batch = Batch.new(batch_name)
     store = Store(settings.store_url)
-    return enqueue(load_jobs_for(path, settings, store), batch, store, settings)
+    jobs = [{**job, "priority": job.get("priority") or priority} for job in load_jobs_for(path, settings, store)]
+    return enqueue(jobs, batch, store, settings)
 
 
 def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) -> Batch:
