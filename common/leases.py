@@ -56,6 +56,18 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 """
 _RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
+# A paused batch's job is set aside only while the batch is still paused; resuming takes the
+# flag and every set-aside job in one step, so no job is set aside after its batch resumed.
+_SET_ASIDE = """
+if redis.call('exists', KEYS[1]) == 1 then redis.call('rpush', KEYS[2], ARGV[1]) return 1 end
+return 0
+"""
+_RESUME = """
+redis.call('del', KEYS[1])
+local jobs = redis.call('lrange', KEYS[2], 0, -1)
+redis.call('del', KEYS[2])
+return jobs
+"""
 
 
 class Ledger:
@@ -169,17 +181,43 @@ class Ledger:
         names = list(self.redis.scan_iter(match=f"{PREFIX}:worker:*", count=1000))
         return [json.loads(record) for record in (self.redis.mget(names) if names else []) if record]
 
-    def cancel(self, batch: str) -> None:
-        """Mark a batch cancelled: its queued jobs never start, its running ones stop at their next step."""
-        self.redis.set(f"{PREFIX}:cancelled:{batch}", 1, ex=self.ttl_s)
+    def cancel(self, batch: str, task_ids: list[str] | None = None) -> None:
+        """Mark a batch (or only these tasks of it) cancelled: queued jobs never start, running
+        ones stop at their next step."""
+        names = [f"{PREFIX}:cancelled-task:{t}" for t in task_ids] if task_ids else [f"{PREFIX}:cancelled:{batch}"]
+        for name in names:
+            self.redis.set(name, 1, ex=self.ttl_s)
 
-    def uncancel(self, batch: str) -> None:
-        """Lift a batch's cancel flag (before its jobs are retried)."""
-        self.redis.delete(f"{PREFIX}:cancelled:{batch}")
+    def uncancel(self, batch: str, task_ids: list[str] = ()) -> None:
+        """Lift a batch's cancel flags (before its jobs are retried)."""
+        self.redis.delete(f"{PREFIX}:cancelled:{batch}", *(f"{PREFIX}:cancelled-task:{t}" for t in task_ids))
 
-    def is_cancelled(self, batch: str | None) -> bool:
-        """Whether a batch was cancelled."""
-        return batch is not None and bool(self.redis.exists(f"{PREFIX}:cancelled:{batch}"))
+    def is_cancelled(self, batch: str | None, task_id: str | None = None) -> bool:
+        """Whether a batch, or this task of it, was cancelled."""
+        names = ([f"{PREFIX}:cancelled:{batch}"] if batch else []) + (
+            [f"{PREFIX}:cancelled-task:{task_id}"] if task_id else []
+        )
+        return bool(names) and bool(self.redis.exists(*names))
+
+    def pause(self, batch: str) -> None:
+        """Pause a batch: a worker that takes one of its jobs sets it aside instead of starting it."""
+        self.redis.set(f"{PREFIX}:paused:{batch}", 1)
+
+    def set_aside_if_paused(self, batch: str | None, task_id: str, message: dict, queue: str) -> bool:
+        """Set a job aside, to be sent again on resume, if its batch is paused; else False."""
+        if batch is None:
+            return False
+        entry = json.dumps({"task_id": task_id, "message": message, "queue": queue})
+        keys = [f"{PREFIX}:paused:{batch}", f"{PREFIX}:set-aside:{batch}"]
+        return bool(self.redis.eval(_SET_ASIDE, 2, *keys, entry))
+
+    def resume(self, batch: str) -> list[dict]:
+        """Lift a batch's pause; returns the jobs set aside meanwhile ({"task_id", "message", "queue"})."""
+        found = self.redis.eval(_RESUME, 2, f"{PREFIX}:paused:{batch}", f"{PREFIX}:set-aside:{batch}")
+        return [json.loads(entry) for entry in found]
+
+    def is_paused(self, batch: str) -> bool:
+        return bool(self.redis.exists(f"{PREFIX}:paused:{batch}"))
 
 
 class Lease:

@@ -17,12 +17,13 @@ class JobStatus(StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"  # set aside by a worker while its batch is paused; `lorafleet resume` queues it again
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
-UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 FAILED_OR_CANCELLED = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 

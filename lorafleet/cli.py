@@ -262,12 +262,35 @@ def status(settings: Settings, console: Console, batch: str, as_json: bool):
 
 @cli.command()
 @click.argument("batch")
+@click.option("--job", metavar="ID|KEY", help="only this job: its id, or its key (8 hex digits or more)")
 @shared_options
-def cancel(settings: Settings, console: Console, batch: str):
+def cancel(settings: Settings, console: Console, batch: str, job: str | None):
     """Queued jobs of BATCH never start; running ones stop at their next denoising step."""
     from producer.control import cancel as cancel_batch
 
-    cancel_batch(settings, batch, console)
+    cancel_batch(settings, batch, console, job)
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("batch")
+@shared_options
+def pause(settings: Settings, console: Console, batch: str):
+    """Queued jobs of BATCH are not started until `resume`; running ones finish."""
+    from producer.control import pause as pause_batch
+
+    pause_batch(settings, batch, console)
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("batch")
+@shared_options
+def resume(settings: Settings, console: Console, batch: str):
+    """Go on with a paused BATCH: the jobs set aside meanwhile are queued again."""
+    from producer.control import resume as resume_batch
+
+    resume_batch(settings, batch, console)
     return ExitCode.OK
 
 

@@ -43,6 +43,9 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
         state = result.state
         if state in ENDED:
             _record(entries, result)
+        elif state == "PAUSED":
+            for entry in entries:
+                entry["status"] = JobStatus.PAUSED
         elif state in ("STARTED", "PROGRESS"):
             for entry in entries:
                 entry["status"] = JobStatus.RUNNING

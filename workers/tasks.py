@@ -29,6 +29,7 @@ from workers.renderer import Renderer, render_job
 
 log = logging.getLogger("lorafleet.worker")
 PROGRESS_INTERVAL_S = 0.5
+PAUSED = "PAUSED"  # the result state of a job set aside while its batch is paused
 RETRYABLE = (StoreError, redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
 
@@ -66,9 +67,17 @@ class RenderTask(Task):
                     raise WorkerLost(f"worker lost {deliveries - 1} times")
                 job = self.check(message)
                 key = job["key"]
-                result = self.render(job, lease, deliveries)
+                if self.ledger.set_aside_if_paused(job["batch"], task_id, message, self.queue):
+                    # Not started, not lost: `lorafleet resume` sends it again under this task id.
+                    JOBS.labels("paused").inc()
+                    log.info("%s: %s set aside: batch %s is paused", worker, key[:12], job["batch"])
+                    self.update_state(state=PAUSED, meta={"key": key, "batch": job["batch"]})
+                    raise Ignore()
+                result = self.render(job, lease, deliveries, task_id)
                 JOBS.labels(result["status"]).inc()
                 return result
+        except Ignore:
+            raise
         except LeaseLost as exc:
             # Another delivery owns the job now and reports its result: store nothing, say nothing.
             JOBS.labels("lease_lost").inc()
@@ -107,12 +116,12 @@ class RenderTask(Task):
             log.error("%s: rejected a malformed message %s: %s", self.worker, self.request.id, exc)
             raise
 
-    def render(self, job: dict, lease: Lease, deliveries: int) -> dict:
-        """Render a checked job under its key's lock, unless its batch was cancelled or its video
-        is in the store (or appears there while waiting for another worker's lock)."""
+    def render(self, job: dict, lease: Lease, deliveries: int, task_id: str) -> dict:
+        """Render a checked job under its key's lock, unless it or its batch was cancelled or its
+        video is in the store (or appears there while waiting for another worker's lock)."""
         key, batch = job["key"], job["batch"]
-        if self.ledger.is_cancelled(batch):
-            raise JobCancelled(f"batch {batch} was cancelled")
+        if self.ledger.is_cancelled(batch, task_id):
+            raise JobCancelled(f"{_cancelled(self.ledger, batch)} was cancelled")
         exists = {"key": key, "worker": self.worker, "status": "exists", **output_uris(self.store, key)}
         if video_exists(self.store, key):
             return exists
@@ -121,7 +130,7 @@ class RenderTask(Task):
         with self.ledger.key_lock(key, lease, lambda: video_exists(self.store, key)) as locked:
             if not locked or video_exists(self.store, key):
                 return exists
-            progress = progress_reporter(self, lease, key, batch, self.worker)
+            progress = progress_reporter(self, lease, key, batch, self.worker, task_id)
             return render_job(self.renderer, self.store, job, progress, lease.confirm)
 
 
@@ -157,7 +166,7 @@ class EvaluateTask(Task):
         return {"key": key, "worker": self.worker, "numbers": result["numbers"]}
 
 
-def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: str):
+def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: str, task_id: str | None = None):
     """The per-step callback of a render: stop at once when the lease is lost; every
     PROGRESS_INTERVAL_S, stop if the batch was cancelled, else report the step. The report is
     fenced too, so a worker waking from a pause never overwrites the result of the delivery that
@@ -172,12 +181,19 @@ def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: s
         now = time.monotonic()
         if step == steps or now - last_report >= PROGRESS_INTERVAL_S:
             last_report = now
-            if lease.ledger.is_cancelled(batch):
-                raise JobCancelled(f"batch {batch} was cancelled (stopped at step {step} of {steps})")
+            if lease.ledger.is_cancelled(batch, task_id):
+                raise JobCancelled(
+                    f"{_cancelled(lease.ledger, batch)} was cancelled (stopped at step {step} of {steps})"
+                )
             lease.confirm()
             task.update_state(state="PROGRESS", meta={"key": key, "step": step, "steps": steps, "worker": worker})
 
     return progress
+
+
+def _cancelled(ledger: Ledger, batch: str | None) -> str:
+    """What was cancelled, for the job's error: its batch, or the job alone."""
+    return f"batch {batch}" if ledger.is_cancelled(batch) else "the job"
 
 
 def requeue(app: Celery, task_id: str, entry: dict) -> None:

@@ -58,3 +58,48 @@ def test_a_bad_priority_is_a_line_numbered_error(fleet_env, tmp_path):
     result = lorafleet("submit", jobs, env=fleet_env)
     assert result.returncode == 2
     assert "line 1: priority: must be one of 'high', 'normal' or 'low'" in result.stderr
+
+
+def statuses(fleet_env, batch: str) -> dict[str, str]:
+    result = lorafleet("status", batch, "--json", env=fleet_env)
+    return {entry["id"]: entry["status"] for entry in json.loads(result.stdout)["entries"]}
+
+
+def test_a_paused_batch_starts_nothing_until_resumed_and_running_jobs_finish(fleet_env, start_worker, tmp_path):
+    worker = busy_worker(fleet_env, start_worker, tmp_path)
+    paused = lorafleet("pause", "busy", env=fleet_env)  # the running job finishes
+    assert paused.returncode == 0 and "1 running job(s) finish" in paused.stdout
+    later = write_jobs(tmp_path / "later.jsonl", [{"id": f"later{i}", "prompt": "a cat", "seed": i} for i in range(4)])
+    assert lorafleet("submit", later, "--batch", "later", env=fleet_env).returncode == 0
+    paused = lorafleet("pause", "later", env=fleet_env)
+    assert paused.returncode == 0 and "its 4 queued job(s) will not start" in paused.stdout, paused.stdout
+
+    assert lorafleet("wait", "busy", "--timeout", "120", env=fleet_env).returncode == 0  # finished though paused
+    wait_for(lambda: set(statuses(fleet_env, "later").values()) == {"paused"}, what="the jobs were not set aside")
+    assert started(worker.log_path) == ["busy"]  # taken from the queue, set aside, not started
+    assert lorafleet("wait", "later", "--timeout", "3", env=fleet_env).returncode == 7  # still waiting, not lost
+
+    resumed = lorafleet("resume", "later", env=fleet_env)
+    assert resumed.returncode == 0 and "4 job(s) set aside while paused are queued again" in resumed.stdout
+    done = lorafleet("wait", "later", "--timeout", "120", env=fleet_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(started(worker.log_path)[1:]) == [f"later{i}" for i in range(4)]
+
+
+def test_cancel_one_job_by_id_or_by_key_and_the_rest_render(fleet_env, start_worker, tmp_path):
+    worker = busy_worker(fleet_env, start_worker, tmp_path)
+    three = write_jobs(
+        tmp_path / "three.jsonl", [{"id": name, "prompt": "a cat", "seed": i} for i, name in enumerate("abc")]
+    )
+    assert lorafleet("submit", three, "--batch", "three", env=fleet_env).returncode == 0
+    queued = lorafleet("cancel", "three", "--job", "b", env=fleet_env)
+    assert queued.returncode == 0 and "job b: cancelled 1 queued job(s)" in queued.stdout
+    busy_key = json.loads(lorafleet("status", "busy", "--json", env=fleet_env).stdout)["entries"][0]["key"]
+    running = lorafleet("cancel", "busy", "--job", busy_key[:10], env=fleet_env)  # the running one, by its key
+    assert running.returncode == 0 and "1 running job(s) stop at their next step" in running.stdout
+    assert lorafleet("wait", "three", "--timeout", "120", env=fleet_env).returncode == 1  # one was cancelled
+    assert statuses(fleet_env, "three") == {"a": "done", "b": "cancelled", "c": "done"}
+    assert statuses(fleet_env, "busy") == {"busy": "cancelled"}
+    assert started(worker.log_path) == ["busy", "a", "c"]
+    missing = lorafleet("cancel", "three", "--job", "zzz", env=fleet_env)
+    assert missing.returncode == 2 and "batch three has no job with id zzz" in missing.stderr
