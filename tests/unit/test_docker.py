@@ -34,7 +34,7 @@ def test_images_copy_every_package_the_project_installs():
 
 
 def test_nightly_schedules_run_the_sweep():
-    cronjob = yaml.safe_load(open(os.path.join(DOCKER, "nightly-cronjob.yaml")))
+    cronjob = yaml.safe_load(open(os.path.join(REPO, "deploy", "k8s", "nightly-cronjob.yaml")))
     assert cronjob["kind"] == "CronJob" and cronjob["spec"]["schedule"] == "0 2 * * *"
     (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert "lorafleet sweep" in container["args"][0] and "--compare latest --timeout 21600" in container["args"][0]
