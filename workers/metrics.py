@@ -81,8 +81,12 @@ class RendererCollector:
         tiers = {"disk": stats["adapter_files"], "host": stats["adapter_host"], "device": stats["device_factors"]}
         if "fused_variants" in stats:
             tiers["variants"] = stats["fused_variants"]
-        for event in ("hits", "misses", "evictions"):
-            family = CounterMetricFamily(f"lorafleet_cache_{event}", f"Cache {event} by tier", labels=["tier"])
+        for event, name in (
+            ("hits", "lorafleet_cache_hits"),
+            ("misses", "lorafleet_cache_misses"),
+            ("evictions", "lorafleet_cache_evictions"),
+        ):
+            family = CounterMetricFamily(name, f"Cache {event} by tier", labels=["tier"])
             for tier, counts in tiers.items():
                 if event in counts:
                     family.add_metric([tier], counts[event])

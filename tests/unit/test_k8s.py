@@ -6,6 +6,7 @@ timeout, triggers on every priority's list, selectors that select."""
 import glob
 import json
 import os
+import re
 
 import jsonschema
 import kubernetes_validate
@@ -98,3 +99,20 @@ def test_the_service_monitor_selects_the_worker_and_exporter_services_on_their_m
         if service["metadata"]["name"] != "redis":
             assert "metrics" in [p["name"] for p in service["spec"]["ports"]]
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+def test_the_grafana_dashboard_plots_only_metrics_lorafleet_exports():
+    dashboard = json.load(open(os.path.join(K8S, "grafana-dashboard.json")))
+    kustomization = yaml.safe_load(open(os.path.join(K8S, "kustomization.yaml")))
+    assert kustomization["configMapGenerator"][0]["files"] == ["grafana-dashboard.json"]
+    # The names the worker (workers/metrics.py) and the exporter (producer/exporter.py) declare,
+    # with the series Prometheus derives from counters and histograms.
+    declared = set()
+    for source in ("workers/metrics.py", "producer/exporter.py"):
+        declared |= set(re.findall(r'"(lorafleet_[a-z_]+)"', open(os.path.join(REPO, source)).read()))
+    declared |= {f"{name}_{s}" for name in declared for s in ("total", "bucket", "count", "sum", "info")}
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"lorafleet_[a-z_]+", target["expr"]))
+    assert used and used <= declared, used - declared
