@@ -7,12 +7,11 @@ import math
 import time
 
 import redis
-from celery.result import AsyncResult
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.broker import check_redis, make_app, send_job
+from common.broker import check_redis, make_app, queue_length, send_job, task_metas
 from common.errors import InputError, StoreError, WaitTimeout
 from common.leases import Ledger
 from common.manifest import FAILED_OR_CANCELLED, UNFINISHED, Batch, JobStatus
@@ -29,28 +28,28 @@ ENDED = {"SUCCESS", "FAILURE"}
 
 
 def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
-    """Update the batch's unfinished entries from their tasks' results, and, given the store, from
-    the videos already in it (the store is the truth: a worker killed after its upload but before
-    its result reached Redis leaves a video and no result); returns the progress
-    ({"worker", "key", "step", "steps"}) of each running task by task id."""
+    """Update the batch's unfinished entries from their tasks' results (read in bulk: one MGET
+    per 10,000 tasks), and, given the store, from the videos already in it (the store is the
+    truth: a worker killed after its upload but before its result reached Redis leaves a video
+    and no result); returns the progress ({"worker", "key", "step", "steps"}) of each running
+    task by task id."""
     running = {}
     tasks: dict[str, list[dict]] = {}
     for entry in batch.entries:
         if entry["status"] in UNFINISHED:
             tasks.setdefault(entry["task_id"], []).append(entry)
-    for task_id, entries in tasks.items():
-        result = AsyncResult(task_id, app=app)
-        state = result.state
+    for task_id, meta in task_metas(app, list(tasks)).items():
+        state, entries = meta["status"], tasks[task_id]
         if state in ENDED:
-            _record(entries, result)
+            _record(entries, state, meta["result"])
         elif state == "PAUSED":
             for entry in entries:
                 entry["status"] = JobStatus.PAUSED
         elif state in ("STARTED", "PROGRESS"):
             for entry in entries:
                 entry["status"] = JobStatus.RUNNING
-            if state == "PROGRESS" and isinstance(result.info, dict):
-                running[task_id] = result.info
+            if state == "PROGRESS" and isinstance(meta["result"], dict):
+                running[task_id] = meta["result"]
     if store is not None:
         for entry in batch.entries:
             if entry["status"] in UNFINISHED and video_exists(store, entry["key"]):
@@ -59,20 +58,18 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
     return running
 
 
-def _record(entries: list[dict], result: AsyncResult) -> None:
-    if result.successful():
-        outcome = result.result or {}
+def _record(entries: list[dict], state: str, outcome) -> None:
+    if state == "SUCCESS":
         for entry in entries:
-            entry.update(status=JobStatus.DONE, worker=outcome.get("worker"), error=None)
+            entry.update(status=JobStatus.DONE, worker=(outcome or {}).get("worker"), error=None)
         return
-    error = result.result
-    cancelled = type(error).__name__ == "JobCancelled"
+    cancelled = type(outcome).__name__ == "JobCancelled"
     reason = (
-        str(error)
+        str(outcome)
         if cancelled
-        else f"{type(error).__name__}: {error}"
-        if isinstance(error, BaseException)
-        else str(error)
+        else f"{type(outcome).__name__}: {outcome}"
+        if isinstance(outcome, BaseException)
+        else str(outcome)
     )
     for entry in entries:
         entry.update(status=JobStatus.CANCELLED if cancelled else JobStatus.FAILED, error=reason)
@@ -254,10 +251,19 @@ def resend_orphans(batch: Batch, app, store: Store, ledger: Ledger, orphans: dic
     # A running job is orphaned too when Redis restarted without its data: its lease is gone, and
     # its worker, unable to prove it holds the job, stopped without writing.
     pending = {e["task_id"]: e for e in batch.entries if e["status"] in UNFINISHED}
+    # While a queue holds jobs none of its jobs is orphaned: one length per queue spares a
+    # 100,000-job batch 100,000 lookups. Only the jobs of empty queues are looked at one by one.
+    lengths: dict[str, int] = {}
+    for entry in pending.values():
+        queue = queue_for(entry.get("model"))
+        if queue not in lengths:
+            lengths[queue] = queue_length(ledger.redis, queue)
+    candidates = [t for t, e in pending.items() if lengths[queue_for(e.get("model"))] == 0]
+    with_result = task_metas(app, candidates)
     jobs = None
     for task_id, entry in pending.items():
         queue = queue_for(entry.get("model"))
-        if AsyncResult(task_id, app=app).state != "PENDING" or not ledger.orphaned(task_id, queue):
+        if lengths[queue] or task_id in with_result or not ledger.orphaned(task_id, queue):
             orphans.pop(task_id, None)
             continue
         orphans[task_id] = orphans.get(task_id, 0) + 1

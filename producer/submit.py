@@ -8,6 +8,8 @@ from common.manifest import Batch, JobStatus
 from common.settings import Settings
 from common.store import Store, video_exists
 
+SEND_BATCH = 1000
+
 
 def submit(path: str, settings: Settings, batch_name: str | None = None, priority: str = "normal") -> Batch:
     """Validate every line of `path`, then enqueue each job whose video is not in the store, at
@@ -38,7 +40,10 @@ def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) ->
     batch.write_jobs(store, jobs)
     batch.write_manifest(store)
     app = make_app(settings)
-    with app.producer_or_acquire() as producer:
+    # Celery's task-sent events would double the messages of a big batch; Flower still sees each
+    # job from the moment a worker receives it, and `lorafleet exporter` counts the queue.
+    app.conf.task_send_sent_event = False
+    with app.producer_or_acquire() as producer, producer.batch(SEND_BATCH):  # one Redis round trip per SEND_BATCH jobs
         for job, task_id in to_send:
             send_job(app, {**job, "batch": batch.name}, task_id, producer=producer)
     return batch
