@@ -296,7 +296,7 @@ def status(settings: Settings, name: str, console: Console, as_json: bool = Fals
     else:
         console.print(
             f"batch {name}: "
-            + ", ".join(f"{n} {state}" for state, n in counts.items())
+            + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state != JobStatus.PAUSED)
             + f" of {len(batch.entries)} jobs"
         )
         for entry in batch.entries:

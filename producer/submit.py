@@ -43,6 +43,9 @@ def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) ->
     # Celery's task-sent events would double the messages of a big batch; Flower still sees each
     # job from the moment a worker receives it, and `lorafleet exporter` counts the queue.
     app.conf.task_send_sent_event = False
+    # Nor does this process wait on any result (`wait` polls them in bulk): Celery's Redis backend
+    # would subscribe to, then unsubscribe from, every job's result channel, two round trips each.
+    app.backend.on_task_call = lambda producer, task_id: None
     with app.producer_or_acquire() as producer, producer.batch(SEND_BATCH):  # one Redis round trip per SEND_BATCH jobs
         for job, task_id in to_send:
             send_job(app, {**job, "batch": batch.name}, task_id, producer=producer)

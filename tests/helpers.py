@@ -19,12 +19,14 @@ def read_manifest(path: str) -> list[dict]:
 
 
 def queued_messages(redis_url: str, queue: str = "render") -> int:
-    """How many messages wait in a Celery queue on Redis."""
+    """How many messages wait in a Celery queue on Redis, at every priority."""
     import redis
+
+    from common.broker import queue_length
 
     client = redis.Redis.from_url(redis_url)
     try:
-        return client.llen(queue)
+        return queue_length(client, queue)
     finally:
         client.close()
 

@@ -12,7 +12,7 @@ import pytest
 import redis as redis_client
 from celery.result import AsyncResult
 
-from common.broker import TASK_NAME, make_app
+from common.broker import TASK_NAME, make_app, queue_lists
 from common.settings import Settings
 from lorafleet.redis_server import RedisServer
 from tests.conftest import lorafleet
@@ -276,7 +276,9 @@ def test_submit_wait_sends_again_a_job_found_nowhere(fleet_env, start_worker, tm
     )  # fmt: skip
     wait_for(lambda: queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 2, 30, "two queued messages")
     client = redis_client.Redis.from_url(fleet_env["LORAFLEET_REDIS_URL"])
-    client.delete("render")  # what kombu's Redis transport can do to a message in flight at a Redis restart
+    client.delete(
+        *queue_lists("render")
+    )  # what kombu's Redis transport can do to a message in flight at a Redis restart
     client.close()
     start_worker(fleet_env)
     output, _ = submit.communicate(timeout=180)

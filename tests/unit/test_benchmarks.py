@@ -40,3 +40,13 @@ def test_evaluation_cost_benchmark_evaluates_every_video():
     table = table_of(result.stdout)
     assert set(table) == {"none", "tiny"}
     assert all(float(row["all videos (s)"]) > 0 for row in table.values())
+
+
+def test_queue_scale_benchmark_prints_its_figures():
+    script = os.path.join(REPO, "benchmarks", "queue_scale.py")
+    command = [sys.executable, script, "--sizes", "100", "--overhead-jobs", "5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    table = table_of(result.stdout)
+    assert set(table) == {"submit (s)", "peak MB", "poll (s)", "status (s)"}
+    assert all(float(row["100 jobs"]) > 0 for row in table.values())
+    assert "worker overhead per job (5 jobs, one CPU worker): median" in result.stdout
