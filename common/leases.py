@@ -167,9 +167,10 @@ class Ledger:
         at the instant Redis restarts; the producer sends such a job again."""
         return queue_length(self.redis, queue) == 0 and not self.redis.exists(f"{PREFIX}:lease:{task_id}")
 
-    def beat(self, worker: str, queue: str, since: float) -> None:
-        """Say this worker is alive and consuming `queue` (since `since`, a Unix time)."""
-        record = {"worker": worker, "queue": queue, "since": since, "beat": time.time()}
+    def beat(self, worker: str, queue: str, since: float, doing: dict | None = None) -> None:
+        """Say this worker is alive and consuming `queue` (since `since`, a Unix time), and what
+        it is doing (`{"job": {"key", "since"}}` or `{"job": None}`)."""
+        record = {"worker": worker, "queue": queue, "since": since, "beat": time.time(), **(doing or {})}
         self.redis.set(f"{PREFIX}:worker:{worker}", json.dumps(record), ex=int(3 * HEARTBEAT_S))
 
     def forget_worker(self, worker: str) -> None:
@@ -267,17 +268,15 @@ class Lease:
         self.lost.set()
 
 
-def run_heartbeat(
-    ledger: Ledger, worker: str, queue: str, stop: threading.Event, on_beat: Callable[[], None] | None = None
-) -> None:
-    """Every HEARTBEAT_S until `stop`, say this worker is alive and consuming `queue` (and tell
-    `on_beat`, the worker's /healthz, each time Redis took it)."""
+def run_heartbeat(ledger: Ledger, worker: str, queue: str, stop: threading.Event, health=None) -> None:
+    """Every HEARTBEAT_S until `stop`, say this worker is alive, consuming `queue`, and what it
+    runs (from `health`, the worker's probes, which hear of each beat Redis took)."""
     since = time.time()
     while True:
         try:
-            ledger.beat(worker, queue, since)
-            if on_beat is not None:
-                on_beat()
+            ledger.beat(worker, queue, since, health.doing() if health else None)
+            if health is not None:
+                health.beat()
         except redis.RedisError as exc:
             log.warning("%s: heartbeat: redis: %s", worker, exc)
         if stop.wait(HEARTBEAT_S):

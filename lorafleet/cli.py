@@ -375,7 +375,11 @@ def health(settings: Settings, console: Console, name: str | None):
         else:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["since"]))
             ago = time.time() - record["beat"]
-            console.print(f"{worker}: alive, serving queue {record['queue']} since {since}, last beat {ago:.0f}s ago")
+            job = record.get("job")
+            doing = f"running {job['key'][:12]} for {time.time() - job['since']:.0f}s" if job else "idle"
+            console.print(
+                f"{worker}: alive, serving queue {record['queue']} since {since}, {doing}, last beat {ago:.0f}s ago"
+            )
     if not live and not name:
         console.print("no worker has a fresh heartbeat in Redis")
     return ExitCode.OK if (name in live if name else live) else ExitCode.UNHEALTHY

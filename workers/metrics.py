@@ -57,9 +57,14 @@ class Health:
     def __init__(self):
         self.ready = False  # the model loaded and Celery consumes from the broker
         self.last_beat: float | None = None  # monotonic time of the last heartbeat written to Redis
+        self.job: dict | None = None  # the job running now: {"key", "since"} (a Unix time)
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()
+
+    def doing(self) -> dict:
+        """What the heartbeat says this worker runs: {"job": {"key", "since"} or None}."""
+        return {"job": self.job}
 
     def alive(self) -> bool:
         if self.last_beat is None:

@@ -24,7 +24,7 @@ from common.leases import Lease, Ledger
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists
 from workers.evaluator import Evaluator
-from workers.metrics import EVALUATIONS, JOBS, STEP, STEPS
+from workers.metrics import EVALUATIONS, JOBS, STEP, STEPS, Health
 from workers.renderer import Renderer, render_job
 
 log = logging.getLogger("lorafleet.worker")
@@ -45,8 +45,17 @@ class RenderTask(Task):
     retry_jitter = True
     typing = False
 
-    def __init__(self, renderer: Renderer, store: Store, ledger: Ledger, settings: Settings, queue: str):
+    def __init__(
+        self,
+        renderer: Renderer,
+        store: Store,
+        ledger: Ledger,
+        settings: Settings,
+        queue: str,
+        health: Health | None = None,
+    ):
         self.renderer = renderer
+        self.health = health or Health()  # what the heartbeat says this worker runs
         self.store = store
         self.ledger = ledger
         self.settings = settings
@@ -103,6 +112,7 @@ class RenderTask(Task):
         finally:
             STEP.set(0)
             STEPS.set(0)
+            self.health.job = None
             self.ledger.delivered_cleanly(task_id)  # however it ended, its worker was not lost
 
     def check(self, message) -> dict:
@@ -127,6 +137,7 @@ class RenderTask(Task):
             return exists
         label = job["id"] or job["prompt"][:40]
         log.info("%s: %s started (%s), delivery %d", self.worker, key[:12], label, deliveries)
+        self.health.job = {"key": key, "since": time.time()}
         with self.ledger.key_lock(key, lease, lambda: video_exists(self.store, key)) as locked:
             if not locked or video_exists(self.store, key):
                 return exists

@@ -110,7 +110,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         | {f"{package}_version": version for package, version in versions().items()}
     )
     store = Store(settings.store_url)
-    app.register_task(RenderTask(renderer, store, ledger, settings, queue))
+    app.register_task(RenderTask(renderer, store, ledger, settings, queue, health))
     app.register_task(EvaluateTask(Evaluator(settings, device), store, settings, name))
     stop = threading.Event()
     sweeper = threading.Thread(
@@ -125,7 +125,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         escalate_sigterm(name, settings.shutdown_timeout_s)
         health.ready = True
         threading.Thread(
-            target=run_heartbeat, args=(ledger, name, queue, stop, health.beat), daemon=True, name="heartbeat"
+            target=run_heartbeat, args=(ledger, name, queue, stop, health), daemon=True, name="heartbeat"
         ).start()
         log.info(
             "%s: READY: %s (%s) loaded in %.1fs, broker connected, serving queue %s",

@@ -82,6 +82,7 @@ def test_a_worker_serves_metrics_and_probes_and_health_follows_its_heartbeat(fle
         name = f"cpu-{worker.pid}@{socket.gethostname()}"
         alive = lorafleet("health", "--worker", name, env=env)
         assert alive.returncode == 0 and f"{name}: alive, serving queue render" in alive.stdout
+        assert ", idle, last beat" in alive.stdout  # its one job ended
         assert lorafleet("health", env=env).returncode == 0  # any worker
 
         worker.kill()  # no goodbye: its heartbeat lapses in Redis within 3 beats
