@@ -47,13 +47,14 @@ class Store:
         """Whether a file is in the store."""
         return self._call(self.fs.exists, relpath)
 
-    def list_folder(self, relpath: str) -> list[str]:
-        """The names of the folders directly under a store folder ([] if there is none)."""
+    def list_folder(self, relpath: str, kind: str = "directory") -> list[str]:
+        """The names of the folders (or, with kind="file", the files) directly under a store
+        folder ([] if there is none)."""
         try:
             entries = self._call(lambda path: self.fs.ls(path, detail=True), relpath)
         except FileNotFoundError:
             return []
-        return sorted(os.path.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+        return sorted(os.path.basename(e["name"].rstrip("/")) for e in entries if e["type"] == kind)
 
     def modified(self, relpath: str) -> str | None:
         """When a file was last written (ISO 8601, UTC), or None if the store cannot say."""
@@ -111,6 +112,20 @@ def video_exists(store: Store, key: str) -> bool:
 
 
 OUTPUT_SUFFIXES = {"video": "mp4", "poster": "png", "metadata": "json"}
+
+
+LIST_ABOVE = 1000  # keys to look for: above this many, one listing of videos/ beats a lookup each
+
+
+def videos_present(store: Store, keys) -> set[str]:
+    """Which of these keys have their video in the store (what `video_exists` says of each): a
+    lookup per key for a few; for many, one listing of videos/ (100,000 HEAD requests on S3 would
+    take hours, a listing takes one request per 1,000 videos)."""
+    keys = set(keys)
+    if len(keys) <= LIST_ABOVE:
+        return {key for key in keys if video_exists(store, key)}
+    names = set(store.list_folder("videos", kind="file"))
+    return {key for key in keys if f"{key}.mp4" in names}
 
 
 def output_uris(store: Store, key: str) -> dict:

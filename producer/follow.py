@@ -16,7 +16,7 @@ from common.errors import InputError, StoreError, WaitTimeout
 from common.leases import Ledger
 from common.manifest import FAILED_OR_CANCELLED, UNFINISHED, Batch, JobStatus
 from common.settings import Settings, queue_for
-from common.store import Store, jobs_path, video_exists
+from common.store import Store, jobs_path, videos_present
 
 log = logging.getLogger("lorafleet.producer")
 POLL_INTERVAL_S = 0.5
@@ -51,8 +51,10 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
             if state == "PROGRESS" and isinstance(meta["result"], dict):
                 running[task_id] = meta["result"]
     if store is not None:
-        for entry in batch.entries:
-            if entry["status"] in UNFINISHED and video_exists(store, entry["key"]):
+        unfinished = [entry for entry in batch.entries if entry["status"] in UNFINISHED]
+        present = videos_present(store, [entry["key"] for entry in unfinished])
+        for entry in unfinished:
+            if entry["key"] in present:
                 entry.update(status=JobStatus.DONE, error=None)
                 running.pop(entry["task_id"], None)
     return running

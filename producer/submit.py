@@ -6,7 +6,7 @@ from common.broker import check_redis, make_app, send_job
 from common.job import load_jobs_for
 from common.manifest import Batch, JobStatus
 from common.settings import Settings
-from common.store import Store, video_exists
+from common.store import Store, videos_present
 
 SEND_BATCH = 1000
 
@@ -28,8 +28,9 @@ def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) ->
     and write the batch's manifest and jobs."""
     task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
     to_send = []
+    present = videos_present(store, [job["key"] for job in jobs])
     for job in jobs:
-        if video_exists(store, job["key"]):
+        if job["key"] in present:
             batch.add(store, job, JobStatus.DONE)
             continue
         if job["key"] not in task_ids:

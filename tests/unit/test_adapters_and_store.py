@@ -131,3 +131,17 @@ def test_batch_names_are_plain_and_never_echoed_whole(name):
     with pytest.raises(LorafleetError) as refused:
         check_batch_name(name)
     assert len(str(refused.value)) < 200 and "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
+
+
+def test_videos_present_by_lookups_for_a_few_keys_and_one_listing_for_many(tmp_path):
+    from common.store import LIST_ABOVE, Store, video_path, videos_present
+
+    store = Store(str(tmp_path / "store"))
+    done = [f"{i:064x}" for i in range(3)]
+    for key in done:
+        store.write_bytes(video_path(key, "mp4"), b"mp4")
+    store.write_bytes(video_path(f"{9:064x}", "png"), b"a poster without its video: not done")
+    many = done + [f"{i:064x}" for i in range(3, LIST_ABOVE + 10)]
+    assert videos_present(store, many) == set(done)  # one listing of videos/
+    assert videos_present(store, many[:5]) == set(done)  # a lookup each
+    assert videos_present(Store(str(tmp_path / "empty")), many) == set()
