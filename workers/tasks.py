@@ -2,8 +2,8 @@
 
 A delivery goes: take a lease → count the delivery (fail it once its workers were lost
 `max_deliveries` times) → check the message and re-derive its key (a bad one fails at once) →
-skip it if the batch was cancelled or the key's video is in the store → take the key's render
-lock → render → prove the lease is still ours → write. A delivery that learns another one took
+set it aside if its batch is paused → skip it if it or its batch was cancelled or the key's video
+is in the store → take the key's render lock → render → prove the lease is still ours → write. A delivery that learns another one took
 its job over (it paused past its lease) stops and writes nothing.
 Store and network trouble is retried with back-off (Celery's autoretry); everything else a job can
 do wrong fails that job with a one-line reason, and the worker serves on.
