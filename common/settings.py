@@ -118,5 +118,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     this one's, with every setting written out as LORAFLEET_<NAME>."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
-        env[f"LORAFLEET_{name.upper()}"] = json.dumps(value) if isinstance(value, (bool, list, dict)) else str(value)
+        if value is None:  # unset stays unset ("None" would be a value: a port, a model's name)
+            env.pop(f"LORAFLEET_{name.upper()}", None)
+        else:
+            env[f"LORAFLEET_{name.upper()}"] = (
+                json.dumps(value) if isinstance(value, (bool, list, dict)) else str(value)
+            )
     return env

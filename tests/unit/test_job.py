@@ -209,3 +209,12 @@ def test_a_file_asking_for_millions_of_jobs_is_refused_before_any_is_built(tmp_p
         "the file expands to 16000000 jobs, more than 100000 (LORAFLEET_MAX_JOBS): split it"
     ]
     assert time.monotonic() - started < 5  # counted, not built: 16 million dicts would take minutes and GBs
+
+
+def test_settings_reach_a_supervisors_workers_and_unset_ones_stay_unset(monkeypatch):
+    from common.settings import Settings, settings_env
+
+    monkeypatch.setenv("LORAFLEET_EVAL_CLIP", "left over from the shell")
+    env = settings_env(Settings(model="/models/x", metrics_port=None, eval_clip=None, _env_file=None))
+    assert env["LORAFLEET_MODEL"] == "/models/x"
+    assert "LORAFLEET_METRICS_PORT" not in env and "LORAFLEET_EVAL_CLIP" not in env  # not the string "None"
