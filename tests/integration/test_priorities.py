@@ -47,6 +47,7 @@ def test_a_high_priority_job_starts_before_twenty_low_ones(fleet_env, start_work
     urgent = write_jobs(tmp_path / "urgent.jsonl", [{"id": "urgent", "prompt": "a dog", "seed": 1}])
     assert lorafleet("submit", urgent, "--batch", "urgent", "--priority", "high", env=fleet_env).returncode == 0
     assert started(worker.log_path) == ["busy"], "the long job ended before the test could queue behind it"
+    assert lorafleet("cancel", "busy", env=fleet_env).returncode == 0  # the worker is free from its next step
     done = lorafleet("wait", "low", "--timeout", "240", env=fleet_env)
     assert done.returncode == 0, done.stdout + done.stderr
     order = started(worker.log_path)
@@ -66,7 +67,7 @@ def statuses(fleet_env, batch: str) -> dict[str, str]:
 
 
 def test_a_paused_batch_starts_nothing_until_resumed_and_running_jobs_finish(fleet_env, start_worker, tmp_path):
-    worker = busy_worker(fleet_env, start_worker, tmp_path)
+    worker = busy_worker(fleet_env, start_worker, tmp_path, steps=200)
     paused = lorafleet("pause", "busy", env=fleet_env)  # the running job finishes
     assert paused.returncode == 0 and "1 running job(s) finish" in paused.stdout
     later = write_jobs(tmp_path / "later.jsonl", [{"id": f"later{i}", "prompt": "a cat", "seed": i} for i in range(4)])
