@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from common.bulk import paused_gc
 from common.errors import InputError
 from common.store import Store, jobs_path, manifest_path, output_uris
 
@@ -67,7 +68,8 @@ class Batch:
             lines = store.read_bytes(manifest_path(check_batch_name(name))).decode().splitlines()
         except FileNotFoundError:
             raise InputError(f'no batch "{name}" in {store.url} (no {manifest_path(name)})') from None
-        return cls(name, [json.loads(line) for line in lines if line.strip()])
+        with paused_gc():
+            return cls(name, [json.loads(line) for line in lines if line.strip()])
 
     def write_jobs(self, store: Store, jobs: list[dict]) -> None:
         """Write the batch's expanded jobs, one per key, for `lorafleet retry` and re-sends."""

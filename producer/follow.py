@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.broker import check_redis, make_app, queue_length, send_job, task_metas
+from common.bulk import paused_gc
 from common.errors import InputError, StoreError, WaitTimeout
 from common.leases import Ledger
 from common.manifest import FAILED_OR_CANCELLED, UNFINISHED, Batch, JobStatus
@@ -34,22 +35,23 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
     and no result); returns the progress ({"worker", "key", "step", "steps"}) of each running
     task by task id."""
     running = {}
-    tasks: dict[str, list[dict]] = {}
-    for entry in batch.entries:
-        if entry["status"] in UNFINISHED:
-            tasks.setdefault(entry["task_id"], []).append(entry)
-    for task_id, meta in task_metas(app, list(tasks)).items():
-        state, entries = meta["status"], tasks[task_id]
-        if state in ENDED:
-            _record(entries, state, meta["result"])
-        elif state == "PAUSED":
-            for entry in entries:
-                entry["status"] = JobStatus.PAUSED
-        elif state in ("STARTED", "PROGRESS"):
-            for entry in entries:
-                entry["status"] = JobStatus.RUNNING
-            if state == "PROGRESS" and isinstance(meta["result"], dict):
-                running[task_id] = meta["result"]
+    with paused_gc():  # a big batch: many small objects; a full collection would cost more than the poll
+        tasks: dict[str, list[dict]] = {}
+        for entry in batch.entries:
+            if entry["status"] in UNFINISHED:
+                tasks.setdefault(entry["task_id"], []).append(entry)
+        for task_id, meta in task_metas(app, list(tasks)).items():
+            state, entries = meta["status"], tasks[task_id]
+            if state in ENDED:
+                _record(entries, state, meta["result"])
+            elif state == "PAUSED":
+                for entry in entries:
+                    entry["status"] = JobStatus.PAUSED
+            elif state in ("STARTED", "PROGRESS"):
+                for entry in entries:
+                    entry["status"] = JobStatus.RUNNING
+                if state == "PROGRESS" and isinstance(meta["result"], dict):
+                    running[task_id] = meta["result"]
     if store is not None:
         unfinished = [entry for entry in batch.entries if entry["status"] in UNFINISHED]
         present = videos_present(store, [entry["key"] for entry in unfinished])

@@ -3,6 +3,7 @@
 import uuid
 
 from common.broker import check_redis, make_app, send_job
+from common.bulk import paused_gc
 from common.job import load_jobs_for
 from common.manifest import Batch, JobStatus
 from common.settings import Settings
@@ -19,8 +20,9 @@ def submit(path: str, settings: Settings, batch_name: str | None = None, priorit
     """
     batch = Batch.new(batch_name)
     store = Store(settings.store_url)
-    jobs = [{**job, "priority": job.get("priority") or priority} for job in load_jobs_for(path, settings, store)]
-    return enqueue(jobs, batch, store, settings)
+    with paused_gc():  # a big file's jobs are many small objects that live until the end
+        jobs = [{**job, "priority": job.get("priority") or priority} for job in load_jobs_for(path, settings, store)]
+        return enqueue(jobs, batch, store, settings)
 
 
 def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) -> Batch:
