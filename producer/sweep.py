@@ -92,7 +92,7 @@ def evaluate(
     pending = {key: send_evaluation(app, key, queue) for key in missing}
     started = time.monotonic()
     deadline = started + (timeout_s or 3600)
-    mismatched: list[str] = []
+    warned = False  # of an evaluator that differs from this producer's: said once
     for key, result in pending.items():
         try:
             result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=True)
@@ -102,8 +102,8 @@ def evaluate(
         evaluation = read_evaluation(store, key)
         if evaluation is not None:
             found[key] = evaluation
-            if evaluation.get("evaluator") != identity and not mismatched:
-                mismatched.append(key)  # said once: every later night would evaluate again
+            if evaluation.get("evaluator") != identity and not warned:
+                warned = True  # every later night would evaluate it again
                 console.print(
                     f"warning: a worker evaluated {key[:12]} with {evaluation.get('evaluator')}, but this producer "
                     f"expects {identity}: set LORAFLEET_EVAL_CLIP alike on the workers and here",
