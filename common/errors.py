@@ -75,6 +75,11 @@ class RenderError(LorafleetError):
     """Raised when a render produced something that must not be stored (NaN or infinite values)."""
 
 
+class MemoryBudgetError(LorafleetError):
+    """Raised when a render cannot fit its worker's GPU memory budget (LORAFLEET_GPU_MEMORY_GB): at
+    start for the model's default size, or before rendering a job of a larger size."""
+
+
 class WaitTimeout(LorafleetError):
     """Raised when a waiting command's --timeout passes before every job ended; the jobs stay queued."""
 

@@ -5,6 +5,7 @@ Every CLI flag maps onto one of these fields; the README's configuration table l
 
 import json
 import os
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,7 +68,26 @@ class Settings(BaseSettings):
     dtype: str = Field(
         "auto", description="Weights dtype on the worker: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp16, fp32."
     )
-    vae_tiling: bool = Field(False, description="Decode the video in tiles: less GPU memory, a little slower.")
+    vae_tiling: bool = Field(
+        False,
+        description="Decode the video in tiles and slices whatever the memory plan: less GPU memory, a little slower.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory a worker may use, in GB (10^9 bytes); none: the card's free memory at start. "
+        "The memory plan is chosen to fit it, and a job that cannot fit fails before rendering.",
+    )
+    memory_plan: Literal[
+        "auto", "resident", "vae-tiled", "text-encoder-offloaded", "pristine-on-host", "model-offload"
+    ] = Field(
+        "auto",
+        description="How a worker arranges the pipeline on its GPU: auto (the cheapest that fits the budget), resident, "
+        "vae-tiled, text-encoder-offloaded, pristine-on-host, model-offload.",
+    )
+    prompt_cache_size: int = Field(
+        256, ge=0, description="Prompt embeddings a worker keeps in host memory (a sweep's jobs share prompts)."
+    )
     metrics_port: int | None = Field(
         None,
         description="A worker serves /metrics, /healthz and /readyz on this port; `lorafleet workers` gives "

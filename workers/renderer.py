@@ -9,6 +9,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from diffusers import DiffusionPipeline
@@ -17,13 +18,14 @@ from PIL import Image
 
 import common
 from common.adapters import ReadPolicy
-from common.errors import LorafleetError, RenderError
+from common.errors import MemoryBudgetError, RenderError
 from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists, video_path
+from workers.memory import GB, PLANS, Footprint, choose, fit_problem, with_settings
 from workers.metrics import observe_render
-from workers.variants import AdapterCache, AdapterFiles, Term, VariantEngine
+from workers.variants import LRU, AdapterCache, AdapterFiles, Term, VariantEngine
 
 log = logging.getLogger("lorafleet.render")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -46,15 +48,25 @@ class Renderer:
         self.worker = worker
         self.info: ModelInfo = model_info(model_ref)
         started = time.perf_counter()
-        self.pipe = DiffusionPipeline.from_pretrained(model_ref, dtype=self.dtype).to(self.device)
+        self.budget = memory_budget(settings, self.device)  # before loading: the card's free memory
+        # Loaded on the host, weighed, then placed on the device as the memory plan says.
+        self.pipe = DiffusionPipeline.from_pretrained(model_ref, dtype=self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        if settings.vae_tiling:
-            self.pipe.vae.enable_tiling()
+        self.footprint = Footprint.of(self.pipe, settings.adapter_device_cache_mb * 2**20)
+        default_size = (self.info.num_frames, self.info.height, self.info.width)
+        try:
+            plan = choose(self.footprint, self.budget, default_size, settings.memory_plan)
+        except ValueError as exc:
+            raise MemoryBudgetError(f"{exc} (LORAFLEET_GPU_MEMORY_GB)") from None
+        self.plan = with_settings(plan, settings.vae_tiling, settings.pristine_on_host)
+        self._place()
+        self.prompts = PromptEmbeddings(self.pipe, self.info.max_text_tokens, settings.prompt_cache_size)
         self.variants = VariantEngine(
             self.pipe.transformer,
             settings.adapter_device_cache_mb * 2**20,
             settings.variant_cache_size,
-            settings.pristine_on_host,
+            self.plan.pristine_on_host,
+            device=self.device,
         )
         files = AdapterFiles(
             settings.adapter_cache_dir,
@@ -69,7 +81,35 @@ class Renderer:
             self.pipe.transformer.compile(backend=settings.compile_backend)
         self.load_seconds = time.perf_counter() - started
         self.rendered = 0
+        budget = "no budget" if self.budget is None else f"a {self.budget / GB:.1f} GB budget"
+        log.info(
+            "%s: memory plan %s: estimated peak %.1f GB at %s of %s (resident would need %.1f GB)",
+            worker, self.plan.describe(), self.footprint.peak(self.plan, *default_size) / GB,
+            "×".join(map(str, default_size)), budget, self.footprint.peak(PLANS[0], *default_size) / GB,
+        )  # fmt: skip
         self.last_switched = False  # whether the last render had to switch variants
+
+    def _place(self) -> None:
+        """Put the pipeline's components where the memory plan says (on the CPU there is nowhere else)."""
+        pipe, plan = self.pipe, self.plan
+        if plan.vae_tiling:
+            pipe.vae.enable_tiling()
+            pipe.vae.enable_slicing()
+        if self.device.type != "cuda":
+            pipe.to(self.device)
+        elif plan.model_offload:
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.transformer.to(self.device)
+            pipe.vae.to(self.device)
+            if plan.text_encoder_offloaded:  # host memory, one block at a time on the GPU, the next one prefetched
+                from diffusers.hooks import apply_group_offloading
+
+                apply_group_offloading(
+                    pipe.text_encoder, self.device, offload_type="block_level", num_blocks_per_group=1, use_stream=True
+                )
+            else:
+                pipe.text_encoder.to(self.device)
 
     def device_name(self) -> str:
         """The device in words, for the metadata."""
@@ -98,6 +138,7 @@ class Renderer:
         """The job's frames (a list of H×W×3 float arrays in [0, 1]) and its timings in seconds."""
         timings = {}
         started = time.perf_counter()
+        tile = self._check_memory(job)
         terms, variant = self._terms(job)
         timings["adapters"] = time.perf_counter() - started
         fused = job["fuse"]
@@ -115,9 +156,10 @@ class Renderer:
                 progress(step + 1, steps)
             return tensors
 
+        prompt_embeds, negative_prompt_embeds = self.prompts.get(job["prompt"], job["negative_prompt"])
         call = dict(
-            prompt=job["prompt"],
-            negative_prompt=job["negative_prompt"],
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
             num_frames=job["num_frames"],
             height=job["height"],
             width=job["width"],
@@ -127,7 +169,6 @@ class Renderer:
             # Noise from a CPU generator is the same on every device (diffusers' advice).
             generator=torch.Generator("cpu").manual_seed(job["seed"]),
             output_type="np",
-            max_sequence_length=self.info.max_text_tokens,
             callback_on_step_end=on_step_end,
         )
 
@@ -137,9 +178,16 @@ class Renderer:
             return self._render_unfused(terms, job["lora_scale"], call)
 
         try:
-            frames = run()
-        except torch.OutOfMemoryError:
-            frames = self._retry_with_less_memory(run)
+            frames = self._with_vae_tiling(run) if tile else run()
+        except torch.OutOfMemoryError:  # the estimate fell short: one more try, in tiles
+            log.warning("%s: out of GPU memory; retrying once with VAE tiling and slicing", self.worker)
+            torch.cuda.empty_cache()
+            try:
+                frames = self._with_vae_tiling(run)
+            except torch.OutOfMemoryError:
+                raise MemoryBudgetError(
+                    "out of GPU memory, even with VAE tiling and slicing: ask for fewer frames or pixels"
+                ) from None
         check_finite(torch.as_tensor(frames), "the decoded frames")
         finished = time.perf_counter()
         timings["decode"] = finished - denoise_started - timings["denoise"]
@@ -147,25 +195,32 @@ class Renderer:
         self.rendered += 1
         return list(frames), timings
 
-    def _retry_with_less_memory(self, run):
-        """After a GPU out-of-memory error: free what can be freed, render once more with the VAE
-        decoding in tiles and slices, then put the VAE back as the settings say."""
-        log.warning("%s: out of GPU memory; retrying once with VAE tiling and slicing", self.worker)
-        torch.cuda.empty_cache()
-        tiled = self.pipe.vae.use_tiling
-        self.pipe.vae.enable_tiling()
-        self.pipe.vae.enable_slicing()
+    def _check_memory(self, job: dict) -> bool:
+        """Fail a job that cannot fit the worker's memory budget before it renders, with the reason;
+        returns whether it fits only with the VAE decoding in tiles (switched on for this job)."""
+        size = (job["num_frames"], job["height"], job["width"])
+        if fit_problem(self.footprint, self.plan, self.budget, size) is None:
+            return False
+        tiled = replace(self.plan, vae_tiling=True)
+        if not self.plan.vae_tiling and fit_problem(self.footprint, tiled, self.budget, size) is None:
+            return True
+        raise MemoryBudgetError(fit_problem(self.footprint, self.plan, self.budget, size))
+
+    def _with_vae_tiling(self, run):
+        """`run()` with the VAE decoding in tiles and slices, then the VAE as the plan has it."""
+        vae = self.pipe.vae
+        tiled, sliced = vae.use_tiling, vae.use_slicing
+        vae.enable_tiling()
+        vae.enable_slicing()
         try:
             return run()
-        except torch.OutOfMemoryError:
-            raise LorafleetError(
-                "out of GPU memory, even with VAE tiling and slicing: ask for fewer frames or pixels"
-            ) from None
         finally:
-            torch.cuda.empty_cache()
-            self.pipe.vae.disable_slicing()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not sliced:
+                vae.disable_slicing()
             if not tiled:
-                self.pipe.vae.disable_tiling()
+                vae.disable_tiling()
 
     def _render_unfused(self, terms: list[Term], lora_scale: float, call: dict):
         """Render through diffusers' own adapter layers (the weights stay at the exact base)."""
@@ -183,11 +238,48 @@ class Renderer:
         stats = {
             "adapter_files": self.adapters.files.stats(),
             "adapter_host": self.adapters.lru.stats(),
+            "prompt_embeddings": self.prompts.lru.stats(),
             **self.variants.stats(),
         }
         if self.compiled:
             stats["compiled_graphs"] = compiled_graphs()
         return stats
+
+
+class PromptEmbeddings:
+    """Prompt embeddings by (prompt, negative prompt), kept in host memory: a sweep's jobs share
+    their prompts, so T5 runs once per prompt and worker (and may live off the GPU). The same
+    `encode_prompt` call as the pipeline's own, so the frames are the same bit for bit."""
+
+    def __init__(self, pipe, max_tokens: int, size: int):
+        self.pipe = pipe
+        self.max_tokens = max_tokens
+        self.lru = LRU(size, size=lambda _: 1)
+
+    def get(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (prompt, negative prompt) embeddings on the device the pipeline runs on."""
+        device = self.pipe._execution_device
+        found = self.lru.get((prompt, negative_prompt))
+        if found is None:
+            with torch.no_grad():
+                found = tuple(
+                    embeds.cpu()
+                    for embeds in self.pipe.encode_prompt(
+                        prompt, negative_prompt, True, 1, max_sequence_length=self.max_tokens, device=device
+                    )
+                )
+            if self.lru.budget_bytes:
+                self.lru.put((prompt, negative_prompt), found)
+        return tuple(embeds.to(device) for embeds in found)
+
+
+def memory_budget(settings: Settings, device: torch.device) -> float | None:
+    """The bytes a worker may use on its device: the setting, else a GPU's free memory; None on the CPU."""
+    if settings.gpu_memory_gb is not None:
+        return settings.gpu_memory_gb * GB
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    return None
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -251,6 +343,7 @@ def render_job(
         "host": socket.gethostname(),
         "device": renderer.device_name(),
         "dtype": str(renderer.dtype).removeprefix("torch."),
+        "memory_plan": renderer.plan.name,
         "versions": versions(),
         "timings_s": timings,
         "caches": renderer.cache_stats(),

@@ -314,8 +314,12 @@ class VariantEngine:
         device_cache_bytes: int,
         variant_cache_size: int = 0,
         pristine_on_host: bool = False,
+        device: torch.device | None = None,
     ):
         self.transformer = transformer
+        # Where variants are computed: the weights' device, or the GPU while model offload keeps the
+        # weights on the host (the same kernels, so the same bits, wherever the weights live).
+        self.device = device or next(transformer.parameters()).device
         self.linears = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
         self.pristine_on_host = pristine_on_host
         self.groups: dict[tuple[str, ...], torch.Tensor] = {}  # layer names of one shape -> their W0, stacked
@@ -384,7 +388,7 @@ class VariantEngine:
         if names not in self.groups:
             weights = [self.pristine.get(n, self.linears[n].weight) for n in names]  # untouched layers are at W0
             stack = torch.stack([w.detach() for w in weights])
-            if self.pristine_on_host and stack.is_cuda:
+            if self.pristine_on_host and self.device.type == "cuda":
                 stack = stack.cpu().pin_memory()
             self.groups[names] = stack
             for i, name in enumerate(names):
@@ -399,8 +403,8 @@ class VariantEngine:
         if found is None:
             weight = self.linears[names[0]].weight
             (out_features, in_features), rank = weight.shape, max(a.shape[0] for a, _, _ in adapter.layers.values())
-            a_stack = torch.zeros(len(names), rank, in_features, dtype=weight.dtype, device=weight.device)
-            b_stack = torch.zeros(len(names), out_features, rank, dtype=weight.dtype, device=weight.device)
+            a_stack = torch.zeros(len(names), rank, in_features, dtype=weight.dtype, device=self.device)
+            b_stack = torch.zeros(len(names), out_features, rank, dtype=weight.dtype, device=self.device)
             for i, name in enumerate(names):  # straight into place on the device: no stacking on the host
                 if name in adapter.layers:
                     a, b, _ = adapter.layers[name]
