@@ -129,11 +129,20 @@ def one_lorafleet(args, paths: dict) -> dict:
         {"prompt": PROMPTS[0], "seed": 1, "adapters": [paths["a1"]], "steps": 2},
         {"prompt": PROMPTS[1], "seed": 2, "adapters": [paths["a2"]], "steps": args.steps},
     ]
+    peaks = {}
+
+    def at_step(step: int, steps: int) -> None:
+        if step == steps:
+            peaks["denoise"] = torch.cuda.max_memory_allocated()
+
     for fields in jobs:
         started = time.perf_counter()
-        renderer.render(finished_job(fields, renderer.info))
+        torch.cuda.reset_peak_memory_stats()
+        frames, timings = renderer.render(finished_job(fields, renderer.info), at_step)
         seconds = time.perf_counter() - started
+    print(f"measured job's timings (s): {json.dumps({k: round(v, 3) for k, v in timings.items()})}", flush=True)
     return {
+        "phase peaks GB": f"{peaks['denoise'] / PLAN_GB:.1f} / {torch.cuda.max_memory_allocated() / PLAN_GB:.1f}",
         "plan": renderer.plan.name,
         "estimated peak GB": renderer.footprint.peak(renderer.plan, *size) / PLAN_GB,
         "load s": renderer.load_seconds,
@@ -203,7 +212,10 @@ def tier_table(args) -> int:
     rows = []
     for what, budget in runs:
         command = [sys.executable, __file__, "--one", what, "--budget", str(budget), "--folder", args.folder]
-        done = subprocess.run([*command, "--steps", str(args.steps)], capture_output=True, text=True)
+        # Memory handed back to the allocator is reusable at any size: reserved stays near allocated.
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+        done = subprocess.run([*command, "--steps", str(args.steps)], capture_output=True, text=True, env=env)
+        print("".join(line + "\n" for line in done.stdout.splitlines() if line.startswith("measured")), end="")
         result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not result:
             print(f"{what} at {budget} GB failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}", flush=True)
@@ -214,7 +226,8 @@ def tier_table(args) -> int:
     resident = next((r["s per job"] for r in rows if r.get("plan") == "resident"), None)
     for row in rows:
         row["ratio to resident"] = row["s per job"] / resident if resident and "s per job" in row else None
-    columns = ["budget GB", "plan", "estimated peak GB", "peak allocated GB", "peak reserved GB", "s per job"]
+    columns = ["budget GB", "plan", "estimated peak GB", "peak allocated GB", "peak reserved GB", "phase peaks GB"]
+    columns += ["s per job"]
     columns += ["ratio to resident", "load s"]
     print(
         f"\n{torch.cuda.get_device_name(0)}, {args.model}, 49x480x720, {args.steps} steps, bf16; torch {torch.__version__}"

@@ -145,9 +145,6 @@ class Renderer:
         self.last_switched = self.variants.apply(terms if fused else [], job["lora_scale"], variant if fused else ())
         timings["variant"] = time.perf_counter() - started - timings["adapters"]
 
-        steps = job["steps"]
-        denoise_started = time.perf_counter()
-
         def on_step_end(pipe, step, timestep, tensors):
             if step + 1 == steps:
                 timings["denoise"] = time.perf_counter() - denoise_started
@@ -157,6 +154,9 @@ class Renderer:
             return tensors
 
         prompt_embeds, negative_prompt_embeds = self.prompts.get(job["prompt"], job["negative_prompt"])
+        timings["prompt"] = time.perf_counter() - started - timings["adapters"] - timings["variant"]
+        steps = job["steps"]
+        denoise_started = time.perf_counter()
         call = dict(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
