@@ -1,6 +1,7 @@
 """Rendering a job on the warm pipeline, and writing its video, poster and metadata to the store."""
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists, video_path
-from workers.memory import GB, PLANS, Footprint, choose, fit_problem, with_settings
+from workers.memory import GB, PLANS, Footprint, choose, fit_problem, stream_blocks, text_encoder_blocks, with_settings
 from workers.metrics import observe_render
 from workers.variants import LRU, AdapterCache, AdapterFiles, Term, VariantEngine
 
@@ -102,12 +103,13 @@ class Renderer:
         else:
             pipe.transformer.to(self.device)
             pipe.vae.to(self.device)
-            if plan.text_encoder_offloaded:  # host memory, one block at a time on the GPU, the next one prefetched
-                from diffusers.hooks import apply_group_offloading
-
-                apply_group_offloading(
-                    pipe.text_encoder, self.device, offload_type="block_level", num_blocks_per_group=1, use_stream=True
-                )
+            if plan.text_encoder_offloaded:  # its blocks stay on the host; the rest (embeddings, a norm) comes over
+                blocks = text_encoder_blocks(pipe.text_encoder)
+                stream_blocks(blocks, self.device)
+                streamed = {id(t) for block in blocks for t in itertools.chain(block.parameters(), block.buffers())}
+                for tensor in itertools.chain(pipe.text_encoder.parameters(), pipe.text_encoder.buffers()):
+                    if id(tensor) not in streamed:
+                        tensor.data = tensor.data.to(self.device)
             else:
                 pipe.text_encoder.to(self.device)
 
