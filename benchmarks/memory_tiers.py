@@ -3,10 +3,17 @@
     python benchmarks/memory_tiers.py --calibrate --models 2b 5b     # the planner's numbers (workers/memory.py)
     python benchmarks/memory_tiers.py --model 5b --budgets 79 47 23  # the tier table
 
+The tier table: a full-size random-weight pipeline (written to --folder if absent), then per budget
+one process under `torch.cuda.set_per_process_memory_fraction(budget)`: a lorafleet Renderer whose
+planner picks the plan for that budget, and diffusers' own pipeline with model CPU offload and VAE
+tiling at the smallest budget (`--diffusers-resident`: also diffusers all on the GPU). Each renders
+a 2-step warm-up job and then the measured one (another adapter, a new prompt), and reports the
+plan, estimated and measured peaks, seconds per job and the ratio to the resident plan.
+
 `--calibrate` builds full-size random-weight components on the GPU and prints, per shape, the
 memory each phase of a render adds on top of the weights: the T5 encoder's pass, one CFG step of
 the transformer (batch 2), and the VAE decode untiled and tiled+sliced. workers/memory.py's
-coefficients come from this table.
+coefficients come from this table. Results: benchmarks/README.md.
 """
 
 import argparse
