@@ -1,7 +1,6 @@
 """Rendering a job on the warm pipeline, and writing its video, poster and metadata to the store."""
 
 import io
-import itertools
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists, video_path
-from workers.memory import GB, PLANS, Footprint, choose, fit_problem, stream_blocks, text_encoder_blocks, with_settings
+from workers.memory import GB, PLANS, Footprint, choose, fit_problem, offload_text_encoder, with_settings
 from workers.metrics import observe_render
 from workers.variants import LRU, AdapterCache, AdapterFiles, Term, VariantEngine
 
@@ -60,6 +59,8 @@ class Renderer:
         except ValueError as exc:
             raise MemoryBudgetError(f"{exc} (LORAFLEET_GPU_MEMORY_GB)") from None
         self.plan = with_settings(plan, settings.vae_tiling, settings.pristine_on_host)
+        if self.budget is not None and self.footprint.peak(self.plan, *default_size) > self.budget:
+            log.warning("%s: memory plan %s was asked for, but its estimate exceeds the budget", worker, self.plan.name)
         self._place()
         self.prompts = PromptEmbeddings(self.pipe, self.info.max_text_tokens, settings.prompt_cache_size)
         self.variants = VariantEngine(
@@ -103,13 +104,8 @@ class Renderer:
         else:
             pipe.transformer.to(self.device)
             pipe.vae.to(self.device)
-            if plan.text_encoder_offloaded:  # its blocks stay on the host; the rest (embeddings, a norm) comes over
-                blocks = text_encoder_blocks(pipe.text_encoder)
-                stream_blocks(blocks, self.device)
-                streamed = {id(t) for block in blocks for t in itertools.chain(block.parameters(), block.buffers())}
-                for tensor in itertools.chain(pipe.text_encoder.parameters(), pipe.text_encoder.buffers()):
-                    if id(tensor) not in streamed:
-                        tensor.data = tensor.data.to(self.device)
+            if plan.text_encoder_offloaded:
+                offload_text_encoder(pipe.text_encoder, self.device)
             else:
                 pipe.text_encoder.to(self.device)
 
