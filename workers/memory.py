@@ -196,6 +196,15 @@ def stream_blocks(blocks: list[torch.nn.Module], device: torch.device) -> None:
         block.register_forward_hook(send_back)
 
 
+def memory_budget(gpu_memory_gb: float | None, device: torch.device) -> float | None:
+    """The bytes a worker may use on its device: the setting, else a GPU's free memory; None on the CPU."""
+    if gpu_memory_gb is not None:
+        return gpu_memory_gb * GB
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    return None
+
+
 def choose(footprint: Footprint, budget: float | None, size: tuple[int, int, int], name: str = "auto") -> Plan:
     """The named plan, or (auto) the cheapest whose peak at `size` fits `budget` bytes; raises
     ValueError with the reason when none does."""

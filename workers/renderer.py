@@ -23,7 +23,16 @@ from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists, video_path
-from workers.memory import GB, PLANS, Footprint, choose, fit_problem, offload_text_encoder, with_settings
+from workers.memory import (
+    GB,
+    PLANS,
+    Footprint,
+    choose,
+    fit_problem,
+    memory_budget,
+    offload_text_encoder,
+    with_settings,
+)
 from workers.metrics import observe_render
 from workers.variants import LRU, AdapterCache, AdapterFiles, Term, VariantEngine
 
@@ -48,7 +57,7 @@ class Renderer:
         self.worker = worker
         self.info: ModelInfo = model_info(model_ref)
         started = time.perf_counter()
-        self.budget = memory_budget(settings, self.device)  # before loading: the card's free memory
+        self.budget = memory_budget(settings.gpu_memory_gb, self.device)  # before loading: the card's free memory
         # Loaded on the host, weighed, then placed on the device as the memory plan says.
         self.pipe = DiffusionPipeline.from_pretrained(model_ref, dtype=self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
@@ -269,15 +278,6 @@ class PromptEmbeddings:
             if self.lru.budget_bytes:
                 self.lru.put((prompt, negative_prompt), found)
         return tuple(embeds.to(device) for embeds in found)
-
-
-def memory_budget(settings: Settings, device: torch.device) -> float | None:
-    """The bytes a worker may use on its device: the setting, else a GPU's free memory; None on the CPU."""
-    if settings.gpu_memory_gb is not None:
-        return settings.gpu_memory_gb * GB
-    if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
-    return None
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
