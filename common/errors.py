@@ -50,6 +50,11 @@ class AdapterError(InputError):
     """Raised when an adapter cannot be found, read, or applied to the model."""
 
 
+class ImageError(AdapterError):
+    """Raised when a job's image cannot be found, read or decoded, or lies outside the allowed
+    locations (it is read under the adapters' policy, so it is handled wherever they are)."""
+
+
 class ModelError(InputError):
     """Raised when the model cannot be found or its configuration cannot be read."""
 

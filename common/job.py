@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from common.adapters import DEFAULT_POLICY, AdapterFile, ReadPolicy, open_regular_file, read_adapter
 from common.errors import AdapterError, JobError, JobFileError, LorafleetError, ModelError
+from common.images import ImageFile, read_image
 from common.job_spec import JobSpec, describe
 from common.lora_formats import check_shapes, detect_layout
 from common.manifest import check_batch_name
@@ -74,6 +75,10 @@ def check_render(job: dict, model: ModelInfo, max_video_pixels: int) -> list[tup
         (field, f"{problem}, got {job[field]}")
         for field, problem in model.check_size(job["num_frames"], job["height"], job["width"])
     ]
+    if model.takes_image and job.get("image") is None:
+        problems.append(("image", "required: this model turns an image into a video"))
+    elif job.get("image") is not None and not model.takes_image:
+        problems.append(("image", "this model is text-to-video and takes no image (name an image-to-video model)"))
     pixels = job["num_frames"] * job["height"] * job["width"]
     if pixels > max_video_pixels:
         problems.append(
@@ -124,6 +129,10 @@ def job_key(job: dict, model: ModelInfo) -> str:
         "fps": job["fps"],
         "fuse": job["fuse"],
     }
+    if (
+        job.get("image") is not None
+    ):  # its content decides the pixels, not its path (text-to-video keys stay as they were)
+        decisive["image"] = job["image"]["sha256"]
     canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -136,6 +145,7 @@ class AdapterResolver:
         self.store = store
         self.policy = policy
         self._seen: dict[str, AdapterFile | AdapterError] = {}
+        self._images: dict[str, ImageFile | AdapterError] = {}
 
     @classmethod
     def from_settings(cls, settings, store: Store | None) -> "AdapterResolver":
@@ -150,6 +160,18 @@ class AdapterResolver:
             except AdapterError as exc:
                 self._seen[uri] = exc
         found = self._seen[uri]
+        if isinstance(found, AdapterError):
+            raise found
+        return found
+
+    def image(self, uri: str) -> ImageFile:
+        """The image a URI means, read and decoded once per resolver; raises ImageError."""
+        if uri not in self._images:
+            try:
+                self._images[uri] = read_image(uri, self.store, self.policy)[0]
+            except AdapterError as exc:
+                self._images[uri] = exc
+        found = self._images[uri]
         if isinstance(found, AdapterError):
             raise found
         return found
@@ -169,6 +191,9 @@ def finish_job(job: dict, model: ModelInfo, resolver: AdapterResolver) -> dict:
                 raise AdapterError(f'adapter "{adapter["uri"]}": {exc}') from None
         adapters.append({**adapter, "url": found.url, "sha256": found.sha256})
     finished = {**job, "adapters": adapters}
+    if job.get("image") is not None:
+        found = resolver.image(job["image"]["uri"])
+        finished["image"] = {**job["image"], "url": found.url, "sha256": found.sha256}
     finished["key"] = job_key(finished, model)
     return finished
 
@@ -309,14 +334,17 @@ def job_from_message(
     given = message.get("key")
     if given is not None and not (isinstance(given, str) and len(given) == 64 and set(given) <= SHA256_HEX):
         raise JobError("job: key: must be the 64 hex digits of a SHA-256 (or left out)")
+    files = {f"adapters[{i}]": adapter for i, adapter in enumerate(job["adapters"])}
+    if job.get("image") is not None:
+        files["image"] = job["image"]
     resolved = [
-        isinstance(a.get("url"), str) and isinstance(a.get("sha256"), str) and len(a["sha256"]) == 64
-        for a in job["adapters"]
+        isinstance(f.get("url"), str) and isinstance(f.get("sha256"), str) and len(f["sha256"]) == 64
+        for f in files.values()
     ]
     if all(resolved):
-        for i, adapter in enumerate(job["adapters"]):
-            if not resolver.policy.allows(adapter["url"], resolver.store):
-                raise JobError(f"job: adapters[{i}]: {resolver.policy.refusal(adapter['url'])}")
+        for field, file in files.items():
+            if not resolver.policy.allows(file["url"], resolver.store):
+                raise JobError(f"job: {field}: {resolver.policy.refusal(file['url'])}")
         job = {**job, "key": job_key(job, model)}
     else:
         try:

@@ -91,6 +91,22 @@ class AdapterSpec(BaseModel):
 AdapterItem = Annotated[AdapterSpec, BeforeValidator(_uri_or_adapter, json_schema_input_type=str | AdapterSpec)]
 
 
+class ImageSpec(BaseModel):
+    """A job's input image, for image-to-video models."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    uri: Annotated[Text, Field(min_length=1, max_length=4096), AfterValidator(_not_blank)] = Field(
+        description="a local path, a store-relative path, or s3://… and other fsspec URLs (PNG, JPEG or WebP)"
+    )
+    # Filled in by the producer; another client may send them (checked against the file when read).
+    url: str | None = Field(None, description="resolved: the file's URL (set by the producer)")
+    sha256: str | None = Field(None, description="resolved: the file's content hash (set by the producer)")
+
+
+ImageItem = Annotated[ImageSpec, BeforeValidator(_uri_or_adapter, json_schema_input_type=str | ImageSpec)]
+
+
 class RenderFields(BaseModel):
     """How to render: the fields a sweep's `render:` mapping may set."""
 
@@ -113,6 +129,9 @@ class JobSpec(RenderFields):
     negative_prompt: Annotated[Text, Field(max_length=MAX_PROMPT_CHARS)] = ""
     adapters: Annotated[list[AdapterItem], Field(max_length=MAX_ADAPTERS)] = Field(
         [], description="adapters, or bare URI strings; [] renders the base model"
+    )
+    image: ImageItem | None = Field(
+        None, description="the first frame to animate: required by image-to-video models, refused by the others"
     )
     lora_scale: Annotated[
         list[Finite], BeforeValidator(_one_or_list, json_schema_input_type=float | list[float]), Field(min_length=1)
@@ -140,7 +159,12 @@ class JobSpec(RenderFields):
 FIELDS = [name for name in JobSpec.model_fields if name not in ("key", "batch")]
 RENDER_FIELDS = list(RenderFields.model_fields)
 SWEPT_FIELDS = [name for name in FIELDS if name not in RENDER_FIELDS]  # what a sweep sets itself
-_KNOWN = {JobSpec: FIELDS, RenderFields: RENDER_FIELDS, AdapterSpec: ["uri", "weight", "alpha", "name"]}
+_KNOWN = {
+    JobSpec: FIELDS,
+    RenderFields: RENDER_FIELDS,
+    AdapterSpec: ["uri", "weight", "alpha", "name"],
+    ImageSpec: ["uri"],
+}
 _MESSAGES = {
     "missing": "required",
     "string_type": "must be a string",
@@ -176,7 +200,7 @@ def describe(exc: ValidationError, given: dict, model=JobSpec) -> list[tuple[str
             del loc[1]
         where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
         if kind == "extra_forbidden":
-            owner = AdapterSpec if len(loc) > 1 and loc[0] == "adapters" else model
+            owner = {"adapters": AdapterSpec, "image": ImageSpec}.get(loc[0], model) if len(loc) > 1 else model
             name, where = loc[-1], where.rpartition(".")[0] if len(loc) > 1 else ""
             found.append((where, unknown_field(str(name), _KNOWN.get(owner, FIELDS))))
             continue
@@ -192,6 +216,8 @@ def describe(exc: ValidationError, given: dict, model=JobSpec) -> list[tuple[str
             message = _MESSAGES.get(kind, error["msg"])
             if kind == "list_type" and loc == ["adapters"]:
                 message = "must be a list of adapters"
+            if kind == "model_type" and loc == ["image"]:
+                message = 'must be a URI string or {"uri": ...}'
             if kind in ("finite_number", "between") and isinstance(value, float) and not math.isfinite(value):
                 message += f", got {value}"
             elif kind not in ("missing", "too_short", "model_type", "surrogate", "label", "blank"):

@@ -24,6 +24,8 @@ class ModelInfo:
     frame_step: int  # num_frames must be frame_step·N + 1
     size_step: int  # height and width must be multiples of this
     max_text_tokens: int
+    takes_image: bool = False  # an image-to-video model: every job gives an `image`
+    fixed_size: bool = False  # learned positional embeddings (CogVideoX-5B-I2V): only its own height × width
     # The transformer's linear layers, name -> (out_features, in_features): what adapters may target.
     linear_layers: dict = field(default_factory=dict, compare=False)
 
@@ -35,6 +37,8 @@ class ModelInfo:
         for name, value in (("height", height), ("width", width)):
             if value < self.size_step or value % self.size_step:
                 problems.append((name, f"must be a positive multiple of {self.size_step} for this model"))
+            elif self.fixed_size and value != getattr(self, name):
+                problems.append((name, f"must be {getattr(self, name)}: this model renders only at its own size"))
         return problems
 
 
@@ -69,6 +73,7 @@ def model_info(ref: str) -> ModelInfo:
     """The ModelInfo of a pipeline folder or hub id, read from its config files."""
     if os.path.isdir(ref):
         ref = os.path.abspath(ref)  # one folder has one identity, however it was named
+    pipeline = _read_config(ref, "model_index.json")
     transformer = _read_config(ref, "transformer/config.json")
     vae = _read_config(ref, "vae/config.json")
     scheduler = _read_config(ref, "scheduler/scheduler_config.json")
@@ -87,6 +92,8 @@ def model_info(ref: str) -> ModelInfo:
         frame_step=frame_step,
         size_step=spatial * patch,
         max_text_tokens=transformer.get("max_text_seq_length", 226),
+        takes_image="ImageToVideo" in pipeline.get("_class_name", ""),
+        fixed_size=bool(transformer.get("use_learned_positional_embeddings")),
         linear_layers=cogvideox_linear_layers(transformer),
     )
 

@@ -402,13 +402,21 @@ def exporter(settings: Settings, console: Console, port: int, batches: int):
 @cli.command(name="tiny-model")
 @click.argument("directory", metavar="DIR")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")
+@click.option(
+    "--kind",
+    type=click.Choice(["t2v", "i2v", "t2v-1.5", "i2v-1.5"]),
+    default="t2v",
+    show_default=True,
+    help="CogVideoX text-to-video, image-to-video (5B-I2V), or their 1.5 versions",
+)
 @shared_options
-def tiny_model(settings: Settings, console: Console, directory: str, seed: int):
-    """Build the tiny random-weight pipeline (DIR/model), two adapters (DIR/adapters/{style,subject})
-    and a tiny CLIP for evaluations (DIR/clip)."""
+def tiny_model(settings: Settings, console: Console, directory: str, seed: int, kind: str):
+    """Build the tiny random-weight pipeline (DIR/model), two adapters (DIR/adapters/{style,subject}),
+    a tiny CLIP for evaluations (DIR/clip) and, for an image-to-video kind, two input images
+    (DIR/images/{sunset,tiles}.png)."""
     from workers.tiny_model import write_tiny_model
 
-    for name, path in write_tiny_model(directory, seed).items():
+    for name, path in write_tiny_model(directory, seed, kind).items():
         console.print(f"{name}: {path}")
     return ExitCode.OK
 

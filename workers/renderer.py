@@ -19,6 +19,7 @@ from PIL import Image
 import common
 from common.adapters import ReadPolicy
 from common.errors import MemoryBudgetError, RenderError
+from common.images import read_image_url
 from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
@@ -86,6 +87,8 @@ class Renderer:
             Store(settings.store_url),
         )
         self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.layer_sizes())
+        self.files = files
+        self.images = LRU(16, size=lambda _: 1)  # decoded input images by content hash: a sweep reuses its few
         self.compiled = settings.compile
         if settings.compile:
             # Compiled once, here: variants rewrite the weights in place, which never recompiles.
@@ -178,6 +181,8 @@ class Renderer:
             output_type="np",
             callback_on_step_end=on_step_end,
         )
+        if self.info.takes_image:
+            call["image"] = self.input_image(job["image"])
 
         def run():
             if fused or not terms:
@@ -201,6 +206,14 @@ class Renderer:
         timings["total"] = finished - started
         self.rendered += 1
         return list(frames), timings
+
+    def input_image(self, image: dict):
+        """A job's input image (PIL, RGB), read once per content hash; the pipeline resizes it."""
+        found = self.images.get(image["sha256"])
+        if found is None:
+            found = read_image_url(image["url"], image["sha256"], self.files.policy, self.files.store)
+            self.images.put(image["sha256"], found)
+        return found
 
     def _check_memory(self, job: dict) -> bool:
         """Fail a job that cannot fit the worker's memory budget before it renders, with the reason;
@@ -348,6 +361,9 @@ def render_job(
         "variant_switched": renderer.last_switched,
         "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if job.get("image") is not None:
+        picture = renderer.input_image(job["image"])
+        metadata["image"] = {**job["image"], "width": picture.width, "height": picture.height}
     if fence is not None:
         fence()
     # The MP4 goes last: a video in the store means its poster and metadata are there too.

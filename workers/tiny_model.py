@@ -14,6 +14,7 @@ import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
     CogVideoXDPMScheduler,
+    CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
@@ -58,8 +59,25 @@ def _tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def build_pipeline(seed: int = 0) -> CogVideoXPipeline:
-    """The tiny random-weight CogVideoX pipeline, in fp32 on the CPU."""
+# Rotary positions (5B and later) split a head into 3 even parts: heads of 16 channels (2 × 16 = 4 × 8).
+ROTARY = {"use_rotary_positional_embeddings": True, "num_attention_heads": 2, "attention_head_dim": 16}
+# The CogVideoX kinds, as their transformers differ from the 1.0 text-to-video model's (DOMAIN.md).
+KINDS = {
+    "t2v": {},
+    # CogVideoX-5B-I2V: the image's latents beside the noise, learned positions (only its own size)
+    "i2v": {"in_channels": 8, **ROTARY, "use_learned_positional_embeddings": True},
+    # CogVideoX 1.5: patches of 2 latent frames (16N+1 frames), a linear patch embedding
+    "t2v-1.5": {"patch_size_t": 2, **ROTARY, "patch_bias": False, "sample_frames": 17},
+    # CogVideoX1.5-5B-I2V: and its ofs embedding
+    "i2v-1.5": {
+        "in_channels": 8, "patch_size_t": 2, "ofs_embed_dim": 2, **ROTARY,
+        "patch_bias": False, "sample_frames": 17,
+    },
+}  # fmt: skip
+
+
+def build_pipeline(seed: int = 0, kind: str = "t2v") -> CogVideoXPipeline | CogVideoXImageToVideoPipeline:
+    """The tiny random-weight CogVideoX pipeline of a kind (KINDS), in fp32 on the CPU."""
     tokenizer = _tokenizer()
     torch.manual_seed(seed)
     text_encoder = T5EncoderModel(
@@ -75,7 +93,7 @@ def build_pipeline(seed: int = 0) -> CogVideoXPipeline:
         )
     )
     torch.manual_seed(seed + 1)
-    transformer = CogVideoXTransformer3DModel(
+    config = dict(
         num_attention_heads=4,
         attention_head_dim=8,
         in_channels=4,
@@ -90,6 +108,7 @@ def build_pipeline(seed: int = 0) -> CogVideoXPipeline:
         temporal_compression_ratio=4,
         max_text_seq_length=TEXT_TOKENS,
     )
+    transformer = CogVideoXTransformer3DModel(**(config | KINDS[kind]))
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLCogVideoX(
         in_channels=3,
@@ -103,7 +122,8 @@ def build_pipeline(seed: int = 0) -> CogVideoXPipeline:
         temporal_compression_ratio=4,
     )
     scheduler = CogVideoXDPMScheduler(timestep_spacing="trailing")
-    return CogVideoXPipeline(
+    pipeline = CogVideoXImageToVideoPipeline if kind.startswith("i2v") else CogVideoXPipeline
+    return pipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
 
@@ -149,10 +169,28 @@ def write_tiny_clip(directory: str, seed: int = 0) -> str:
     return directory
 
 
-def write_tiny_model(directory: str, seed: int = 0) -> dict[str, str]:
-    """Write the pipeline to DIR/model, the adapters to DIR/adapters/<name> and a tiny CLIP for
-    evaluations to DIR/clip; returns their paths."""
-    pipe = build_pipeline(seed)
+def write_images(directory: str, size: int = 16) -> dict[str, str]:
+    """Two input images for image-to-video jobs: a warm gradient and a cool checkerboard (PNG)."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(directory, exist_ok=True)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    gradient = np.stack([np.add.outer(ramp, ramp) / 2, ramp[:, None].repeat(size, 1), np.full((size, size), 40.0)], -1)
+    checks = (np.add.outer(np.arange(size) // 4, np.arange(size) // 4) % 2) * 200.0
+    checker = np.stack([checks * 0.2, checks * 0.6, checks + 40], -1)
+    paths = {}
+    for name, pixels in (("sunset", gradient), ("tiles", checker)):
+        paths[name] = os.path.join(directory, f"{name}.png")
+        Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(paths[name])
+    return paths
+
+
+def write_tiny_model(directory: str, seed: int = 0, kind: str = "t2v") -> dict[str, str]:
+    """Write the pipeline of a kind (KINDS) to DIR/model, the adapters to DIR/adapters/<name>, a tiny
+    CLIP for evaluations to DIR/clip and, for image-to-video kinds, two input images to
+    DIR/images/{sunset,tiles}.png; returns their paths."""
+    pipe = build_pipeline(seed, kind)
     model_dir = os.path.join(directory, "model")
     pipe.save_pretrained(model_dir)
     paths = {"model": model_dir, "clip": write_tiny_clip(os.path.join(directory, "clip"), seed)}
@@ -167,4 +205,6 @@ def write_tiny_model(directory: str, seed: int = 0) -> dict[str, str]:
             transformer_lora_adapter_metadata=metadata,
         )
         paths[name] = adapter_dir
+    if kind.startswith("i2v"):
+        paths |= write_images(os.path.join(directory, "images"))
     return paths

@@ -1,0 +1,93 @@
+"""A job's input image (image-to-video models): found like an adapter, read under the same policy,
+bounded, decoded once to check it is an image, and known by its content hash (the job key holds
+the hash, not the path)."""
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from common.adapters import DEFAULT_POLICY, ReadPolicy, read_bounded
+from common.errors import AdapterError, ImageError
+from common.store import Store
+
+MAX_IMAGE_BYTES = 64 * 2**20
+MAX_IMAGE_PIXELS = 8192 * 8192  # PIL refuses more: a decompression bomb is not decoded
+FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image a job names: where it was read, its content hash and its size in pixels."""
+
+    url: str
+    sha256: str
+    width: int
+    height: int
+
+
+def candidate_urls(uri: str, store: Store | None) -> list[str]:
+    """The URLs an image URI may mean, in the order they are tried: a URL, a local path, a store path."""
+    if "://" in uri:
+        return [uri]
+    candidates = [os.path.abspath(os.path.expanduser(uri))]
+    if store is not None and not uri.startswith(("/", "~")):
+        try:
+            candidates.append(store.uri(uri))
+        except Exception:
+            pass  # not a valid store path: the local one still applies
+    return candidates
+
+
+def read_image(uri: str, store: Store | None, policy: ReadPolicy = DEFAULT_POLICY) -> tuple[ImageFile, bytes]:
+    """Find an image where the policy allows, read it (bounded) and check that it decodes;
+    returns it with its bytes."""
+    candidates = [url for url in candidate_urls(uri, store) if policy.allows(url, store)]
+    if not candidates:
+        raise ImageError(str(policy.refusal(uri)).replace("adapter", "image", 1))
+    for url in candidates:
+        try:
+            data = read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s)
+        except AdapterError as exc:
+            raise ImageError(str(exc).replace("adapter", "image", 1)) from None
+        if data is not None:
+            width, height = decode(url, data).size
+            return ImageFile(url, hashlib.sha256(data).hexdigest(), width, height), data
+    raise ImageError(f'image "{uri}" not found (checked {", ".join(candidates)})')
+
+
+def decode(url: str, data: bytes) -> Image.Image:
+    """The image in `data` as RGB; raises ImageError for anything that is not a whole PNG, JPEG or
+    WebP image of at most MAX_IMAGE_PIXELS."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"image {url} is {image.width}×{image.height}: more pixels than {MAX_IMAGE_PIXELS:,}")
+            image.load()
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"image {url} does not decode as a PNG, JPEG or WebP image ({type(exc).__name__})") from None
+    return image.convert("RGB")
+
+
+def read_image_url(url: str, sha256: str, policy: ReadPolicy, store: Store | None) -> Image.Image:
+    """The image a finished job names, read from its resolved URL and checked against its content
+    hash (a worker never trusts a path to hold what was submitted)."""
+    if not policy.allows(url, store):
+        raise ImageError(str(policy.refusal(url)).replace("adapter", "image", 1))
+    try:
+        data = read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s)
+    except AdapterError as exc:
+        raise ImageError(str(exc).replace("adapter", "image", 1)) from None
+    if data is None:
+        raise ImageError(f"image {url} is gone since the job was submitted")
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise ImageError(f"image {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})")
+    return decode(url, data)
