@@ -25,6 +25,17 @@ def tiny(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_kinds(tmp_path_factory) -> dict:
+    """The tiny image-to-video and CogVideoX 1.5 pipelines, built once: {kind: paths} for i2v,
+    t2v-1.5 and i2v-1.5 (an I2V kind's paths add the input images "sunset" and "tiles")."""
+    from workers.tiny_model import write_tiny_model
+
+    return {
+        kind: write_tiny_model(str(tmp_path_factory.mktemp(kind)), kind=kind) for kind in ("i2v", "t2v-1.5", "i2v-1.5")
+    }
+
+
+@pytest.fixture(scope="session")
 def redis_server():
     """A private redis-server for the session; skipped locally, failed in CI, where none can start."""
     try:
