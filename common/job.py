@@ -62,6 +62,10 @@ def check_job(
     if model is None:
         return job, []
     problems = check_render(job, model, max_video_pixels)
+    if model.takes_image and job.get("image") is None:
+        problems.append(("image", "required: this model turns an image into a video"))
+    elif job.get("image") is not None and not model.takes_image:
+        problems.append(("image", "this model is text-to-video and takes no image (name an image-to-video model)"))
     return job, [f"{where}: {field}: {problem}" for field, problem in problems]
 
 
@@ -75,10 +79,6 @@ def check_render(job: dict, model: ModelInfo, max_video_pixels: int) -> list[tup
         (field, f"{problem}, got {job[field]}")
         for field, problem in model.check_size(job["num_frames"], job["height"], job["width"])
     ]
-    if model.takes_image and job.get("image") is None:
-        problems.append(("image", "required: this model turns an image into a video"))
-    elif job.get("image") is not None and not model.takes_image:
-        problems.append(("image", "this model is text-to-video and takes no image (name an image-to-video model)"))
     pixels = job["num_frames"] * job["height"] * job["width"]
     if pixels > max_video_pixels:
         problems.append(

@@ -2,6 +2,7 @@
 
     name: nightly                      # batch name prefix (default "sweep"); the date is appended
     prompts: ["a cat walks", "a dog runs"]     # or  prompts_file: prompts.jsonl
+                                       # image-to-video: [{prompt: "...", image: inputs/cat.png}, ...]
     adapter_sets:
       - [s3://loras/style]
       - [{uri: s3://loras/style, weight: 0.8}, s3://loras/subject]
@@ -66,7 +67,7 @@ def parse_scales(value, errors: list) -> list[float]:
     return scales
 
 
-def _prompts(spec: dict, errors: list) -> list[dict]:
+def _prompts(spec: dict, model: ModelInfo, resolver: AdapterResolver, errors: list) -> list[dict]:
     if ("prompts" in spec) == ("prompts_file" in spec):
         errors.append("prompts: give either prompts (a list) or prompts_file (a .jsonl), not both or neither")
         return []
@@ -87,12 +88,24 @@ def _prompts(spec: dict, errors: list) -> list[dict]:
     for i, item in enumerate(items):
         item = {"prompt": item} if isinstance(item, str) else item
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
-            errors.append(f'{where}[{i}]: must be a prompt string or {{"prompt": ..., "negative_prompt": ...}}')
+            errors.append(
+                f'{where}[{i}]: must be a prompt string or {{"prompt": ..., "negative_prompt": ..., "image": ...}}'
+            )
             continue
-        extra = set(item) - {"prompt", "negative_prompt"}
+        extra = set(item) - {"prompt", "negative_prompt", "image"}
         if extra:
-            errors.append(f"{where}[{i}]: {unknown_field(sorted(extra)[0], ['prompt', 'negative_prompt'])}")
+            errors.append(f"{where}[{i}]: {unknown_field(sorted(extra)[0], ['prompt', 'negative_prompt', 'image'])}")
             continue
+        image = item.get("image")
+        if model.takes_image and image is None:
+            errors.append(f"{where}[{i}].image: required: this model turns an image into a video")
+        elif image is not None and not model.takes_image:
+            errors.append(f"{where}[{i}].image: this model is text-to-video and takes no image")
+        elif image is not None:
+            try:
+                resolver.image(image if isinstance(image, str) else str(image.get("uri")))
+            except (AdapterError, AttributeError) as exc:
+                errors.append(f"{where}[{i}].image: {exc if isinstance(exc, AdapterError) else 'must be a URI string'}")
         prompts.append(item)
     return prompts
 
@@ -110,7 +123,7 @@ def load_sweep(
         model: ModelInfo = model_for(spec.get("model"))
     except ModelError as exc:
         raise JobFileError(path, [f"model: {exc}"]) from None
-    prompts = _prompts(spec, errors)
+    prompts = _prompts(spec, model, resolver, errors)
     scales = parse_scales(spec.get("lora_scales", [1.0]), errors)
     if 0.0 not in scales:
         scales = [0.0, *scales]  # the reference every cell is compared with

@@ -433,12 +433,19 @@ def schema(settings: Settings, console: Console):
 
 @cli.command()
 @click.option("--sweep", "spec", metavar="SPEC", type=click.Path(dir_okay=False), help="run this sweep spec instead")
+@click.option(
+    "--kind",
+    type=click.Choice(["t2v", "i2v"]),
+    default="t2v",
+    show_default=True,
+    help="i2v: the tiny image-to-video model and examples/i2v.jsonl, with the input images it writes",
+)
 @shared_options
-def demo(settings: Settings, console: Console, spec: str | None):
+def demo(settings: Settings, console: Console, spec: str | None, kind: str):
     """The tiny model, a private Redis, one CPU worker, and examples/prompts.jsonl submitted with --wait."""
     from lorafleet.demo import run_demo
 
-    return run_demo(console, spec)
+    return run_demo(console, spec, kind)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ Builds the tiny model, its two adapters and a tiny CLIP into ./demo (once), star
 --wait, prints where the videos are, then stops what it started. With a sweep spec
 (`lorafleet demo --sweep examples/sweep.yaml`, what `make sweep` runs when no fleet is configured),
 the same fleet runs that sweep instead, evaluated with the tiny CLIP, compared with the last one.
+With `--kind i2v` (or another kind of `lorafleet tiny-model`), the fleet serves that tiny model
+(built into ./demo/<kind>, input images in ./demo/<kind>/images) and submits examples/<kind>.jsonl.
 """
 
 import os
@@ -21,19 +23,21 @@ DEMO_DIR = "demo"
 EXAMPLES = os.path.join("examples", "prompts.jsonl")
 
 
-def run_demo(console: Console, sweep: str | None = None) -> int:
-    """Run the demo (or the sweep `sweep` on the demo's fleet); returns the exit code of the submit."""
-    model_dir = os.path.join(DEMO_DIR, "model")
-    built = (os.path.join(model_dir, "model_index.json"), os.path.join(DEMO_DIR, "clip", "config.json"))
+def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> int:
+    """Run the demo (or the sweep `sweep` on the demo's fleet) on the tiny model of a kind; returns
+    the exit code of the submit."""
+    folder = DEMO_DIR if kind == "t2v" else os.path.join(DEMO_DIR, kind)
+    model_dir = os.path.join(folder, "model")
+    built = (os.path.join(model_dir, "model_index.json"), os.path.join(folder, "clip", "config.json"))
     if not all(os.path.exists(path) for path in built):
-        console.print(f"building the tiny random-weight model into {DEMO_DIR}/ ...")
+        console.print(f"building the tiny random-weight {kind} model into {folder}/ ...")
         from workers.tiny_model import write_tiny_model
 
-        write_tiny_model(DEMO_DIR)
+        write_tiny_model(folder, kind=kind)
     env = {
         **os.environ,
         "LORAFLEET_MODEL": os.path.abspath(model_dir),
-        "LORAFLEET_EVAL_CLIP": os.path.abspath(os.path.join(DEMO_DIR, "clip")),
+        "LORAFLEET_EVAL_CLIP": os.path.abspath(os.path.join(folder, "clip")),
     }
     env.setdefault("LORAFLEET_STORE_URL", "./results")
     with ExitStack() as stack:
@@ -46,7 +50,8 @@ def run_demo(console: Console, sweep: str | None = None) -> int:
         worker = spawn_worker(["--device", "cpu"], env, log_path)
         stack.callback(stop_worker, worker)
         wait_until_ready(worker, log_path)
-        command = ["sweep", sweep, "--compare", "latest"] if sweep else ["submit", EXAMPLES, "--wait"]
+        examples = EXAMPLES if kind == "t2v" else os.path.join("examples", f"{kind}.jsonl")
+        command = ["sweep", sweep, "--compare", "latest"] if sweep else ["submit", examples, "--wait"]
         code = subprocess.call([sys.executable, "-m", "lorafleet", *command], env=env)
     store = env["LORAFLEET_STORE_URL"]
     if sweep:

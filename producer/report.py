@@ -18,7 +18,9 @@ import time
 import numpy as np
 
 import common
+from common.adapters import ReadPolicy
 from common.evaluation import read_video, vs_base
+from common.images import read_image_url
 from common.job import adapter_combination
 from common.manifest import Batch
 from common.store import Store, video_path
@@ -98,6 +100,7 @@ def build_report(
                     for a in job["adapters"]
                 ],
                 "prompt_text": prompts[cell["prompt"]],
+                "image": job.get("image"),  # image-to-video: the input, shown beside its rows
                 "status": entries[key]["status"],
                 "worker": metadata[key]["worker"],
                 "evaluated": evaluation is not None,
@@ -134,8 +137,20 @@ def build_report(
     for s in sets:
         cells_of_set = [c for c in report_cells if c["set"] == s["set"]]
         store.write_bytes(f"{base_dir}/plots/set{s['set']}.png", _plot(cells_of_set, s["set"]))
+    images = {c["image"]["sha256"]: c["image"] for c in report_cells if c.get("image")}
+    for sha256, image in images.items():
+        store.write_bytes(f"{base_dir}/images/{sha256}.png", _thumbnail(image, store))
     store.write_bytes(f"{base_dir}/report.html", _html(report).encode())
     return report
+
+
+def _thumbnail(image: dict, store: Store) -> bytes:
+    """An input image at most 160 pixels wide, as PNG, checked against the hash its jobs were keyed by."""
+    picture = read_image_url(image["url"], image["sha256"], ReadPolicy(), store)
+    picture.thumbnail((160, 160))
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
 
 
 def _sets(cells: list[dict]) -> list[int]:
@@ -311,6 +326,7 @@ STYLE = (
     "body{font:14px sans-serif;margin:2em;max-width:1600px}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
     "td,th{border:1px solid #ccc;padding:5px;text-align:center;vertical-align:top}"
     "video.cell{width:180px;image-rendering:pixelated;background:#000}img.plot{max-width:100%}"
+    "img.input{width:96px;image-rendering:pixelated;margin-top:4px}"
     "td.moved{background:#fff3cd}.n{font:12px monospace;text-align:left}.num{display:block}"
     "th.suggested,td.suggested{outline:3px solid #2a9d3c;outline-offset:-3px}"
     ".suggestion{font-size:16px;padding:6px 10px;background:#e8f5e9;border-left:5px solid #2a9d3c;display:inline-block}"
@@ -492,8 +508,10 @@ def _grid(cells: list[dict], columns: list[tuple[str, object]], pick, td) -> lis
     `columns`; `pick(value, prompt, seed)` finds a cell and `td(value, cell)` writes it."""
     parts = ["<table><tr><th>prompt, seed</th>" + "".join(header for header, _ in columns) + "</tr>"]
     for prompt, seed in sorted({(c["prompt"], c["seed"]) for c in cells}):
-        text = next(c["prompt_text"] for c in cells if c["prompt"] == prompt)
-        parts.append(f"<tr><th>{html.escape(text)}<br>seed {seed}</th>")
+        first = next(c for c in cells if c["prompt"] == prompt)
+        image = first.get("image")
+        picture = f"<br><img src='images/{image['sha256']}.png' class='input' alt='input image'>" if image else ""
+        parts.append(f"<tr><th>{html.escape(first['prompt_text'])}<br>seed {seed}{picture}</th>")
         parts += [td(value, pick(value, prompt, seed)) for _, value in columns]
         parts.append("</tr>")
     parts.append("</table>")

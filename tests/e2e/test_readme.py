@@ -4,6 +4,7 @@ import glob
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +37,21 @@ def test_make_demo_ends_with_decodable_videos(tmp_path):
     for entry in entries:
         frames = decode_video(entry["video"])
         assert frames.shape[0] in (9, 17) and frames.shape[-1] == 3
+
+
+def test_the_image_to_video_demo_renders_examples_i2v(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    env["LORAFLEET_STORE_URL"] = str(tmp_path / "results")
+    os.makedirs(tmp_path / "examples")
+    with open(os.path.join(REPO, "examples", "i2v.jsonl")) as f:
+        (tmp_path / "examples" / "i2v.jsonl").write_text(f.read())
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "demo", "--kind", "i2v"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "demo" / "i2v" / "images" / "sunset.png")  # the input images it wrote
+    (manifest,) = glob.glob(str(tmp_path / "results" / "batches" / "*" / "manifest.jsonl"))
+    entries = read_manifest(manifest)
+    assert [e["status"] for e in entries] == ["done"] * 3
+    assert all(decode_video(e["video"]).shape == (9, 16, 16, 3) for e in entries)

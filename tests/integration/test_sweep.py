@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from common.evaluation import ssim
 from tests.conftest import lorafleet
@@ -227,3 +228,34 @@ def test_the_report_plays_every_cell_in_a_real_browser(fleet_env, start_worker, 
         capture_output=True, timeout=180,
     )  # fmt: skip
     assert screenshot.stat().st_size > 10_000
+
+
+def test_an_image_to_video_sweep_shows_each_input_image_beside_its_rows(fleet_env, start_worker, tiny_kinds, tmp_path):
+    i2v = tiny_kinds["i2v"]
+    env = {**fleet_env, "LORAFLEET_MODELS": json.dumps({"i2v": i2v["model"]})}
+    start_worker(env, flags=("--model", "i2v"))
+    spec = {
+        "model": "i2v",
+        "prompts": [{"prompt": "a cat", "image": i2v["sunset"]}, {"prompt": "a cat", "image": i2v["tiles"]}],
+        "adapter_sets": [[i2v["style"]]],
+        "lora_scales": [0, 1],
+        "render": {"steps": 4},
+    }
+    path = tmp_path / "i2v-sweep.json"
+    path.write_text(json.dumps(spec))
+    sweep = lorafleet("sweep", str(path), "--batch", "i2v-night", env=env)
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    html, report = report_cells(fleet_env["LORAFLEET_STORE_URL"], "i2v-night")
+    assert len({c["key"] for c in report["cells"]}) == 4  # the same prompt, two images: two rows
+    folder = os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "i2v-night")
+    for name in ("sunset", "tiles"):
+        (sha256,) = {c["image"]["sha256"] for c in report["cells"] if c["image"]["uri"] == i2v[name]}
+        assert html.count(f"<img src='images/{sha256}.png' class='input'") == 1  # one row, one thumbnail
+        thumbnail = Image.open(os.path.join(folder, "images", f"{sha256}.png"))
+        assert np.array_equal(np.asarray(thumbnail.convert("RGB")), np.asarray(Image.open(i2v[name]).convert("RGB")))
+
+    text_to_video = dict(spec, model=None, prompts=[{"prompt": "a cat", "image": i2v["sunset"]}])
+    path.write_text(json.dumps(text_to_video))
+    refused = lorafleet("sweep", str(path), "--batch", "refused", env=env)
+    assert refused.returncode == 2
+    assert "prompts[0].image: this model is text-to-video and takes no image" in refused.stdout + refused.stderr
