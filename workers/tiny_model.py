@@ -199,7 +199,7 @@ def write_tiny_model(directory: str, seed: int = 0, kind: str = "t2v") -> dict[s
         metadata = None
         if alpha is not None:
             metadata = {"r": rank, "lora_alpha": alpha, "target_modules": targets}
-        CogVideoXPipeline.save_lora_weights(
+        type(pipe).save_lora_weights(  # each pipeline class writes its own LoRA files (the same layout)
             adapter_dir,
             transformer_lora_layers=adapter_layers(pipe.transformer, rank, targets, seed + 100 * offset),
             transformer_lora_adapter_metadata=metadata,

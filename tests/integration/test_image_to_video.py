@@ -60,3 +60,21 @@ def test_a_text_to_video_line_with_an_image_enqueues_nothing(fleet_env, tiny_kin
     assert submit.returncode == 2
     assert "line 2: image: this model is text-to-video and takes no image" in submit.stderr + submit.stdout
     assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 0
+
+
+def test_cogvideox_1_5_workers_render_16n_plus_1_frames(fleet_env, start_worker, tiny_kinds, tmp_path):
+    t2v, i2v = tiny_kinds["t2v-1.5"], tiny_kinds["i2v-1.5"]
+    env = {**fleet_env, "LORAFLEET_MODELS": json.dumps({"t15": t2v["model"], "i15": i2v["model"]})}
+    start_worker(env, "t15", flags=("--model", "t15"))
+    start_worker(env, "i15", flags=("--model", "i15"))
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        {"id": "t2v", "model": "t15", "adapters": [t2v["style"]]},
+        {"id": "i2v", "model": "i15", "adapters": [i2v["style"]], "image": i2v["tiles"]},
+    ]
+    jobs.write_text("".join(json.dumps({"prompt": "a cat", "seed": 1, "steps": 3, **line}) + "\n" for line in lines))
+    submit = lorafleet("submit", str(jobs), "--wait", "--batch", "v15", "--timeout", "180", env=env)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    manifest = read_manifest(os.path.join(env["LORAFLEET_STORE_URL"], "batches", "v15", "manifest.jsonl"))
+    assert [entry["status"] for entry in manifest] == ["done", "done"]
+    assert all(decode_video(entry["video"]).shape == (17, 16, 16, 3) for entry in manifest)

@@ -91,6 +91,18 @@ def test_every_format_fuses_to_the_weights_of_its_diffusers_twin(renderer, tiny,
         assert all(torch.equal(got[n], expected[n]) for n in got), fmt
 
 
+def test_every_format_fuses_exactly_on_the_1_5_image_to_video_model(tiny_kinds, tmp_path):
+    paths = tiny_kinds["i2v-1.5"]  # its adapters were written by CogVideoXImageToVideoPipeline.save_lora_weights
+    i2v = Renderer(paths["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path / "cache"), _env_file=None), "i2v")
+    image = {"image": paths["sunset"]}
+    expected = fused_weights(i2v, [{"uri": paths["style"], "alpha": 2.0}], **image)
+    base = fused_weights(i2v, [], **image)
+    for fmt, (uri, alpha_for_sat) in twins(paths, tmp_path).items():
+        got = fused_weights(i2v, [{"uri": uri, "alpha": 2.0}] if alpha_for_sat else [uri], **image)
+        assert sum(not torch.equal(got[n], base[n]) for n in got) == 4, fmt
+        assert all(torch.equal(got[n], expected[n]) for n in got), fmt
+
+
 def test_job_alpha_overrides_the_file(renderer, tiny):
     # subject: rank 2, alpha 1 in its metadata. alpha 2 at weight 1 means what weight 2 means at alpha 1.
     a = np.stack(renderer.render(job(renderer, [{"uri": tiny["subject"], "alpha": 2.0}]))[0])
