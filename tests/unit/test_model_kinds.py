@@ -148,3 +148,22 @@ def test_each_kind_renders_what_diffusers_does_base_and_fused(kind, tiny_kinds, 
     assert not np.allclose(fused, base, atol=1e-3)
     if image is not None:  # the image decides the video
         assert not np.allclose(render(renderer, image=paths["tiles"]), base, atol=1e-3)
+
+
+def test_a_worker_refuses_an_image_changed_since_submit(tiny_kinds, tmp_path):
+    from common.adapters import ReadPolicy
+    from common.errors import ImageError
+    from common.images import read_image, read_image_url
+
+    path = str(tmp_path / "input.png")
+    shutil.copy(tiny_kinds["i2v"]["sunset"], path)
+    found, _ = read_image(path, None)
+    assert read_image_url(found.url, found.sha256, ReadPolicy(), None).size == (16, 16)
+    shutil.copy(tiny_kinds["i2v"]["tiles"], path)
+    with pytest.raises(
+        ImageError, match=rf"^image {path} changed since it was submitted \(sha256 [0-9a-f]{{12}}, job wants "
+    ):
+        read_image_url(found.url, found.sha256, ReadPolicy(), None)
+    outside = ReadPolicy(roots=(str(tmp_path / "elsewhere"),))
+    with pytest.raises(ImageError, match=r"^image .* is outside the allowed locations"):
+        read_image_url(found.url, found.sha256, outside, None)
