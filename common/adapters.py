@@ -70,11 +70,11 @@ class ReadPolicy:
             not self.roots or any(real == root or real.startswith(root + os.sep) for root in self.roots)
         )
 
-    def refusal(self, uri: str) -> AdapterError:
+    def refusal(self, uri: str, what: str = "adapter") -> AdapterError:
         """The one error for anything outside the policy (it never says whether a file exists)."""
         roots = f"; local roots: {', '.join(self.roots)}" if self.roots else ""
         return AdapterError(
-            f'adapter "{uri[:200]}" is outside the allowed locations (schemes: {", ".join(self.schemes)}{roots}; '
+            f'{what} "{uri[:200]}" is outside the allowed locations (schemes: {", ".join(self.schemes)}{roots}; '
             "LORAFLEET_ADAPTER_SCHEMES, LORAFLEET_ADAPTER_ROOTS)"
         )
 
@@ -213,28 +213,28 @@ def local_path(url: str) -> str | None:
     return url if "://" not in url else None
 
 
-def read_bounded(url: str, max_bytes: int, timeout_s: float) -> bytes | None:
+def read_bounded(url: str, max_bytes: int, timeout_s: float, what: str = "adapter") -> bytes | None:
     """A file's bytes, or None if there is no file at `url` (a folder counts as none). Only a
     regular file is read (never a device or FIFO), only up to `max_bytes`, and a remote read gives
-    up after `timeout_s` without an answer."""
+    up after `timeout_s` without an answer; errors name the file as `what` ("adapter", "image")."""
     if url.startswith("hf://"):
         return _read_hub(url, max_bytes, timeout_s)
     path = local_path(url)
     if path is not None:
-        return _read_local(path, max_bytes)
+        return _read_local(path, max_bytes, what)
     try:
         fs, fs_path = fsspec.core.url_to_fs(url, **_timeouts(url, timeout_s))
         info = fs.info(fs_path)
         if info.get("type") == "directory":
             return None
-        _check_size(url, info.get("size"), max_bytes)
+        _check_size(url, info.get("size"), max_bytes, what)
         with fs.open(fs_path, "rb") as f:
             data = f.read(max_bytes + 1)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
     except (OSError, TimeoutError) as exc:
-        raise AdapterError(f"adapter {url} could not be read: {type(exc).__name__}: {exc}") from exc
-    _check_size(url, len(data), max_bytes)
+        raise AdapterError(f"{what} {url} could not be read: {type(exc).__name__}: {exc}") from exc
+    _check_size(url, len(data), max_bytes, what)
     return data
 
 
@@ -260,26 +260,27 @@ def open_regular_file(path: str):
     return None
 
 
-def _read_local(path: str, max_bytes: int) -> bytes | None:
+def _read_local(path: str, max_bytes: int, what: str = "adapter") -> bytes | None:
     try:
         f = open_regular_file(path)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     except OSError as exc:
-        raise AdapterError(f"adapter {path} could not be read: {exc.strerror}") from None
+        raise AdapterError(f"{what} {path} could not be read: {exc.strerror}") from None
     if f is None:
-        raise AdapterError(f"adapter {path} is not a regular file (a device, FIFO or socket): not read")
+        raise AdapterError(f"{what} {path} is not a regular file (a device, FIFO or socket): not read")
     with f:
-        _check_size(path, os.fstat(f.fileno()).st_size, max_bytes)
+        _check_size(path, os.fstat(f.fileno()).st_size, max_bytes, what)
         data = f.read(max_bytes + 1)
-    _check_size(path, len(data), max_bytes)
+    _check_size(path, len(data), max_bytes, what)
     return data
 
 
-def _check_size(url: str, size, max_bytes: int) -> None:
+def _check_size(url: str, size, max_bytes: int, what: str = "adapter") -> None:
     if size is None or size > max_bytes:
         told = "of unknown size" if size is None else f"larger than {max_bytes // 2**20} MiB"
-        raise AdapterError(f"adapter {url} is {told} (LORAFLEET_MAX_ADAPTER_MB): not read")
+        setting = " (LORAFLEET_MAX_ADAPTER_MB)" if what == "adapter" else ""
+        raise AdapterError(f"{what} {url} is {told}{setting}: not read")
 
 
 def _timeouts(url: str, timeout_s: float) -> dict:

@@ -47,12 +47,12 @@ def read_image(uri: str, store: Store | None, policy: ReadPolicy = DEFAULT_POLIC
     returns it with its bytes."""
     candidates = [url for url in candidate_urls(uri, store) if policy.allows(url, store)]
     if not candidates:
-        raise ImageError(str(policy.refusal(uri)).replace("adapter", "image", 1))
+        raise ImageError(str(policy.refusal(uri, "image")))
     for url in candidates:
         try:
-            data = read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s)
+            data = read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s, "image")
         except AdapterError as exc:
-            raise ImageError(str(exc).replace("adapter", "image", 1)) from None
+            raise ImageError(str(exc)) from None
         if data is not None:
             width, height = decode(url, data).size
             return ImageFile(url, hashlib.sha256(data).hexdigest(), width, height), data
@@ -80,11 +80,11 @@ def read_image_url(url: str, sha256: str, policy: ReadPolicy, store: Store | Non
     """The image a finished job names, read from its resolved URL and checked against its content
     hash (a worker never trusts a path to hold what was submitted)."""
     if not policy.allows(url, store):
-        raise ImageError(str(policy.refusal(url)).replace("adapter", "image", 1))
+        raise ImageError(str(policy.refusal(url, "image")))
     try:
-        data = read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s)
+        data = read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s, "image")
     except AdapterError as exc:
-        raise ImageError(str(exc).replace("adapter", "image", 1)) from None
+        raise ImageError(str(exc)) from None
     if data is None:
         raise ImageError(f"image {url} is gone since the job was submitted")
     found = hashlib.sha256(data).hexdigest()
