@@ -154,24 +154,21 @@ class AdapterResolver:
 
     def resolve(self, uri: str) -> AdapterFile:
         """The adapter file a URI means; raises AdapterError naming what was checked."""
-        if uri not in self._seen:
-            try:
-                self._seen[uri] = read_adapter(uri, self.store, self.policy)[0]
-            except AdapterError as exc:
-                self._seen[uri] = exc
-        found = self._seen[uri]
-        if isinstance(found, AdapterError):
-            raise found
-        return found
+        return self._once(self._seen, uri, lambda: read_adapter(uri, self.store, self.policy)[0])
 
     def image(self, uri: str) -> ImageFile:
-        """The image a URI means, read and decoded once per resolver; raises ImageError."""
-        if uri not in self._images:
+        """The image a URI means, read and decoded; raises ImageError naming what was checked."""
+        return self._once(self._images, uri, lambda: read_image(uri, self.store, self.policy)[0])
+
+    @staticmethod
+    def _once(cache: dict, uri: str, read):
+        """`read()`'s file, or its error, remembered per URI: each is read once per resolver."""
+        if uri not in cache:
             try:
-                self._images[uri] = read_image(uri, self.store, self.policy)[0]
+                cache[uri] = read()
             except AdapterError as exc:
-                self._images[uri] = exc
-        found = self._images[uri]
+                cache[uri] = exc
+        found = cache[uri]
         if isinstance(found, AdapterError):
             raise found
         return found
