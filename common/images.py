@@ -49,10 +49,7 @@ def read_image(uri: str, store: Store | None, policy: ReadPolicy = DEFAULT_POLIC
     if not candidates:
         raise ImageError(str(policy.refusal(uri, "image")))
     for url in candidates:
-        try:
-            data = read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s, "image")
-        except AdapterError as exc:
-            raise ImageError(str(exc)) from None
+        data = _read(url, policy)
         if data is not None:
             width, height = decode(url, data).size
             return ImageFile(url, hashlib.sha256(data).hexdigest(), width, height), data
@@ -81,13 +78,18 @@ def read_image_url(url: str, sha256: str, policy: ReadPolicy, store: Store | Non
     hash (a worker never trusts a path to hold what was submitted)."""
     if not policy.allows(url, store):
         raise ImageError(str(policy.refusal(url, "image")))
-    try:
-        data = read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s, "image")
-    except AdapterError as exc:
-        raise ImageError(str(exc)) from None
+    data = _read(url, policy)
     if data is None:
         raise ImageError(f"image {url} is gone since the job was submitted")
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
         raise ImageError(f"image {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})")
     return decode(url, data)
+
+
+def _read(url: str, policy: ReadPolicy) -> bytes | None:
+    """An image file's bytes, bounded as the policy says and by MAX_IMAGE_BYTES; None if absent."""
+    try:
+        return read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s, "image")
+    except AdapterError as exc:
+        raise ImageError(str(exc)) from None

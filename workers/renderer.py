@@ -87,7 +87,6 @@ class Renderer:
             Store(settings.store_url),
         )
         self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.layer_sizes())
-        self.files = files
         self.images = LRU(16, size=lambda _: 1)  # decoded input images by content hash: a sweep reuses its few
         self.compiled = settings.compile
         if settings.compile:
@@ -211,7 +210,8 @@ class Renderer:
         """A job's input image (PIL, RGB), read once per content hash; the pipeline resizes it."""
         found = self.images.get(image["sha256"])
         if found is None:
-            found = read_image_url(image["url"], image["sha256"], self.files.policy, self.files.store)
+            files = self.adapters.files  # images are read under the adapters' policy
+            found = read_image_url(image["url"], image["sha256"], files.policy, files.store)
             self.images.put(image["sha256"], found)
         return found
 
