@@ -66,6 +66,8 @@ def check_job(
         problems.append(("image", "required: this model turns an image into a video"))
     elif job.get("image") is not None and not model.takes_image:
         problems.append(("image", "this model is text-to-video and takes no image (name an image-to-video model)"))
+    if model.precision == "fp8" and not job["fuse"]:
+        problems.append(("fuse", "must be true on an fp8 model: its adapters are fused into the fp8 weights"))
     return job, [f"{where}: {field}: {problem}" for field, problem in problems]
 
 
@@ -129,10 +131,11 @@ def job_key(job: dict, model: ModelInfo) -> str:
         "fps": job["fps"],
         "fuse": job["fuse"],
     }
-    if (
-        job.get("image") is not None
-    ):  # its content decides the pixels, not its path (text-to-video keys stay as they were)
+    # Each below is absent from the keys of jobs without it: those keys stay as they were.
+    if job.get("image") is not None:  # its content decides the pixels, not its path
         decisive["image"] = job["image"]["sha256"]
+    if model.precision != "bf16":  # fp8 weights give other pixels than bf16's
+        decisive["precision"] = model.precision
     canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

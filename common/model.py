@@ -26,6 +26,7 @@ class ModelInfo:
     max_text_tokens: int
     takes_image: bool = False  # an image-to-video model: every job gives an `image`
     fixed_size: bool = False  # learned positional embeddings (CogVideoX-5B-I2V): only its own height × width
+    precision: str = "bf16"  # the weights as the workers run them: fp8 changes pixels, so it is in the key
     # The transformer's linear layers, name -> (out_features, in_features): what adapters may target.
     linear_layers: dict = field(default_factory=dict, compare=False)
 
@@ -69,8 +70,8 @@ def _read_config(ref: str, relpath: str) -> dict:
 
 
 @lru_cache(maxsize=16)
-def model_info(ref: str) -> ModelInfo:
-    """The ModelInfo of a pipeline folder or hub id, read from its config files."""
+def model_info(ref: str, precision: str = "bf16") -> ModelInfo:
+    """The ModelInfo of a pipeline folder or hub id, read from its config files, run in `precision`."""
     if os.path.isdir(ref):
         ref = os.path.abspath(ref)  # one folder has one identity, however it was named
     pipeline = _read_config(ref, "model_index.json")
@@ -94,6 +95,7 @@ def model_info(ref: str) -> ModelInfo:
         max_text_tokens=transformer.get("max_text_seq_length", 226),
         takes_image="ImageToVideo" in pipeline.get("_class_name", ""),
         fixed_size=bool(transformer.get("use_learned_positional_embeddings")),
+        precision=precision,
         linear_layers=cogvideox_linear_layers(transformer),
     )
 
@@ -134,6 +136,7 @@ def model_resolver(settings):
     def model_for(alias) -> ModelInfo:
         if alias is not None and not isinstance(alias, str):
             raise ModelError(f"must be a model alias (a string), got {json.dumps(alias)}")
-        return model_info(settings.model_ref(alias))
+        tier = settings.model_tier(alias)
+        return model_info(tier.ref, tier.precision)
 
     return model_for

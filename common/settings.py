@@ -7,10 +7,26 @@ import json
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ModelError
+
+PRECISIONS = ("bf16", "fp8")
+Precision = Literal["bf16", "fp8"]
+
+
+class ModelTier(BaseModel):
+    """A model alias: which pipeline, in which precision, compiled or not. Precision changes the
+    pixels, so it is part of the job key; compiling does not change them enough to matter and is not."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ref: str = Field(description="a local pipeline folder or a hub id")
+    precision: Precision = Field(
+        "bf16", description="bf16 (exact, the default) or fp8 (torchao per-row fp8 linear layers: faster, not exact)"
+    )
+    compile: bool | None = Field(None, description="torch.compile the transformer; none: LORAFLEET_COMPILE")
 
 
 class Settings(BaseSettings):
@@ -27,9 +43,10 @@ class Settings(BaseSettings):
         "THUDM/CogVideoX-5b",
         description="The fleet's default model: a local pipeline folder or a hub id; served on queue `render`.",
     )
-    models: dict[str, str] = Field(
+    models: dict[str, str | ModelTier] = Field(
         default_factory=dict,
-        description='Other models by alias, as JSON: {"2b": "/models/CogVideoX-2b"}; alias A is served on queue `render.A`.',
+        description='Other models by alias, as JSON: {"2b": "/models/CogVideoX-2b", "5b-fast": {"ref": '
+        '"THUDM/CogVideoX-5b", "precision": "fp8", "compile": true}}; alias A is served on queue `render.A`.',
     )
     visibility_timeout_s: int = Field(
         6 * 3600,
@@ -113,19 +130,37 @@ class Settings(BaseSettings):
         False,
         description="Keep the pristine base weights in pinned host memory instead of on the GPU (slower switches).",
     )
+    precision: Precision = Field(
+        "bf16", description="The default model's precision: bf16 (exact) or fp8 (faster, not exact; in the job key)."
+    )
     compile: bool = Field(
-        False, description="torch.compile the transformer at start; switching variants never recompiles."
+        False,
+        description="torch.compile the transformer at start, for the model's default size; switching variants never "
+        "recompiles, other sizes run uncompiled.",
     )
     compile_backend: str = Field("inductor", description="The torch.compile backend used with `compile`.")
+    compile_cache: bool = Field(
+        True,
+        description="Share torch.compile's artifacts through the store (compile-cache/): the first worker of a model, "
+        "precision, size, GPU and software versions saves them, later ones compile in seconds. Loading them runs "
+        "code from the store: turn off where store writers are not trusted like workers.",
+    )
 
-    def model_ref(self, alias: str | None) -> str:
-        """The folder or hub id behind a model alias; None names the fleet's default model."""
+    def model_tier(self, alias: str | None) -> ModelTier:
+        """The model behind an alias, its precision and compile mode; None names the fleet's default model."""
         if alias is None:
-            return self.model
+            return ModelTier(ref=self.model, precision=self.precision, compile=self.compile)
         if alias not in self.models:
             known = ", ".join(sorted(self.models)) or "none configured (LORAFLEET_MODELS)"
             raise ModelError(f'unknown model alias "{alias}"; known aliases: {known}')
-        return self.models[alias]
+        tier = self.models[alias]
+        if isinstance(tier, str):
+            tier = ModelTier(ref=tier)
+        return tier if tier.compile is not None else tier.model_copy(update={"compile": self.compile})
+
+    def model_ref(self, alias: str | None) -> str:
+        """The folder or hub id behind a model alias; None names the fleet's default model."""
+        return self.model_tier(alias).ref
 
 
 def queue_for(alias: str | None) -> str:

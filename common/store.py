@@ -1,6 +1,7 @@
 """The shared store: an fsspec URL (a local folder by default, s3://bucket/prefix in clusters).
 
-Layout (docs/design.md): videos/<key>.{mp4,png,json} and batches/<batch>/manifest.jsonl.
+Layout (docs/design.md): videos/<key>.{mp4,png,json}, batches/<batch>/manifest.jsonl and the
+workers' compile-cache/<key>.{bin,json}.
 """
 
 import contextlib
@@ -63,6 +64,10 @@ class Store:
         except (FileNotFoundError, NotImplementedError, StoreError):
             return None
         return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def size(self, relpath: str) -> int:
+        """A file's size in bytes (to bound a read before making it)."""
+        return self._call(self.fs.size, relpath)
 
     def read_bytes(self, relpath: str) -> bytes:
         """A file's contents."""

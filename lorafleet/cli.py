@@ -354,7 +354,8 @@ def render(settings: Settings, console: Console, file, out, batch, gpu, device, 
 
     update = {"store_url": out} if out else {}
     if alias:  # the jobs that name no model render on ALIAS's
-        update["model"] = settings.model_ref(alias)
+        tier = settings.model_tier(alias)
+        update.update(model=tier.ref, precision=tier.precision, compile=tier.compile)
     settings = _with_compile(settings.model_copy(update=update), compile_)
     rendered = render_file(file, settings, where, console, batch)
     return ExitCode.JOBS_FAILED if rendered.count(JobStatus.FAILED) else ExitCode.OK

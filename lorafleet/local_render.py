@@ -24,7 +24,8 @@ def render_file(path: str, settings: Settings, device: str, console: Console, ba
     for number, job in enumerate(jobs, start=1):
         alias = job["model"]
         if alias not in renderers:
-            renderers[alias] = Renderer(settings.model_ref(alias), device, settings, f"local-{device}")
+            tier = settings.model_tier(alias)
+            renderers[alias] = Renderer(tier.ref, device, settings, f"local-{device}", tier.precision, tier.compile)
         entry = batch.add(store, job, JobStatus.RUNNING)
         console.print(f"[{number}/{len(jobs)}] {job['key'][:12]} {job.get('id') or job['prompt'][:50]}")
         try:

@@ -24,6 +24,8 @@ from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists, video_path
+from workers.compile_cache import CompileCache, identity
+from workers.fp8 import check_fp8_device, quantize_transformer
 from workers.memory import (
     GB,
     PLANS,
@@ -52,11 +54,22 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 class Renderer:
     """One warm pipeline on one device: builds each job's variant, renders it, writes the outputs."""
 
-    def __init__(self, model_ref: str, device: str, settings: Settings, worker: str):
+    def __init__(
+        self,
+        model_ref: str,
+        device: str,
+        settings: Settings,
+        worker: str,
+        precision: str = "bf16",
+        compile: bool | None = None,
+    ):
         self.device = torch.device(device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self.worker = worker
-        self.info: ModelInfo = model_info(model_ref)
+        self.precision = precision
+        if precision == "fp8":
+            check_fp8_device(self.device)
+        self.info: ModelInfo = model_info(model_ref, precision)
         started = time.perf_counter()
         self.budget = memory_budget(settings.gpu_memory_gb, self.device)  # before loading: the card's free memory
         # Loaded on the host, weighed, then placed on the device as the memory plan says.
@@ -71,7 +84,16 @@ class Renderer:
         self.plan = with_settings(plan, settings.vae_tiling, settings.pristine_on_host)
         if self.budget is not None and self.footprint.peak(self.plan, *default_size) > self.budget:
             log.warning("%s: memory plan %s was asked for, but its estimate exceeds the budget", worker, self.plan.name)
+        originals = None
+        if precision == "fp8":
+            if self.plan.model_offload:
+                raise MemoryBudgetError("precision fp8 needs the transformer on the GPU: model-offload cannot serve it")
+            # The bf16 weights, kept on the host before quantization: every variant is fused from them.
+            linears = self.pipe.transformer.named_modules()
+            originals = {name: m.weight.data for name, m in linears if isinstance(m, torch.nn.Linear)}
         self._place()
+        if precision == "fp8":
+            quantize_transformer(self.pipe.transformer)
         self.prompts = PromptEmbeddings(self.pipe, self.info.max_text_tokens, settings.prompt_cache_size)
         self.variants = VariantEngine(
             self.pipe.transformer,
@@ -79,6 +101,7 @@ class Renderer:
             settings.variant_cache_size,
             self.plan.pristine_on_host,
             device=self.device,
+            originals=originals,
         )
         files = AdapterFiles(
             settings.adapter_cache_dir,
@@ -88,10 +111,10 @@ class Renderer:
         )
         self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.layer_sizes())
         self.images = LRU(16, size=lambda _: 1)  # decoded input images by content hash: a sweep reuses its few
-        self.compiled = settings.compile
-        if settings.compile:
-            # Compiled once, here: variants rewrite the weights in place, which never recompiles.
-            self.pipe.transformer.compile(backend=settings.compile_backend)
+        self.compiled = settings.compile if compile is None else compile
+        self.compile_seconds = None
+        if self.compiled:
+            self._compile(settings, default_size)
         self.load_seconds = time.perf_counter() - started
         self.rendered = 0
         budget = "no budget" if self.budget is None else f"a {self.budget / GB:.1f} GB budget"
@@ -101,6 +124,50 @@ class Renderer:
             "×".join(map(str, default_size)), budget, self.footprint.peak(PLANS[0], *default_size) / GB,
         )  # fmt: skip
         self.last_switched = False  # whether the last render had to switch variants
+
+    def _compile(self, settings: Settings, size: tuple[int, int, int]) -> None:
+        """Compile the transformer now, for the model's default size, with the fleet's shared
+        artifacts if the store has them (workers/compile_cache.py), and share them if it had not.
+
+        Variants rewrite the weights in place, which never recompiles. A job of another size (or
+        without guidance, a batch of one) would recompile for minutes while the queue waits: it
+        runs uncompiled instead (torch's "eager_on_recompile" stance)."""
+        store = Store(settings.store_url) if settings.compile_cache else None
+        described = identity(
+            dict(self.pipe.transformer.config), self.precision, size, settings.compile_backend, self.device
+        )
+        cache = CompileCache(store, described)
+        started = time.perf_counter()
+        shared = cache.load()
+        self.pipe.transformer.compile(backend=settings.compile_backend)
+        self._warm_up(size)
+        self.compile_seconds = time.perf_counter() - started
+        saved = 0 if shared else cache.save()
+        torch.compiler.set_stance("eager_on_recompile")
+        how = "with the fleet's shared artifacts" if shared else f"from scratch, shared {saved / 2**20:.1f} MB"
+        log.info(
+            "%s: compiled the transformer for %s in %.1fs (%s; compile cache %s); other sizes run uncompiled",
+            self.worker, "×".join(map(str, size)), self.compile_seconds, how, cache.key[:12],
+        )  # fmt: skip
+
+    def _warm_up(self, size: tuple[int, int, int]) -> None:
+        """Two denoising steps at the default size, as a job makes them (CFG batch of two, zero
+        prompt embeddings), without a decode: whatever a job would compile is compiled now."""
+        num_frames, height, width = size
+        width_of_text = self.pipe.text_encoder.config.d_model
+        embeds = torch.zeros(1, self.info.max_text_tokens, width_of_text, dtype=self.dtype, device=self.device)
+        call = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds, num_frames=num_frames, height=height)
+        if self.info.takes_image:
+            call["image"] = Image.new("RGB", (width, height))
+        with torch.no_grad():
+            self.pipe(
+                **call,
+                width=width,
+                num_inference_steps=2,
+                guidance_scale=6.0,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="latent",
+            )
 
     def _place(self) -> None:
         """Put the pipeline's components where the memory plan says (on the CPU there is nowhere else)."""
@@ -354,6 +421,8 @@ def render_job(
         "host": socket.gethostname(),
         "device": renderer.device_name(),
         "dtype": str(renderer.dtype).removeprefix("torch."),
+        "precision": renderer.precision,
+        "compiled": renderer.compiled,
         "memory_plan": renderer.plan.name,
         "versions": versions(),
         "timings_s": timings,

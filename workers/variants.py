@@ -47,6 +47,7 @@ from common.adapters import (
 )
 from common.errors import AdapterError
 from common.lora_formats import ALPHA, A, B, check_factors, detect_layout
+from workers import fp8
 
 log = logging.getLogger("lorafleet.variants")
 
@@ -315,6 +316,7 @@ class VariantEngine:
         variant_cache_size: int = 0,
         pristine_on_host: bool = False,
         device: torch.device | None = None,
+        originals: dict[str, torch.Tensor] | None = None,
     ):
         self.transformer = transformer
         # Where variants are computed: the weights' device, or the GPU while model offload keeps the
@@ -322,6 +324,8 @@ class VariantEngine:
         self.device = device or next(transformer.parameters()).device
         self.linears = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
         self.pristine_on_host = pristine_on_host
+        # The fp8 tier's bf16 weights from before quantization (on the host): its pristine W0.
+        self.originals = originals or {}
         self.groups: dict[tuple[str, ...], torch.Tensor] = {}  # layer names of one shape -> their W0, stacked
         self.pristine: dict[str, torch.Tensor] = {}  # layer -> its W0 (a view into a group's stack)
         self.touched: set[str] = set()  # layers whose weights differ from W0 now
@@ -340,19 +344,46 @@ class VariantEngine:
         built = fused is None
         with torch.no_grad():
             if built:
-                fused = [(names, torch.baddbmm(w0, b, a)) for names, w0, b, a in self._plan(terms, lora_scale)]
+                fused = [
+                    (names, self._encode(names, torch.baddbmm(w0, b, a)))
+                    for names, w0, b, a in self._plan(terms, lora_scale)
+                ]
             targets = {name for names, _ in fused for name in names}
-            restore = sorted(self.touched - targets)
-            if restore:
-                torch._foreach_copy_([self.linears[n].weight for n in restore], [self.pristine[n] for n in restore])
-            for names, stack in fused:
-                torch._foreach_copy_([self.linears[n].weight for n in names], list(stack.unbind(0)))
+            self._restore(sorted(self.touched - targets))
+            for names, value in fused:
+                self._write(names, value)
         if built and self.variants is not None and variant:
             self.variants.put(variant, fused)
         self.touched = targets
         self.current = variant
         self.switches += 1
         return True
+
+    def _encode(self, names: tuple[str, ...], stack: torch.Tensor):
+        """A group's fused weights as its layers store them: as they are, or quantized (fp8 tier)."""
+        like = self.linears[names[0]].weight
+        return fp8.encode(stack, like) if fp8.is_fp8(like) else stack
+
+    def _write(self, names: tuple[str, ...], value) -> None:
+        """Copy a group's encoded weights into its layers, in place."""
+        weights = [self.linears[n].weight for n in names]
+        if fp8.is_fp8(weights[0]):
+            fp8.write(weights, value)
+        else:
+            torch._foreach_copy_(weights, list(value.unbind(0)))
+
+    def _restore(self, names: list[str]) -> None:
+        """Put these layers back at W0: a copy, or (fp8) W0 quantized again, as torchao quantized it."""
+        plain = [n for n in names if not fp8.is_fp8(self.linears[n].weight)]
+        if plain:
+            torch._foreach_copy_([self.linears[n].weight for n in plain], [self.pristine[n] for n in plain])
+        shapes: dict[tuple, list[str]] = {}
+        for name in names:
+            if fp8.is_fp8(self.linears[name].weight):
+                shapes.setdefault(tuple(self.linears[name].weight.shape), []).append(name)
+        for group in shapes.values():
+            w0 = torch.stack([self.pristine[n] for n in group]).to(self.device, non_blocking=True)
+            self._write(tuple(group), self._encode(tuple(group), w0))
 
     def _plan(self, terms: list[Term], lora_scale: float) -> list[tuple]:
         """Per group of same-shaped layers: (names, W0, B [n, out, Σr], A [n, Σr, in]). The adapters
@@ -386,8 +417,9 @@ class VariantEngine:
     def _pristine_stack(self, names: tuple[str, ...]) -> torch.Tensor:
         """The stacked W0 of these layers, captured the first time they are used together."""
         if names not in self.groups:
-            weights = [self.pristine.get(n, self.linears[n].weight) for n in names]  # untouched layers are at W0
-            stack = torch.stack([w.detach() for w in weights])
+            # Untouched layers are at W0 (fp8 layers: their bf16 weights from before quantization).
+            weights = [self.pristine.get(n, self.originals.get(n, self.linears[n].weight)) for n in names]
+            stack = torch.stack([w.detach() for w in weights]).to(self.linears[names[0]].weight.device)
             if self.pristine_on_host and self.device.type == "cuda":
                 stack = stack.cpu().pin_memory()
             self.groups[names] = stack

@@ -93,9 +93,10 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     quiet_per_job_noise()
     queue = queue_for(alias)
     try:
-        model_ref = settings.model_ref(alias)
+        tier = settings.model_tier(alias)
+        model_ref = tier.ref
         log.info("%s: imports took %.1fs; loading %s", name, time.perf_counter() - started, model_ref)
-        renderer = Renderer(model_ref, device, settings, name)
+        renderer = Renderer(model_ref, device, settings, name, tier.precision, tier.compile)
     except LorafleetError as exc:
         log.error("%s: cannot start: %s", name, exc)
         return ExitCode.MODEL_LOAD_FAILED
@@ -128,10 +129,12 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
             target=run_heartbeat, args=(ledger, name, queue, stop, health), daemon=True, name="heartbeat"
         ).start()
         log.info(
-            "%s: READY: %s (%s) loaded in %.1fs, broker connected, serving queue %s",
+            "%s: READY %.1fs after start: %s (%s%s) loaded in %.1fs, broker connected, serving queue %s",
             name,
+            time.perf_counter() - started,
             model_ref,
-            str(renderer.dtype).removeprefix("torch."),
+            "fp8" if renderer.precision == "fp8" else str(renderer.dtype).removeprefix("torch."),
+            ", compiled" if renderer.compiled else "",
             renderer.load_seconds,
             queue,
         )
