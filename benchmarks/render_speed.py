@@ -1,0 +1,257 @@
+"""Render speed per tier: diffusers' eager pipeline against lorafleet's bf16 and fp8 tiers, compiled
+or not, on one GPU, in one run.
+
+    python benchmarks/render_speed.py --model 5b --steps 50 \\
+        --runs diffusers bf16 bf16-compiled:cold bf16-compiled fp8-compiled:cold fp8-compiled
+
+A full-size random-weight pipeline is written to --folder if absent (benchmarks/full_size.py). Each
+run is a process of its own, started as a fresh worker would be (an empty local inductor cache), and
+renders two jobs of the model's default size: the first job (adapter a1, a prompt), then the measured
+one (adapter a2, a new prompt: a variant switch and a T5 pass, as a fleet's next job). Runs:
+
+  diffusers          diffusers' own CogVideoXPipeline, eager, each adapter loaded and fused as its
+                     docs show
+  TIER[-compiled]    lorafleet's Renderer in TIER (bf16 or fp8); compiled at start with the compile
+                     artifacts in --store (shared by the runs before it); `:cold` with an empty store
+                     (what it compiles is then copied into --store)
+
+It prints, per run: start to ready (imports, load, compile: a worker's READY), the first job, the
+measured job and its seconds per denoising step, the ratio to diffusers, the variant switch (built,
+and from the variant cache), whether the weights came back bit for bit after the switches, graphs
+compiled after the first job, the transformer's output error against diffusers' bf16 on the same
+inputs, and the peak GPU memory. Results: benchmarks/README.md.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.memory_tiers import PROMPTS, finished_job  # noqa: E402
+
+GB = 1e9
+
+
+class Steps:
+    """Per-step wall times from a pipeline's step callback (synchronised: the GPU's time)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, *_) -> dict:  # a diffusers step callback, or a renderer's progress callback
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return {}
+
+    def per_step(self) -> float:
+        return statistics.median(b - a for a, b in zip(self.times, self.times[1:], strict=False))
+
+
+def probe(pipe, size: tuple[int, int, int]) -> torch.Tensor:
+    """The transformer's output for fixed random inputs of a CFG step at `size` (on the host)."""
+    frames, height, width = size
+    config = pipe.transformer.config
+    generator = torch.Generator("cpu").manual_seed(7)
+    latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
+    shape = (2, latent_frames, config.in_channels, height // 8, width // 8)
+    latents = torch.randn(shape, generator=generator).to("cuda", torch.bfloat16)
+    text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=generator)
+    rotary = None
+    if config.use_rotary_positional_embeddings:
+        rotary = pipe._prepare_rotary_positional_embeddings(height, width, latent_frames, torch.device("cuda"))
+    with torch.no_grad():
+        out = pipe.transformer(
+            hidden_states=latents,
+            encoder_hidden_states=text.to("cuda", torch.bfloat16),
+            timestep=torch.full((2,), 500, device="cuda"),
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
+    return out.float().cpu()
+
+
+def run_diffusers(args, paths: dict) -> dict:
+    from diffusers import CogVideoXPipeline
+
+    from common.model import model_info
+
+    info = model_info(paths["model"])
+    pipe = CogVideoXPipeline.from_pretrained(paths["model"], torch_dtype=torch.bfloat16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    ready = time.time() - args.started
+    row = {"start to ready s": ready}
+    for n, (prompt, adapter) in enumerate(((PROMPTS[0], "a1"), (PROMPTS[1], "a2"))):
+        started, steps = time.perf_counter(), Steps()
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(paths[adapter])
+        pipe.fuse_lora()
+        pipe(
+            prompt=prompt,
+            num_inference_steps=args.steps,
+            generator=torch.Generator("cpu").manual_seed(n),
+            output_type="np",
+            callback_on_step_end=steps,
+        )
+        torch.cuda.synchronize()
+        row["first job s" if n == 0 else "job s"] = time.perf_counter() - started
+        row["s per step"] = steps.per_step()
+    pipe.unload_lora_weights()
+    size = (info.num_frames, info.height, info.width)
+    torch.save(probe(pipe, size), os.path.join(args.store, "probe-diffusers.pt"))
+    return row
+
+
+def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
+    from common.settings import Settings
+    from workers.fp8 import is_fp8
+    from workers.renderer import Renderer, compiled_graphs
+
+    settings = Settings(
+        adapter_cache_dir=tempfile.mkdtemp(),
+        store_url=args.store,
+        variant_cache_size=2,
+        _env_file=None,
+    )
+    renderer = Renderer(paths["model"], "cuda", settings, "bench", precision, compiled)
+    info = renderer.info
+    row = {"start to ready s": time.time() - args.started, "compile s": renderer.compile_seconds}
+    layers = sorted(renderer.variants.linears)
+
+    def weights() -> list[torch.Tensor]:
+        """Every linear layer's stored weights, copied to the host (not to count in the peak)."""
+        found = []
+        for name in layers:
+            weight = renderer.variants.linears[name].weight
+            found += [weight.qdata, weight.scale] if is_fp8(weight) else [weight.detach()]
+        return [tensor.to("cpu", copy=True) for tensor in found]
+
+    base = weights()
+    graphs = None
+    for n, (prompt, adapter) in enumerate(((PROMPTS[0], "a1"), (PROMPTS[1], "a2"))):
+        job = finished_job({"prompt": prompt, "seed": n, "adapters": [paths[adapter]], "steps": args.steps}, info)
+        started, steps = time.perf_counter(), Steps()
+        _, timings = renderer.render(job, steps)
+        torch.cuda.synchronize()
+        row["first job s" if n == 0 else "job s"] = time.perf_counter() - started
+        row["s per step"] = steps.per_step()
+        row["switch ms"] = timings["variant"] * 1e3
+        if n == 0:
+            first_variant = weights()
+            graphs = compiled_graphs() if compiled else None
+    # Back to a1 from the variant cache, then to the base: both must come back bit for bit.
+    terms, variant = renderer._terms(finished_job({"prompt": "x", "adapters": [paths["a1"]]}, info))
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    renderer.variants.apply(terms, 1.0, variant)
+    torch.cuda.synchronize()
+    row["cached switch ms"] = (time.perf_counter() - started) * 1e3
+    same = all(torch.equal(a, b) for a, b in zip(weights(), first_variant, strict=True))
+    renderer.variants.apply([], 1.0, ())
+    same = same and all(torch.equal(a, b) for a, b in zip(weights(), base, strict=True))
+    row["exact after switches"] = same
+    row["graphs after first job"] = compiled_graphs() - graphs if compiled else None
+    torch.save(probe(renderer.pipe, (info.num_frames, info.height, info.width)), os.path.join(args.store, "probe.pt"))
+    return row
+
+
+def run_one(args) -> None:
+    paths = {"model": os.path.join(args.folder, "model")}
+    paths |= {name: os.path.join(args.folder, "adapters", name) for name in ("a1", "a2")}
+    name = args.one.removesuffix(":cold")
+    if name == "diffusers":
+        row = run_diffusers(args, paths)
+    else:
+        row = run_lorafleet(args, paths, name.split("-")[0], name.endswith("-compiled"))
+    row["peak GB"] = torch.cuda.max_memory_allocated() / GB
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def table(args) -> int:
+    if not os.path.isdir(os.path.join(args.folder, "model")):
+        from benchmarks.full_size import write_pipeline
+
+        started = time.perf_counter()
+        write_pipeline(args.folder, args.model, "cuda")
+        print(f"wrote a full-size random {args.model} pipeline in {time.perf_counter() - started:.0f}s", flush=True)
+    os.makedirs(args.store, exist_ok=True)
+    rows = []
+    for run in args.runs:
+        store = tempfile.mkdtemp() if run.endswith(":cold") else args.store  # :cold shares nothing
+        command = [sys.executable, __file__, "--one", run, "--folder", args.folder, "--store", store]
+        command += ["--steps", str(args.steps), "--started", str(time.time())]
+        # A fresh worker: no inductor cache on this machine, only what the store shares.
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(), "PYTHONUNBUFFERED": "1"}
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not result:
+            print(f"{run} failed:\n{done.stdout[-3000:]}{done.stderr[-5000:]}", flush=True)
+            rows.append({"run": run})
+            continue
+        row = {"run": run, **json.loads(result[-1].removeprefix("RESULT "))}
+        reference = os.path.join(args.store, "probe-diffusers.pt")
+        output = os.path.join(store, "probe.pt")
+        if os.path.exists(reference) and os.path.exists(output):
+            expected, got = torch.load(reference), torch.load(output)
+            row["output rel. error"] = float((got - expected).norm() / expected.norm())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if store != args.store:  # what a cold run compiled serves the runs (and benchmark calls) after it
+            shutil.copytree(
+                os.path.join(store, "compile-cache"), os.path.join(args.store, "compile-cache"), dirs_exist_ok=True
+            )
+    baseline = next((r for r in rows if r["run"] == "diffusers" and "job s" in r), None)
+    for row in rows:
+        if baseline and "job s" in row:
+            row["ratio to diffusers"] = row["job s"] / baseline["job s"]
+    columns = ["run", "start to ready s", "compile s", "first job s", "job s", "s per step", "ratio to diffusers"]
+    columns += ["switch ms", "cached switch ms", "exact after switches", "graphs after first job"]
+    columns += ["output rel. error", "peak GB"]
+    print(
+        f"\n{torch.cuda.get_device_name(0)}, {args.model}, default size, {args.steps} steps; torch {torch.__version__}"
+    )
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |", flush=True)
+    return 0 if all("job s" in row for row in rows) else 1
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+    return str(value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="5b", choices=["2b", "5b"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--runs", nargs="+", default=["diffusers", "bf16", "bf16-compiled", "fp8-compiled"])
+    parser.add_argument(
+        "--folder", default="/tmp/lorafleet-render-speed", help="the pipeline folder (written if absent)"
+    )
+    parser.add_argument(
+        "--store", default="/tmp/lorafleet-render-speed-store", help="where compile artifacts are shared"
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(args)
+        return 0
+    return table(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

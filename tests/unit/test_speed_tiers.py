@@ -1,0 +1,157 @@
+"""Speed tiers on the CPU: model aliases name their precision and compile mode, precision is part
+of the job key and compiling is not, fp8's per-row quantization of stacked layers is torchao's
+own, and compile artifacts shared through the store spare a fresh worker the compile."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from common.errors import JobError, ModelError
+from common.job import AdapterResolver, job_key
+from common.model import model_info
+from common.settings import ModelTier, Settings, settings_env
+from tests.helpers import prepare_job
+from workers.compile_cache import CompileCache, cache_key, identity
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_model_alias_names_its_precision_and_compile_mode(monkeypatch):
+    models = {"2b": "/models/2b", "5b-fast": {"ref": "/models/5b", "precision": "fp8", "compile": True}}
+    monkeypatch.setenv("LORAFLEET_MODELS", json.dumps(models))
+    monkeypatch.setenv("LORAFLEET_COMPILE", "true")
+    settings = Settings(_env_file=None)
+    assert settings.model_tier("5b-fast") == ModelTier(ref="/models/5b", precision="fp8", compile=True)
+    assert settings.model_tier("2b") == ModelTier(ref="/models/2b", precision="bf16", compile=True)  # the fleet's
+    assert settings.model_tier(None).ref == settings.model and settings.model_tier(None).precision == "bf16"
+    assert settings.model_ref("5b-fast") == "/models/5b"
+    # A supervisor's workers see the same tiers.
+    assert json.loads(settings_env(settings)["LORAFLEET_MODELS"])["5b-fast"]["precision"] == "fp8"
+    with pytest.raises(ModelError, match='unknown model alias "5b-slow"'):
+        settings.model_tier("5b-slow")
+
+
+@pytest.mark.parametrize(
+    "tier", [{"ref": "/m", "precision": "fp4"}, {"ref": "/m", "compiled": True}, {"precision": "fp8"}]
+)
+def test_a_bad_tier_is_refused_when_the_settings_are_read(monkeypatch, tier):
+    monkeypatch.setenv("LORAFLEET_MODELS", json.dumps({"x": tier}))
+    with pytest.raises(ValueError, match="models"):
+        Settings(_env_file=None)
+
+
+def test_precision_is_in_the_job_key_and_compiling_is_not(tiny):
+    """bf16 keys stay as they were before tiers (test_model_kinds pins one); fp8 renders get their own."""
+    job = {"prompt": "a cat", "seed": 1, "adapters": [tiny["style"]]}
+    bf16, fp8 = model_info(tiny["model"]), model_info(tiny["model"], "fp8")
+    (plain,) = prepare_job(job, "line 1", bf16, AdapterResolver(None))
+    (quantized,) = prepare_job(job, "line 1", fp8, AdapterResolver(None))
+    assert plain["key"] != quantized["key"]
+    assert job_key(plain, replace(bf16, precision="fp8")) == quantized["key"]
+    with pytest.raises(JobError, match="line 1: fuse: must be true on an fp8 model"):
+        prepare_job({**job, "fuse": False}, "line 1", fp8, AdapterResolver(None))
+
+
+def test_fp8_worker_refuses_a_device_without_fp8_units(tiny, tmp_path):
+    from workers.renderer import Renderer
+
+    with pytest.raises(ModelError, match="precision fp8 needs a CUDA GPU"):
+        Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path), _env_file=None), "x", "fp8")
+
+
+def test_stacked_fp8_quantization_is_torchaos_layer_by_layer():
+    """The variant engine quantizes a whole group of layers at once; torchao quantized the model
+    one layer at a time: the bits must be the same (per-row scales do not mix layers)."""
+    from torchao.quantization import Float8Tensor, PerRow
+
+    from workers import fp8
+
+    generator = torch.Generator().manual_seed(0)
+    stack = (torch.randn(40, 32, 64, generator=generator) * torch.rand(40, 32, 1, generator=generator)).bfloat16()
+    like = Float8Tensor.from_hp(stack[0], granularity=PerRow())
+    data, scales = fp8.encode(stack, like)  # 40 layers: three chunks
+    for i in range(len(stack)):
+        one = Float8Tensor.from_hp(stack[i], granularity=PerRow())
+        assert torch.equal(data[i].view(torch.uint8), one.qdata.view(torch.uint8))
+        assert torch.equal(scales[i], one.scale)
+    layers = [Float8Tensor.from_hp(torch.zeros(32, 64, dtype=torch.bfloat16), granularity=PerRow()) for _ in stack]
+    fp8.write(layers, (data, scales))
+    assert all(torch.equal(layer.dequantize(), Float8Tensor.from_hp(w, granularity=PerRow()).dequantize())
+               for layer, w in zip(layers, stack, strict=True))  # fmt: skip
+
+
+def test_the_compile_cache_key_covers_what_compiled_code_depends_on():
+    config = {"num_layers": 42, "attention_head_dim": 64, "_diffusers_version": "0.42.1"}
+    base = identity(config, "bf16", (49, 480, 720), "inductor", "cpu")
+    assert base["torch"] == torch.__version__.split("+")[0] or base["torch"].startswith(torch.__version__[:4])
+    for changed in (
+        identity({**config, "num_layers": 30}, "bf16", (49, 480, 720), "inductor", "cpu"),
+        identity(config, "fp8", (49, 480, 720), "inductor", "cpu"),
+        identity(config, "bf16", (81, 768, 1360), "inductor", "cpu"),
+        identity(config, "bf16", (49, 480, 720), "aot_eager", "cpu"),
+        {**base, "gpu_arch": "sm_90"},
+        {**base, "torch": "2.99.0"},
+    ):
+        assert cache_key(changed) != cache_key(base)
+    # Not the weights, nor where the config was saved from: a fine-tune shares its base's artifacts.
+    assert cache_key(
+        identity({**config, "_diffusers_version": "0.30"}, "bf16", (49, 480, 720), "inductor", "cpu")
+    ) == cache_key(base)
+
+
+COMPILE_ONCE = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from torch._dynamo.utils import counters
+from common.settings import Settings
+from workers.renderer import Renderer
+settings = Settings(adapter_cache_dir=sys.argv[2], store_url=sys.argv[3], compile=True, _env_file=None)
+renderer = Renderer(sys.argv[1], "cpu", settings, "fresh")
+print("RESULT " + json.dumps(dict(counters["inductor"])))
+"""
+
+
+def compile_in_a_fresh_process(tiny, tmp_path, store, name: str) -> dict:
+    """A worker process compiling the tiny transformer with inductor, with an empty local cache."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}")}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_ONCE, tiny["model"], str(tmp_path / "adapters"), str(store)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    counters = json.loads(done.stdout.split("RESULT ")[-1])
+    return {"counters": counters, "log": done.stderr}
+
+
+def test_a_fresh_worker_compiles_from_the_artifacts_another_shared(tiny, tmp_path):
+    store = tmp_path / "store"
+    first = compile_in_a_fresh_process(tiny, tmp_path, store, "first")
+    assert "from scratch, shared" in first["log"] and first["counters"].get("fxgraph_cache_miss", 0) >= 1
+    (entry,) = (store / "compile-cache").glob("*.json")
+    described = json.loads(entry.read_text())
+    assert described["identity"]["precision"] == "bf16" and described["identity"]["size"] == [9, 16, 16]
+    assert (store / "compile-cache" / f"{entry.stem}.bin").stat().st_size == described["bytes"]
+    second = compile_in_a_fresh_process(tiny, tmp_path, store, "second")
+    assert "with the fleet's shared artifacts" in second["log"]
+    assert second["counters"].get("fxgraph_cache_miss", 0) == 0 and second["counters"]["fxgraph_cache_hit"] >= 1
+    # A damaged entry costs a compile, never the worker.
+    (store / "compile-cache" / f"{entry.stem}.bin").write_bytes(b"not torch's")
+    third = compile_in_a_fresh_process(tiny, tmp_path, store, "third")
+    assert "not used" in third["log"] and "from scratch" in third["log"]
+
+
+def test_a_compile_cache_entry_that_lies_about_itself_is_not_loaded(tmp_path):
+    from common.store import Store
+
+    store = Store(str(tmp_path))
+    described = {"precision": "bf16", "size": [9, 16, 16]}
+    cache = CompileCache(store, described)
+    store.write_bytes(f"compile-cache/{cache.key}.bin", b"x" * 10)
+    store.write_bytes(f"compile-cache/{cache.key}.json", json.dumps({"identity": {"precision": "fp8"}}).encode())
+    assert not cache.load()
+    assert not CompileCache(None, described).load() and CompileCache(None, described).save() == 0
