@@ -79,12 +79,12 @@ def test_fp8_variants_are_the_bf16_variants_quantized_bit_for_bit(tiny, tmp_path
 
 def test_compiled_fp8_switches_variants_without_a_new_graph(tiny, tmp_path):
     settings = Settings(adapter_cache_dir=str(tmp_path), store_url=str(tmp_path / "store"), _env_file=None)
-    eager = Renderer(tiny["model"], "cuda", settings, "eager", precision="fp8")
     compiled = Renderer(tiny["model"], "cuda", settings, "compiled", precision="fp8", compile=True)
-    default = {"num_frames": compiled.info.num_frames, "height": compiled.info.height, "width": compiled.info.width}
     graphs = compiled_graphs()
-    for job in JOBS:
-        ours, theirs = render(compiled, tiny, {**job, **default}), render(eager, tiny, {**job, **default})
-        np.testing.assert_allclose(ours, theirs, atol=0.05)  # compiled kernels round differently
-    assert compiled_graphs() == graphs
+    base, *variants = [render(compiled, tiny, job) for job in [{"prompt": "a cat", "seed": 1}, *JOBS]]
+    assert compiled_graphs() == graphs  # the default size, every variant: the one graph compiled at start
+    # The graph reads the weights written in place: each variant renders its own frames, and the
+    # same ones when it comes back.
+    assert np.array_equal(variants[3], variants[0]) and np.array_equal(variants[4], base)
+    assert not any(np.array_equal(base, frames) for frames in variants[:3])
     assert list((tmp_path / "store" / "compile-cache").glob("*.bin"))  # shared for the next worker
