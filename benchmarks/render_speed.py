@@ -191,7 +191,12 @@ def table(args) -> int:
         # A fresh worker: no inductor cache on this machine, only what the store shares.
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(), "PYTHONUNBUFFERED": "1"}
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.run_timeout)
+        except subprocess.TimeoutExpired as exc:
+            print(f"{run} ran past {args.run_timeout}s:\n{(exc.stderr or b'')[-3000:]}", flush=True)
+            rows.append({"run": run})
+            continue
         result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not result:
             print(f"{run} failed:\n{done.stdout[-3000:]}{done.stderr[-5000:]}", flush=True)
@@ -244,6 +249,7 @@ def main() -> int:
     parser.add_argument(
         "--store", default="/tmp/lorafleet-render-speed-store", help="where compile artifacts are shared"
     )
+    parser.add_argument("--run-timeout", type=float, default=3600, help="seconds one run may take")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
