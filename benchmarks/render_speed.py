@@ -23,6 +23,7 @@ inputs, and the peak GPU memory. Results: benchmarks/README.md.
 """
 
 import argparse
+import faulthandler
 import json
 import os
 import shutil
@@ -130,7 +131,7 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
         found = []
         for name in layers:
             weight = renderer.variants.linears[name].weight
-            found += [weight.qdata, weight.scale] if is_fp8(weight) else [weight.detach()]
+            found += [weight.qdata.view(torch.uint8), weight.scale] if is_fp8(weight) else [weight.detach()]
         return [tensor.to("cpu", copy=True) for tensor in found]
 
     base = weights()
@@ -164,6 +165,8 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
 
 
 def run_one(args) -> None:
+    # A run that outstays its time shows where it was.
+    faulthandler.dump_traceback_later(max(args.run_timeout - 5, 1), exit=True)
     paths = {"model": os.path.join(args.folder, "model")}
     paths |= {name: os.path.join(args.folder, "adapters", name) for name in ("a1", "a2")}
     name = args.one.removesuffix(":cold")
@@ -187,14 +190,15 @@ def table(args) -> int:
     for run in args.runs:
         store = tempfile.mkdtemp() if run.endswith(":cold") else args.store  # :cold shares nothing
         command = [sys.executable, __file__, "--one", run, "--folder", args.folder, "--store", store]
-        command += ["--steps", str(args.steps), "--started", str(time.time())]
+        command += ["--steps", str(args.steps), "--run-timeout", str(args.run_timeout), "--started", str(time.time())]
         # A fresh worker: no inductor cache on this machine, only what the store shares.
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(), "PYTHONUNBUFFERED": "1"}
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         try:
             done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.run_timeout)
         except subprocess.TimeoutExpired as exc:
-            print(f"{run} ran past {args.run_timeout}s:\n{(exc.stderr or b'')[-3000:]}", flush=True)
+            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+            print(f"{run} ran past {args.run_timeout}s:\n{stderr[-6000:]}", flush=True)
             rows.append({"run": run})
             continue
         result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
