@@ -13,16 +13,16 @@ import workers.tasks
 from lorafleet.cli import main
 
 KILL_PROMPT = os.environ["LORAFLEET_TEST_KILL_PROMPT"]
-render_job = workers.tasks.render_job
+render_frames = workers.tasks.render_frames
 
 
 def render_or_die(renderer, store, job, *args, **kwargs):
     if job["prompt"] == KILL_PROMPT:
         os.kill(os.getpid(), signal.SIGKILL)
-    return render_job(renderer, store, job, *args, **kwargs)
+    return render_frames(renderer, store, job, *args, **kwargs)
 
 
-workers.tasks.render_job = render_or_die
+workers.tasks.render_frames = render_or_die
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DiffusionPipeline
@@ -385,26 +385,25 @@ def encode_outputs(frames: list, fps: int) -> tuple[bytes, bytes]:
     return mp4, poster.getvalue()
 
 
-def render_job(
-    renderer: Renderer,
-    store: Store,
-    job: dict,
-    progress: Progress | None = None,
-    fence: Callable[[], None] | None = None,
-) -> dict:
-    """Render a finished job (adapters resolved, key set) into the store, unless its video is
-    already there; returns the result the task reports: key, status, output URIs, worker.
+@dataclass
+class Rendered:
+    """A job's frames and metadata, rendered and not yet in the store."""
 
-    `fence()` runs right before the first write and raises if this process may no longer write
-    (its lease was taken over while it rendered)."""
+    job: dict
+    frames: list
+    timings: dict
+    metadata: dict
+
+
+def render_frames(renderer: Renderer, store: Store, job: dict, progress: Progress | None = None) -> dict | Rendered:
+    """Render a finished job (adapters resolved, key set), unless its video is already in the
+    store: then the result the task reports ({"status": "exists", …}) instead."""
     key = job["key"]
-    result = {"key": key, "worker": renderer.worker, **output_uris(store, key)}
     if video_exists(store, key):
         log.info("%s: %s already in the store, not rendered again", renderer.worker, key[:12])
-        return {**result, "status": "exists"}
+        return {"key": key, "worker": renderer.worker, **output_uris(store, key), "status": "exists"}
+    started_at = time.time()
     frames, timings = renderer.render(job, progress)
-    upload_started = time.perf_counter()
-    mp4, png = encode_outputs(frames, job["fps"])
     metadata = {
         "key": key,
         "job": job,
@@ -426,6 +425,8 @@ def render_job(
         "memory_plan": renderer.plan.name,
         "versions": versions(),
         "timings_s": timings,
+        # When the render held the device (Unix seconds): the device's idle time between jobs.
+        "rendering": {"started": started_at, "ended": started_at + timings["total"]},
         "caches": renderer.cache_stats(),
         "variant_switched": renderer.last_switched,
         "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -433,6 +434,17 @@ def render_job(
     if job.get("image") is not None:
         picture = renderer.input_image(job["image"])
         metadata["image"] = {**job["image"], "width": picture.width, "height": picture.height}
+    return Rendered(job, frames, timings, metadata)
+
+
+def upload(rendered: Rendered, store: Store, fence: Callable[[], None] | None = None) -> dict:
+    """Encode a rendered job and write it to the store; returns the result the task reports: key,
+    status, output URIs, worker. `fence()` runs right before the first write and raises if this
+    process may no longer write (its lease was taken over meanwhile)."""
+    job, timings, metadata = rendered.job, rendered.timings, rendered.metadata
+    key, worker = job["key"], metadata["worker"]
+    upload_started = time.perf_counter()
+    mp4, png = encode_outputs(rendered.frames, job["fps"])
     if fence is not None:
         fence()
     # The MP4 goes last: a video in the store means its poster and metadata are there too.
@@ -445,13 +457,28 @@ def render_job(
     log.info(
         "%s: %s rendered in %.2fs (%s frames %sx%s, %s steps; variant %.1f ms), uploaded in %.2fs; "
         "adapter cache hits/misses: disk %d/%d, host %d/%d, device %d/%d",
-        renderer.worker, key[:12], timings["total"], len(frames), job["width"], job["height"], job["steps"],
+        worker, key[:12], timings["total"], metadata["frames"], job["width"], job["height"], job["steps"],
         timings["variant"] * 1e3, timings["export_upload"],
         caches["adapter_files"]["hits"], caches["adapter_files"]["misses"],
         caches["adapter_host"]["hits"], caches["adapter_host"]["misses"],
         caches["device_factors"]["hits"], caches["device_factors"]["misses"],
     )  # fmt: skip
-    return {**result, "status": "done", "seconds": round(timings["total"] + timings["export_upload"], 3)}
+    seconds = round(timings["total"] + timings["export_upload"], 3)
+    return {"key": key, "worker": worker, **output_uris(store, key), "status": "done", "seconds": seconds}
+
+
+def render_job(
+    renderer: Renderer,
+    store: Store,
+    job: dict,
+    progress: Progress | None = None,
+    fence: Callable[[], None] | None = None,
+) -> dict:
+    """Render a finished job into the store, unless its video is already there, in this thread
+    (`lorafleet render`); returns the result a task reports. Workers upload in the background
+    (workers/uploads.py)."""
+    rendered = render_frames(renderer, store, job, progress)
+    return upload(rendered, store, fence) if isinstance(rendered, Rendered) else rendered
 
 
 def versions() -> dict:

@@ -3,15 +3,20 @@
 A delivery goes: take a lease → count the delivery (fail it once its workers were lost
 `max_deliveries` times) → check the message and re-derive its key (a bad one fails at once) →
 set it aside if its batch is paused → skip it if it or its batch was cancelled or the key's video
-is in the store → take the key's render lock → render → prove the lease is still ours → write. A delivery that learns another one took
-its job over (it paused past its lease) stops and writes nothing.
-Store and network trouble is retried with back-off (Celery's autoretry); everything else a job can
-do wrong fails that job with a one-line reason, and the worker serves on.
+is in the store → take the key's render lock → render → hand the frames to the background upload
+and take the next job. The upload proves the lease is still ours, writes, reports the result and
+only then releases the lock and the lease (workers/uploads.py). A delivery that learns another one
+took its job over (it paused past its lease) stops and writes nothing.
+Store and network trouble is retried with back-off (Celery's autoretry while rendering, the upload's
+own retries after); everything else a job can do wrong fails that job with a one-line reason, and
+the worker serves on.
 """
 
 import logging
+import random
 import re
 import time
+from contextlib import ExitStack
 
 import redis
 from celery import Celery, Task
@@ -25,7 +30,8 @@ from common.settings import Settings
 from common.store import Store, output_uris, video_exists
 from workers.evaluator import Evaluator
 from workers.metrics import EVALUATIONS, JOBS, STEP, STEPS, Health
-from workers.renderer import Renderer, render_job
+from workers.renderer import Rendered, Renderer, render_frames, upload
+from workers.uploads import Uploads
 
 log = logging.getLogger("lorafleet.worker")
 PROGRESS_INTERVAL_S = 0.5
@@ -62,15 +68,18 @@ class RenderTask(Task):
         self.queue = queue
         self.worker = renderer.worker
         self.max_retries = settings.store_retries
+        self.uploads = Uploads()
 
     def run(self, message):
         """Render one job (a JSON object, docs/design.md's task contract) and return its outputs."""
         task_id, worker = self.request.id, self.worker
         key = "?" * 12
+        handed_off = False
         try:
             # The lease comes first, before the message is even read: from here on, if this process
             # dies or hangs, the job is delivered again.
-            with self.ledger.running(task_id, message, self.queue, worker) as lease:
+            with ExitStack() as held:
+                lease = held.enter_context(self.ledger.running(task_id, message, self.queue, worker))
                 deliveries = self.ledger.count_delivery(task_id)
                 if deliveries > self.settings.max_deliveries:
                     raise WorkerLost(f"worker lost {deliveries - 1} times")
@@ -82,9 +91,14 @@ class RenderTask(Task):
                     log.info("%s: %s set aside: batch %s is paused", worker, key[:12], job["batch"])
                     self.update_state(state=PAUSED, meta={"key": key, "batch": job["batch"]})
                     raise Ignore()
-                result = self.render(job, lease, deliveries, task_id)
-                JOBS.labels(result["status"]).inc()
-                return result
+                outcome = self.render(job, lease, deliveries, task_id, held)
+                if isinstance(outcome, Rendered):
+                    # The lease and the key lock go with the frames: released once they are stored.
+                    self.upload_later(outcome, lease, held.pop_all(), task_id)
+                    handed_off = True
+                    raise Ignore()  # the upload reports the result
+                JOBS.labels(outcome["status"]).inc()
+                return outcome
         except Ignore:
             raise
         except LeaseLost as exc:
@@ -113,7 +127,51 @@ class RenderTask(Task):
             STEP.set(0)
             STEPS.set(0)
             self.health.job = None
-            self.ledger.delivered_cleanly(task_id)  # however it ended, its worker was not lost
+            if not handed_off:  # however it ended, its worker was not lost
+                self.ledger.delivered_cleanly(task_id)
+
+    def upload_later(self, rendered: Rendered, lease: Lease, held: ExitStack, task_id: str) -> None:
+        """Encode and upload in the background (after the upload before it) while this worker takes
+        its next job; then report the result, and release the key lock and the lease. Store and
+        network trouble is retried with back-off; a failed upload fails the job."""
+        key = rendered.job["key"]
+
+        def finish():
+            with held:
+                try:
+                    result = self.upload_with_retries(rendered, lease)
+                except LeaseLost as exc:  # the delivery that took the job over reports it
+                    JOBS.labels("lease_lost").inc()
+                    log.warning("%s: %s: %s", self.worker, key[:12], exc)
+                except Exception as exc:
+                    JOBS.labels("failed").inc()
+                    if isinstance(exc, LorafleetError):
+                        log.error("%s: %s failed: %s", self.worker, key[:12], exc)
+                    else:
+                        log.exception("%s: %s failed while uploading", self.worker, key[:12])
+                    self.backend.mark_as_failure(task_id, exc)
+                else:
+                    JOBS.labels(result["status"]).inc()
+                    self.backend.mark_as_done(task_id, result)
+                finally:
+                    self.ledger.delivered_cleanly(task_id)
+
+        self.uploads.start(finish)
+
+    def upload_with_retries(self, rendered: Rendered, lease: Lease) -> dict:
+        """The upload, tried again with exponential back-off and jitter on store or network trouble."""
+        key = rendered.job["key"]
+        attempts = self.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return upload(rendered, self.store, lease.confirm)
+            except RETRYABLE as exc:
+                log.warning("%s: %s: %s (upload attempt %d of %d)", self.worker, key[:12], exc, attempt, attempts)
+                if attempt == attempts:
+                    raise
+                JOBS.labels("retried").inc()
+                time.sleep(random.uniform(0, min(2**attempt, 60)))
+        raise AssertionError("unreachable")
 
     def check(self, message) -> dict:
         """The job a message asks for, its key derived from its content; raises JobError if bad."""
@@ -126,9 +184,10 @@ class RenderTask(Task):
             log.error("%s: rejected a malformed message %s: %s", self.worker, self.request.id, exc)
             raise
 
-    def render(self, job: dict, lease: Lease, deliveries: int, task_id: str) -> dict:
-        """Render a checked job under its key's lock, unless it or its batch was cancelled or its
-        video is in the store (or appears there while waiting for another worker's lock)."""
+    def render(self, job: dict, lease: Lease, deliveries: int, task_id: str, held: ExitStack) -> dict | Rendered:
+        """Render a checked job under its key's lock (held in `held`), unless it or its batch was
+        cancelled or its video is in the store (or appears there while waiting for another
+        worker's lock): then the result to report."""
         key, batch = job["key"], job["batch"]
         if self.ledger.is_cancelled(batch, task_id):
             raise JobCancelled(f"{_cancelled(self.ledger, batch)} was cancelled")
@@ -138,11 +197,11 @@ class RenderTask(Task):
         label = job["id"] or job["prompt"][:40]
         log.info("%s: %s started (%s), delivery %d", self.worker, key[:12], label, deliveries)
         self.health.job = {"key": key, "since": time.time()}
-        with self.ledger.key_lock(key, lease, lambda: video_exists(self.store, key)) as locked:
-            if not locked or video_exists(self.store, key):
-                return exists
-            progress = progress_reporter(self, lease, key, batch, self.worker, task_id)
-            return render_job(self.renderer, self.store, job, progress, lease.confirm)
+        locked = held.enter_context(self.ledger.key_lock(key, lease, lambda: video_exists(self.store, key)))
+        if not locked or video_exists(self.store, key):
+            return exists
+        progress = progress_reporter(self, lease, key, batch, self.worker, task_id)
+        return render_frames(self.renderer, self.store, job, progress)
 
 
 class EvaluateTask(Task):

@@ -111,7 +111,8 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         | {f"{package}_version": version for package, version in versions().items()}
     )
     store = Store(settings.store_url)
-    app.register_task(RenderTask(renderer, store, ledger, settings, queue, health))
+    render_task = RenderTask(renderer, store, ledger, settings, queue, health)
+    app.register_task(render_task)
     app.register_task(EvaluateTask(Evaluator(settings, device), store, settings, name))
     stop = threading.Event()
     sweeper = threading.Thread(
@@ -157,6 +158,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         code = exc.code if isinstance(exc.code, int) else 0
     else:
         code = 0
+    render_task.uploads.wait()  # the last job's video into the store before its lease goes
     stop.set()
     ledger.forget_worker(name)
     log.info("%s: stopped after %d render(s); %s", name, renderer.rendered, renderer.cache_stats())

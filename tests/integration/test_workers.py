@@ -1,6 +1,7 @@
 """Worker processes: progress reports, the per-GPU supervisor, --compile, and a clean stop."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -102,8 +103,9 @@ def test_store_trouble_is_retried_with_back_off_then_fails_with_its_reason(fleet
     with pytest.raises(StoreError, match="cannot write"):
         result.get(timeout=60)
     log = open(worker.log_path).read()
-    assert all(f"(attempt {n} of 3)" in log for n in (1, 2, 3))
-    assert log.count("rendered in") == 0 and worker.poll() is None
+    # Rendered once; only the upload is tried again.
+    assert all(f"(upload attempt {n} of 3)" in log for n in (1, 2, 3))
+    assert log.count("started (") == 1 and log.count("rendered in") == 0 and worker.poll() is None
 
 
 def test_supervisor_gives_up_on_a_model_that_never_loads(fleet_env, tmp_path):
@@ -114,3 +116,29 @@ def test_supervisor_gives_up_on_a_model_that_never_loads(fleet_env, tmp_path):
     assert "gpu0 worker died (code 5); restart 1" in text and "restart 2" in text, text[-3000:]
     assert "the model failed to load 3 times in a row" in text
     assert "restart 3" not in text and supervisor.returncode == 5
+
+
+def test_the_next_job_renders_while_the_last_one_uploads(fleet_env, start_worker):
+    """A job's encode and upload run in the background while the next job renders, and its result
+    is reported only once its video is in the store."""
+    start_worker(fleet_env)
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    jobs = [
+        {"prompt": f"a cat {i}", "seed": i, "steps": 2, "num_frames": 25, "height": 64, "width": 64} for i in range(4)
+    ]
+    results = [app.send_task(TASK_NAME, args=[job]) for job in jobs]
+    video_there_when_reported = {}
+    deadline = time.monotonic() + 180
+    while len(video_there_when_reported) < len(results) and time.monotonic() < deadline:
+        for result in results:
+            if result.id not in video_there_when_reported and result.state == "SUCCESS":
+                video_there_when_reported[result.id] = os.path.exists(result.result["video"])
+        time.sleep(0.005)
+    assert list(video_there_when_reported.values()) == [True] * len(results)
+    rendered = []  # (metadata, seconds the job took in all: render, then encode and upload)
+    for result in results:
+        rendered.append((json.loads(open(result.result["metadata"]).read()), result.result["seconds"]))
+    rendered.sort(key=lambda one: one[0]["rendering"]["started"])
+    for (last, seconds), (following, _) in zip(rendered, rendered[1:], strict=False):
+        upload_ended = last["rendering"]["started"] + seconds
+        assert following["rendering"]["started"] < upload_ended  # rendering began while the last one uploaded
