@@ -61,7 +61,7 @@ class Renderer:
         settings: Settings,
         worker: str,
         precision: str = "bf16",
-        compile: bool | None = None,
+        compiled: bool | None = None,
     ):
         self.device = torch.device(device)
         self.dtype = pick_dtype(settings.dtype, self.device)
@@ -111,7 +111,7 @@ class Renderer:
         )
         self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.layer_sizes())
         self.images = LRU(16, size=lambda _: 1)  # decoded input images by content hash: a sweep reuses its few
-        self.compiled = settings.compile if compile is None else compile
+        self.compiled = settings.compile if compiled is None else compiled
         self.compile_seconds = None
         if self.compiled:
             self._compile(settings, default_size)
@@ -156,18 +156,21 @@ class Renderer:
         num_frames, height, width = size
         width_of_text = self.pipe.text_encoder.config.d_model
         embeds = torch.zeros(1, self.info.max_text_tokens, width_of_text, dtype=self.dtype, device=self.device)
-        call = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds, num_frames=num_frames, height=height)
+        call = dict(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=embeds,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            num_inference_steps=2,
+            guidance_scale=6.0,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+        )
         if self.info.takes_image:
             call["image"] = Image.new("RGB", (width, height))
         with torch.no_grad():
-            self.pipe(
-                **call,
-                width=width,
-                num_inference_steps=2,
-                guidance_scale=6.0,
-                generator=torch.Generator("cpu").manual_seed(0),
-                output_type="latent",
-            )
+            self.pipe(**call)
 
     def _place(self) -> None:
         """Put the pipeline's components where the memory plan says (on the CPU there is nowhere else)."""

@@ -79,7 +79,7 @@ def test_fp8_variants_are_the_bf16_variants_quantized_bit_for_bit(tiny, tmp_path
 
 def test_compiled_fp8_switches_variants_without_a_new_graph(tiny, tmp_path):
     settings = Settings(adapter_cache_dir=str(tmp_path), store_url=str(tmp_path / "store"), _env_file=None)
-    compiled = Renderer(tiny["model"], "cuda", settings, "compiled", precision="fp8", compile=True)
+    compiled = Renderer(tiny["model"], "cuda", settings, "compiled", precision="fp8", compiled=True)
     graphs = compiled_graphs()
     base, *variants = [render(compiled, tiny, job) for job in [{"prompt": "a cat", "seed": 1}, *JOBS]]
     assert compiled_graphs() == graphs  # the default size, every variant: the one graph compiled at start
