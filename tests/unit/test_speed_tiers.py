@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,22 @@ def test_a_compile_cache_entry_that_lies_about_itself_is_not_loaded(tmp_path):
     store.write_bytes(f"compile-cache/{cache.key}.json", json.dumps({"identity": {"precision": "fp8"}}).encode())
     assert not cache.load()
     assert not CompileCache(None, described).load() and CompileCache(None, described).save() == 0
+
+
+@pytest.mark.parametrize("kind", ["i2v", "t2v-1.5", "i2v-1.5"])
+def test_every_model_kind_compiles_at_start_for_its_default_size(tiny_kinds, tmp_path, kind):
+    """The warm-up at start calls the pipeline as a job does (an image for image-to-video, 1.5's
+    rotary and frame patches), so the job that follows runs the graph compiled at start."""
+    from workers.renderer import Renderer, compiled_graphs
+
+    paths = tiny_kinds[kind]
+    common = dict(adapter_cache_dir=str(tmp_path), compile_backend="aot_eager", compile_cache=False, _env_file=None)
+    compiled = Renderer(paths["model"], "cpu", Settings(compile=True, **common), kind)
+    eager = Renderer(paths["model"], "cpu", Settings(**common), kind)
+    graphs = compiled_graphs()
+    job = {"prompt": "a cat", "seed": 3, "steps": 2, "adapters": [paths["style"]]}
+    if "i2v" in kind:
+        job["image"] = paths["sunset"]
+    (finished,) = prepare_job(job, "test", compiled.info, AdapterResolver(None))
+    np.testing.assert_allclose(compiled.render(finished)[0], eager.render(finished)[0], atol=1e-5)
+    assert compiled.compile_seconds is not None and compiled_graphs() == graphs
