@@ -7,7 +7,8 @@ For each worker count, in turn: a fresh store, one `lorafleet workers` superviso
 or `--cpus N`), every worker READY, then a sweep of 4 adapter sets x 4 lora_scales x 2 seeds (32
 jobs) submitted with `lorafleet submit --wait` and timed from submit to its last job done. Printed per
 count: jobs per hour, the speed-up over the first count, jobs per worker, the gaps on a worker between
-one job's end and its next job's start (work was queued all the while), and on GPUs which GPU each
+one job's render and its next job's (work was queued all the while; encodes and uploads run in the
+background, between renders), and on GPUs which GPU each
 worker process holds memory on (nvidia-smi). Then, with the last count's workers still up, one worker
 is SIGKILLed mid-render: the supervisor must restart it and the fleet must finish its job.
 
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,24 +80,21 @@ def size_fields(args) -> dict:
     return {field: value for field, value in size.items() if value is not None}
 
 
-def log_time(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def job_spans(log_text: str) -> dict[str, list[tuple[float, float]]]:
-    """Per worker (`gpu0`, `cpu-123`): (start, end) of each job it rendered, from its log lines."""
-    started: dict[tuple[str, str], float] = {}
+def render_spans(store: str) -> dict[str, list[tuple[float, float]]]:
+    """Per worker: when each job it rendered held its device (Unix seconds, from the metadata's
+    `rendering`); encoding and uploading follow in the background, outside these spans."""
     spans: dict[str, list[tuple[float, float]]] = {}
-    for stamp, worker, key, what in JOB_LINE.findall(log_text):
-        if what == "started":
-            started[worker, key] = log_time(stamp)
-        elif (worker, key) in started:
-            spans.setdefault(worker, []).append((started.pop((worker, key)), log_time(stamp)))
+    for name in os.listdir(os.path.join(store, "videos")):
+        if name.endswith(".json") and not name.endswith(".eval.json"):
+            with open(os.path.join(store, "videos", name)) as f:
+                metadata = json.load(f)
+            rendering = metadata["rendering"]
+            spans.setdefault(metadata["worker"], []).append((rendering["started"], rendering["ended"]))
     return spans
 
 
 def gaps(spans: dict[str, list[tuple[float, float]]]) -> list[float]:
-    """Seconds between a job's end and the next job's start, on the same worker."""
+    """Seconds a worker's device waited between one job's render and the next's."""
     ordered = [sorted(jobs) for jobs in spans.values()]
     return [b[0] - a[1] for jobs in ordered for a, b in zip(jobs, jobs[1:], strict=False)]
 
@@ -169,7 +166,7 @@ def measure(count: int, args, env: dict, paths: dict, work: str) -> tuple[dict, 
     elapsed = time.time() - submitted
     if submit.returncode != 0:
         raise SystemExit(f"the sweep on {count} worker(s) failed:\n{submit.stdout}{submit.stderr}")
-    spans = job_spans(fleet.log())
+    spans = render_spans(env["LORAFLEET_STORE_URL"])
     between = gaps(spans)
     times = [end - start for v in spans.values() for start, end in v]
     row = {
