@@ -8,6 +8,7 @@ only pick embedding rows; the encoder still runs its 226 positions).
 """
 
 import os
+import time
 
 import torch
 from diffusers import (
@@ -89,3 +90,19 @@ def write_pipeline(folder: str, name: str, device="cuda", rank: int = 64) -> dic
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return paths
+
+
+def pipeline_paths(folder: str) -> dict[str, str]:
+    """Where `write_pipeline` puts the model and its two adapters under FOLDER."""
+    return {"model": os.path.join(folder, "model")} | {
+        name: os.path.join(folder, "adapters", name) for name in ("a1", "a2")
+    }
+
+
+def ensure_pipeline(folder: str, name: str) -> dict[str, str]:
+    """The paths of a full-size random `name` pipeline in FOLDER, written there first if absent."""
+    if not os.path.isdir(os.path.join(folder, "model")):
+        started = time.perf_counter()
+        write_pipeline(folder, name, "cuda")
+        print(f"wrote a full-size random {name} pipeline in {time.perf_counter() - started:.0f}s", flush=True)
+    return pipeline_paths(folder)

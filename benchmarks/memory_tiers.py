@@ -193,8 +193,9 @@ def run_one(args) -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     if args.budget * GB < total:
         torch.cuda.set_per_process_memory_fraction(args.budget * GB / total)
-    paths = {"model": os.path.join(args.folder, "model")}
-    paths |= {name: os.path.join(args.folder, "adapters", name) for name in ("a1", "a2")}
+    from benchmarks.full_size import pipeline_paths
+
+    paths = pipeline_paths(args.folder)
     if args.one == "lorafleet":
         row = one_lorafleet(args, paths)
     else:
@@ -208,12 +209,9 @@ def run_one(args) -> None:
 
 def tier_table(args) -> int:
     """Every budget's lorafleet worker and diffusers' offload pipeline, each in a process of its own."""
-    if not os.path.isdir(os.path.join(args.folder, "model")):
-        from benchmarks.full_size import write_pipeline
+    from benchmarks.full_size import ensure_pipeline
 
-        started = time.perf_counter()
-        write_pipeline(args.folder, args.model, "cuda")
-        print(f"wrote a full-size random {args.model} pipeline in {time.perf_counter() - started:.0f}s", flush=True)
+    ensure_pipeline(args.folder, args.model)
     runs = [("lorafleet", budget) for budget in args.budgets]
     runs += [("diffusers-offload", args.budgets[-1]), *(("diffusers", args.budgets[0]),) * args.diffusers_resident]
     rows = []

@@ -167,8 +167,9 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
 def run_one(args) -> None:
     # A run that outstays its time shows where it was.
     faulthandler.dump_traceback_later(max(args.run_timeout - 5, 1), exit=True)
-    paths = {"model": os.path.join(args.folder, "model")}
-    paths |= {name: os.path.join(args.folder, "adapters", name) for name in ("a1", "a2")}
+    from benchmarks.full_size import pipeline_paths
+
+    paths = pipeline_paths(args.folder)
     name = args.one.removesuffix(":cold")
     if name == "diffusers":
         row = run_diffusers(args, paths)
@@ -179,12 +180,9 @@ def run_one(args) -> None:
 
 
 def table(args) -> int:
-    if not os.path.isdir(os.path.join(args.folder, "model")):
-        from benchmarks.full_size import write_pipeline
+    from benchmarks.full_size import ensure_pipeline
 
-        started = time.perf_counter()
-        write_pipeline(args.folder, args.model, "cuda")
-        print(f"wrote a full-size random {args.model} pipeline in {time.perf_counter() - started:.0f}s", flush=True)
+    ensure_pipeline(args.folder, args.model)
     os.makedirs(args.store, exist_ok=True)
     rows = []
     for run in args.runs:
