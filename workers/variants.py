@@ -10,6 +10,8 @@ in fp32 inside the matrix unit, and the sum with W0 is rounded once to the weigh
 the previous one, so the base or any variant comes back bit for bit however many switches came
 before (diffusers' fuse/unfuse adds and subtracts in the weights' dtype and drifts). Writing the
 weights in place leaves no adapter wrappers in the model and never recompiles a compiled one.
+In the fp8 tier the pristine copy is the bf16 weights from before quantization, and each fused
+variant is quantized per row as torchao quantized the base (workers/fp8.py).
 
 Three caches keep switching cheap, each with a budget and least-recently-used eviction:
 adapter files on local disk by content hash (AdapterFiles), parsed adapters in host memory
