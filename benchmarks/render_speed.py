@@ -81,6 +81,7 @@ def probe(pipe, size: tuple[int, int, int]) -> torch.Tensor:
 
 
 def run_diffusers(args, paths: dict) -> dict:
+    """diffusers' own pipeline, eager: its output on the probe, then the two jobs."""
     from diffusers import CogVideoXPipeline
 
     from common.model import model_info
@@ -111,6 +112,7 @@ def run_diffusers(args, paths: dict) -> dict:
 
 
 def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
+    """A worker's Renderer in one tier: the two jobs, the switches back, then its output on the probe."""
     from common.settings import Settings
     from workers.fp8 import is_fp8
     from workers.renderer import Renderer, compiled_graphs
@@ -165,6 +167,7 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
 
 
 def run_one(args) -> None:
+    """One run in this process; prints its row as a RESULT line."""
     # A run that outstays its time shows where it was.
     faulthandler.dump_traceback_later(max(args.run_timeout - 5, 1), exit=True)
     from benchmarks.full_size import pipeline_paths
@@ -180,6 +183,7 @@ def run_one(args) -> None:
 
 
 def table(args) -> int:
+    """Every run in a process of its own, then the table; exits 1 if a run failed."""
     from benchmarks.full_size import ensure_pipeline
 
     ensure_pipeline(args.folder, args.model)
