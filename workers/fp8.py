@@ -8,6 +8,11 @@ quantized the base. So the base comes back bit for bit after any switches, and a
 bit-identical to quantizing the bf16 tier's fused weight (tests/gpu/test_speed_tiers.py).
 """
 
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+
+import safetensors
 import torch
 
 from common.errors import ModelError
@@ -66,3 +71,44 @@ def write(weights: list[torch.Tensor], encoded: tuple[torch.Tensor, torch.Tensor
     data, scales = encoded
     torch._foreach_copy_([w.qdata for w in weights], list(data.unbind(0)))
     torch._foreach_copy_([w.scale for w in weights], list(scales.unbind(0)))
+
+
+class SavedWeights(Mapping):
+    """The transformer's linear weights as its pipeline folder stores them, read on demand (through
+    mmap) in the weights' dtype: the bf16 weights from before quantization, which every variant is
+    fused from, without holding a copy of them in host memory (11 GB on 5B)."""
+
+    def __init__(self, model_ref: str, names: Iterable[str], dtype: torch.dtype):
+        folder = transformer_folder(model_ref)
+        index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        else:
+            weight_map = None
+        self.dtype = dtype
+        self.files = {}
+        for name in names:
+            file = weight_map[f"{name}.weight"] if weight_map else "diffusion_pytorch_model.safetensors"
+            self.files[name] = os.path.join(folder, file)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safetensors.safe_open(self.files[name], framework="pt") as f:
+            return f.get_tensor(f"{name}.weight").to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def transformer_folder(model_ref: str) -> str:
+    """Where a pipeline's transformer weights are: in its folder, or in the hub's local cache."""
+    if os.path.isdir(model_ref):
+        return os.path.join(model_ref, "transformer")
+    from huggingface_hub import snapshot_download
+
+    return os.path.join(
+        snapshot_download(model_ref, allow_patterns=["transformer/*"], local_files_only=True), "transformer"
+    )

@@ -25,7 +25,7 @@ from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists, video_path
 from workers.compile_cache import CompileCache, identity
-from workers.fp8 import check_fp8_device, quantize_transformer
+from workers.fp8 import SavedWeights, check_fp8_device, quantize_transformer
 from workers.memory import (
     GB,
     PLANS,
@@ -88,9 +88,11 @@ class Renderer:
         if precision == "fp8":
             if self.plan.model_offload:
                 raise MemoryBudgetError("precision fp8 needs the transformer on the GPU: model-offload cannot serve it")
-            # The bf16 weights, kept on the host before quantization: every variant is fused from them.
+            # The bf16 weights from before quantization, which every variant is fused from, read
+            # from the model's files when an adapter first touches them.
             linears = self.pipe.transformer.named_modules()
-            originals = {name: m.weight.data for name, m in linears if isinstance(m, torch.nn.Linear)}
+            names = [name for name, m in linears if isinstance(m, torch.nn.Linear)]
+            originals = SavedWeights(self.info.ref, names, self.dtype)
         self._place()
         if precision == "fp8":
             quantize_transformer(self.pipe.transformer)

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -318,7 +319,7 @@ class VariantEngine:
         variant_cache_size: int = 0,
         pristine_on_host: bool = False,
         device: torch.device | None = None,
-        originals: dict[str, torch.Tensor] | None = None,
+        originals: Mapping[str, torch.Tensor] | None = None,
     ):
         self.transformer = transformer
         # Where variants are computed: the weights' device, or the GPU while model offload keeps the
@@ -326,7 +327,7 @@ class VariantEngine:
         self.device = device or next(transformer.parameters()).device
         self.linears = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
         self.pristine_on_host = pristine_on_host
-        # The fp8 tier's bf16 weights from before quantization (on the host): its pristine W0.
+        # The fp8 tier's bf16 weights from before quantization (read from the model's files): its W0.
         self.originals = originals or {}
         self.groups: dict[tuple[str, ...], torch.Tensor] = {}  # layer names of one shape -> their W0, stacked
         self.pristine: dict[str, torch.Tensor] = {}  # layer -> its W0 (a view into a group's stack)
@@ -419,8 +420,7 @@ class VariantEngine:
     def _pristine_stack(self, names: tuple[str, ...]) -> torch.Tensor:
         """The stacked W0 of these layers, captured the first time they are used together."""
         if names not in self.groups:
-            # Untouched layers are at W0 (fp8 layers: their bf16 weights from before quantization).
-            weights = [self.pristine.get(n, self.originals.get(n, self.linears[n].weight)) for n in names]
+            weights = [self._w0(name) for name in names]
             stack = torch.stack([w.detach() for w in weights]).to(self.linears[names[0]].weight.device)
             if self.pristine_on_host and self.device.type == "cuda":
                 stack = stack.cpu().pin_memory()
@@ -428,6 +428,15 @@ class VariantEngine:
             for i, name in enumerate(names):
                 self.pristine.setdefault(name, stack[i])
         return self.groups[names]
+
+    def _w0(self, name: str) -> torch.Tensor:
+        """A layer's pristine weights: captured before, or (fp8) read from the model's files, or
+        its weights now (an untouched layer is at W0)."""
+        if name in self.pristine:
+            return self.pristine[name]
+        if name in self.originals:
+            return self.originals[name]
+        return self.linears[name].weight
 
     def _device_factors(self, adapter: Adapter, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """An adapter's factors for a group, stacked on the device in the weights' dtype: A [n, r, in]

@@ -4,6 +4,7 @@ own, and compile artifacts shared through the store spare a fresh worker the com
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -175,3 +176,29 @@ def test_every_model_kind_compiles_at_start_for_its_default_size(tiny_kinds, tmp
     (finished,) = prepare_job(job, "test", compiled.info, AdapterResolver(None))
     np.testing.assert_allclose(compiled.render(finished)[0], eager.render(finished)[0], atol=1e-5)
     assert compiled.compile_seconds is not None and compiled_graphs() == graphs
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_fp8_tiers_pristine_weights_are_the_bf16_weights_the_pipeline_loads(tiny, tmp_path, sharded):
+    """fp8 workers read W0 from the model's files instead of keeping a host copy: it must be, bit
+    for bit, what `from_pretrained` loads in bf16 (what the bf16 tier fuses from), from one file
+    or from shards (5B's transformer is saved in several)."""
+    from diffusers import DiffusionPipeline
+
+    from workers.fp8 import SavedWeights
+
+    model = tiny["model"]
+    if sharded:
+        model = str(tmp_path / "model")
+        shutil.copytree(tiny["model"], model)
+        shutil.rmtree(os.path.join(model, "transformer"))
+        pipe = DiffusionPipeline.from_pretrained(tiny["model"])
+        pipe.transformer.save_pretrained(os.path.join(model, "transformer"), max_shard_size="20KB")
+        assert os.path.exists(os.path.join(model, "transformer", "diffusion_pytorch_model.safetensors.index.json"))
+    transformer = DiffusionPipeline.from_pretrained(model, dtype=torch.bfloat16).transformer
+    linears = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    saved = SavedWeights(model, linears, torch.bfloat16)
+    assert set(saved) == set(linears) and len(saved) == len(linears)
+    for name, module in linears.items():
+        assert torch.equal(saved[name], module.weight.detach()), name
+    assert "no.such.layer" not in saved
