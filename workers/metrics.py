@@ -43,7 +43,7 @@ PHASES = ("adapters", "variant", "denoise", "decode", "export_upload")
 
 
 def observe_render(timings: dict) -> None:
-    """A rendered job's phases into the histograms (`timings` as render_job records them)."""
+    """A rendered job's phases into the histograms (`timings` as `render_frames` and `upload` record them)."""
     for phase in PHASES:
         if phase in timings:
             RENDER_SECONDS.labels(phase).observe(timings[phase])
