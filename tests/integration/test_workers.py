@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -142,3 +143,24 @@ def test_the_next_job_renders_while_the_last_one_uploads(fleet_env, start_worker
     for (last, seconds), (following, _) in zip(rendered, rendered[1:], strict=False):
         upload_ended = last["rendering"]["started"] + seconds
         assert following["rendering"]["started"] < upload_ended  # rendering began while the last one uploaded
+
+
+def test_monitors_hear_a_job_succeed_once_its_upload_ended(fleet_env, start_worker):
+    """The result comes from the background upload, so does the task event Flower shows."""
+    start_worker(fleet_env)
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    heard: dict[str, str] = {}
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(
+            connection, handlers={"task-succeeded": lambda event: heard.setdefault(event["uuid"], event["result"])}
+        )
+        listening = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None}, daemon=True)
+        listening.start()
+        time.sleep(1)  # the receiver's queue is bound: events from now on reach it
+        result = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 1, "steps": 2}])
+        outcome = result.get(timeout=120)
+        deadline = time.monotonic() + 10
+        while result.id not in heard and time.monotonic() < deadline:
+            time.sleep(0.05)
+        receiver.should_stop = True
+    assert outcome["key"] in heard.get(result.id, ""), heard
