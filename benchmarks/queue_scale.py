@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rich.console import Console  # noqa: E402
 
-from benchmarks.fleet_scaling import gaps, job_spans  # noqa: E402
+from benchmarks.fleet_scaling import gaps, render_spans  # noqa: E402
 from common.broker import make_app  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from lorafleet.redis_server import RedisServer  # noqa: E402
@@ -65,8 +65,8 @@ def measure(size: int, settings: Settings, work: str) -> dict:
 
 
 def worker_overhead(env: dict, jobs: int, work: str) -> list[float]:
-    """Seconds between one job's end and the next one's start on a worker, over `jobs` small jobs
-    (on a Redis of their own: the big batches above stay unrendered)."""
+    """Seconds between one job's render and the next one's on a worker, over `jobs` small jobs (on a
+    Redis of their own: the big batches above stay unrendered)."""
     with RedisServer() as redis:
         env = {**env, "LORAFLEET_REDIS_URL": redis.url}
         settings = settings_of(env)
@@ -77,12 +77,12 @@ def worker_overhead(env: dict, jobs: int, work: str) -> list[float]:
             path = os.path.join(work, "overhead.jsonl")
             with open(path, "w") as f:
                 for i in range(jobs):
-                    f.write(json.dumps({"prompt": "a dog runs", "seed": 10_000_000 + i, "steps": 1}) + "\n")
+                    f.write(json.dumps({"prompt": "a dog runs", "seed": 10_000_000 + i, "steps": 40}) + "\n")
             batch = submit(path, settings, "overhead")
             wait_for_batch(batch, settings, Console(file=io.StringIO()), timeout_s=600)
         finally:
             stop_worker(worker)
-    return gaps(job_spans(open(log_path).read()))
+    return gaps(render_spans(env["LORAFLEET_STORE_URL"]))
 
 
 def settings_of(env: dict) -> Settings:

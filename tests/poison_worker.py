@@ -16,10 +16,10 @@ KILL_PROMPT = os.environ["LORAFLEET_TEST_KILL_PROMPT"]
 render_frames = workers.tasks.render_frames
 
 
-def render_or_die(renderer, store, job, *args, **kwargs):
+def render_or_die(renderer, job, *args, **kwargs):
     if job["prompt"] == KILL_PROMPT:
         os.kill(os.getpid(), signal.SIGKILL)
-    return render_frames(renderer, store, job, *args, **kwargs)
+    return render_frames(renderer, job, *args, **kwargs)
 
 
 workers.tasks.render_frames = render_or_die

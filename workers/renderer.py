@@ -400,13 +400,9 @@ class Rendered:
     metadata: dict
 
 
-def render_frames(renderer: Renderer, store: Store, job: dict, progress: Progress | None = None) -> dict | Rendered:
-    """Render a finished job (adapters resolved, key set), unless its video is already in the
-    store: then the result the task reports ({"status": "exists", …}) instead."""
+def render_frames(renderer: Renderer, job: dict, progress: Progress | None = None) -> Rendered:
+    """Render a finished job (adapters resolved, key set) and gather its metadata."""
     key = job["key"]
-    if video_exists(store, key):
-        log.info("%s: %s already in the store, not rendered again", renderer.worker, key[:12])
-        return {"key": key, "worker": renderer.worker, **output_uris(store, key), "status": "exists"}
     started_at = time.time()
     frames, timings = renderer.render(job, progress)
     metadata = {
@@ -482,8 +478,11 @@ def render_job(
     """Render a finished job into the store, unless its video is already there, in this thread
     (`lorafleet render`); returns the result a task reports. Workers upload in the background
     (workers/uploads.py)."""
-    rendered = render_frames(renderer, store, job, progress)
-    return upload(rendered, store, fence) if isinstance(rendered, Rendered) else rendered
+    key = job["key"]
+    if video_exists(store, key):
+        log.info("%s: %s already in the store, not rendered again", renderer.worker, key[:12])
+        return {"key": key, "worker": renderer.worker, **output_uris(store, key), "status": "exists"}
+    return upload(render_frames(renderer, job, progress), store, fence)
 
 
 def versions() -> dict:

@@ -201,17 +201,16 @@ class RenderTask(Task):
         key, batch = job["key"], job["batch"]
         if self.ledger.is_cancelled(batch, task_id):
             raise JobCancelled(f"{_cancelled(self.ledger, batch)} was cancelled")
-        exists = {"key": key, "worker": self.worker, "status": "exists", **output_uris(self.store, key)}
-        if video_exists(self.store, key):
-            return exists
+        # One look at the store per job, once the lock is ours: on S3 each look is a request
+        # while the GPU waits.
+        locked = held.enter_context(self.ledger.key_lock(key, lease, lambda: video_exists(self.store, key)))
+        if not locked or video_exists(self.store, key):
+            return {"key": key, "worker": self.worker, "status": "exists", **output_uris(self.store, key)}
         label = job["id"] or job["prompt"][:40]
         log.info("%s: %s started (%s), delivery %d", self.worker, key[:12], label, deliveries)
         self.health.job = {"key": key, "since": time.time()}
-        locked = held.enter_context(self.ledger.key_lock(key, lease, lambda: video_exists(self.store, key)))
-        if not locked or video_exists(self.store, key):
-            return exists
         progress = progress_reporter(self, lease, key, batch, self.worker, task_id)
-        return render_frames(self.renderer, self.store, job, progress)
+        return render_frames(self.renderer, job, progress)
 
 
 class EvaluateTask(Task):
