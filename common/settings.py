@@ -12,13 +12,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ModelError
 
-PRECISIONS = ("bf16", "fp8")
 Precision = Literal["bf16", "fp8"]
 
 
 class ModelTier(BaseModel):
     """A model alias: which pipeline, in which precision, compiled or not. Precision changes the
-    pixels, so it is part of the job key; compiling does not change them enough to matter and is not."""
+    pixels, so it is part of the job key; compiling changes only how the same sums are rounded, and is not."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
