@@ -1,7 +1,7 @@
 """torch.compile's artifacts, shared by the fleet through the store.
 
-Compiling CogVideoX-5B's transformer takes about two minutes (seven and a half in fp8), on every
-worker start. The first worker to compile a given model architecture, precision, render size, GPU
+Compiling CogVideoX-5B's transformer takes about a minute and a half on an H200 (more than eight
+minutes in fp8), on every worker start. The first worker to compile a given model architecture, precision, render size, GPU
 architecture and software stack saves what torch made (`torch.compiler.save_cache_artifacts()`:
 inductor's kernels and graphs, some tens of MB) under a key of all of those:
 
