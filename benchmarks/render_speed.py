@@ -34,6 +34,7 @@ import tempfile
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,7 +92,9 @@ def run_diffusers(args, paths: dict) -> dict:
     pipe.set_progress_bar_config(disable=True)
     ready = time.time() - args.started
     size = (info.num_frames, info.height, info.width)
-    torch.save(probe(pipe, size), os.path.join(args.store, "probe-diffusers.pt"))  # the exact bf16 base
+    save_file(
+        {"output": probe(pipe, size)}, os.path.join(args.store, "probe-diffusers.safetensors")
+    )  # the exact bf16 base
     row = {"start to ready s": ready}
     for n, (prompt, adapter) in enumerate(((PROMPTS[0], "a1"), (PROMPTS[1], "a2"))):
         started, steps = time.perf_counter(), Steps()
@@ -162,7 +165,10 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
     same = same and all(torch.equal(a, b) for a, b in zip(weights(), base, strict=True))
     row["exact after switches"] = same
     row["graphs after first job"] = compiled_graphs() - graphs if compiled else None
-    torch.save(probe(renderer.pipe, (info.num_frames, info.height, info.width)), os.path.join(args.store, "probe.pt"))
+    save_file(
+        {"output": probe(renderer.pipe, (info.num_frames, info.height, info.width))},
+        os.path.join(args.store, "probe.safetensors"),
+    )
     return row
 
 
@@ -193,8 +199,8 @@ def table(args) -> int:
         store = tempfile.mkdtemp() if run.endswith(":cold") else args.store  # :cold shares nothing
         command = [sys.executable, __file__, "--one", run, "--folder", args.folder, "--store", store]
         command += ["--steps", str(args.steps), "--run-timeout", str(args.run_timeout), "--started", str(time.time())]
-        if os.path.exists(os.path.join(store, "probe.pt")):
-            os.remove(os.path.join(store, "probe.pt"))  # an earlier run's output is not this one's
+        if os.path.exists(os.path.join(store, "probe.safetensors")):
+            os.remove(os.path.join(store, "probe.safetensors"))  # an earlier run's output is not this one's
         # A fresh worker: no inductor cache on this machine, only what the store shares.
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(), "PYTHONUNBUFFERED": "1"}
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -211,10 +217,10 @@ def table(args) -> int:
             rows.append({"run": run})
             continue
         row = {"run": run, **json.loads(result[-1].removeprefix("RESULT "))}
-        reference = os.path.join(args.store, "probe-diffusers.pt")
-        output = os.path.join(store, "probe.pt")
+        reference = os.path.join(args.store, "probe-diffusers.safetensors")
+        output = os.path.join(store, "probe.safetensors")
         if run != "diffusers" and os.path.exists(reference) and os.path.exists(output):
-            expected, got = torch.load(reference), torch.load(output)
+            expected, got = load_file(reference)["output"], load_file(output)["output"]
             row["output rel. error"] = float((got - expected).norm() / expected.norm())
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ModelError
@@ -142,7 +142,12 @@ class Settings(BaseSettings):
         True,
         description="Share torch.compile's artifacts through the store (compile-cache/): the first worker of a model, "
         "precision, size, GPU and software versions saves them, later ones compile in seconds. Loading them runs "
-        "code from the store: turn off where store writers are not trusted like workers.",
+        "code from the store: set compile_cache_secret, or turn this off, where store writers are not trusted like workers.",
+    )
+    compile_cache_secret: SecretStr | None = Field(
+        None,
+        description="A secret the fleet's workers share: compile artifacts are signed with it, and an entry without "
+        "this fleet's signature is never loaded. None: whoever may write the store is trusted like a worker.",
     )
 
     def model_tier(self, alias: str | None) -> ModelTier:
@@ -174,6 +179,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if value is None:  # unset stays unset ("None" would be a value: a port, a model's name)
             env.pop(f"LORAFLEET_{name.upper()}", None)
+        elif isinstance(value, SecretStr):  # the secret itself, not its masked form
+            env[f"LORAFLEET_{name.upper()}"] = value.get_secret_value()
         else:
             env[f"LORAFLEET_{name.upper()}"] = (
                 json.dumps(value) if isinstance(value, (bool, list, dict)) else str(value)

@@ -10,11 +10,16 @@ inductor's kernels and graphs, some tens of MB) under a key of all of those:
 
 Every later worker with the same key loads them before compiling and compiles in seconds. A
 missing, changed, oversized or unreadable entry is a warning and a compile from scratch, never a
-failed start. The artifacts hold generated code that the worker runs: whoever may write the store
-may run code on the workers (`LORAFLEET_COMPILE_CACHE=false` where that is not acceptable).
+failed start.
+
+The artifacts are torch's own format: pickled, and holding generated code that the worker runs. So
+whoever may write the store could run code on the workers. With `LORAFLEET_COMPILE_CACHE_SECRET`
+set (the same on every worker), entries are signed (HMAC-SHA256 over the key and the content) and
+one without this fleet's signature is never loaded; `LORAFLEET_COMPILE_CACHE=false` shares nothing.
 """
 
 import hashlib
+import hmac
 import json
 import logging
 import platform
@@ -68,10 +73,17 @@ def cache_key(described: dict) -> str:
 class CompileCache:
     """One worker's entry in the store's compile cache; no store: nothing shared."""
 
-    def __init__(self, store: Store | None, described: dict):
+    def __init__(self, store: Store | None, described: dict, secret: bytes | None = None):
         self.store = store
         self.described = described
         self.key = cache_key(described)
+        self.secret = secret
+
+    def _signature(self, sha256: str) -> str | None:
+        """This fleet's signature of an entry (its key and content), or None without a secret."""
+        if self.secret is None:
+            return None
+        return hmac.new(self.secret, f"{self.key}:{sha256}".encode(), hashlib.sha256).hexdigest()
 
     def _path(self, suffix: str) -> str:
         return f"{FOLDER}/{self.key}.{suffix}"
@@ -91,6 +103,9 @@ class CompileCache:
             size = self.store.size(self._path("bin"))
             if size != entry.get("bytes") or size > MAX_BYTES:
                 raise ValueError(f"it holds {size} bytes, its description says {entry.get('bytes')}")
+            signature = self._signature(str(entry.get("sha256")))
+            if signature is not None and not hmac.compare_digest(signature, str(entry.get("signature"))):
+                raise ValueError("it is not signed with this fleet's LORAFLEET_COMPILE_CACHE_SECRET")
             data = self.store.read_bytes(self._path("bin"))
             if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
                 raise ValueError("its content does not match its sha256")
@@ -108,7 +123,8 @@ class CompileCache:
         if artifacts is None:
             return 0
         data = artifacts[0]
-        entry = {"identity": self.described, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        sha256 = hashlib.sha256(data).hexdigest()
+        entry = {"identity": self.described, "bytes": len(data), "sha256": sha256, "signature": self._signature(sha256)}
         try:
             self.store.write_bytes(self._path("bin"), data)
             self.store.write_bytes(self._path("json"), json.dumps(entry, indent=2).encode())

@@ -138,7 +138,8 @@ class Renderer:
         described = identity(
             dict(self.pipe.transformer.config), self.precision, size, settings.compile_backend, self.device
         )
-        cache = CompileCache(store, described)
+        secret = settings.compile_cache_secret
+        cache = CompileCache(store, described, secret.get_secret_value().encode() if secret else None)
         started = time.perf_counter()
         shared = cache.load()
         self.pipe.transformer.compile(backend=settings.compile_backend)

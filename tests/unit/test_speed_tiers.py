@@ -202,3 +202,23 @@ def test_the_fp8_tiers_pristine_weights_are_the_bf16_weights_the_pipeline_loads(
     for name, module in linears.items():
         assert torch.equal(saved[name], module.weight.detach()), name
     assert "no.such.layer" not in saved
+
+
+def test_with_a_fleet_secret_only_entries_this_fleet_signed_are_loaded(tmp_path, monkeypatch):
+    """Compile artifacts run as code on the workers: with LORAFLEET_COMPILE_CACHE_SECRET, an entry
+    someone else wrote into the store (unsigned, or signed with another secret) is refused."""
+    from common.store import Store
+
+    monkeypatch.setenv("LORAFLEET_COMPILE_CACHE_SECRET", "fleet-secret")
+    settings = Settings(_env_file=None)
+    assert settings_env(settings)["LORAFLEET_COMPILE_CACHE_SECRET"] == "fleet-secret"  # the workers get it
+    secret = settings.compile_cache_secret.get_secret_value().encode()
+    store, described = Store(str(tmp_path)), {"precision": "bf16", "size": [9, 16, 16]}
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"torch's artifacts", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
+    for writer in (None, b"another fleet's secret"):
+        CompileCache(store, described, writer).save()
+        assert not CompileCache(store, described, secret).load() and loaded == []
+    assert CompileCache(store, described, secret).save() > 0
+    assert CompileCache(store, described, secret).load() and loaded == [b"torch's artifacts"]
