@@ -1,5 +1,6 @@
 """Rendering a job on the warm pipeline, and writing its video, poster and metadata to the store."""
 
+import contextlib
 import io
 import json
 import logging
@@ -133,7 +134,7 @@ class Renderer:
 
         Variants rewrite the weights in place, which never recompiles. A job of another size (or
         without guidance, a batch of one) would recompile for minutes while the queue waits: it
-        runs uncompiled instead (torch's "eager_on_recompile" stance)."""
+        runs uncompiled instead (`render` runs jobs under torch's "eager_on_recompile" stance)."""
         store = Store(settings.store_url) if settings.compile_cache else None
         described = identity(
             dict(self.pipe.transformer.config), self.precision, size, settings.compile_backend, self.device
@@ -146,7 +147,6 @@ class Renderer:
         self._warm_up(size)
         self.compile_seconds = time.perf_counter() - started
         saved = 0 if shared else cache.save()
-        torch.compiler.set_stance("eager_on_recompile")
         how = "with the fleet's shared artifacts" if shared else f"from scratch, shared {saved / 2**20:.1f} MB"
         log.info(
             "%s: compiled the transformer for %s in %.1fs (%s; compile cache %s); other sizes run uncompiled",
@@ -262,12 +262,14 @@ class Renderer:
             return self._render_unfused(terms, job["lora_scale"], call)
 
         try:
-            frames = self._with_vae_tiling(run) if tile else run()
+            with self._stance():
+                frames = self._with_vae_tiling(run) if tile else run()
         except torch.OutOfMemoryError:  # the estimate fell short: one more try, in tiles
             log.warning("%s: out of GPU memory; retrying once with VAE tiling and slicing", self.worker)
             torch.cuda.empty_cache()
             try:
-                frames = self._with_vae_tiling(run)
+                with self._stance():
+                    frames = self._with_vae_tiling(run)
             except torch.OutOfMemoryError:
                 raise MemoryBudgetError(
                     "out of GPU memory, even with VAE tiling and slicing: ask for fewer frames or pixels"
@@ -278,6 +280,11 @@ class Renderer:
         timings["total"] = finished - started
         self.rendered += 1
         return list(frames), timings
+
+    def _stance(self):
+        """How a job runs the transformer: compiled at start for the default size, a job that
+        would need another graph runs uncompiled rather than compiling for minutes."""
+        return torch.compiler.set_stance("eager_on_recompile") if self.compiled else contextlib.nullcontext()
 
     def input_image(self, image: dict):
         """A job's input image (PIL, RGB), read once per content hash; the pipeline resizes it."""
