@@ -159,23 +159,46 @@ def test_a_compile_cache_entry_that_lies_about_itself_is_not_loaded(tmp_path):
     assert not CompileCache(None, described).load() and CompileCache(None, described).save() == 0
 
 
-@pytest.mark.parametrize("kind", ["i2v", "t2v-1.5", "i2v-1.5"])
-def test_every_model_kind_compiles_at_start_for_its_default_size(tiny_kinds, tmp_path, kind):
-    """The warm-up at start calls the pipeline as a job does (an image for image-to-video, 1.5's
-    rotary and frame patches), so the job that follows runs the graph compiled at start."""
+GRAPH_RUNS: list[int] = []  # one entry per call of a graph compiled by the counting backend
+
+
+@torch._dynamo.register_backend(name="lorafleet_counting")
+def counting_backend(graph, example_inputs):
+    """torch.compile's graphs, run as they are, counting each call: whether a job ran compiled."""
+
+    def run(*args):
+        GRAPH_RUNS.append(1)
+        return graph(*args)
+
+    return run
+
+
+def test_compiled_renderers_of_every_kind_run_their_jobs_compiled(tiny_kinds, tmp_path):
+    """Several compiled renderers in one process (`lorafleet render` with several aliases): each
+    compiles at start for its default size, with a warm-up called as a job calls the pipeline (an
+    image for image-to-video, 1.5's rotary and frame patches), and its jobs then run that graph,
+    with no new one."""
     from workers.renderer import Renderer, compiled_graphs
 
-    paths = tiny_kinds[kind]
-    common = dict(adapter_cache_dir=str(tmp_path), compile_backend="aot_eager", compile_cache=False, _env_file=None)
-    compiled = Renderer(paths["model"], "cpu", Settings(compile=True, **common), kind)
-    eager = Renderer(paths["model"], "cpu", Settings(**common), kind)
+    common = dict(adapter_cache_dir=str(tmp_path), compile_cache=False, _env_file=None)
+    kinds = ["i2v", "t2v-1.5", "i2v-1.5"]
+    compiled = {
+        kind: Renderer(tiny_kinds[kind]["model"], "cpu", Settings(compile=True, compile_backend="lorafleet_counting", **common), kind)
+        for kind in kinds
+    }  # fmt: skip
     graphs = compiled_graphs()
-    job = {"prompt": "a cat", "seed": 3, "steps": 2, "adapters": [paths["style"]]}
-    if "i2v" in kind:
-        job["image"] = paths["sunset"]
-    (finished,) = prepare_job(job, "test", compiled.info, AdapterResolver(None))
-    np.testing.assert_allclose(compiled.render(finished)[0], eager.render(finished)[0], atol=1e-5)
-    assert compiled.compile_seconds is not None and compiled_graphs() == graphs
+    for kind in kinds:
+        paths = tiny_kinds[kind]
+        job = {"prompt": "a cat", "seed": 3, "steps": 2, "adapters": [paths["style"]]}
+        if "i2v" in kind:
+            job["image"] = paths["sunset"]
+        (finished,) = prepare_job(job, "test", compiled[kind].info, AdapterResolver(None))
+        runs = len(GRAPH_RUNS)
+        frames = compiled[kind].render(finished)[0]
+        assert len(GRAPH_RUNS) > runs, f"{kind}: the job did not run the compiled graph"
+        eager = Renderer(paths["model"], "cpu", Settings(**common), kind)
+        np.testing.assert_allclose(frames, eager.render(finished)[0], atol=1e-5)
+    assert compiled_graphs() == graphs
 
 
 @pytest.mark.parametrize("sharded", [False, True])
