@@ -135,7 +135,7 @@ class Renderer:
         Variants rewrite the weights in place, which never recompiles. A job of another size (or
         without guidance, a batch of one) would recompile for minutes while the queue waits: it
         runs uncompiled instead (`render` runs jobs under torch's "eager_on_recompile" stance)."""
-        store = Store(settings.store_url) if settings.compile_cache else None
+        store = self.adapters.files.store if settings.compile_cache else None  # the fleet's store
         described = identity(
             dict(self.pipe.transformer.config), self.precision, size, settings.compile_backend, self.device
         )
