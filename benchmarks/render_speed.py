@@ -11,9 +11,11 @@ one (adapter a2, a new prompt: a variant switch and a T5 pass, as a fleet's next
 
   diffusers          diffusers' own CogVideoXPipeline, eager, each adapter loaded and fused as its
                      docs show
-  TIER[-compiled]    lorafleet's Renderer in TIER (bf16 or fp8); compiled at start with the compile
-                     artifacts in --store (shared by the runs before it); `:cold` with an empty store
-                     (what it compiles is then copied into --store)
+  TIER[-compiled[-whole]]
+                     lorafleet's Renderer in TIER (bf16 or fp8); compiled at start (by blocks, the
+                     default, or `-whole`: LORAFLEET_COMPILE_SCOPE) with the compile artifacts in
+                     --store (shared by the runs before it); `:cold` with an empty store (what it
+                     compiles is then copied into --store)
 
 It prints, per run: start to ready (imports, load, compile: a worker's READY), the first job, the
 measured job and its seconds per denoising step, the ratio to diffusers, the variant switch (built,
@@ -114,7 +116,7 @@ def run_diffusers(args, paths: dict) -> dict:
     return row
 
 
-def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
+def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str) -> dict:
     """A worker's Renderer in one tier: the two jobs, the switches back, then its output on the probe."""
     from common.settings import Settings
     from workers.fp8 import is_fp8
@@ -124,6 +126,7 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool) -> dict:
         adapter_cache_dir=tempfile.mkdtemp(),
         store_url=args.store,
         variant_cache_size=2,
+        compile_scope=scope,
         _env_file=None,
     )
     renderer = Renderer(paths["model"], "cuda", settings, "bench", precision, compiled)
@@ -182,7 +185,8 @@ def run_one(args) -> None:
     if name == "diffusers":
         row = run_diffusers(args, paths)
     else:
-        row = run_lorafleet(args, paths, name.split("-")[0], name.endswith("-compiled"))
+        tier = name.split("-")
+        row = run_lorafleet(args, paths, tier[0], "compiled" in tier, "whole" if "whole" in tier else "blocks")
     row["peak GB"] = torch.cuda.max_memory_allocated() / GB
     print("RESULT " + json.dumps(row), flush=True)
 

@@ -138,6 +138,11 @@ class Settings(BaseSettings):
         "recompiles, other sizes run uncompiled.",
     )
     compile_backend: str = Field("inductor", description="The torch.compile backend used with `compile`.")
+    compile_scope: Literal["blocks", "whole"] = Field(
+        "blocks",
+        description="What `compile` compiles: `blocks` compiles one transformer block, whose graph all the model's "
+        "identical blocks share (a cold compile in a fraction of the time); `whole` the whole transformer in one graph.",
+    )
     compile_cache: bool = Field(
         True,
         description="Share torch.compile's artifacts through the store (compile-cache/): the first worker of a model, "

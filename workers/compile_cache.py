@@ -36,7 +36,9 @@ MAX_BYTES = 2 * 2**30  # 5B's artifacts are 23 MB; anything near this is not tor
 MAX_DESCRIPTION_BYTES = 64 * 1024
 
 
-def identity(transformer_config: dict, precision: str, size: tuple[int, int, int], backend: str, device) -> dict:
+def identity(
+    transformer_config: dict, precision: str, size: tuple[int, int, int], backend: str, scope: str, device
+) -> dict:
     """Everything compiled code depends on: the architecture (not the weights: a fine-tune shares
     its base's artifacts), the precision, the render size, the GPU's architecture, the software."""
     architecture = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
@@ -51,6 +53,7 @@ def identity(transformer_config: dict, precision: str, size: tuple[int, int, int
         "precision": precision,
         "size": list(size),
         "backend": backend,
+        "scope": scope,
         "gpu_arch": arch,
         "cuda": torch.version.cuda,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",

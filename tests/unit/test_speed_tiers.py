@@ -89,20 +89,21 @@ def test_stacked_fp8_quantization_is_torchaos_layer_by_layer():
 
 def test_the_compile_cache_key_covers_what_compiled_code_depends_on():
     config = {"num_layers": 42, "attention_head_dim": 64, "_diffusers_version": "0.42.1"}
-    base = identity(config, "bf16", (49, 480, 720), "inductor", "cpu")
+    base = identity(config, "bf16", (49, 480, 720), "inductor", "blocks", "cpu")
     assert base["torch"] == torch.__version__.split("+")[0] or base["torch"].startswith(torch.__version__[:4])
     for changed in (
-        identity({**config, "num_layers": 30}, "bf16", (49, 480, 720), "inductor", "cpu"),
-        identity(config, "fp8", (49, 480, 720), "inductor", "cpu"),
-        identity(config, "bf16", (81, 768, 1360), "inductor", "cpu"),
-        identity(config, "bf16", (49, 480, 720), "aot_eager", "cpu"),
+        identity({**config, "num_layers": 30}, "bf16", (49, 480, 720), "inductor", "blocks", "cpu"),
+        identity(config, "fp8", (49, 480, 720), "inductor", "blocks", "cpu"),
+        identity(config, "bf16", (81, 768, 1360), "inductor", "blocks", "cpu"),
+        identity(config, "bf16", (49, 480, 720), "aot_eager", "blocks", "cpu"),
+        identity(config, "bf16", (49, 480, 720), "inductor", "whole", "cpu"),
         {**base, "gpu_arch": "sm_90"},
         {**base, "torch": "2.99.0"},
     ):
         assert cache_key(changed) != cache_key(base)
     # Not the weights, nor where the config was saved from: a fine-tune shares its base's artifacts.
     assert cache_key(
-        identity({**config, "_diffusers_version": "0.30"}, "bf16", (49, 480, 720), "inductor", "cpu")
+        identity({**config, "_diffusers_version": "0.30"}, "bf16", (49, 480, 720), "inductor", "blocks", "cpu")
     ) == cache_key(base)
 
 
@@ -245,3 +246,33 @@ def test_with_a_fleet_secret_only_entries_this_fleet_signed_are_loaded(tmp_path,
         assert not CompileCache(store, described, secret).load() and loaded == []
     assert CompileCache(store, described, secret).save() > 0
     assert CompileCache(store, described, secret).load() and loaded == [b"torch's artifacts"]
+
+
+@pytest.mark.parametrize("scope", ["blocks", "whole"])
+def test_compiling_by_blocks_makes_a_graph_that_every_block_runs(tiny, tmp_path, scope):
+    """`compile_scope=blocks` compiles a transformer block, and all the model's blocks run that
+    graph (a cold compile costs a block's, not the model's); `whole` compiles the transformer as one
+    graph. Both render what the eager renderer renders."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from workers.renderer import Renderer, compiled_graphs
+
+    model = tmp_path / "model"  # the tiny model with three blocks instead of one
+    shutil.copytree(tiny["model"], model)
+    config = dict(CogVideoXTransformer3DModel.load_config(model / "transformer"), num_layers=3)
+    torch.manual_seed(0)
+    CogVideoXTransformer3DModel.from_config(config).save_pretrained(model / "transformer")
+    common = dict(adapter_cache_dir=str(tmp_path / "adapters"), compile_cache=False, _env_file=None)
+    graphs = compiled_graphs()
+    settings = Settings(compile=True, compile_backend="lorafleet_counting", compile_scope=scope, **common)
+    compiled = Renderer(str(model), "cpu", settings, "test")
+    # The first block's input is a strided view of the embeddings, the others' are not: two graphs.
+    assert compiled_graphs() - graphs == (2 if scope == "blocks" else 1)
+    (job,) = prepare_job({"prompt": "a cat", "seed": 3, "steps": 3, "adapters": [tiny["style"]]}, "test",
+                         compiled.info, AdapterResolver(None))  # fmt: skip
+    runs = len(GRAPH_RUNS)
+    frames = compiled.render(job)[0]
+    assert len(GRAPH_RUNS) - runs == 3 * (3 if scope == "blocks" else 1)  # per step: each block, or the whole
+    np.testing.assert_allclose(
+        frames, Renderer(str(model), "cpu", Settings(**common), "test").render(job)[0], atol=1e-5
+    )
