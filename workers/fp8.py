@@ -40,7 +40,10 @@ def quantize_transformer(transformer: torch.nn.Module) -> None:
     """Quantize every linear layer of the transformer (on its GPU) to per-row fp8, in place."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    # set_inductor_config would turn on inductor's coordinate-descent tuning for the whole process:
+    # it made a 5B compile take over eight minutes (the bf16 tiers' too, in a process serving both).
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(transformer, config)
 
 
 def is_fp8(weight: torch.Tensor) -> bool:
