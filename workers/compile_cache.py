@@ -33,7 +33,7 @@ from common.store import Store
 
 log = logging.getLogger("lorafleet.compile")
 FOLDER = "compile-cache"
-MAX_BYTES = 2 * 2**30  # 5B's artifacts are 23 MB; anything near this is not torch's
+MAX_BYTES = 2 * 2**30  # 5B's artifacts are 7 to 23 MB; anything near this is not torch's
 MAX_DESCRIPTION_BYTES = 64 * 1024
 
 

@@ -133,8 +133,8 @@ class Renderer:
         artifacts if the store has them (workers/compile_cache.py), and share them if it had not.
 
         Variants rewrite the weights in place, which never recompiles. A job of another size (or
-        without guidance, a batch of one) would recompile for minutes while the queue waits: it
-        runs uncompiled instead (`render` runs jobs under torch's "eager_on_recompile" stance)."""
+        without guidance, a batch of one) would recompile while the queue waits: it runs
+        uncompiled instead (`render` runs jobs under torch's "eager_on_recompile" stance)."""
         store = self.adapters.files.store if settings.compile_cache else None  # the fleet's store
         transformer, backend, scope = self.pipe.transformer, settings.compile_backend, settings.compile_scope
         described = identity(dict(transformer.config), self.precision, size, backend, scope, self.device)
@@ -155,8 +155,9 @@ class Renderer:
         saved = 0 if shared else cache.save()
         how = "with the fleet's shared artifacts" if shared else f"from scratch, shared {saved / 2**20:.1f} MB"
         log.info(
-            "%s: compiled the transformer for %s in %.1fs (%s; compile cache %s); other sizes run uncompiled",
-            self.worker, "×".join(map(str, size)), self.compile_seconds, how, cache.key[:12],
+            "%s: compiled the transformer (%s) for %s in %.1fs (%s; compile cache %s); other sizes run uncompiled",
+            self.worker, "by blocks" if scope == "blocks" else "whole", "×".join(map(str, size)),
+            self.compile_seconds, how, cache.key[:12],
         )  # fmt: skip
 
     def _warm_up(self, size: tuple[int, int, int]) -> None:
@@ -289,7 +290,7 @@ class Renderer:
 
     def _stance(self):
         """How a job runs the transformer: compiled at start for the default size, a job that
-        would need another graph runs uncompiled rather than compiling for minutes."""
+        would need another graph runs uncompiled rather than compiling while the queue waits."""
         return torch.compiler.set_stance("eager_on_recompile") if self.compiled else contextlib.nullcontext()
 
     def input_image(self, image: dict):
