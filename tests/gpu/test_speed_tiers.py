@@ -88,3 +88,6 @@ def test_compiled_fp8_switches_variants_without_a_new_graph(tiny, tmp_path):
     assert np.array_equal(variants[3], variants[0]) and np.array_equal(variants[4], base)
     assert not any(np.array_equal(base, frames) for frames in variants[:3])
     assert list((tmp_path / "store" / "compile-cache").glob("*.bin"))  # shared for the next worker
+    # torchao's recommended settings (coordinate-descent tuning) made a 5B compile take minutes, and
+    # would have applied to every renderer in the process: quantizing leaves inductor's config alone.
+    assert not torch._inductor.config.coordinate_descent_tuning
