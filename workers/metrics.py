@@ -7,17 +7,15 @@ broker, then 200; `/healthz` is 200 while the process serves and its heartbeat t
 are module-level (one worker per process); the caches and GPU memory are read at scrape time.
 """
 
-import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from common import http_server
+from common.http_server import TEXT
 from common.leases import HEARTBEAT_S
 
-log = logging.getLogger("lorafleet.metrics")
 REGISTRY = CollectorRegistry()
 JOBS = Counter("lorafleet_jobs", "Jobs this worker ended, by outcome", ["outcome"], registry=REGISTRY)
 EVALUATIONS = Counter(
@@ -109,33 +107,19 @@ RENDERER = RendererCollector()
 REGISTRY.register(RENDERER)
 
 
-def serve(port: int, health: Health) -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz and /readyz on `port` (0: any free port) in a daemon thread."""
+def serve(host: str, port: int, health: Health):
+    """Serve /metrics, /healthz and /readyz on host:port (0: any free port) in a daemon thread."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/metrics":
-                self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
-            elif self.path == "/healthz":
-                alive = health.alive()
-                self._send(200 if alive else 503, b"ok\n" if alive else b"heartbeat stopped\n")
-            elif self.path == "/readyz":
-                self._send(200 if health.ready else 503, b"ready\n" if health.ready else b"starting\n")
-            else:
-                self._send(404, b"not found: /metrics, /healthz, /readyz\n")
+    def healthz():
+        alive = health.alive()
+        return (200, b"ok\n", TEXT) if alive else (503, b"heartbeat stopped\n", TEXT)
 
-        def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8"):
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def readyz():
+        return (200, b"ready\n", TEXT) if health.ready else (503, b"starting\n", TEXT)
 
-        def log_message(self, *args):  # a scrape every few seconds is not worth a log line
-            pass
-
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
-    log.info("metrics and probes on :%d (/metrics, /healthz, /readyz)", server.server_address[1])
-    return server
+    routes = {
+        "/metrics": lambda: (200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST),
+        "/healthz": healthz,
+        "/readyz": readyz,
+    }
+    return http_server.serve(host, port, routes, "metrics and probes")

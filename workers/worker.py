@@ -83,7 +83,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     started = time.perf_counter()
     health = Health()
     if settings.metrics_port is not None:  # first: probes get "starting" while the model loads
-        serve(settings.metrics_port, health)
+        serve(settings.metrics_host, settings.metrics_port, health)
     log.info("%s: starting on %s (importing torch and diffusers)", name, device)
     from workers.evaluator import Evaluator
     from workers.metrics import INFO, RENDERER
@@ -146,7 +146,11 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         app.worker_main(
             [
                 "worker",
-                "--pool=solo",  # never fork after CUDA starts: one process per GPU
+                # One job at a time in a thread of this process: never a fork after CUDA starts,
+                # and the consumer's own loop stays free to send heartbeats and events and to
+                # answer `celery inspect` while a job renders (the solo pool runs the job inside
+                # that loop: Flower showed every rendering worker offline).
+                "--pool=threads",
                 "--concurrency=1",
                 f"--hostname={name}",
                 f"--queues={queue}",

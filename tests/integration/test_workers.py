@@ -14,6 +14,8 @@ from celery.result import AsyncResult
 from common.broker import EVAL_TASK_NAME, TASK_NAME, make_app
 from common.errors import LorafleetError, StoreError
 from common.settings import Settings
+from tests.conftest import lorafleet
+from tests.helpers import read_manifest
 from workers.supervisor import list_gpus, worker_slots
 
 pytestmark = pytest.mark.integration
@@ -164,3 +166,49 @@ def test_monitors_hear_a_job_succeed_once_its_upload_ended(fleet_env, start_work
             time.sleep(0.05)
         receiver.should_stop = True
     assert outcome["key"] in heard.get(result.id, ""), heard
+
+
+def test_a_rendering_worker_stays_visible_to_flower_and_celery_inspect(fleet_env, start_worker, tmp_path):
+    """The job renders off the consumer's loop: while it runs, the worker keeps sending heartbeats
+    (Flower counts a worker offline without them) and answers `celery inspect active` with the job."""
+    worker = start_worker(fleet_env)
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    beats: list[float] = []  # the worker's own send times of its heartbeat events
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(
+            connection,
+            handlers={
+                "worker-heartbeat": lambda event: (
+                    beats.append(event["timestamp"]) if event["hostname"] == worker.worker else None
+                )
+            },
+        )
+        threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None}, daemon=True).start()
+        time.sleep(1)
+        jobs = tmp_path / "long.jsonl"
+        jobs.write_text(json.dumps({"prompt": "a long cat", "seed": 5, "steps": 1000, "num_frames": 9, "height": 256, "width": 256}) + "\n")
+        submitted = lorafleet("submit", str(jobs), "--batch", "visible", env=fleet_env)
+        assert submitted.returncode == 0, submitted.stderr
+        (entry,) = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "visible", "manifest.jsonl"))
+        result = AsyncResult(entry["task_id"], app=app)
+        deadline = time.monotonic() + 60
+        while result.state != "PROGRESS" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert result.state == "PROGRESS", result.state
+        rendering_from = time.time()
+        # `celery inspect active --safe`: answered mid-render, not after it, with the job's readable label
+        active = app.control.inspect(timeout=3).active(safe=True)
+        assert result.state == "PROGRESS", "the job ended before inspect answered: make it longer"
+        (running,) = active[worker.worker]
+        assert running["id"] == entry["task_id"]
+        assert running["args"] == f"[job {entry['key'][:12]} of batch visible]"
+        while result.state == "PROGRESS":  # heartbeats must keep coming till the render ends
+            time.sleep(0.05)
+        rendering_until = time.time()
+        receiver.should_stop = True
+    assert rendering_until - rendering_from > 8, "too short a render to watch heartbeats: make it longer"
+    during = sorted(t for t in beats if rendering_from - 2.5 <= t <= rendering_until + 2.5)
+    gaps = [later - earlier for earlier, later in zip(during, during[1:], strict=False)]
+    assert len(during) >= 4 and max(gaps) <= 2.2, gaps  # Celery's heartbeat interval is 2 s
+    assert result.get(timeout=240)["status"] == "done"
+    print(f"heartbeat gaps during the render: {[round(g, 2) for g in gaps]}; rendered for {time.time() - rendering_from:.1f}s")

@@ -1,52 +1,108 @@
 """deploy/k8s validates offline: core kinds against Kubernetes' own schemas (kubernetes-validate,
-strict), KEDA's and the Prometheus Operator's kinds against the schemas in tests/k8s_schemas; and
-the pieces fit: probes on the metrics port, a GPU per pod, a grace period above the shutdown
-timeout, triggers on every priority's list, selectors that select."""
+strict), KEDA's and the Prometheus Operator's kinds against the schemas in tests/k8s_schemas (and
+KEDA's own CRD); and the pieces fit: probes on the metrics port, a GPU per pod, a grace period above
+the shutdown timeout, KEDA calling the exporter by a name it resolves, selectors that select, every
+pod non-root under the restricted Pod Security Standard, no secret in any argv."""
 
 import glob
 import json
 import os
 import re
+import subprocess
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from common.broker import queue_lists
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
 K8S = os.path.join(REPO, "deploy", "k8s")
 KUBERNETES_VERSION = "1.30"
-CUSTOM = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+EXAMPLES = os.path.join(K8S, "examples")
+CUSTOM = {"ScaledObject", "ServiceMonitor"}
 
 
-def documents() -> list[dict]:
+def documents(folder: str = K8S) -> list[dict]:
     found = []
-    for path in sorted(glob.glob(os.path.join(K8S, "*.yaml"))):
-        if os.path.basename(path) != "kustomization.yaml":
+    for path in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
+        if os.path.basename(path) not in ("kustomization.yaml", "nightly.yaml"):
             found += [doc for doc in yaml.safe_load_all(open(path)) if doc]
     return found
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """Every pod template of the base and the examples: (kind/name, pod spec)."""
+    pods = []
+    for doc in documents() + documents(EXAMPLES):
+        spec = doc.get("spec", {})
+        template = spec.get("jobTemplate", {}).get("spec", spec).get("template")
+        if template:
+            pods.append((f"{doc['kind']}/{doc['metadata']['name']}", template["spec"]))
+    return pods
 
 
 def by_kind(kind: str) -> list[dict]:
     return [doc for doc in documents() if doc["kind"] == kind]
 
 
-def test_the_kustomization_lists_every_manifest():
-    kustomization = yaml.safe_load(open(os.path.join(K8S, "kustomization.yaml")))
-    files = {os.path.basename(p) for p in glob.glob(os.path.join(K8S, "*.yaml"))} - {"kustomization.yaml"}
-    assert sorted(kustomization["resources"]) == sorted(files)
+def test_the_kustomizations_list_every_manifest_and_the_examples_are_opt_in():
+    for folder, data in ((K8S, set()), (EXAMPLES, {"nightly.yaml"})):
+        kustomization = yaml.safe_load(open(os.path.join(folder, "kustomization.yaml")))
+        files = {os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.yaml"))} - {"kustomization.yaml"}
+        assert sorted(kustomization["resources"]) == sorted(files - data)
+    base = yaml.safe_load(open(os.path.join(K8S, "kustomization.yaml")))
+    assert not {"Job", "CronJob"} & {doc["kind"] for doc in documents()}  # `apply -k deploy/k8s` waits on nothing
+    assert "examples" not in base["resources"]
 
 
-@pytest.mark.parametrize("doc", documents(), ids=lambda doc: f"{doc['kind']}/{doc['metadata']['name']}")
+def test_the_examples_create_every_configmap_their_pods_mount():
+    """`kubectl apply -k deploy/k8s/examples`: nothing stuck waiting for a ConfigMap never created."""
+    kustomization = yaml.safe_load(open(os.path.join(EXAMPLES, "kustomization.yaml")))
+    generated = {generator["name"] for generator in kustomization["configMapGenerator"]}
+    for generator in kustomization["configMapGenerator"]:
+        for name in generator["files"]:
+            assert os.path.isfile(os.path.join(EXAMPLES, name)), name
+    mounted = {
+        volume["configMap"]["name"]
+        for _, pod in pod_specs()
+        for volume in pod.get("volumes", [])
+        if "configMap" in volume
+    }
+    assert mounted and mounted <= generated | {"lorafleet-config"}
+
+
+@pytest.mark.parametrize(
+    "doc", documents() + documents(EXAMPLES), ids=lambda doc: f"{doc['kind']}/{doc['metadata']['name']}"
+)
 def test_every_manifest_validates(doc):
     if doc["kind"] in CUSTOM:
         schema = json.load(open(os.path.join(REPO, "tests", "k8s_schemas", f"{doc['kind'].lower()}.json")))
         jsonschema.validate(doc, schema)
     else:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_scaled_object_validates_against_kedas_own_crd():
+    crd = yaml.safe_load(open(os.path.join(REPO, "tests", "k8s_schemas", "crds", "keda.sh_scaledobjects.yaml")))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    (scaled,) = by_kind("ScaledObject")
+    jsonschema.validate(scaled, version["schema"]["openAPIV3Schema"])
+
+
+@pytest.mark.parametrize("folder", [K8S, EXAMPLES], ids=["base", "examples"])
+def test_kustomize_builds(folder):
+    """The real tool builds what `kubectl apply -k` would apply (where kubectl is installed)."""
+    kubectl = subprocess.run(["which", "kubectl"], capture_output=True, text=True).stdout.strip()
+    if not kubectl:
+        pytest.skip("no kubectl here (Debian: kubernetes-client)")
+    built = subprocess.run([kubectl, "kustomize", folder], capture_output=True, text=True, check=True).stdout
+    assert all(
+        doc["metadata"].get("namespace") == "lorafleet"
+        for doc in yaml.safe_load_all(built)
+        if doc["kind"] != "Namespace"
+    )
 
 
 def test_workers_take_one_gpu_and_are_probed_and_stopped_as_the_worker_expects():
@@ -66,26 +122,90 @@ def test_workers_take_one_gpu_and_are_probed_and_stopped_as_the_worker_expects()
     assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def test_keda_scales_the_workers_on_every_priority_list_of_the_render_queue():
+def test_keda_scales_the_workers_on_what_the_exporter_says_the_render_queue_owes():
     (scaled,) = by_kind("ScaledObject")
-    (auth,) = by_kind("TriggerAuthentication")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "lorafleet-worker"
     assert scaled["spec"]["minReplicaCount"] == 0
-    triggers = scaled["spec"]["triggers"]
-    assert [t["metadata"]["listName"] for t in triggers] == queue_lists("render")
-    assert all(t["type"] == "redis" and t["authenticationRef"]["name"] == auth["metadata"]["name"] for t in triggers)
-    assert all("activationListLength" in t["metadata"] for t in triggers)
-    (secret,) = by_kind("Secret")
-    assert auth["spec"]["secretTargetRef"] == [
-        {"parameter": "password", "name": secret["metadata"]["name"], "key": "password"}
-    ]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "metrics-api" and trigger["metadata"]["format"] == "json"
+    assert trigger["metadata"]["valueLocation"] == "queues.render.owed"  # tests/integration/test_operator.py
+    assert trigger["metadata"]["targetValue"] == "1"  # one worker per job queued or running
+    # KEDA's operator calls from its own namespace: a bare service name would not resolve there.
+    url = re.fullmatch(
+        r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)/scale", trigger["metadata"]["url"]
+    )
+    assert url, trigger["metadata"]["url"]
+    service, namespace, port = url.groups()
+    kustomization = yaml.safe_load(open(os.path.join(K8S, "kustomization.yaml")))
+    assert namespace == kustomization["namespace"]
+    (exporter,) = [s for s in by_kind("Service") if s["metadata"]["name"] == service]
+    assert int(port) in [p["port"] for p in exporter["spec"]["ports"]]
+    (deployment,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "lorafleet-exporter"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["exporter", "--port", port]
+
+
+def test_every_pod_runs_non_root_with_least_privilege_under_the_restricted_standard():
+    (namespace,) = by_kind("Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    pods = pod_specs()
+    assert {name for name, _ in pods} >= {
+        "Deployment/lorafleet-worker", "Deployment/lorafleet-exporter", "StatefulSet/redis",
+        "Job/lorafleet-submit", "CronJob/lorafleet-nightly-sweep",
+    }  # fmt: skip
+    for name, pod in pods:
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] != 0, name
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        allowed_volumes = {"emptyDir", "configMap", "secret", "persistentVolumeClaim", "projected", "downwardAPI"}
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= allowed_volumes, (name, volume)
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"] == {"drop": ["ALL"]}, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            # A read-only root: what the process writes goes to a volume.
+            assert "/tmp" in [m["mountPath"] for m in container.get("volumeMounts", [])] or name == "StatefulSet/redis"
+
+
+def test_no_secret_reaches_any_container_argv():
+    secrets = {s["metadata"]["name"] for s in by_kind("Secret")}
+    for name, pod in pod_specs():
+        for container in pod["containers"]:
+            from_secrets = {
+                env["name"] for env in container.get("env", []) if "secretKeyRef" in env.get("valueFrom", {})
+            }
+            assert all(
+                env["valueFrom"]["secretKeyRef"]["name"] in secrets
+                for env in container.get("env", [])
+                if "secretKeyRef" in env.get("valueFrom", {})
+            )
+            argv = " ".join(container.get("command", []) + container.get("args", []))
+            for variable in from_secrets:
+                # Kubernetes expands $(VAR) into the argv; a shell's $VAR expanded into a heredoc is not argv.
+                assert f"$({variable})" not in argv, (name, variable)
+                assert not re.search(rf"(--requirepass|-a)\s+\"?\${variable}", argv), (name, variable)
+
+
+def test_the_worker_caches_point_at_writable_volumes():
+    (deployment,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "lorafleet-worker"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    dockerfile = open(os.path.join(REPO, "docker", "worker.Dockerfile")).read()
+    for variable in ("HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME"):
+        path = re.search(rf"{variable}=(\S+)", dockerfile).group(1)
+        (mount,) = [m for where, m in mounts.items() if path.startswith(where)]
+        assert not mount.get("readOnly"), variable
 
 
 def test_redis_keeps_an_append_only_file_on_a_volume_behind_the_secret_password():
     (redis,) = by_kind("StatefulSet")
     (container,) = redis["spec"]["template"]["spec"]["containers"]
-    args = container["args"]
-    assert args[args.index("--appendonly") + 1] == "yes" and "--requirepass" in args
+    script = container["command"][-1]
+    assert (
+        "--appendonly yes" in script and "requirepass $REDIS_PASSWORD" in script
+    )  # tests/integration/test_operator.py runs it
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
