@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 TORCH := $(shell grep -m1 '^torch==' docker/constraints.txt)
 PROMPTS ?= examples/prompts.jsonl
 GPUS ?= all
+DEVICE ?=
 SWEEP ?=
 PYTEST_ARGS ?=
 
@@ -34,8 +35,9 @@ demo: install
 submit: install
 	$(BIN)/lorafleet submit $(PROMPTS) --wait
 
+# DEVICE=cpu on a machine without a GPU (a worker never falls back to the CPU by itself).
 worker: install
-	$(BIN)/lorafleet worker
+	$(BIN)/lorafleet worker $(if $(DEVICE),--device $(DEVICE))
 
 # With LORAFLEET_MODEL unset, on the demo's own fleet (tiny model and CLIP, a private Redis, a CPU worker).
 sweep: install

@@ -39,3 +39,8 @@ PY
 xz -dc "$WHEELS/ffmpeg.xz" > /tmp/ffmpeg && chmod +x /tmp/ffmpeg
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg HF_HUB_OFFLINE=1
 echo "device_setup: lorafleet's packages in /tmp/site, ffmpeg at /tmp/ffmpeg ($(python3 -c "print(round($(date +%s.%N) - $started, 1))") s)"
+# The project pins one torch (docker/constraints.txt); this machine has its own and no network to
+# change it, so say which one every figure from here was taken with.
+pinned=$(grep -m1 '^torch==' docker/constraints.txt | cut -d= -f3)
+here=$(python3 -c "import torch; print(torch.__version__)")
+[ "${here%%+*}" = "$pinned" ] || echo "device_setup: torch $here here; the project pins $pinned (docker/constraints.txt): figures are for $here"

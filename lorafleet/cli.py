@@ -21,7 +21,7 @@ from redis import RedisError
 from rich.console import Console
 
 import common
-from common.errors import ExitCode, JobFileError, LorafleetError
+from common.errors import ExitCode, InputError, JobFileError, LorafleetError
 from common.manifest import JobStatus
 from common.settings import Settings, settings_env
 
@@ -112,8 +112,10 @@ def _with_compile(settings: Settings, compile_: bool | None) -> Settings:
     return settings.model_copy(update={"compile": True}) if compile_ else settings
 
 
-def _pick_device(gpu: int | None, device: str | None) -> tuple[str, int | None]:
-    """The torch device and GPU index for a worker; pins the GPU before torch is imported."""
+def _pick_device(gpu: int | None, device: str | None, cpu_fallback: bool = False) -> tuple[str, int | None]:
+    """The torch device and GPU index for a worker; pins the GPU before torch is imported. With no
+    GPU visible and no --device, a worker refuses to start (it would take GPU jobs at CPU speed);
+    `render` (`cpu_fallback`) runs on the CPU and says so."""
     if gpu is not None and device is not None:
         raise click.BadParameter("give --gpu N or --device, not both")
     # Memory freed between phases (the decode after the denoise) is reusable at any size, so the
@@ -129,7 +131,9 @@ def _pick_device(gpu: int | None, device: str | None) -> tuple[str, int | None]:
     if torch.cuda.is_available():
         return "cuda:0", 0
     if device == "cuda":
-        raise LorafleetError("--device cuda: no GPU is visible to torch here")
+        raise InputError("--device cuda: no GPU is visible to torch here")
+    if not cpu_fallback:
+        raise InputError("no GPU is visible to torch here: pass --device cpu to run a CPU worker")
     logging.getLogger("lorafleet").warning("no GPU visible: running on the CPU (say --device cpu to silence this)")
     return "cpu", None
 
@@ -349,7 +353,7 @@ def workers(settings: Settings, console: Console, gpus: str | None, cpus: int | 
 @shared_options
 def render(settings: Settings, console: Console, file, out, batch, gpu, device, alias, compile_):
     """Render the jobs of FILE in this process, without Redis: one-off runs and debugging."""
-    where, _ = _pick_device(gpu, device)
+    where, _ = _pick_device(gpu, device, cpu_fallback=True)
     from lorafleet.local_render import render_file
 
     update = {"store_url": out} if out else {}

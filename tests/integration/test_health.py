@@ -1,5 +1,6 @@
 """A worker's /metrics, /healthz and /readyz over HTTP, and `lorafleet health`, with a real worker."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -119,3 +120,49 @@ def test_the_exporter_counts_queues_running_jobs_workers_and_batches(fleet_env, 
     finally:
         exporter.terminate()
         exporter.wait(timeout=30)
+
+
+def test_the_exporter_tells_keda_what_the_fleet_owes_queued_at_every_priority_plus_running(
+    fleet_env, start_worker, tmp_path
+):
+    """deploy/k8s/keda.yaml's metrics-api trigger reads /scale at its valueLocation: jobs waiting at
+    every priority plus the ones running, so a fleet is not shrunk under its renders."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    start_worker(fleet_env)
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "a long cat", "seed": 1, "steps": 1000, "height": 256, "width": 256}\n')
+    assert lorafleet("submit", str(long), "--batch", "running", env=fleet_env).returncode == 0
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    deadline = time.monotonic() + 60
+    while not app.control.inspect(timeout=1).active() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for priority in ("high", "normal", "low"):  # three Redis lists; the worker is busy
+        queued = tmp_path / f"{priority}.jsonl"
+        queued.write_text(f'{{"prompt": "a {priority} cat", "seed": 2}}\n')
+        assert lorafleet("submit", str(queued), "--priority", priority, env=fleet_env).returncode == 0
+    port = free_port()
+    exporter = subprocess.Popen([sys.executable, "-m", "lorafleet", "exporter", "--port", str(port)], env=fleet_env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/scale", timeout=5).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and exporter.poll() is None
+                time.sleep(0.1)
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=30)
+        assert lorafleet("cancel", "running", env=fleet_env).returncode == 0
+    answer = json.loads(body)
+    assert answer["queues"]["render"] == {"queued": 3, "running": 1, "owed": 4}
+    keda = yaml.safe_load(open(f"{REPO}/deploy/k8s/keda.yaml"))
+    (trigger,) = keda["spec"]["triggers"]
+    value = answer
+    for part in trigger["metadata"]["valueLocation"].split("."):  # a plain GJSON path: keys joined by dots
+        value = value[part]
+    assert value == 4

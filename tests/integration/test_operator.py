@@ -68,3 +68,60 @@ def test_every_problem_of_a_line_is_reported_in_one_run(fleet_env, tmp_path):
     assert errors[1].startswith('line 1: adapter "no/such-adapter" not found')
     assert errors[2] == 'line 2: unknown field "lora_sacle" (did you mean "lora_scale"?)'
     assert not os.path.exists(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches"))
+
+
+def test_the_k8s_redis_takes_its_password_from_config_not_argv(tmp_path):
+    """deploy/k8s/redis.yaml's own start script, run by a POSIX sh: clients need the Secret's
+    password, and no process's argv shows it (its readiness probe's neither)."""
+    import subprocess
+
+    import redis
+    import yaml
+
+    from lorafleet.redis_server import find_redis_server
+    from tests.conftest import REPO
+
+    (statefulset, _) = yaml.safe_load_all(open(os.path.join(REPO, "deploy", "k8s", "redis.yaml")))
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    port, password = free_port(), "s3cret-from-the-secret"
+    # Here, not in a pod: a free port instead of 6379, a temporary folder instead of the volume.
+    script = container["command"][-1].replace("redis-server - ", f"redis-server - --port {port} ")
+    script = script.replace("--dir /data", f"--dir {tmp_path}")
+    env = {
+        "PATH": f"{os.path.dirname(find_redis_server())}:{os.environ['PATH']}",
+        "REDIS_PASSWORD": password,
+    }
+    server = subprocess.Popen([*container["command"][:-1], script], env=env, stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, password=password)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.05)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        argv = open(f"/proc/{server.pid}/cmdline", "rb").read()
+        assert password.encode() not in argv and b"redis-server" in argv  # exec'd: the server is the pod's process
+        probe = container["readinessProbe"]["exec"]["command"]
+        assert password not in " ".join(probe)
+        probe = [*probe[:-1], probe[-1].replace("redis-cli ping", f"redis-cli -p {port} ping")]
+        assert subprocess.run(probe, env=env, capture_output=True).returncode == 0  # REDISCLI_AUTH, not -a
+        probe_without = subprocess.run(probe, env={**env, "REDIS_PASSWORD": "wrong"}, capture_output=True)
+        assert probe_without.returncode != 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_worker_without_device_on_a_host_without_gpu_refuses_to_start(fleet_env):
+    """It would take GPU jobs at CPU speed: it says how to ask for a CPU worker instead."""
+    started = time.monotonic()
+    done = lorafleet("worker", env={**fleet_env, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "no GPU is visible to torch here: pass --device cpu to run a CPU worker" in done.stderr
+    assert " ready." not in done.stdout + done.stderr and time.monotonic() - started < 60
