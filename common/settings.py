@@ -7,7 +7,7 @@ import json
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ModelError
@@ -150,15 +150,24 @@ class Settings(BaseSettings):
     )
     compile_cache: bool = Field(
         True,
-        description="Share torch.compile's artifacts through the store (compile-cache/): the first worker of a model, "
-        "precision, size, GPU and software versions saves them, later ones compile in seconds. Loading them runs "
-        "code from the store: set compile_cache_secret, or turn this off, where store writers are not trusted like workers.",
+        description="Share torch.compile's artifacts through the store (compile-cache/) once compile_cache_secret "
+        "is set: the first worker of a model, precision, size, GPU and software versions saves them signed, later "
+        "ones load only entries with the fleet's signature and compile in seconds.",
     )
     compile_cache_secret: SecretStr | None = Field(
         None,
         description="A secret the fleet's workers share: compile artifacts are signed with it, and an entry without "
-        "this fleet's signature is never loaded. None: whoever may write the store is trusted like a worker.",
+        "this fleet's signature is never loaded (artifacts are code). None: nothing is shared, each worker compiles "
+        "on its own. Set but empty: refused.",
     )
+
+    @field_validator("compile_cache_secret")
+    @classmethod
+    def _secret_not_empty(cls, secret: SecretStr | None) -> SecretStr | None:
+        # An empty secret would sign with a key anyone knows: refuse it rather than share unsafely.
+        if secret is not None and not secret.get_secret_value().strip():
+            raise ValueError("set but empty: give a secret (e.g. `openssl rand -hex 32`), or unset it to share nothing")
+        return secret
 
     def model_tier(self, alias: str | None) -> ModelTier:
         """The model behind an alias, its precision and compile mode; None names the fleet's default model."""

@@ -13,19 +13,25 @@ Every later worker with the same key loads them before compiling and compiles in
 missing, changed, oversized or unreadable entry is a warning and a compile from scratch, never a
 failed start.
 
-The artifacts are torch's own format: pickled, and holding generated code that the worker runs. So
-whoever may write the store could run code on the workers. With `LORAFLEET_COMPILE_CACHE_SECRET`
-set (the same on every worker), entries are signed (HMAC-SHA256 over the key and the content) and
-one without this fleet's signature is never loaded; `LORAFLEET_COMPILE_CACHE=false` shares nothing.
+The artifacts are torch's own: they hold pickles and generated code that the worker runs, and an
+entry's keys name files that torch writes under its cache folder. So whoever may write the store
+could run code on the workers, or (with a key that is an absolute path) write a file anywhere the
+worker user can. Hence: entries are shared only with `LORAFLEET_COMPILE_CACHE_SECRET` set (the same
+on every worker; a set but empty one is refused at start). Each entry is signed (HMAC-SHA256 over
+its key and content) and one without this fleet's signature is never loaded; without a secret a
+worker neither loads nor saves, and compiles on its own. And before torch sees a signed entry,
+every artifact in it whose key would place a file outside torch's cache folder is refused.
 """
 
 import hashlib
 import hmac
 import json
 import logging
+import os
 import platform
 import sys
 from importlib import metadata
+from itertools import chain
 
 import torch
 
@@ -74,19 +80,38 @@ def cache_key(described: dict) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-class CompileCache:
-    """One worker's entry in the store's compile cache; no store: nothing shared."""
+def load_artifacts(data: bytes) -> None:
+    """Hand artifacts to torch's caches, as `torch.compiler.load_cache_artifacts` does, after
+    refusing any whose key would place a file outside torch's cache folder (torch joins keys onto
+    it: an absolute key or `..` writes anywhere). Reading them runs nothing; torch's caches load
+    their content later, when compiling."""
+    from torch.compiler._cache import CacheArtifactManager
 
-    def __init__(self, store: Store | None, described: dict, secret: bytes | None = None):
+    artifacts = CacheArtifactManager.deserialize(data)
+    if artifacts is None:
+        raise ValueError("torch cannot read it")
+    root = os.path.join(os.sep, "cache")
+    for artifact in chain(*artifacts.values()):
+        key = str(artifact.key)
+        if "\0" in key or not os.path.normpath(os.path.join(root, key)).startswith(root + os.sep):
+            raise ValueError(f"its {artifact.type()} artifact {key[:80]!r} would write outside torch's cache folder")
+    CacheArtifactManager.populate_caches(artifacts)
+
+
+class CompileCache:
+    """One worker's entry in the store's compile cache, signed with the fleet's secret; no store:
+    nothing shared."""
+
+    def __init__(self, store: Store | None, described: dict, secret: bytes):
+        if not secret:
+            raise ValueError("a compile cache needs the fleet's secret")
         self.store = store
         self.described = described
         self.key = cache_key(described)
         self.secret = secret
 
-    def _signature(self, sha256: str) -> str | None:
-        """This fleet's signature of an entry (its key and content), or None without a secret."""
-        if self.secret is None:
-            return None
+    def _signature(self, sha256: str) -> str:
+        """This fleet's signature of an entry (its key and content)."""
         return hmac.new(self.secret, f"{self.key}:{sha256}".encode(), hashlib.sha256).hexdigest()
 
     def _path(self, suffix: str) -> str:
@@ -108,12 +133,12 @@ class CompileCache:
             if size != entry.get("bytes") or size > MAX_BYTES:
                 raise ValueError(f"it holds {size} bytes, its description says {entry.get('bytes')}")
             signature = self._signature(str(entry.get("sha256")))
-            if signature is not None and not hmac.compare_digest(signature, str(entry.get("signature"))):
+            if not hmac.compare_digest(signature, str(entry.get("signature"))):
                 raise ValueError("it is not signed with this fleet's LORAFLEET_COMPILE_CACHE_SECRET")
             data = self.store.read_bytes(self._path("bin"))
             if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
                 raise ValueError("its content does not match its sha256")
-            torch.compiler.load_cache_artifacts(data)
+            load_artifacts(data)
         except Exception as exc:  # a bad entry costs a compile, never the worker
             log.warning("compile cache %s: not used (%s): compiling from scratch", self.key[:12], exc)
             return False

@@ -135,11 +135,16 @@ class Renderer:
         Variants rewrite the weights in place, which never recompiles. A job of another size (or
         without guidance, a batch of one) would recompile while the queue waits: it runs
         uncompiled instead (`render` runs jobs under torch's "eager_on_recompile" stance)."""
-        store = self.adapters.files.store if settings.compile_cache else None  # the fleet's store
+        secret = settings.compile_cache_secret
+        store = self.adapters.files.store if settings.compile_cache and secret else None  # the fleet's store
+        if settings.compile_cache and not secret:
+            log.info(
+                "%s: compile cache: not shared (artifacts are code: set LORAFLEET_COMPILE_CACHE_SECRET, the same "
+                "on every worker, to share signed ones through the store)", self.worker,
+            )  # fmt: skip
         transformer, backend, scope = self.pipe.transformer, settings.compile_backend, settings.compile_scope
         described = identity(dict(transformer.config), self.precision, size, backend, scope, self.device)
-        secret = settings.compile_cache_secret
-        cache = CompileCache(store, described, secret.get_secret_value().encode() if secret else None)
+        cache = CompileCache(store, described, secret.get_secret_value().encode() if secret else b"unshared")
         started = time.perf_counter()
         shared = cache.load()
         if scope == "blocks":
@@ -154,6 +159,7 @@ class Renderer:
         self.compile_seconds = time.perf_counter() - started
         saved = 0 if shared else cache.save()
         how = "with the fleet's shared artifacts" if shared else f"from scratch, shared {saved / 2**20:.1f} MB"
+        how = how if store is not None else "from scratch, not shared"
         log.info(
             "%s: compiled the transformer (%s) for %s in %.1fs (%s; compile cache %s); other sizes run uncompiled",
             self.worker, "by blocks" if scope == "blocks" else "whole", "×".join(map(str, size)),

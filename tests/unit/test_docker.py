@@ -120,6 +120,8 @@ def test_compose_file_follows_the_compose_specification_and_has_the_fleet():
         (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
         assert device["device_ids"] == [name[-1]] and device["capabilities"] == ["gpu"]
         assert "worker-cache:/home/lorafleet/.cache" in worker["volumes"]
+        # compose refuses to start without the secret that signs shared compile artifacts
+        assert worker["environment"]["LORAFLEET_COMPILE_CACHE_SECRET"].startswith("${LORAFLEET_COMPILE_CACHE_SECRET:?")
     for name, service in services.items():
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name

@@ -236,3 +236,13 @@ def test_the_grafana_dashboard_plots_only_metrics_lorafleet_exports():
         for target in panel["targets"]:
             used |= set(re.findall(r"lorafleet_[a-z_]+", target["expr"]))
     assert used and used <= declared, used - declared
+
+
+def test_workers_share_compile_artifacts_only_under_the_fleets_secret():
+    """Without LORAFLEET_COMPILE_CACHE_SECRET a worker shares nothing; the manifests wire one from a Secret."""
+    (deployment,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "lorafleet-worker"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (variable,) = [env for env in container["env"] if env["name"] == "LORAFLEET_COMPILE_CACHE_SECRET"]
+    reference = variable["valueFrom"]["secretKeyRef"]
+    (secret,) = [s for s in by_kind("Secret") if s["metadata"]["name"] == reference["name"]]
+    assert secret["stringData"][reference["key"]].strip()

@@ -119,9 +119,12 @@ print("RESULT " + json.dumps(dict(counters["inductor"])))
 """
 
 
-def compile_in_a_fresh_process(tiny, tmp_path, store, name: str) -> dict:
+def compile_in_a_fresh_process(tiny, tmp_path, store, name: str, secret: str | None = "fleet-secret") -> dict:
     """A worker process compiling the tiny transformer with inductor, with an empty local cache."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}")}
+    env.pop("LORAFLEET_COMPILE_CACHE_SECRET", None)
+    if secret is not None:
+        env["LORAFLEET_COMPILE_CACHE_SECRET"] = secret
     done = subprocess.run(
         [sys.executable, "-c", COMPILE_ONCE, tiny["model"], str(tmp_path / "adapters"), str(store)],
         capture_output=True, text=True, env=env, timeout=600,
@@ -142,22 +145,71 @@ def test_a_fresh_worker_compiles_from_the_artifacts_another_shared(tiny, tmp_pat
     second = compile_in_a_fresh_process(tiny, tmp_path, store, "second")
     assert "with the fleet's shared artifacts" in second["log"]
     assert second["counters"].get("fxgraph_cache_miss", 0) == 0 and second["counters"]["fxgraph_cache_hit"] >= 1
-    # A damaged entry costs a compile, never the worker.
-    (store / "compile-cache" / f"{entry.stem}.bin").write_bytes(b"not torch's")
-    third = compile_in_a_fresh_process(tiny, tmp_path, store, "third")
-    assert "not used" in third["log"] and "from scratch" in third["log"]
+    # Without the fleet's secret nothing is shared: the entry is there, and not loaded.
+    third = compile_in_a_fresh_process(tiny, tmp_path, store, "third", secret=None)
+    assert "not shared (artifacts are code: set LORAFLEET_COMPILE_CACHE_SECRET" in third["log"]
+    assert "from scratch, not shared" in third["log"] and third["counters"].get("fxgraph_cache_miss", 0) >= 1
 
 
-def test_a_compile_cache_entry_that_lies_about_itself_is_not_loaded(tmp_path):
+def signed_entry(store, described: dict, secret: bytes, data: bytes) -> CompileCache:
+    """An entry as a worker of this fleet writes it: consistent size, sha256 and signature."""
+    import hashlib
+
+    cache = CompileCache(store, described, secret)
+    sha256 = hashlib.sha256(data).hexdigest()
+    entry = {"identity": described, "bytes": len(data), "sha256": sha256, "signature": cache._signature(sha256)}
+    store.write_bytes(f"compile-cache/{cache.key}.bin", data)
+    store.write_bytes(f"compile-cache/{cache.key}.json", json.dumps(entry).encode())
+    return cache
+
+
+def test_a_compile_cache_entry_that_lies_about_itself_is_not_loaded(tmp_path, caplog):
     from common.store import Store
 
     store = Store(str(tmp_path))
     described = {"precision": "bf16", "size": [9, 16, 16]}
-    cache = CompileCache(store, described)
+    cache = CompileCache(store, described, b"fleet-secret")
     store.write_bytes(f"compile-cache/{cache.key}.bin", b"x" * 10)
     store.write_bytes(f"compile-cache/{cache.key}.json", json.dumps({"identity": {"precision": "fp8"}}).encode())
     assert not cache.load()
-    assert not CompileCache(None, described).load() and CompileCache(None, described).save() == 0
+    assert not CompileCache(None, described, b"s").load() and CompileCache(None, described, b"s").save() == 0
+    # Damaged but signed, right size and sha256: torch itself gets it, refuses it, and the worker compiles.
+    assert not signed_entry(store, described, b"fleet-secret", b"not torch's artifacts").load()
+    assert "not used (torch cannot read it)" in caplog.text
+
+
+def test_an_artifact_that_would_write_outside_torchs_cache_is_refused_even_when_signed(tmp_path, caplog):
+    """torch joins an artifact's key onto its cache folder: an absolute key writes anywhere (a
+    `.pth` in site-packages runs at the next Python start). Refused before torch sees it."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    from common.store import Store
+
+    planted = tmp_path / "site-packages" / "planted.pth"
+    planted.parent.mkdir()
+    CacheArtifactManager.clear()
+    CacheArtifactManager.record_artifact("autotune", str(planted), {"import os": 1})
+    data, _ = torch.compiler.save_cache_artifacts()
+    CacheArtifactManager.clear()
+    store, described = Store(str(tmp_path / "store")), {"precision": "bf16", "size": [9, 16, 16]}
+    cache = signed_entry(store, described, b"fleet-secret", data)
+    assert not cache.load() and not planted.exists()
+    assert "would write outside torch's cache folder" in caplog.text
+    torch.compiler.load_cache_artifacts(data)  # what torch alone does with it: the attack is real
+    assert planted.exists()
+
+
+def test_an_empty_compile_cache_secret_is_refused_at_start(tmp_path):
+    """`SecretStr("")` is falsy: an empty secret once turned signing off without a word."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set but empty"):
+        Settings(compile_cache_secret=" ", _env_file=None)
+    env = {**os.environ, "LORAFLEET_COMPILE_CACHE_SECRET": "", "LORAFLEET_STORE_URL": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "worker", "--device", "cpu"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "LORAFLEET_COMPILE_CACHE_SECRET: Value error, set but empty" in done.stderr
 
 
 GRAPH_RUNS: list[int] = []  # one entry per call of a graph compiled by the counting backend
@@ -228,9 +280,9 @@ def test_the_fp8_tiers_pristine_weights_are_the_bf16_weights_the_pipeline_loads(
     assert "no.such.layer" not in saved
 
 
-def test_with_a_fleet_secret_only_entries_this_fleet_signed_are_loaded(tmp_path, monkeypatch):
-    """Compile artifacts run as code on the workers: with LORAFLEET_COMPILE_CACHE_SECRET, an entry
-    someone else wrote into the store (unsigned, or signed with another secret) is refused."""
+def test_only_entries_this_fleet_signed_are_loaded(tmp_path, monkeypatch):
+    """Compile artifacts run as code on the workers: an entry someone else wrote into the store
+    (signed with another secret, or unsigned) is refused."""
     from common.store import Store
 
     monkeypatch.setenv("LORAFLEET_COMPILE_CACHE_SECRET", "fleet-secret")
@@ -240,10 +292,12 @@ def test_with_a_fleet_secret_only_entries_this_fleet_signed_are_loaded(tmp_path,
     store, described = Store(str(tmp_path)), {"precision": "bf16", "size": [9, 16, 16]}
     loaded = []
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"torch's artifacts", None))
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
-    for writer in (None, b"another fleet's secret"):
-        CompileCache(store, described, writer).save()
-        assert not CompileCache(store, described, secret).load() and loaded == []
+    monkeypatch.setattr("workers.compile_cache.load_artifacts", loaded.append)
+    CompileCache(store, described, b"another fleet's secret").save()
+    assert not CompileCache(store, described, secret).load() and loaded == []
+    unsigned = json.loads(store.read_bytes(f"compile-cache/{cache_key(described)}.json"))
+    store.write_bytes(f"compile-cache/{cache_key(described)}.json", json.dumps(unsigned | {"signature": None}).encode())
+    assert not CompileCache(store, described, secret).load() and loaded == []
     assert CompileCache(store, described, secret).save() > 0
     assert CompileCache(store, described, secret).load() and loaded == [b"torch's artifacts"]
 
