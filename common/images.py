@@ -8,7 +8,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from common.adapters import DEFAULT_POLICY, ReadPolicy, read_bounded
 from common.errors import AdapterError, ImageError
@@ -66,10 +67,28 @@ def decode(url: str, data: bytes) -> Image.Image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ImageError(f"image {url} is {image.width}×{image.height}: more pixels than {MAX_IMAGE_PIXELS:,}")
             image.load()
+            image = ImageOps.exif_transpose(image)  # a phone photo stands as it was taken, not sideways
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(f"image {url} does not decode as a PNG, JPEG or WebP image ({type(exc).__name__})") from None
+    return to_rgb8(image, url)
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """The memory a decoded image holds (what an image cache counts)."""
+    return image.width * image.height * len(image.getbands())
+
+
+def to_rgb8(image: Image.Image, url: str) -> Image.Image:
+    """Any mode Pillow opens as 8-bit RGB, scaled, never clipped: Pillow's own convert("RGB")
+    clips 16-bit grayscale (`I;16`, and `I`, which among PNG, JPEG and WebP only a 16-bit PNG
+    opens as) at 255, so such a picture turns white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ImageError(f"image {url} holds floating-point pixels: save it as 8- or 16-bit PNG, JPEG or WebP")
     return image.convert("RGB")
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import redis
+from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -68,6 +69,52 @@ local jobs = redis.call('lrange', KEYS[2], 0, -1)
 redis.call('del', KEYS[2])
 return jobs
 """
+
+
+class Record(BaseModel):
+    """A record lorafleet keeps in Redis as JSON. Whoever can write to Redis can write one, so each
+    is read through its model: a malformed one is skipped (and logged once), never trusted."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class RunningJob(Record):
+    """What a worker's heartbeat says it runs."""
+
+    key: str
+    since: float
+
+
+class WorkerRecord(Record):
+    """A worker's heartbeat: `lorafleet:worker:<name>`."""
+
+    worker: str
+    queue: str
+    since: float
+    beat: float
+    job: RunningJob | None = None
+
+
+class RunningEntry(Record):
+    """A running job's entry in `lorafleet:running`: what to enqueue again if its lease lapses."""
+
+    message: dict
+    queue: str
+    worker: str
+
+
+_reported: set[str] = set()  # the malformed records already logged, once each per process
+
+
+def parse_record(model: type[Record], name: str, raw) -> Record | None:
+    """A Redis record read through its model, or None (logged once) if it is malformed."""
+    try:
+        return model.model_validate_json(raw)
+    except (ValidationError, ValueError, TypeError) as exc:
+        if name not in _reported:
+            _reported.add(name)
+            log.warning("skipped a malformed %s record %s: %s", model.__name__, name[:120], str(exc).splitlines()[0])
+        return None
 
 
 class Ledger:
@@ -152,24 +199,24 @@ class Ledger:
         except redis.RedisError as exc:  # Redis is away: the lease lapses, and the job is delivered again
             log.warning("redis: %s", exc)
 
-    def lapsed(self) -> list[tuple[str, dict]]:
-        """Running jobs whose lease lapsed, each claimed by this caller alone (to enqueue again)."""
+    def lapsed(self) -> list[tuple[str, RunningEntry]]:
+        """Running jobs whose lease lapsed, each claimed by this caller alone (to enqueue again).
+        A malformed entry is skipped and left where it is: nothing can be enqueued from it."""
         claimed = []
-        for task_id, entry in self.redis.hgetall(f"{PREFIX}:running").items():
-            task_id = task_id.decode()
-            if not self.redis.exists(f"{PREFIX}:lease:{task_id}") and self.redis.hdel(f"{PREFIX}:running", task_id):
-                claimed.append((task_id, json.loads(entry)))
+        for task_id, raw in self.redis.hgetall(f"{PREFIX}:running").items():
+            task_id = task_id.decode(errors="replace")
+            entry = parse_record(RunningEntry, f"{PREFIX}:running[{task_id}]", raw)
+            if entry is None or self.redis.exists(f"{PREFIX}:lease:{task_id}"):
+                continue
+            if self.redis.hdel(f"{PREFIX}:running", task_id):
+                claimed.append((task_id, entry))
         return claimed
 
     def running_queues(self) -> list[str]:
         """The queue of each job running now (one entry per lease held); a malformed entry is skipped."""
-        queues = []
-        for task_id, entry in self.redis.hgetall(f"{PREFIX}:running").items():
-            try:
-                queues.append(str(json.loads(entry)["queue"]))
-            except (ValueError, TypeError, KeyError):
-                log.warning("skipped a malformed running-job record %r", task_id[:64])
-        return queues
+        entries = self.redis.hgetall(f"{PREFIX}:running").items()
+        found = (parse_record(RunningEntry, f"{PREFIX}:running[{t!r}]", raw) for t, raw in entries)
+        return [entry.queue for entry in found if entry is not None]
 
     def orphaned(self, task_id: str, queue: str) -> bool:
         """Whether a job that has no result yet is nowhere: not waiting in its (empty) queue and
@@ -187,10 +234,12 @@ class Ledger:
         """The worker stopped: it serves no queue from now on."""
         self._quietly(lambda: self.redis.delete(f"{PREFIX}:worker:{worker}"))
 
-    def live_workers(self) -> list[dict]:
-        """The workers whose heartbeat is fresh: {"worker", "queue", "since", "beat"} each."""
+    def live_workers(self) -> list[WorkerRecord]:
+        """The workers whose heartbeat is fresh; a malformed heartbeat is skipped."""
         names = list(self.redis.scan_iter(match=f"{PREFIX}:worker:*", count=1000))
-        return [json.loads(record) for record in (self.redis.mget(names) if names else []) if record]
+        records = zip(names, self.redis.mget(names) if names else [], strict=True)
+        found = (parse_record(WorkerRecord, name.decode(errors="replace"), raw) for name, raw in records if raw)
+        return [record for record in found if record is not None]
 
     def cancel(self, batch: str, task_ids: list[str] | None = None) -> None:
         """Mark a batch (or only these tasks of it) cancelled: queued jobs never start, running
@@ -227,8 +276,10 @@ class Ledger:
         found = self.redis.eval(_RESUME, 2, f"{PREFIX}:paused:{batch}", f"{PREFIX}:set-aside:{batch}")
         return [json.loads(entry) for entry in found]
 
-    def is_paused(self, batch: str) -> bool:
-        return bool(self.redis.exists(f"{PREFIX}:paused:{batch}"))
+    def forget_batch(self, batch: str) -> None:
+        """Drop what Redis keeps of a batch by name (cancel and pause flags, jobs set aside): a
+        new batch under a name an earlier one had starts clean."""
+        self.redis.delete(f"{PREFIX}:cancelled:{batch}", f"{PREFIX}:paused:{batch}", f"{PREFIX}:set-aside:{batch}")
 
 
 class Lease:
@@ -294,12 +345,29 @@ def run_heartbeat(ledger: Ledger, worker: str, queue: str, stop: threading.Event
             return
 
 
-def run_sweeper(ledger: Ledger, requeue: Callable[[str, dict], None], stop: threading.Event, worker: str) -> None:
-    """Every lease_s / 2, enqueue again the jobs whose worker died (their lease lapsed)."""
-    while not stop.wait(ledger.lease_ms / 2000):
-        try:
-            for task_id, entry in ledger.lapsed():
-                log.warning("%s: %s lost its worker %s: enqueued again", worker, task_id, entry["worker"])
-                requeue(task_id, entry)
-        except redis.RedisError as exc:
-            log.warning("%s: sweeper: redis: %s", worker, exc)
+def run_sweeper(
+    ledger: Ledger,
+    requeue: Callable[[str, RunningEntry], None],
+    stop: threading.Event,
+    worker: str,
+    on_death: Callable[[], None] | None = None,
+) -> None:
+    """Every lease_s / 2, enqueue again the jobs whose worker died (their lease lapsed). Any error
+    in a round is logged and the next round runs: without a sweeper a dead worker's job waits
+    hours. Should the loop itself die, `on_death` is called (the worker stops rather than serve on
+    without recovery)."""
+    try:
+        while not stop.wait(ledger.lease_ms / 2000):
+            try:
+                for task_id, entry in ledger.lapsed():
+                    log.warning("%s: %s lost its worker %s: enqueued again", worker, task_id, entry.worker)
+                    requeue(task_id, entry)
+            except redis.RedisError as exc:
+                log.warning("%s: sweeper: redis: %s", worker, exc)
+            except Exception:  # kombu's OperationalError in a Redis blip, anything else: next round
+                log.exception("%s: sweeper: a round failed; trying again in %.0fs", worker, ledger.lease_ms / 2000)
+    except BaseException:
+        log.exception("%s: the lease sweeper died", worker)
+        if on_death is not None:
+            on_death()
+        raise

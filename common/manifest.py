@@ -52,9 +52,27 @@ class Batch:
         return entry
 
     @classmethod
-    def new(cls, name: str | None = None) -> "Batch":
-        """A new, empty batch under `name` (checked), or under a fresh name that sorts by time."""
-        return cls(check_batch_name(name) if name else new_batch_name())
+    def new(cls, store: Store, name: str | None = None) -> "Batch":
+        """A new, empty batch under `name` (checked), or under a fresh name that sorts by time.
+        A batch is its manifest: a name the store already holds is refused (InputError), never
+        overwritten, so an earlier batch's jobs never vanish from it."""
+        if not name:
+            return cls(new_batch_name())
+        if store.exists(manifest_path(check_batch_name(name))):
+            raise InputError(
+                f'batch "{name}" already exists in {store.url}: give a new --batch name '
+                f"(or `lorafleet retry {name}` to run its failed and cancelled jobs again)"
+            )
+        return cls(name)
+
+    @classmethod
+    def new_numbered(cls, store: Store, name: str) -> "Batch":
+        """A new batch named `name`, or `name-2`, `name-3`… if the store already holds that one."""
+        candidate, number = check_batch_name(name), 1
+        while store.exists(manifest_path(candidate)):
+            number += 1
+            candidate = f"{name}-{number}"
+        return cls(check_batch_name(candidate))
 
     @property
     def enqueued(self) -> int:

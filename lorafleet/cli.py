@@ -374,19 +374,21 @@ def health(settings: Settings, console: Console, name: str | None):
 
     from common.leases import Ledger
 
-    live = {record["worker"]: record for record in Ledger.from_settings(settings).live_workers()}
+    live = {record.worker: record for record in Ledger.from_settings(settings).live_workers()}
     shown = [name] if name else sorted(live)
     for worker in shown:
         record = live.get(worker)
+        # Names and keys come from Redis, where any client may write: printed as text, never as markup.
         if record is None:
-            console.print(f"{worker}: no fresh heartbeat in Redis (stopped, hung, or not READY yet)")
+            console.print(f"{worker}: no fresh heartbeat in Redis (stopped, hung, or not READY yet)", markup=False)
         else:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["since"]))
-            ago = time.time() - record["beat"]
-            job = record.get("job")
-            doing = f"running {job['key'][:12]} for {time.time() - job['since']:.0f}s" if job else "idle"
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.since))
+            ago = time.time() - record.beat
+            job = record.job
+            doing = f"running {job.key[:12]} for {time.time() - job.since:.0f}s" if job else "idle"
             console.print(
-                f"{worker}: alive, serving queue {record['queue']} since {since}, {doing}, last beat {ago:.0f}s ago"
+                f"{worker}: alive, serving queue {record.queue} since {since}, {doing}, last beat {ago:.0f}s ago",
+                markup=False,
             )
     if not live and not name:
         console.print("no worker has a fresh heartbeat in Redis")

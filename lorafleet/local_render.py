@@ -17,8 +17,8 @@ log = logging.getLogger("lorafleet.render")
 
 def render_file(path: str, settings: Settings, device: str, console: Console, batch_name: str | None = None) -> Batch:
     """Render every job of `path` (checked first, as submit does) and write the batch manifest."""
-    batch = Batch.new(batch_name)
     store = Store(settings.store_url)
+    batch = Batch.new(store, batch_name)
     jobs = load_jobs_for(path, settings, store)
     renderers: dict[str | None, Renderer] = {}  # one warm pipeline per model alias in the file
     for number, job in enumerate(jobs, start=1):

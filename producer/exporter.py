@@ -56,7 +56,7 @@ class FleetCollector:
         )
         live: dict[str, int] = dict.fromkeys(self.queues(), 0)
         for record in self.ledger.live_workers():
-            live[record["queue"]] = live.get(record["queue"], 0) + 1
+            live[record.queue] = live.get(record.queue, 0) + 1
         for queue, count in live.items():
             workers.add_metric([queue], count)
         yield workers

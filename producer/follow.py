@@ -122,7 +122,7 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
 def warn_of_unserved_queues(batch: Batch, ledger: Ledger, warned: dict[str, float], console: Console) -> None:
     """Say which queues the batch waits on that no live worker serves (each again every 30 s)."""
     aliases = {queue_for(e["model"]): e["model"] for e in batch.entries if e["status"] in UNFINISHED}
-    served = {worker["queue"] for worker in ledger.live_workers()}
+    served = {worker.queue for worker in ledger.live_workers()}
     now = time.monotonic()
     for queue, alias in aliases.items():
         if queue in served:

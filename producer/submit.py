@@ -5,6 +5,7 @@ import uuid
 from common.broker import check_redis, make_app, send_job
 from common.bulk import paused_gc
 from common.job import load_jobs_for
+from common.leases import Ledger
 from common.manifest import Batch, JobStatus
 from common.settings import Settings
 from common.store import Store, videos_present
@@ -18,8 +19,8 @@ def submit(path: str, settings: Settings, batch_name: str | None = None, priorit
 
     Raises JobFileError (listing every bad line) before anything is enqueued.
     """
-    batch = Batch.new(batch_name)
     store = Store(settings.store_url)
+    batch = Batch.new(store, batch_name)
     with paused_gc():  # a big file's jobs are many small objects that live until the end
         jobs = [{**job, "priority": job.get("priority") or priority} for job in load_jobs_for(path, settings, store)]
         return enqueue(jobs, batch, store, settings)
@@ -40,6 +41,9 @@ def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) ->
             to_send.append((job, task_ids[job["key"]]))
         batch.add(store, job, JobStatus.QUEUED, task_ids[job["key"]])
     check_redis(settings.redis_url)
+    # A new batch owes nothing to an earlier one of the same name (gone from the store): its cancel
+    # and pause flags would capture this batch's jobs.
+    Ledger.from_settings(settings).forget_batch(batch.name)
     batch.write_jobs(store, jobs)
     batch.write_manifest(store)
     app = make_app(settings)

@@ -33,7 +33,9 @@ def run_sweep(
     store = Store(settings.store_url)
     resolver = AdapterResolver.from_settings(settings, store)
     name, jobs, cells, options = load_sweep(path, model_resolver(settings), resolver, JobLimits.from_settings(settings))
-    batch = Batch.new(batch_name or f"{name}-{time.strftime('%Y%m%d', time.gmtime())}")
+    # tonight's batch, or tonight's second (-2) if the sweep already ran today; a name given is never reused
+    tonight = f"{name}-{time.strftime('%Y%m%d', time.gmtime())}"
+    batch = Batch.new(store, batch_name) if batch_name else Batch.new_numbered(store, tonight)
     previous = baseline(store, compare, name, batch.name, console) if compare else None
     enqueue(jobs, batch, store, settings)
     with open(path, "rb") as f:

@@ -20,7 +20,7 @@ from PIL import Image
 import common
 from common.adapters import ReadPolicy
 from common.errors import MemoryBudgetError, RenderError
-from common.images import read_image_url
+from common.images import decoded_bytes, read_image_url
 from common.job import adapter_combination
 from common.model import ModelInfo, model_info
 from common.settings import Settings
@@ -40,6 +40,7 @@ from workers.memory import (
 from workers.metrics import observe_render
 from workers.variants import LRU, AdapterCache, AdapterFiles, Term, VariantEngine
 
+IMAGE_CACHE_BYTES = 512 * 2**20
 log = logging.getLogger("lorafleet.render")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Progress = Callable[[int, int], None]
@@ -113,7 +114,8 @@ class Renderer:
             Store(settings.store_url),
         )
         self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.layer_sizes())
-        self.images = LRU(16, size=lambda _: 1)  # decoded input images by content hash: a sweep reuses its few
+        # decoded input images by content hash, by their bytes (an 8192² image is 200 MB): a sweep reuses its few
+        self.images = LRU(IMAGE_CACHE_BYTES, size=decoded_bytes)
         self.compiled = settings.compile if compiled is None else compiled
         self.compile_seconds = None
         if self.compiled:

@@ -25,7 +25,7 @@ from celery.exceptions import Ignore
 from common.broker import EVAL_TASK_NAME, TASK_NAME, send_job
 from common.errors import EvaluationError, JobCancelled, LeaseLost, LorafleetError, StoreError, WorkerLost
 from common.job import AdapterResolver, job_from_message
-from common.leases import Lease, Ledger
+from common.leases import Lease, Ledger, RunningEntry
 from common.settings import Settings
 from common.store import Store, output_uris, video_exists
 from workers.evaluator import Evaluator
@@ -275,6 +275,6 @@ def _cancelled(ledger: Ledger, batch: str | None) -> str:
     return f"batch {batch}" if ledger.is_cancelled(batch) else "the job"
 
 
-def requeue(app: Celery, task_id: str, entry: dict) -> None:
+def requeue(app: Celery, task_id: str, entry: RunningEntry) -> None:
     """Enqueue a job whose worker died again, under the same task id (its delivery count goes on)."""
-    send_job(app, entry["message"], task_id, entry.get("queue"))
+    send_job(app, entry.message, task_id, entry.queue)

@@ -117,8 +117,11 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     stop = threading.Event()
     sweeper = threading.Thread(
         target=run_sweeper,
+        # A worker without its sweeper would serve on while dead workers' jobs wait for hours: stop it.
         args=(ledger, lambda task_id, entry: requeue(app, task_id, entry), stop, name),
+        kwargs={"on_death": lambda: os.kill(os.getpid(), signal.SIGTERM)},
         daemon=True,
+        name="sweeper",
     )
     sweeper.start()
 

@@ -55,7 +55,14 @@ def long_job(seed: int, steps: int = 700) -> dict:
     return {"prompt": "a paper boat floats down a stream", "seed": seed, "steps": steps, "height": 32, "width": 32}
 
 
-def test_a_job_whose_worker_is_killed_completes_on_another_worker(fast_leases, start_worker, tmp_path):
+@pytest.mark.parametrize("planted", [False, True], ids=["clean", "malformed-records-in-redis"])
+def test_a_job_whose_worker_is_killed_completes_on_another_worker(fast_leases, start_worker, tmp_path, planted):
+    """Also with malformed records planted by a client (a running-job entry that is no JSON, one
+    missing its fields, a heartbeat without `since`): each is skipped, the sweeper keeps sweeping."""
+    if planted:
+        client = redis_client.Redis.from_url(fast_leases["LORAFLEET_REDIS_URL"])
+        client.hset("lorafleet:running", mapping={"not-json": b"{oops", "no-fields": json.dumps({"queue": 1})})
+        client.set("lorafleet:worker:forged", json.dumps({"worker": "forged", "queue": "render"}), ex=600)
     workers = [start_worker(fast_leases), start_worker(fast_leases)]
     result = app_for(fast_leases).send_task(TASK_NAME, args=[long_job(1)])
     info = wait_for(lambda: progress_of(result), 60, "the job to start")
@@ -66,6 +73,11 @@ def test_a_job_whose_worker_is_killed_completes_on_another_worker(fast_leases, s
     assert outcome["status"] == "done" and outcome["worker"] == survivor.worker
     assert "lost its worker" in open(survivor.log_path).read()
     assert len(glob.glob(os.path.join(fast_leases["LORAFLEET_STORE_URL"], "videos", "*.mp4"))) == 1
+    if planted:
+        log = open(survivor.log_path).read()
+        assert log.count("skipped a malformed RunningEntry record lorafleet:running[not-json]") == 1  # logged once
+        health = lorafleet("health", env=fast_leases)
+        assert health.returncode == 0 and "Traceback" not in health.stderr and "forged" not in health.stdout
 
 
 def test_a_poison_job_is_failed_after_max_deliveries_and_the_fleet_serves_on(fast_leases, start_worker):

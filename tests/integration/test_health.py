@@ -101,6 +101,10 @@ def test_the_exporter_counts_queues_running_jobs_workers_and_batches(fleet_env, 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "a cat", "seed": [1, 2, 3]}\n')
     assert lorafleet("submit", str(jobs), "--batch", "waiting", env=fleet_env).returncode == 0  # no worker yet
+    import redis
+
+    # A heartbeat any client may forge, without its fields: skipped, /metrics still answers (it was a 500).
+    redis.Redis.from_url(fleet_env["LORAFLEET_REDIS_URL"]).set("lorafleet:worker:forged", '{"queue": "render"}')
     port = free_port()
     exporter = subprocess.Popen([sys.executable, "-m", "lorafleet", "exporter", "--port", str(port)], env=fleet_env)
     try:

@@ -14,6 +14,7 @@ from celery.result import AsyncResult
 from common.adapters import content_hash
 from common.job import AdapterResolver, job_from_message
 from common.model import model_info
+from tests.conftest import lorafleet
 from tests.helpers import read_manifest, render_records
 from tests.integration.test_faults import app_for, long_job, progress_of, submit_one, wait_for
 from tests.unit.test_corpus import CORPUS
@@ -163,3 +164,29 @@ def test_status_and_wait_report_what_they_can_on_a_read_only_store(fleet_env, st
     assert "batch ro: 1 done, 0 running, 0 queued, 0 failed, 0 cancelled of 1 jobs" in shown
     assert "warning: the manifest was not updated: cannot write" in shown and "Read-only file system" in shown
     assert wait_for_batch(batch, settings, console) is True
+
+
+@pytest.mark.parametrize("flag", ["cancel", "pause"])
+def test_a_reused_batch_name_is_refused_and_a_new_batch_is_not_captured_by_old_flags(
+    fleet_env, start_worker, tmp_path, flag
+):
+    """A batch is its manifest: submitting to a name the store holds is refused (its manifest kept
+    whole); once that batch is gone, a new one under its name starts clean of its cancel or pause."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "first", "prompt": "a cat", "seed": 1}\n')
+    assert lorafleet("submit", str(jobs), "--batch", "reused", env=fleet_env).returncode == 0  # no worker yet
+    assert lorafleet(flag, "reused", env=fleet_env).returncode == 0
+    manifest = os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "reused", "manifest.jsonl")
+    before = open(manifest).read()
+    again = tmp_path / "again.jsonl"
+    again.write_text('{"id": "second", "prompt": "a dog", "seed": 2}\n')
+    refused = lorafleet("submit", str(again), "--batch", "reused", env=fleet_env)
+    assert refused.returncode == 2 and 'batch "reused" already exists' in refused.stderr
+    assert "lorafleet retry reused" in refused.stderr and open(manifest).read() == before
+    # The earlier batch removed from the store (as pruning it will); Redis still holds its flag.
+    shutil.rmtree(os.path.dirname(manifest))
+    start_worker(fleet_env)
+    done = lorafleet("submit", str(again), "--batch", "reused", "--wait", "--timeout", "120", env=fleet_env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (entry,) = read_manifest(manifest)
+    assert entry["id"] == "second" and entry["status"] == "done"
