@@ -8,9 +8,11 @@ Between a cell and its lora_scale-0 cell the report computes SSIM and PSNR (nump
 """
 
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 
+from common.errors import EvaluationError
 from common.settings import Settings
 from common.store import Store, video_path
 
@@ -19,14 +21,36 @@ EVAL_FRAMES = 8  # frames CLIP looks at, evenly spaced over the video
 SSIM_WINDOW = 7
 
 
-def read_video(store: Store, key: str) -> np.ndarray:
-    """A stored video's frames as (frames, height, width, 3) uint8."""
+def video_frames(store: Store, key: str, max_pixels: int) -> Iterator[np.ndarray]:
+    """A stored video's frames, decoded one at a time, as (height, width, 3) uint8; raises
+    EvaluationError once frames × height × width passes `max_pixels` (LORAFLEET_MAX_VIDEO_PIXELS,
+    what a render may make: a planted 18 KB MP4 can hold 300 frames of 1024²), or with one line
+    saying why a video does not decode."""
     import imageio.v3 as iio
 
     with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
         f.write(store.read_bytes(video_path(key, "mp4")))
         f.flush()
-        return np.stack(list(iio.imiter(f.name, plugin="FFMPEG")))
+        pixels = 0
+        try:
+            for frame in iio.imiter(f.name, plugin="FFMPEG"):
+                pixels += frame.shape[0] * frame.shape[1]
+                if pixels > max_pixels:
+                    raise EvaluationError(
+                        f"{key[:12]}: the video holds more than {max_pixels:,} pixels (LORAFLEET_MAX_VIDEO_PIXELS): "
+                        "not a render of this fleet"
+                    )
+                yield frame
+        except EvaluationError:
+            raise
+        except Exception as exc:  # ffmpeg's whole banner is no reason: its last line is
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise EvaluationError(f"{key[:12]}: the video does not decode: {(lines or ['?'])[-1][:200]}") from None
+
+
+def read_video(store: Store, key: str, max_pixels: int) -> np.ndarray:
+    """A stored video's frames as (frames, height, width, 3) uint8, bounded as `video_frames` says."""
+    return np.stack(list(video_frames(store, key, max_pixels)))
 
 
 def eval_path(key: str) -> str:
@@ -69,11 +93,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def temporal_ssim(video: np.ndarray) -> float:
-    """Mean SSIM of consecutive frames: 1 for a still video, lower for flicker and jumps."""
-    if len(video) < 2:
-        return 1.0
-    return float(np.mean([ssim(f, g) for f, g in zip(video[:-1], video[1:], strict=True)]))
+def temporal_ssim(video) -> float:
+    """Mean SSIM of consecutive frames (any iterable of them, read once): 1 for a still video,
+    lower for flicker and jumps."""
+    values, last = [], None
+    for frame in video:
+        if last is not None:
+            values.append(ssim(last, frame))
+        last = frame
+    return float(np.mean(values)) if values else 1.0
 
 
 def vs_base(video: np.ndarray, base: np.ndarray) -> dict:

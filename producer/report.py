@@ -68,6 +68,8 @@ def build_report(
     evaluations: dict[str, dict],
     options: dict | None = None,
     compare: dict | None = None,
+    *,
+    max_video_pixels: int,
 ) -> dict:
     """Compute every cell's numbers and write report.json, report.html and the plots; returns the report."""
     options = options or {"suggest": SUGGEST, "moved": MOVED}
@@ -77,7 +79,7 @@ def build_report(
 
     def video(key: str) -> np.ndarray:
         if key not in videos:
-            videos[key] = read_video(store, key)
+            videos[key] = read_video(store, key, max_video_pixels)
         return videos[key]
 
     base_keys = {(c["prompt"], c["seed"]): j["key"] for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0}

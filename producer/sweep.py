@@ -55,7 +55,8 @@ def run_sweep(
     for job, cell in zip(jobs, cells, strict=True):
         prompts[cell["prompt"]] = job["prompt"]
     report = build_report(
-        batch, store, jobs, cells, [prompts[i] for i in sorted(prompts)], evaluations, options, previous
+        batch, store, jobs, cells, [prompts[i] for i in sorted(prompts)], evaluations, options, previous,
+        max_video_pixels=settings.max_video_pixels,
     )
     moved = sum(bool(c["moved"]) for c in report["cells"])
     compared = f" ({moved} cells moved since {previous['batch']})" if previous else ""

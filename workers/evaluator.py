@@ -14,9 +14,9 @@ from common.evaluation import (
     clip_numbers,
     eval_path,
     evaluator_identity,
-    read_video,
     sample_indices,
     temporal_ssim,
+    video_frames,
 )
 from common.settings import Settings
 from common.store import Store, video_exists, video_path
@@ -33,6 +33,7 @@ class Evaluator:
         self.clip_ref = settings.eval_clip
         self.identity = evaluator_identity(settings)
         self.device = torch.device(device)
+        self.max_pixels = settings.max_video_pixels
         self._clip = None
 
     def clip(self):
@@ -50,10 +51,10 @@ class Evaluator:
         return self._clip
 
     @torch.no_grad()
-    def score(self, frames: np.ndarray, prompt: str) -> dict:
+    def score(self, frames: list[np.ndarray], prompt: str) -> dict:
         """The CLIP numbers of a video's sampled frames against its prompt."""
         model, processor = self.clip()
-        sample = [frames[i] for i in sample_indices(len(frames))]
+        sample = list(frames)
         inputs = processor(
             text=[prompt], images=sample, return_tensors="pt", padding=True, truncation=True, max_length=77
         ).to(self.device)
@@ -67,15 +68,32 @@ class Evaluator:
             raise EvaluationError(f"{key[:12]}: no video in the store to evaluate")
         started = time.perf_counter()
         metadata = _read_metadata(store, key)
-        frames = read_video(store, key)
-        numbers = {"temporal_ssim": temporal_ssim(frames)}
+        # One pass over the frames, holding only the ones CLIP samples: which ones, from the
+        # frame count the job asked for; a video with another count is not this job's render.
+        expected = metadata["job"]["num_frames"]
+        wanted, sampled, count = set(sample_indices(expected)), [], 0
+
+        def frames():
+            nonlocal count
+            for index, frame in enumerate(video_frames(store, key, self.max_pixels)):
+                count = index + 1
+                if count > expected:
+                    break
+                if index in wanted:
+                    sampled.append(frame)
+                yield frame
+
+        numbers = {"temporal_ssim": temporal_ssim(frames())}
+        if count != expected:
+            found = f"more than {expected}" if count > expected else str(count)
+            raise EvaluationError(f"{key[:12]}: the video has {found} frames, its job asked for {expected}")
         if self.clip_ref:
-            numbers |= self.score(frames, metadata["job"]["prompt"])
+            numbers |= self.score(sampled, metadata["job"]["prompt"])
         result = {
             "key": key,
             "evaluator": self.identity,
-            "frames": len(frames),
-            "sampled_frames": len(sample_indices(len(frames))) if self.clip_ref else 0,
+            "frames": count,
+            "sampled_frames": len(sampled) if self.clip_ref else 0,
             "numbers": numbers,
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -103,4 +121,7 @@ def _read_metadata(store: Store, key: str) -> dict:
         raise EvaluationError(f"{key[:12]}: metadata holds no job prompt") from None
     if not isinstance(prompt, str):
         raise EvaluationError(f"{key[:12]}: metadata's prompt is not text")
+    frames = metadata["job"].get("num_frames")
+    if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= 10_000:
+        raise EvaluationError(f"{key[:12]}: metadata's num_frames is not a frame count")
     return metadata
