@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import stat
 import struct
@@ -59,12 +60,17 @@ class ReadPolicy:
 
     def allows(self, url: str, store: Store | None = None) -> bool:
         """Whether a URL may be read: the store always; else an allowed scheme and, for a local
-        file, a path under an allowed root (symbolic links followed first)."""
+        file, a path under an allowed root (symbolic links followed first). It decides on the URL
+        as fsspec opens it: schemes in any case (`FILE://` is a local file), and never a chained
+        URL (`s3://b/k::file:///etc/passwd` opens the last one)."""
+        if "::" in url:
+            return False
+        url = normalized(url)
         if store is not None and store.contains(url):
             return True
         path = local_path(url)
         if path is None:
-            return urlsplit(url).scheme in self.schemes
+            return url_scheme(url) in self.schemes
         real = os.path.realpath(path)
         return "file" in self.schemes and (
             not self.roots or any(real == root or real.startswith(root + os.sep) for root in self.roots)
@@ -139,7 +145,7 @@ def candidate_urls(uri: str, store: Store | None) -> list[str]:
         return [f"{location.rstrip('/')}/{name}" for name in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME)]
 
     if "://" in uri:
-        return weights_in(uri)
+        return weights_in(normalized(uri))
     local = os.path.abspath(os.path.expanduser(uri))
     # A file (or a FIFO or device, refused when read) is itself the adapter; a folder holds it.
     candidates = [local] if os.path.exists(local) and not os.path.isdir(local) else weights_in(local)
@@ -206,22 +212,46 @@ def file_chunks(path: str, size: int = 16 * 2**20):
             yield chunk
 
 
+SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+LOCAL_SCHEMES = ("file", "local")  # fsspec's names of the local filesystem
+
+
+def url_scheme(url: str) -> str | None:
+    """A URL's scheme, lowercased as fsspec matches it; None for a plain path."""
+    found = SCHEME.match(url)
+    return found[1].lower() if found else None
+
+
+def normalized(url: str) -> str:
+    """The URL with its scheme lowercased (`File:///x` → `file:///x`); a plain path as it is."""
+    scheme = url_scheme(url)
+    return url if scheme is None else f"{scheme}://{url[SCHEME.match(url).end():]}"
+
+
 def local_path(url: str) -> str | None:
-    """The filesystem path of a local file URL (a plain path or file://), else None."""
-    if url.startswith("file://"):
-        return url[len("file://") :]
-    return url if "://" not in url else None
+    """The filesystem path of a local file URL (a plain path, file:// or local://, any case), else None."""
+    scheme = url_scheme(url)
+    if scheme is None:
+        return url
+    return url[SCHEME.match(url).end() :] if scheme in LOCAL_SCHEMES else None
 
 
 def read_bounded(url: str, max_bytes: int, timeout_s: float, what: str = "adapter") -> bytes | None:
     """A file's bytes, or None if there is no file at `url` (a folder counts as none). Only a
     regular file is read (never a device or FIFO), only up to `max_bytes`, and a remote read gives
     up after `timeout_s` without an answer; errors name the file as `what` ("adapter", "image")."""
+    if "::" in url:
+        raise AdapterError(f"{what} {url[:200]}: chained URLs are not read")
+    url = normalized(url)
     if url.startswith("hf://"):
         return _read_hub(url, max_bytes, timeout_s)
     path = local_path(url)
     if path is not None:
         return _read_local(path, max_bytes, what)
+    try:
+        fsspec.get_filesystem_class(url_scheme(url))
+    except (ImportError, ValueError) as exc:  # an allowed scheme whose filesystem is not installed (gs: gcsfs)
+        raise AdapterError(f"{what} {url[:200]} cannot be read here: {str(exc).splitlines()[0][:200]}") from None
     try:
         fs, fs_path = fsspec.core.url_to_fs(url, **_timeouts(url, timeout_s))
         info = fs.info(fs_path)

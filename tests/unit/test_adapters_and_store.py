@@ -95,6 +95,13 @@ def test_the_url_policy_refuses_outside_its_schemes_and_roots_without_reading(tm
     for outside in (tiny["style"], str(inside / "escape"), "/etc/passwd", "/no/such/file", "http://127.0.0.1:9/a"):
         with pytest.raises(AdapterError, match="is outside the allowed locations"):
             read_adapter(outside, store, policy)
+    # As fsspec opens them: a scheme in any case is that scheme; a chained URL opens its last part.
+    s3_store = Store("s3://bucket/prefix")
+    for outside in ("FILE:///etc/passwd", "File:///dev/zero", "LOCAL:///etc/passwd", "file:///etc/passwd"):
+        assert not policy.allows(outside, store), outside
+    assert policy.allows(f"FILE://{inside}/style/{WEIGHTS_NAME}", store)
+    assert not policy.allows("s3://bucket/prefix/k::file:///etc/passwd", s3_store)
+    assert not ReadPolicy().allows("s3://b/k::file:///etc/passwd") and ReadPolicy().allows("S3://b/k")
 
 
 def test_an_adapter_over_the_size_limit_is_not_read(tiny):
