@@ -10,6 +10,7 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from common.broker import check_redis, make_app, queue_length, send_job, task_metas
 from common.bulk import paused_gc
@@ -347,12 +348,13 @@ def print_summary(batch: Batch, console: Console) -> None:
     for entry in batch.entries:
         style = {JobStatus.DONE: "green", JobStatus.FAILED: "red", JobStatus.CANCELLED: "yellow"}.get(entry["status"])
         detail = entry["error"] if entry["status"] in FAILED_OR_CANCELLED else entry["video"]
+        # Ids and errors are the user's or a worker's text: shown as text, never read as markup.
         table.add_row(
-            entry["id"] or "",
+            Text(entry["id"] or ""),
             entry["key"][:12],
             str(entry.get("lora_scale", "")),
             str(entry.get("seed", "")),
-            f"[{style or 'white'}]{entry['status']}[/]",
-            detail,
+            Text(str(entry["status"]), style=style or "white"),
+            Text(str(detail or "")),
         )
     console.print(table)
