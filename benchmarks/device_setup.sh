@@ -37,7 +37,8 @@ wheel = zipfile.ZipFile(sys.argv[1])
 wheel.extractall("/tmp/site", [name for name in wheel.namelist() if name.startswith("imageio_ffmpeg/")])
 PY
 xz -dc "$WHEELS/ffmpeg.xz" > /tmp/ffmpeg && chmod +x /tmp/ffmpeg
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg HF_HUB_OFFLINE=1
+# LORAFLEET_REQUIRE_GPU: tests/gpu fail here rather than skip if the GPU is not seen.
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg HF_HUB_OFFLINE=1 LORAFLEET_REQUIRE_GPU=1
 echo "device_setup: lorafleet's packages in /tmp/site, ffmpeg at /tmp/ffmpeg ($(python3 -c "print(round($(date +%s.%N) - $started, 1))") s)"
 # The project pins one torch (docker/constraints.txt); this machine has its own and no network to
 # change it, so say which one every figure from here was taken with.

@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 
+from tests.gpu.conftest import needs_gpu
 from tests.helpers import decode_video, read_manifest, render_records
 from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    needs_gpu(),
 ]
 
 

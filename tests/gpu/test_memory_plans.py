@@ -9,13 +9,14 @@ import torch
 
 from common.job import AdapterResolver
 from common.settings import Settings
+from tests.gpu.conftest import needs_gpu
 from tests.helpers import prepare_job
 from workers.memory import PLAN_NAMES
 from workers.renderer import Renderer
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    needs_gpu(),
 ]
 
 

@@ -9,15 +9,14 @@ import torch
 
 from common.job import AdapterResolver
 from common.settings import Settings
+from tests.gpu.conftest import needs_gpu
 from tests.helpers import prepare_job
 from workers.fp8 import is_fp8
 from workers.renderer import Renderer, compiled_graphs
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an fp8 GPU"
-    ),
+    needs_gpu((8, 9)),
 ]
 
 JOBS = [

@@ -298,3 +298,31 @@ def test_submit_wait_sends_again_a_job_found_nowhere(fleet_env, start_worker, tm
     assert output.count("was found nowhere 3 times: sending it again") == 2
     manifest = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "lost", "manifest.jsonl"))
     assert [e["status"] for e in manifest] == ["done", "done"]
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_worker_lost_once_its_frames_are_rendered_leaves_one_whole_video(fast_leases, start_worker, how):
+    """Killed or frozen after its last denoising step (decoding, encoding or uploading in the
+    background): the job is delivered again and finished by the other worker; the store holds one
+    whole video and no partial file; a frozen worker that wakes up writes nothing."""
+    workers = [start_worker(fast_leases), start_worker(fast_leases)]
+    job = {"prompt": "a paper boat", "seed": 8, "steps": 30, "num_frames": 49, "height": 96, "width": 96}
+    result = app_for(fast_leases).send_task(TASK_NAME, args=[job])
+    info = wait_for(lambda: (p := progress_of(result)) and p["step"] == p["steps"] and p, 120, "the last step")
+    victim = next(w for w in workers if w.worker == info["worker"])
+    survivor = next(w for w in workers if w is not victim)
+    os.killpg(victim.pid, how)
+    try:
+        outcome = result.get(timeout=180)
+    finally:
+        if how == signal.SIGSTOP:
+            os.killpg(victim.pid, signal.SIGCONT)
+    assert outcome["status"] in ("done", "exists")
+    time.sleep(3)  # a woken worker's late upload, if it made one, would land by now
+    videos = os.path.join(fast_leases["LORAFLEET_STORE_URL"], "videos")
+    # A write killed midway may leave its temporary name behind (".tmp-…"), never a half file under a real name.
+    files = sorted(name for name in os.listdir(videos) if ".tmp-" not in name)
+    key = outcome["key"]
+    assert files == [f"{key}.json", f"{key}.mp4", f"{key}.png"], files
+    assert decode_video(os.path.join(videos, f"{key}.mp4")).shape == (49, 96, 96, 3)
+    assert json.load(open(os.path.join(videos, f"{key}.json")))["worker"] in (victim.worker, survivor.worker)

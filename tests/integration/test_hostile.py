@@ -137,33 +137,51 @@ def test_a_worker_reads_an_adapter_anew_when_its_file_appears_or_changes(fleet_e
     assert seen[0] != seen[1]
 
 
-def test_status_and_wait_report_what_they_can_on_a_read_only_store(fleet_env, start_worker, tmp_path, monkeypatch):
-    """A read-only or full store cannot be made here (tests run as root), so writes are made to fail
-    the way the OS fails them; the commands must still show the batch."""
-    from rich.console import Console
+@pytest.fixture
+def small_store(tmp_path):
+    """A store on a 16 MiB tmpfs of its own, which a test can fill or make read-only (root mounts it);
+    skipped where mounting is not allowed, failed in CI."""
+    import subprocess
 
-    from common.errors import StoreError
-    from common.settings import Settings
-    from common.store import Store
-    from producer.follow import status, wait_for_batch
+    mount = tmp_path / "store"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs for the store: {done.stderr.decode()}")
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
-    start_worker(fleet_env)
-    assert submit_one({"prompt": "a cat", "seed": 1}, tmp_path, fleet_env, "--wait", "--batch", "ro").returncode == 0
-    settings = Settings(
-        redis_url=fleet_env["LORAFLEET_REDIS_URL"], store_url=fleet_env["LORAFLEET_STORE_URL"], _env_file=None
-    )
 
-    def read_only(self, relpath, data):
-        raise StoreError(f"cannot write {self.uri(relpath)}: [Errno 30] Read-only file system")
+@pytest.mark.parametrize("trouble", ["read-only", "full"])
+def test_status_and_wait_report_what_they_can_on_a_store_that_cannot_be_written(
+    fleet_env, start_worker, tmp_path, small_store, trouble
+):
+    """A real read-only or full filesystem under the store: the commands still show the batch."""
+    import subprocess
 
-    monkeypatch.setattr(Store, "write_bytes", read_only)
-    console = Console(record=True, width=200)
-    batch = status(settings, "ro", console)
-    assert batch.count("done") == 1
-    shown = console.export_text()
-    assert "batch ro: 1 done, 0 running, 0 queued, 0 failed, 0 cancelled of 1 jobs" in shown
-    assert "warning: the manifest was not updated: cannot write" in shown and "Read-only file system" in shown
-    assert wait_for_batch(batch, settings, console) is True
+    env = {**fleet_env, "LORAFLEET_STORE_URL": str(small_store)}
+    start_worker(env)
+    assert submit_one({"prompt": "a cat", "seed": 1}, tmp_path, env, "--wait", "--batch", "ro").returncode == 0
+    if trouble == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_store)], check=True)
+        reason = "Read-only file system"
+    else:
+        with open(small_store / "filler", "wb") as filler:  # until the filesystem says it is full
+            try:
+                while True:
+                    filler.write(b"\0" * 2**20)
+                    filler.flush()
+            except OSError:
+                pass
+        reason = "No space left on device"
+    shown = lorafleet("status", "ro", env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "batch ro: 1 done, 0 running, 0 queued, 0 failed, 0 cancelled of 1 jobs" in shown.stdout
+    assert "warning: the manifest was not updated: cannot write" in shown.stdout + shown.stderr
+    assert reason in shown.stdout + shown.stderr
+    assert lorafleet("wait", "ro", env=env).returncode == 0
 
 
 @pytest.mark.parametrize("flag", ["cancel", "pause"])

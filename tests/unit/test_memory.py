@@ -135,7 +135,11 @@ def test_a_job_that_fits_only_in_tiles_is_decoded_in_tiles(tiny, tmp_path):
     renderer = Renderer(tiny["model"], "cpu", settings, "tiles")
     size = (9, 256, 384)  # more pixels than one VAE tile (240×360)
     assert renderer.plan.name == "resident" and fit_problem(renderer.footprint, renderer.plan, 5.2 * GB, size)
+    vae, tiled = renderer.pipe.vae, []
+    decode_in_tiles = vae.tiled_decode
+    vae.tiled_decode = lambda *args, **kwargs: tiled.append(1) or decode_in_tiles(*args, **kwargs)  # counted, then run
     frames, _ = renderer.render(make_job(renderer, num_frames=9, height=256, width=384, steps=1))
+    assert tiled, "the VAE did not decode in tiles"
     assert np.stack(frames).shape == (9, 256, 384, 3)
     assert not renderer.pipe.vae.use_tiling  # back as the plan has it
 
