@@ -77,7 +77,9 @@ def test_fp8_variants_are_the_bf16_variants_quantized_bit_for_bit(tiny, tmp_path
 
 
 def test_compiled_fp8_switches_variants_without_a_new_graph(tiny, tmp_path):
-    settings = Settings(adapter_cache_dir=str(tmp_path), store_url=str(tmp_path / "store"), _env_file=None)
+    settings = Settings(
+        adapter_cache_dir=str(tmp_path), store_url=str(tmp_path / "store"), compile_cache_secret="fleet", _env_file=None
+    )
     compiled = Renderer(tiny["model"], "cuda", settings, "compiled", precision="fp8", compiled=True)
     graphs = compiled_graphs()
     base, *variants = [render(compiled, tiny, job) for job in [{"prompt": "a cat", "seed": 1}, *JOBS]]
@@ -86,7 +88,7 @@ def test_compiled_fp8_switches_variants_without_a_new_graph(tiny, tmp_path):
     # same ones when it comes back.
     assert np.array_equal(variants[3], variants[0]) and np.array_equal(variants[4], base)
     assert not any(np.array_equal(base, frames) for frames in variants[:3])
-    assert list((tmp_path / "store" / "compile-cache").glob("*.bin"))  # shared for the next worker
+    assert list((tmp_path / "store" / "compile-cache").glob("*.bin"))  # shared, signed, for the next worker
     # torchao's recommended settings (coordinate-descent tuning) made a 5B compile take minutes, and
     # would have applied to every renderer in the process: quantizing leaves inductor's config alone.
     assert not torch._inductor.config.coordinate_descent_tuning
