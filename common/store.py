@@ -96,6 +96,20 @@ class Store:
             raise StoreError(f"cannot write {self.uri(relpath)}: {exc}") from exc
         return self.uri(relpath)
 
+    def delete(self, relpath: str) -> None:
+        """Remove a file (gone already: nothing to do)."""
+        try:
+            self._call(self.fs.rm_file, relpath)
+        except FileNotFoundError:
+            pass
+
+    def delete_folder(self, relpath: str) -> None:
+        """Remove a folder and all it holds (gone already: nothing to do)."""
+        try:
+            self._call(lambda path: self.fs.rm(path, recursive=True), relpath)
+        except FileNotFoundError:
+            pass
+
     def _call(self, fn, relpath: str):
         path = self._path(relpath)
         try:

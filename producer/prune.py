@@ -1,0 +1,100 @@
+"""`lorafleet prune`: the store does not only grow. Batches submitted before a cutoff go, with
+every stored output that no remaining batch references.
+
+The store is content-addressed: a key's video (`videos/<key>.{mp4,png,json,eval.json}`) is shared
+by every batch that asked for the same job, so a video goes only when no batch that stays names
+its key. A batch whose manifest still records queued, running or paused jobs is never touched
+(`lorafleet status NAME` brings a manifest up to date first). Compile-cache entries not written
+since the cutoff go too (a worker of the current stack that needs one compiles and shares it again).
+"""
+
+import datetime
+import re
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from common.errors import InputError
+from common.manifest import UNFINISHED, Batch
+from common.store import Store, video_path
+from producer.follow import list_batches
+
+OUTPUT_SUFFIXES = ("mp4", "png", "json", "eval.json")
+UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as 90m, 12h, 30d or 2w; raises InputError otherwise."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*", text or "")
+    if not found:
+        raise InputError(f'--older-than "{text}": give a number and a unit, m, h, d or w (e.g. 30d)')
+    return float(found[1]) * UNITS[found[2]]
+
+
+@dataclass
+class Plan:
+    """What a prune removes (or, in a dry run, would remove)."""
+
+    batches: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # old enough, but with unfinished jobs: kept
+    files: list[str] = field(default_factory=list)  # store paths
+    bytes: int = 0
+    shared: int = 0  # outputs of removed batches that a kept batch still references
+
+
+def plan_prune(store: Store, older_than_s: float, now: datetime.datetime | None = None) -> Plan:
+    """Which batches and files a prune with this cutoff removes."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    cutoff = (now - datetime.timedelta(seconds=older_than_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    plan, kept_keys, removed_keys = Plan(), set(), set()
+    for found in list_batches(store):
+        name, batch = found["name"], Batch.load(store, found["name"])
+        keys = {entry["key"] for entry in batch.entries}
+        old = found["submitted"] is not None and found["submitted"] < cutoff
+        if old and any(entry["status"] in UNFINISHED for entry in batch.entries):
+            plan.busy.append(name)
+            old = False
+        if old:
+            plan.batches.append(name)
+            removed_keys |= keys
+            plan.files += [f"batches/{name}/{file}" for file in list_files(store, f"batches/{name}")]
+        else:
+            kept_keys |= keys
+    plan.shared = len(removed_keys & kept_keys)
+    for key in sorted(removed_keys - kept_keys):
+        plan.files += [path for suffix in OUTPUT_SUFFIXES if store.exists(path := video_path(key, suffix))]
+    for name in store.list_folder("compile-cache", kind="file"):
+        written = store.modified(f"compile-cache/{name}")
+        if written is not None and written < cutoff:
+            plan.files.append(f"compile-cache/{name}")
+    plan.bytes = sum(store.size(path) for path in plan.files)
+    return plan
+
+
+def list_files(store: Store, folder: str) -> list[str]:
+    """Every file under a store folder, as paths relative to it."""
+    files = store.list_folder(folder, kind="file")
+    for sub in store.list_folder(folder):
+        files += [f"{sub}/{name}" for name in list_files(store, f"{folder}/{sub}")]
+    return files
+
+
+def prune(store: Store, older_than_s: float, console: Console, dry_run: bool = False) -> Plan:
+    """Remove what `plan_prune` finds (nothing with `dry_run`) and say what, and the bytes freed."""
+    plan = plan_prune(store, older_than_s)
+    verb = "would remove" if dry_run else "removed"
+    for name in plan.busy:
+        console.print(f"kept batch {name}: it has unfinished jobs (`lorafleet status {name}` to update it)", markup=False)
+    for path in plan.files:
+        if not dry_run:
+            store.delete(path)
+        console.print(f"{verb} {store.uri(path)}", markup=False, highlight=False, soft_wrap=True)
+    if not dry_run:
+        for name in plan.batches:
+            store.delete_folder(f"batches/{name}")  # what is left of it: empty folders of a local store
+    console.print(
+        f"{verb} {len(plan.batches)} batch(es) and {len(plan.files)} file(s), {plan.bytes / 2**20:.1f} MiB; "
+        f"kept {plan.shared} video(s) a newer batch also references",
+        markup=False,
+    )
+    return plan
