@@ -152,6 +152,36 @@ def cli(**_):
     """
 
 
+def follow(batch, settings: Settings, console: Console, timeout_s: float | None) -> bool:
+    """Wait for a batch as `wait_for_batch` does; on Ctrl-C, say that the jobs stay queued and how
+    to follow them, then end (exit 130)."""
+    from producer.follow import wait_for_batch
+
+    try:
+        return wait_for_batch(batch, settings, console, timeout_s)
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted: the jobs of batch {batch.name} stay queued and keep rendering; "
+            f"follow them with `lorafleet wait {batch.name}`, stop them with `lorafleet cancel {batch.name}`",
+            markup=False,
+        )
+        raise
+
+
+def needs_redis(command):
+    """A command that talks to Redis asks it first, with short timeouts: down, it exits 3 in
+    seconds (one line) rather than after the minute a fleet's clients spend riding out a restart."""
+
+    @functools.wraps(command)
+    def run(settings: Settings, **flags):
+        from common.broker import check_redis
+
+        check_redis(settings.redis_url)
+        return command(settings=settings, **flags)
+
+    return run
+
+
 def timeout_option(command):
     """--timeout for every command that waits."""
     return click.option(
@@ -185,7 +215,6 @@ def json_option(command):
 @shared_options
 def submit(settings: Settings, console: Console, file: str, wait: bool, batch, priority: str, timeout_s, as_json):
     """Check every line of FILE (.jsonl, one job a line), expand its lists, enqueue what is not in the store."""
-    from producer.follow import wait_for_batch
     from producer.submit import submit as submit_file
 
     console = make_console(stderr=True) if as_json else console
@@ -196,7 +225,7 @@ def submit(settings: Settings, console: Console, file: str, wait: bool, batch, p
     )
     ok = True
     if wait or timeout_s is not None:
-        ok = wait_for_batch(submitted, settings, console, timeout_s)
+        ok = follow(submitted, settings, console, timeout_s)
     if as_json:
         print(json.dumps({"batch": submitted.name, "enqueued": queued, "entries": submitted.entries}))
     return ExitCode.OK if ok else ExitCode.JOBS_FAILED
@@ -206,14 +235,14 @@ def submit(settings: Settings, console: Console, file: str, wait: bool, batch, p
 @click.argument("batch")
 @timeout_option
 @shared_options
+@needs_redis
 def wait(settings: Settings, console: Console, batch: str, timeout_s):
     """Follow a submitted BATCH until every job ends (or --timeout passes)."""
     from common.manifest import Batch
     from common.store import Store
-    from producer.follow import wait_for_batch
 
     followed = Batch.load(Store(settings.store_url), batch)
-    return ExitCode.OK if wait_for_batch(followed, settings, console, timeout_s) else ExitCode.JOBS_FAILED
+    return ExitCode.OK if follow(followed, settings, console, timeout_s) else ExitCode.JOBS_FAILED
 
 
 @cli.command()
@@ -264,13 +293,15 @@ def status(settings: Settings, console: Console, batch: str, as_json: bool):
     from producer.follow import status as batch_status
 
     shown = batch_status(settings, batch, make_console(stderr=True) if as_json else console, as_json)
-    return ExitCode.JOBS_FAILED if shown.count(JobStatus.FAILED) else ExitCode.OK
+    # as `wait` ends: 1 when any job failed or was cancelled
+    return ExitCode.JOBS_FAILED if shown.count(JobStatus.FAILED) + shown.count(JobStatus.CANCELLED) else ExitCode.OK
 
 
 @cli.command()
 @click.argument("batch")
 @click.option("--job", metavar="ID|KEY", help="only this job: its id, or its key (8 hex digits or more)")
 @shared_options
+@needs_redis
 def cancel(settings: Settings, console: Console, batch: str, job: str | None):
     """Queued jobs of BATCH never start; running ones stop at their next denoising step."""
     from producer.control import cancel as cancel_batch
@@ -282,6 +313,7 @@ def cancel(settings: Settings, console: Console, batch: str, job: str | None):
 @cli.command()
 @click.argument("batch")
 @shared_options
+@needs_redis
 def pause(settings: Settings, console: Console, batch: str):
     """Queued jobs of BATCH are not started until `resume`; running ones finish."""
     from producer.control import pause as pause_batch
@@ -293,6 +325,7 @@ def pause(settings: Settings, console: Console, batch: str):
 @cli.command()
 @click.argument("batch")
 @shared_options
+@needs_redis
 def resume(settings: Settings, console: Console, batch: str):
     """Go on with a paused BATCH: the jobs set aside meanwhile are queued again."""
     from producer.control import resume as resume_batch
@@ -306,13 +339,13 @@ def resume(settings: Settings, console: Console, batch: str):
 @click.option("--wait", is_flag=True, help="show progress until every job ends")
 @timeout_option
 @shared_options
+@needs_redis
 def retry(settings: Settings, console: Console, batch: str, wait: bool, timeout_s):
     """Enqueue the failed and cancelled jobs of BATCH again."""
     from producer.control import retry as retry_batch
-    from producer.follow import wait_for_batch
 
     again = retry_batch(settings, batch, console)
-    if (wait or timeout_s is not None) and not wait_for_batch(again, settings, console, timeout_s):
+    if (wait or timeout_s is not None) and not follow(again, settings, console, timeout_s):
         return ExitCode.JOBS_FAILED
     return ExitCode.OK
 
@@ -368,6 +401,7 @@ def render(settings: Settings, console: Console, file, out, batch, gpu, device, 
 @cli.command()
 @click.option("--worker", "name", metavar="NAME", help="this worker (gpu0@host, as its log names it); default: any")
 @shared_options
+@needs_redis
 def health(settings: Settings, console: Console, name: str | None):
     """Exit 0 if the worker's heartbeat in Redis is fresh (without --worker: any worker's), else 1."""
     import time
@@ -404,6 +438,31 @@ def exporter(settings: Settings, console: Console, port: int, batches: int):
     from producer.exporter import run_exporter
 
     run_exporter(settings, port, batches)
+
+
+@cli.command()
+@click.option("--older-than", "older_than", metavar="DURATION", required=True, help="e.g. 30d, 12h, 2w")
+@click.option("--dry-run", is_flag=True, help="say what would go; remove nothing")
+@shared_options
+def prune(settings: Settings, console: Console, older_than: str, dry_run: bool):
+    """Remove batches submitted before the cutoff and the stored files no remaining batch references."""
+    from common.store import Store
+    from producer.prune import parse_duration
+    from producer.prune import prune as prune_store
+
+    removed = prune_store(Store(settings.store_url), parse_duration(older_than), console, dry_run)
+    if removed.batches and not dry_run:
+        from common.broker import check_redis
+        from common.leases import Ledger
+
+        try:  # the batches' cancel and pause flags go with them; Redis away: a new batch clears them anyway
+            check_redis(settings.redis_url)
+            ledger = Ledger.from_settings(settings)
+            for name in removed.batches:
+                ledger.forget_batch(name)
+        except RedisError:
+            console.print("note: Redis is unreachable: the pruned batches' flags stay until their names are reused")
+    return ExitCode.OK
 
 
 @cli.command(name="tiny-model")

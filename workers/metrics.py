@@ -38,6 +38,12 @@ STEP = Gauge("lorafleet_job_step", "The running job's denoising step (0 when idl
 STEPS = Gauge("lorafleet_job_steps", "The running job's number of steps (0 when idle)", registry=REGISTRY)
 INFO = Info("lorafleet_worker", "What this worker serves: model, device, dtype, versions", registry=REGISTRY)
 PHASES = ("adapters", "variant", "denoise", "decode", "export_upload")
+OUTCOMES = ("done", "exists", "failed", "cancelled", "paused", "retried", "lease_lost")
+# Every outcome's series from the start, at 0: Prometheus' rate() and alerts need it before the first job.
+for outcome in OUTCOMES:
+    JOBS.labels(outcome)
+for outcome in ("done", "failed"):
+    EVALUATIONS.labels(outcome)
 
 
 def observe_render(timings: dict) -> None:

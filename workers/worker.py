@@ -17,6 +17,7 @@ from celery import signals as celery_signals
 from common.broker import make_app
 from common.errors import ExitCode, LorafleetError
 from common.leases import Ledger, run_heartbeat, run_sweeper
+from common.model import model_info
 from common.settings import Settings, queue_for
 from common.store import Store
 from workers.metrics import Health, serve
@@ -84,6 +85,11 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     health = Health()
     if settings.metrics_port is not None:  # first: probes get "starting" while the model loads
         serve(settings.metrics_host, settings.metrics_port, health)
+    try:  # a wrong model path or alias says so now, not after torch's seconds of imports
+        model_info(settings.model_tier(alias).ref)
+    except LorafleetError as exc:
+        log.error("%s: cannot start: %s", name, exc)
+        return ExitCode.MODEL_LOAD_FAILED
     log.info("%s: starting on %s (importing torch and diffusers)", name, device)
     from workers.evaluator import Evaluator
     from workers.metrics import INFO, RENDERER

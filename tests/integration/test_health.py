@@ -56,6 +56,8 @@ def test_a_worker_serves_metrics_and_probes_and_health_follows_its_heartbeat(fle
         assert first == (503, "starting\n")
         assert get(port, "/healthz")[0] == 200  # alive while it starts: no heartbeat is due yet
         wait_until_ready(worker, log_path, timeout_s=120)
+        before_any_job = scrape(port)  # every outcome's counter is there from the start, at 0
+        assert all(before_any_job[("lorafleet_jobs_total", ("outcome", o))] == 0 for o in ("done", "failed"))
         deadline = time.monotonic() + 10
         while get(port, "/readyz")[0] != 200:
             assert time.monotonic() < deadline

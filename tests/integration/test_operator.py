@@ -38,6 +38,7 @@ def test_cancel_with_no_worker_cancels_the_queued_jobs_at_once(fleet_env, tmp_pa
     assert cancelled.returncode == 0 and "cancelled 3 queued job(s)" in cancelled.stdout, cancelled.stdout
     status = lorafleet("status", "nobody", "--json", env=fleet_env)
     assert json.loads(status.stdout)["counts"]["cancelled"] == 3
+    assert status.returncode == 1  # as `wait` ends on a batch with cancelled jobs (README: exit codes)
     assert queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 3  # still queued: a worker will skip them
 
 
@@ -125,3 +126,28 @@ def test_a_worker_without_device_on_a_host_without_gpu_refuses_to_start(fleet_en
     assert done.returncode == 2, done.stderr
     assert "no GPU is visible to torch here: pass --device cpu to run a CPU worker" in done.stderr
     assert " ready." not in done.stdout + done.stderr and time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["health"], ["cancel", "b"], ["pause", "b"], ["resume", "b"], ["retry", "b"], ["wait", "b"],
+        ["status", "b"], ["submit", "JOBS"], ["prune", "--older-than", "1d"],
+    ],  # fmt: skip
+    ids=lambda command: command[0],
+)
+def test_every_command_that_talks_to_redis_gives_up_in_seconds_when_it_is_down(fleet_env, tmp_path, command):
+    """Exit 3 and one line within 5 s (they once retried for 77 s); `prune` needs only the store."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat", "seed": 1}\n')
+    assert lorafleet("submit", str(jobs), "--batch", "b", env=fleet_env).returncode == 0  # a batch to name
+    down = {**fleet_env, "LORAFLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    started = time.monotonic()
+    done = lorafleet(*[str(jobs) if word == "JOBS" else word for word in command], env=down, timeout=60)
+    took = time.monotonic() - started
+    if command[0] == "prune":
+        assert done.returncode == 0 and "removed 0 batch(es)" in done.stdout
+    else:
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert "cannot use Redis at redis://127.0.0.1:" in done.stderr and "Traceback" not in done.stderr
+    assert took < 5, f"{command[0]} took {took:.1f}s"
