@@ -441,16 +441,20 @@ def exporter(settings: Settings, console: Console, port: int, batches: int):
 
 
 @cli.command()
-@click.option("--older-than", "older_than", metavar="DURATION", required=True, help="e.g. 30d, 12h, 2w")
+@click.option("--older-than", "older_than", metavar="DURATION", help="batches submitted this long ago: 30d, 12h, 2w")
+@click.option("--before", metavar="TIME", help="batches submitted before this time: 2026-11-01, 2026-11-01T12:00:00Z")
 @click.option("--dry-run", is_flag=True, help="say what would go; remove nothing")
 @shared_options
-def prune(settings: Settings, console: Console, older_than: str, dry_run: bool):
+def prune(settings: Settings, console: Console, older_than: str | None, before: str | None, dry_run: bool):
     """Remove batches submitted before the cutoff and the stored files no remaining batch references."""
     from common.store import Store
-    from producer.prune import parse_duration
+    from producer.prune import cutoff_before, parse_duration, parse_time
     from producer.prune import prune as prune_store
 
-    removed = prune_store(Store(settings.store_url), parse_duration(older_than), console, dry_run)
+    if (older_than is None) == (before is None):
+        raise click.BadParameter("give --older-than DURATION or --before TIME (one of them)")
+    cutoff = cutoff_before(parse_duration(older_than)) if older_than else parse_time(before)
+    removed = prune_store(Store(settings.store_url), cutoff, console, dry_run)
     if removed.batches and not dry_run:
         from common.broker import check_redis
         from common.leases import Ledger

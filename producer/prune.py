@@ -20,14 +20,15 @@ from common.store import Store, video_path
 from producer.follow import list_batches
 
 OUTPUT_SUFFIXES = ("mp4", "png", "json", "eval.json")
-UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+ISO = "%Y-%m-%dT%H:%M:%SZ"
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as 90m, 12h, 30d or 2w; raises InputError otherwise."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*", text or "")
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
     if not found:
-        raise InputError(f'--older-than "{text}": give a number and a unit, m, h, d or w (e.g. 30d)')
+        raise InputError(f'--older-than "{text}": give a number and a unit, s, m, h, d or w (e.g. 30d)')
     return float(found[1]) * UNITS[found[2]]
 
 
@@ -42,10 +43,23 @@ class Plan:
     shared: int = 0  # outputs of removed batches that a kept batch still references
 
 
-def plan_prune(store: Store, older_than_s: float, now: datetime.datetime | None = None) -> Plan:
-    """Which batches and files a prune with this cutoff removes."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    cutoff = (now - datetime.timedelta(seconds=older_than_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+def cutoff_before(older_than_s: float) -> str:
+    """The cutoff of `--older-than`: that long before now, as the store writes times (ISO 8601, UTC)."""
+    return (datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=older_than_s)).strftime(ISO)
+
+
+def parse_time(text: str) -> str:
+    """A `--before` time (ISO 8601, UTC; e.g. 2026-11-01 or 2026-11-01T12:00:00Z) as the store writes times."""
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f'--before "{text}": give a date or time such as 2026-11-01 or 2026-11-01T12:00:00Z') from None
+    when = when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+    return when.astimezone(datetime.UTC).strftime(ISO)
+
+
+def plan_prune(store: Store, cutoff: str) -> Plan:
+    """Which batches and files a prune removes: batches submitted before `cutoff` (ISO 8601, UTC)."""
     plan, kept_keys, removed_keys = Plan(), set(), set()
     for found in list_batches(store):
         name, batch = found["name"], Batch.load(store, found["name"])
@@ -79,9 +93,9 @@ def list_files(store: Store, folder: str) -> list[str]:
     return files
 
 
-def prune(store: Store, older_than_s: float, console: Console, dry_run: bool = False) -> Plan:
+def prune(store: Store, cutoff: str, console: Console, dry_run: bool = False) -> Plan:
     """Remove what `plan_prune` finds (nothing with `dry_run`) and say what, and the bytes freed."""
-    plan = plan_prune(store, older_than_s)
+    plan = plan_prune(store, cutoff)
     verb = "would remove" if dry_run else "removed"
     for name in plan.busy:
         console.print(f"kept batch {name}: it has unfinished jobs (`lorafleet status {name}` to update it)", markup=False)

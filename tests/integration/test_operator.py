@@ -151,3 +151,36 @@ def test_every_command_that_talks_to_redis_gives_up_in_seconds_when_it_is_down(f
         assert done.returncode == 3, done.stdout + done.stderr
         assert "cannot use Redis at redis://127.0.0.1:" in done.stderr and "Traceback" not in done.stderr
     assert took < 5, f"{command[0]} took {took:.1f}s"
+
+
+def check_prune(env: dict, store) -> None:
+    """Two batches sharing a key, the older one pruned: the shared video stays, the other goes; a dry
+    run removes nothing; an old batch with a queued job is kept. Through `lorafleet prune`, as a user runs it."""
+    from tests.helpers import plant_batch
+
+    old, shared, new = "a" * 64, "b" * 64, "c" * 64
+    plant_batch(store, "old", [old, shared])
+    plant_batch(store, "busy", ["d" * 64], status="queued")
+    time.sleep(1.1)  # the store's times are in whole seconds
+    cutoff = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    time.sleep(1.1)
+    plant_batch(store, "new", [shared, new])
+    assert lorafleet("prune", "--older-than", "soon", env=env).returncode == 2
+    dry = lorafleet("prune", "--before", cutoff, "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove 1 batch(es) and" in dry.stdout and "kept 1 video(s) a newer batch also references" in dry.stdout
+    assert store.exists(f"videos/{old}.mp4") and store.exists("batches/old/manifest.jsonl")
+    done = lorafleet("prune", "--before", cutoff, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "kept batch busy: it has unfinished jobs" in done.stdout
+    assert f"removed {store.uri(f'videos/{old}.mp4')}" in done.stdout and "MiB" in done.stdout
+    assert not store.exists(f"videos/{old}.mp4") and not store.exists(f"videos/{old}.json")
+    assert not store.exists("batches/old/manifest.jsonl") and "old" not in store.list_folder("batches")
+    assert all(store.exists(f"videos/{key}.mp4") for key in (shared, new, "d" * 64))
+    assert store.exists("batches/new/manifest.jsonl") and store.exists("batches/busy/manifest.jsonl")
+
+
+def test_prune_removes_old_batches_and_only_the_videos_no_other_batch_needs(fleet_env):
+    from common.store import Store
+
+    check_prune(fleet_env, Store(fleet_env["LORAFLEET_STORE_URL"]))

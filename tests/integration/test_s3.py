@@ -85,3 +85,16 @@ def test_submit_wait_with_an_s3_store(s3_env, start_worker, tmp_path, tiny):
         assert decode_video(str(local)).shape == (9, 16, 16, 3)
         metadata = json.loads(s3.get_object(Bucket=BUCKET, Key=f"runs/videos/{entry['key']}.json")["Body"].read())
         assert metadata["key"] == entry["key"]
+
+
+def test_prune_on_an_s3_store(s3_env):
+    from common.store import Store
+    from tests.integration.test_operator import check_prune
+
+    env, _ = s3_env
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # this process's s3fs too
+    try:
+        check_prune(env, Store(env["LORAFLEET_STORE_URL"]))
+    finally:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+            os.environ.pop(name, None)
