@@ -469,6 +469,24 @@ def prune(settings: Settings, console: Console, older_than: str | None, before: 
     return ExitCode.OK
 
 
+@cli.command(name="redis")
+@click.option("--dir", "directory", default="demo/redis", show_default=True, help="its data, pid and log")
+@click.option("--stop", is_flag=True, help="stop the one started from --dir")
+@shared_options
+def redis_command(settings: Settings, console: Console, directory: str, stop: bool):
+    """Start a private redis-server in the background (a free port, append-only, files in --dir) and
+    print `export LORAFLEET_REDIS_URL=...`: `eval "$(lorafleet redis)"`. Run again: the same server."""
+    from lorafleet.redis_server import start_in_background, stop_background
+
+    if stop:
+        stopped = stop_background(directory)
+        print(f"# stopped the redis-server of {directory}" if stopped else f"# no redis-server runs from {directory}")
+        return ExitCode.OK
+    url = start_in_background(directory)
+    print(f"export LORAFLEET_REDIS_URL={url}  # a private redis-server, files in {directory}; stop: lorafleet redis --stop")
+    return ExitCode.OK
+
+
 @cli.command(name="tiny-model")
 @click.argument("directory", metavar="DIR")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")

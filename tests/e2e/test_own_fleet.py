@@ -1,8 +1,10 @@
 """The README's "From the demo to your own fleet", line by line, piped, as a new user runs it."""
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -37,40 +39,48 @@ def run(line: str, env: dict, cwd, timeout: float = 240) -> tuple[int, str, floa
     return process.wait(timeout=timeout), "".join(output), warned_at
 
 
-def test_from_the_demo_to_your_own_fleet(tiny, redis_url, tmp_path):
+def test_from_the_demo_to_your_own_fleet(tmp_path):
+    """In the state `make demo` leaves (its ./demo and ./results), with port 6379 taken by another
+    Redis, every line as written, with the exit code the README promises; nothing left untracked."""
     lines = section_lines()
-    assert lines[:5] == [
+    assert lines[:4] == [
         "export PATH=$PWD/.venv/bin:$PATH",
-        "redis-server --daemonize yes --appendonly yes",
-        "export LORAFLEET_REDIS_URL=redis://127.0.0.1:6379/0",
+        'eval "$(lorafleet redis)"',
         "export LORAFLEET_MODEL=$PWD/demo/model",
         "export LORAFLEET_EVAL_CLIP=$PWD/demo/clip",
     ]
-    # What those five lines give a user, here: lorafleet on PATH, a Redis, the demo's model and CLIP in ./demo.
+    commands = lines[4:]
+    assert [c.split()[1] for c in commands] == [
+        "submit", "worker", "wait", "submit", "sweep", "sweep", "batches", "%1", "redis",
+    ]  # fmt: skip
+    # A checkout after `make demo`: its venv, its examples, and the demo run here (./demo, ./results).
     shutil.copytree(os.path.join(REPO, "examples"), tmp_path / "examples")
-    shutil.copytree(os.path.dirname(tiny["model"]), tmp_path / "demo")
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), tmp_path / ".venv")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-    env.update(
-        PATH=f"{os.path.dirname(sys.executable)}:{env['PATH']}",
-        PYTHONPATH=REPO,
-        LORAFLEET_REDIS_URL=redis_url,
-        LORAFLEET_MODEL=str(tmp_path / "demo" / "model"),
-        LORAFLEET_EVAL_CLIP=str(tmp_path / "demo" / "clip"),
-        LORAFLEET_STORE_URL=str(tmp_path / "results"),
-        LORAFLEET_ADAPTER_CACHE_DIR=str(tmp_path / "adapter-cache"),
+    demo = subprocess.run(
+        ["bash", "-c", ".venv/bin/lorafleet demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
-    commands = lines[5:]
-    assert [c.split()[1] for c in commands] == ["submit", "worker", "wait", "sweep", "sweep", "batches"]
+    assert demo.returncode == 0 and "demo done" in demo.stdout, demo.stdout[-2000:] + demo.stderr[-2000:]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(port_6379_taken())
+        setup = subprocess.run(
+            ["bash", "-c", "\n".join(lines[:4]) + "\nenv -0"], cwd=tmp_path, env=env, capture_output=True, timeout=60
+        )
+        assert setup.returncode == 0, setup.stderr
+        env = dict(item.split("=", 1) for item in setup.stdout.decode().split("\0") if "=" in item)
+        assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", env["LORAFLEET_REDIS_URL"])
+        assert not env["LORAFLEET_REDIS_URL"].endswith(":6379/0")  # not someone else's Redis
+        stack.callback(run, "lorafleet redis --stop", env, tmp_path)  # whatever happens below
 
-    code, output, warned_at = run(commands[0], env, tmp_path)
-    assert code == 7, output
-    assert 0 <= warned_at <= 15, output  # said within seconds, not after the timeout
-    assert "Start one with `lorafleet worker --device cpu`" in output
-    assert "follow them with `lorafleet wait first`" in output
+        code, output, warned_at = run(commands[0], env, tmp_path)
+        assert code == 7, output
+        assert 0 <= warned_at <= 15, output  # said within seconds, not after the timeout
+        assert "Start one with `lorafleet worker --device cpu`" in output
+        assert "follow them with `lorafleet wait first`" in output
 
-    worker = subprocess.Popen(["bash", "-c", f"exec {commands[1].rstrip('&').strip()}"], env=env, cwd=tmp_path)
-    try:
-        log = tmp_path / "worker.log"
+        worker = subprocess.Popen(["bash", "-c", f"exec {commands[1].rstrip('&').strip()}"], env=env, cwd=tmp_path)
+        stack.callback(lambda: worker.poll() is None and (worker.kill(), worker.wait()))
+        log = tmp_path / "demo" / "worker.log"
         deadline = time.monotonic() + 120
         while not (log.exists() and "READY" in log.read_text()) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -79,33 +89,52 @@ def test_from_the_demo_to_your_own_fleet(tiny, redis_url, tmp_path):
         code, output, _ = run(commands[2], env, tmp_path)
         assert code == 0, output
         manifest = read_manifest(tmp_path / "results" / "batches" / "first" / "manifest.jsonl")
-        assert len(manifest) == 5 and all(entry["status"] == "done" for entry in manifest)
+        assert len(manifest) == 4 and all(entry["status"] == "done" for entry in manifest)
         for entry in manifest:  # piped: one plain line per job, with its full video path on that line
             assert re.search(rf"^done +{entry['key'][:12]} .*{re.escape(entry['video'])}$", output, re.M), output
 
-        code, output, _ = run(commands[3], env, tmp_path)
+        code, output, _ = run(commands[3], env, tmp_path)  # the demo's jobs: rendered by the demo already
+        assert code == 0 and "5 jobs, 0 enqueued, 5 already in the store" in output, output
+
+        code, output, _ = run(commands[4], env, tmp_path)
         assert code == 0, output
         assert "no earlier batch of sweep demo-sweep has a report: nothing to compare with" in output
         assert "evaluating 10 video(s) on the fleet" in output and f"CLIP: {tmp_path}/demo/clip" in output
-        code, output, _ = run(commands[4], env, tmp_path)
+        code, output, _ = run(commands[5], env, tmp_path)
         assert code == 0, output
         assert "comparing with demo-sweep-1" in output and "moved since demo-sweep-1" in output
         assert "evaluations: all 10 videos already evaluated by this evaluator" in output
 
-        missing = commands[4].replace("demo-sweep-2", "demo-sweep-3").replace("latest", "no-such-batch")
+        missing = commands[5].replace("demo-sweep-2", "demo-sweep-3").replace("latest", "no-such-batch")
         code, output, _ = run(missing, env, tmp_path)  # last night's batch is missing: a warning, not a crash
         assert code == 0, output
         assert "warning: batch no-such-batch has no report in the store" in output and "Traceback" not in output
 
-        code, output, _ = run(commands[5], env, tmp_path)
+        code, output, _ = run(commands[6], env, tmp_path)
         assert code == 0, output
         listed = [line.split()[0] for line in output.splitlines()]
-        assert listed == ["first", "demo-sweep-1", "demo-sweep-2", "demo-sweep-3"], output
-        assert all(" sweep " in line for line in output.splitlines()[1:])
-        assert "first" in output.splitlines()[0] and "5 done" in output.splitlines()[0]
+        # oldest first: the demo's batch, first, the resubmit of the demo's jobs, the three sweeps
+        assert len(listed) == 6 and listed[1] == "first", output
+        assert listed[3:] == ["demo-sweep-1", "demo-sweep-2", "demo-sweep-3"], output
+        assert all(" sweep " in line for line in output.splitlines()[3:])
 
-        code, output, _ = run("lorafleet --version", env, tmp_path)
-        assert code == 0 and output.startswith("lorafleet, version ")
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        worker.terminate()  # `kill %1`: the worker finishes its job and exits 0
+        assert worker.wait(timeout=60) == 0
+        code, output, _ = run(commands[8], env, tmp_path)
+        assert code == 0 and "stopped the redis-server of demo/redis" in output, output
+    assert sorted(os.listdir(tmp_path)) == [".venv", "demo", "examples", "results"]  # nothing else left behind
+
+
+@contextlib.contextmanager
+def port_6379_taken():
+    """Port 6379 in use, as on a machine that runs its own Redis: that one, or a listener of ours."""
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+        yield
+        return
+    except OSError:
+        pass
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 6379))
+        listener.listen()
+        yield
