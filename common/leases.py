@@ -79,10 +79,14 @@ class Record(BaseModel):
 
 
 class RunningJob(Record):
-    """What a worker's heartbeat says it runs."""
+    """What a worker's heartbeat says it runs: the job, since when, and how far its denoising got."""
 
     key: str
     since: float
+    batch: str | None = None
+    step: int | None = None
+    steps: int | None = None
+    step_s: float | None = None  # seconds per denoising step so far
 
 
 class WorkerRecord(Record):
@@ -93,6 +97,9 @@ class WorkerRecord(Record):
     since: float
     beat: float
     job: RunningJob | None = None
+    device: str | None = None  # "NVIDIA H200", "cpu"
+    model: str | None = None  # the model it serves (alias or reference)
+    tier: str | None = None  # "bf16", "fp8, compiled"
 
 
 class RunningEntry(Record):
@@ -225,8 +232,8 @@ class Ledger:
         return queue_length(self.redis, queue) == 0 and not self.redis.exists(f"{PREFIX}:lease:{task_id}")
 
     def beat(self, worker: str, queue: str, since: float, doing: dict | None = None) -> None:
-        """Say this worker is alive and consuming `queue` (since `since`, a Unix time), and what
-        it is doing (`{"job": {"key", "since"}}` or `{"job": None}`)."""
+        """Say this worker is alive and consuming `queue` (since `since`, a Unix time), and what it
+        is and does (WorkerRecord's other fields: `{"job": {...} or None, "device", "model", "tier"}`)."""
         record = {"worker": worker, "queue": queue, "since": since, "beat": time.time(), **(doing or {})}
         self.redis.set(f"{PREFIX}:worker:{worker}", json.dumps(record), ex=int(3 * HEARTBEAT_S))
 

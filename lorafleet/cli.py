@@ -441,6 +441,20 @@ def exporter(settings: Settings, console: Console, port: int, batches: int):
 
 
 @cli.command()
+@click.option("--once", is_flag=True, help="print one snapshot and exit (as when the output is not a terminal)")
+@json_option
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.2), default=2.0, show_default=True)
+@shared_options
+@needs_redis
+def top(settings: Settings, console: Console, once: bool, as_json: bool, interval_s: float):
+    """The fleet at a glance: queues by priority, live workers and their jobs, running batches with an ETA."""
+    from producer.top import run_top
+
+    run_top(settings, console, once, as_json, interval_s)
+    return ExitCode.OK
+
+
+@cli.command()
 @click.option("--older-than", "older_than", metavar="DURATION", help="batches submitted this long ago: 30d, 12h, 2w")
 @click.option("--before", metavar="TIME", help="batches submitted before this time: 2026-11-01, 2026-11-01T12:00:00Z")
 @click.option("--dry-run", is_flag=True, help="say what would go; remove nothing")

@@ -65,8 +65,11 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
 
 def _record(entries: list[dict], state: str, outcome) -> None:
     if state == "SUCCESS":
+        outcome = outcome if isinstance(outcome, dict) else {}
         for entry in entries:
-            entry.update(status=JobStatus.DONE, worker=(outcome or {}).get("worker"), error=None)
+            entry.update(status=JobStatus.DONE, worker=outcome.get("worker"), error=None)
+            if isinstance(outcome.get("seconds"), int | float):
+                entry["seconds"] = outcome["seconds"]  # the job's own time on its worker: what ETAs are made of
         return
     cancelled = type(outcome).__name__ == "JobCancelled"
     reason = (
@@ -91,7 +94,7 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
     orphans: dict[str, int] = {}  # task id -> checks in a row it was found nowhere
     warned: dict[str, float] = {}  # queue nobody serves -> when that was last said
     started = time.monotonic()
-    polls = 0
+    polls, workers = 0, 0
     with view:
         while True:
             polls += 1
@@ -100,12 +103,12 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
                 if polls % STORE_CHECK_EVERY == 0:
                     resend_orphans(batch, app, store, ledger, orphans)
                 if polls % WORKER_CHECK_EVERY == 1:
-                    warn_of_unserved_queues(batch, ledger, warned, console)
+                    workers = warn_of_unserved_queues(batch, ledger, warned, console)
             except (redis.RedisError, OSError, RuntimeError) as exc:  # Celery's result store says RuntimeError
                 view.note(f"Redis unreachable ({type(exc).__name__}), retrying")
                 time.sleep(2 * POLL_INTERVAL_S)
                 continue
-            view.update(running)
+            view.update(running, eta_s(batch, workers))
             if not any(entry["status"] in UNFINISHED for entry in batch.entries):
                 break
             if timeout_s is not None and time.monotonic() - started > timeout_s:
@@ -120,10 +123,12 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
     return batch.count(JobStatus.DONE) == len(batch.entries)
 
 
-def warn_of_unserved_queues(batch: Batch, ledger: Ledger, warned: dict[str, float], console: Console) -> None:
-    """Say which queues the batch waits on that no live worker serves (each again every 30 s)."""
+def warn_of_unserved_queues(batch: Batch, ledger: Ledger, warned: dict[str, float], console: Console) -> int:
+    """Say which queues the batch waits on that no live worker serves (each again every 30 s);
+    returns how many live workers serve the queues it waits on."""
     aliases = {queue_for(e["model"]): e["model"] for e in batch.entries if e["status"] in UNFINISHED}
-    served = {worker.queue for worker in ledger.live_workers()}
+    live = ledger.live_workers()
+    served = {worker.queue for worker in live}
     now = time.monotonic()
     for queue, alias in aliases.items():
         if queue in served:
@@ -138,6 +143,31 @@ def warn_of_unserved_queues(batch: Batch, ledger: Ledger, warned: dict[str, floa
                 markup=False,
                 soft_wrap=True,
             )
+    return sum(worker.queue in aliases for worker in live)
+
+
+def eta_s(batch: Batch, workers: int) -> float | None:
+    """Seconds until `batch` ends at the pace it has shown: the median time of its jobs rendered so
+    far (each as its worker measured it: adapters to upload), times its unfinished jobs, divided by
+    the live workers serving its queue. 0 when nothing is left; None before its first render ends
+    or while no worker serves it. Jobs of other batches sharing the workers make it optimistic."""
+    left = sum(entry["status"] in UNFINISHED for entry in batch.entries)
+    if not left:
+        return 0.0
+    times = sorted(entry["seconds"] for entry in batch.entries if entry.get("seconds"))
+    if not times or workers <= 0:
+        return None
+    return times[len(times) // 2] * left / workers
+
+
+def format_duration(seconds: float) -> str:
+    """`45s`, `3m20s`, `2h05m`: a duration for a person."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def summary(batch: Batch) -> str:
@@ -171,8 +201,8 @@ class LiveView:
         """A passing condition, shown in place of the batch's counts."""
         self.progress.update(self.overall, description=f"batch {self.batch.name}: [yellow]{text}[/]")
 
-    def update(self, running: dict[str, dict]) -> None:
-        """Show the batch's counts and each running job's step."""
+    def update(self, running: dict[str, dict], eta: float | None = None) -> None:
+        """Show the batch's counts, its ETA and each running job's step."""
         for task_id in list(self.rows):
             if task_id not in running:
                 self.progress.remove_task(self.rows.pop(task_id))
@@ -185,6 +215,7 @@ class LiveView:
         done, failed = self.batch.count(JobStatus.DONE), self.batch.count(JobStatus.FAILED)
         description = (
             f"batch {self.batch.name}: [green]{done} done[/] · [red]{failed} failed[/] · {len(self.batch.entries)} jobs"
+            + (f" · ETA {format_duration(eta)}" if eta else "")
         )
         self.progress.update(self.overall, completed=ended, description=description)
 
@@ -220,15 +251,15 @@ class PlainView:
             self.said_at = time.monotonic()
             self.say(f"batch {self.batch.name}: {text}")
 
-    def update(self, running: dict[str, dict]) -> None:
-        """Say each job that ended since the last update, and the counts every 30 s."""
+    def update(self, running: dict[str, dict], eta: float | None = None) -> None:
+        """Say each job that ended since the last update, and the counts (with the ETA) every 30 s."""
         for i, entry in enumerate(self.batch.entries):
             if entry["status"] != self.seen[i] and entry["status"] not in UNFINISHED:
                 self.say(job_line(entry))
             self.seen[i] = entry["status"]
         if time.monotonic() - self.said_at >= PLAIN_SUMMARY_S:
             self.said_at = time.monotonic()
-            self.say(f"batch {self.batch.name}: {summary(self.batch)}")
+            self.say(f"batch {self.batch.name}: {summary(self.batch)}" + (f", ETA {format_duration(eta)}" if eta else ""))
 
 
 def job_line(entry: dict) -> str:

@@ -61,14 +61,15 @@ class Health:
     def __init__(self):
         self.ready = False  # the model loaded and Celery consumes from the broker
         self.last_beat: float | None = None  # monotonic time of the last heartbeat written to Redis
-        self.job: dict | None = None  # the job running now: {"key", "since"} (a Unix time)
+        self.job: dict | None = None  # the job running now: RunningJob's fields ("since": a Unix time)
+        self.about: dict = {}  # what the worker is: {"device", "model", "tier"}
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()
 
     def doing(self) -> dict:
-        """What the heartbeat says this worker runs: {"job": {"key", "since"} or None}."""
-        return {"job": self.job}
+        """What the heartbeat says of this worker: what it is, and the job it runs (or None)."""
+        return {**self.about, "job": dict(self.job) if self.job else None}
 
     def alive(self) -> bool:
         if self.last_beat is None:

@@ -208,8 +208,8 @@ class RenderTask(Task):
             return {"key": key, "worker": self.worker, "status": "exists", **output_uris(self.store, key)}
         label = job["id"] or job["prompt"][:40]
         log.info("%s: %s started (%s), delivery %d", self.worker, key[:12], label, deliveries)
-        self.health.job = {"key": key, "since": time.time()}
-        progress = progress_reporter(self, lease, key, batch, self.worker, task_id)
+        self.health.job = {"key": key, "since": time.time(), "batch": batch}
+        progress = progress_reporter(self, lease, key, batch, self.worker, task_id, self.health)
         return render_frames(self.renderer, job, progress)
 
 
@@ -245,19 +245,26 @@ class EvaluateTask(Task):
         return {"key": key, "worker": self.worker, "numbers": result["numbers"]}
 
 
-def progress_reporter(task, lease: Lease, key: str, batch: str | None, worker: str, task_id: str | None = None):
+def progress_reporter(
+    task, lease: Lease, key: str, batch: str | None, worker: str, task_id: str | None = None, health=None
+):
     """The per-step callback of a render: stop at once when the lease is lost; every
     PROGRESS_INTERVAL_S, stop if the batch was cancelled, else report the step. The report is
     fenced too, so a worker waking from a pause never overwrites the result of the delivery that
-    took its job over."""
+    took its job over. The step and the seconds per step go to the worker's heartbeat (`top`)."""
     last_report = 0.0
+    first_step_at = None
 
     def progress(step: int, steps: int) -> None:
-        nonlocal last_report
+        nonlocal last_report, first_step_at
         lease.check()
         STEP.set(step)
         STEPS.set(steps)
         now = time.monotonic()
+        first_step_at = first_step_at or now
+        if health is not None and health.job is not None:
+            pace = (now - first_step_at) / (step - 1) if step > 1 else None
+            health.job = {**health.job, "step": step, "steps": steps, "step_s": pace}
         if step == steps or now - last_report >= PROGRESS_INTERVAL_S:
             last_report = now
             if lease.ledger.is_cancelled(batch, task_id):

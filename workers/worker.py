@@ -112,6 +112,12 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     app = make_app(settings)
     ledger = Ledger.from_settings(settings)
     RENDERER.renderer = renderer
+    health.about = {
+        "device": renderer.device_name(),
+        "model": alias or model_ref,
+        "tier": ("fp8" if renderer.precision == "fp8" else str(renderer.dtype).removeprefix("torch."))
+        + (", compiled" if renderer.compiled else ""),
+    }
     INFO.info(
         {"worker": name, "model": model_ref, "device": renderer.device_name(), "dtype": str(renderer.dtype)}
         | {f"{package}_version": version for package, version in versions().items()}

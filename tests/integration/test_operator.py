@@ -131,8 +131,15 @@ def test_a_worker_without_device_on_a_host_without_gpu_refuses_to_start(fleet_en
 @pytest.mark.parametrize(
     "command",
     [
-        ["health"], ["cancel", "b"], ["pause", "b"], ["resume", "b"], ["retry", "b"], ["wait", "b"],
-        ["status", "b"], ["submit", "JOBS"], ["prune", "--older-than", "1d"],
+        ["health"],
+        ["cancel", "b"],
+        ["pause", "b"],
+        ["resume", "b"],
+        ["retry", "b"],
+        ["wait", "b"],
+        ["status", "b"],
+        ["submit", "JOBS"],
+        ["prune", "--older-than", "1d"],
     ],  # fmt: skip
     ids=lambda command: command[0],
 )
@@ -168,7 +175,9 @@ def check_prune(env: dict, store) -> None:
     assert lorafleet("prune", "--older-than", "soon", env=env).returncode == 2
     dry = lorafleet("prune", "--before", cutoff, "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
-    assert "would remove 1 batch(es) and" in dry.stdout and "kept 1 video(s) a newer batch also references" in dry.stdout
+    assert (
+        "would remove 1 batch(es) and" in dry.stdout and "kept 1 video(s) a newer batch also references" in dry.stdout
+    )
     assert store.exists(f"videos/{old}.mp4") and store.exists("batches/old/manifest.jsonl")
     done = lorafleet("prune", "--before", cutoff, env=env)
     assert done.returncode == 0, done.stderr
@@ -184,3 +193,42 @@ def test_prune_removes_old_batches_and_only_the_videos_no_other_batch_needs(flee
     from common.store import Store
 
     check_prune(fleet_env, Store(fleet_env["LORAFLEET_STORE_URL"]))
+
+
+def test_top_shows_the_running_job_its_step_and_its_batch(fleet_env, start_worker, tmp_path):
+    worker = start_worker(fleet_env)
+    jobs = tmp_path / "long.jsonl"
+    jobs.write_text('{"prompt": "a long cat", "seed": 3, "steps": 1000, "height": 256, "width": 256}\n')
+    jobs_low = tmp_path / "low.jsonl"
+    jobs_low.write_text('{"prompt": "a later cat", "seed": 4}\n')
+    assert lorafleet("submit", str(jobs), "--batch", "watched", env=fleet_env).returncode == 0
+    assert lorafleet("submit", str(jobs_low), "--priority", "low", "--batch", "later", env=fleet_env).returncode == 0
+    assert lorafleet("pause", "later", env=fleet_env).returncode == 0
+    key = read_manifest_key(fleet_env, "watched")
+    deadline, fleet = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:  # the heartbeat carries the step every 5 s
+        shown = lorafleet("top", "--json", env=fleet_env)
+        assert shown.returncode == 0, shown.stderr
+        fleet = json.loads(shown.stdout)
+        jobs_now = [w["job"] for w in fleet["workers"] if w["job"]]
+        if jobs_now and jobs_now[0].get("step"):
+            break
+        time.sleep(0.5)
+    (seen,) = fleet["workers"]
+    assert seen["worker"] == worker.worker and seen["device"].startswith("cpu") and seen["tier"] == "float32"
+    assert seen["job"]["key"] == key and seen["job"]["batch"] == "watched" and 0 < seen["job"]["step"] <= 1000
+    assert seen["job"]["steps"] == 1000 and seen["job"]["step_s"] > 0
+    assert fleet["queues"]["render"]["by_priority"]["low"] == 1 and fleet["paused"] == ["later"]
+    (batch,) = fleet["batches"]
+    assert batch["name"] == "watched" and batch["counts"] == {"running": 1} and batch["eta_s"] is None
+    once = lorafleet("top", "--once", env=fleet_env)
+    assert once.returncode == 0 and key[:12] in once.stdout and "watched" in once.stdout
+    assert "paused batches: later" in once.stdout
+    assert lorafleet("cancel", "watched", env=fleet_env).returncode == 0
+
+
+def read_manifest_key(env: dict, batch: str) -> str:
+    (entry,) = [
+        json.loads(line) for line in open(os.path.join(env["LORAFLEET_STORE_URL"], "batches", batch, "manifest.jsonl"))
+    ]
+    return entry["key"]

@@ -19,3 +19,21 @@ def test_markup_in_a_job_id_or_error_is_printed_as_written_in_a_terminal_table()
     print_summary(batch, Console(file=out, force_terminal=True, width=200, color_system=None))
     text = out.getvalue()
     assert "[reverse]X[/reverse]" in text and "[bold red]boom" in text and "[link=file:///etc]y" in text
+
+
+def test_the_eta_is_the_median_job_time_times_the_jobs_left_over_the_workers():
+    from producer.follow import eta_s, format_duration
+
+    def entry(status, seconds=None):
+        return {"key": "k", "status": status, **({"seconds": seconds} if seconds is not None else {})}
+
+    done = [entry(JobStatus.DONE, s) for s in (10.0, 20.0, 30.0, 100.0)] + [
+        entry(JobStatus.DONE)
+    ]  # one was in the store
+    left = [entry(JobStatus.QUEUED)] * 5 + [entry(JobStatus.RUNNING)]
+    batch = Batch("b", done + left)
+    assert eta_s(batch, workers=2) == 30.0 * 6 / 2  # the median of 10, 20, 30, 100 (upper) is 30
+    assert eta_s(batch, workers=0) is None  # nobody serves it: no promise
+    assert eta_s(Batch("b", left), workers=2) is None  # nothing rendered yet: no pace to go by
+    assert eta_s(Batch("b", done), workers=2) == 0.0
+    assert [format_duration(s) for s in (45, 200, 7500)] == ["45s", "3m20s", "2h05m"]
