@@ -232,3 +232,24 @@ def read_manifest_key(env: dict, batch: str) -> str:
         json.loads(line) for line in open(os.path.join(env["LORAFLEET_STORE_URL"], "batches", batch, "manifest.jsonl"))
     ]
     return entry["key"]
+
+
+def test_ctrl_c_on_submit_wait_says_the_jobs_stay_queued(fleet_env, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat", "seed": 1}\n')
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet", "submit", str(jobs), "--batch", "ctrl-c", "--wait"],
+        env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    first = waiting.stdout.readline()  # enqueued: now waiting (no worker)
+    assert "batch ctrl-c: 1 jobs, 1 enqueued" in first
+    time.sleep(1)
+    waiting.send_signal(signal.SIGINT)
+    rest = waiting.communicate(timeout=30)[0]
+    assert waiting.returncode == 130
+    assert "interrupted: the jobs of batch ctrl-c stay queued" in rest and "lorafleet wait ctrl-c" in rest
+    assert "Traceback" not in rest and queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 1
