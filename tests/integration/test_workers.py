@@ -174,15 +174,16 @@ def test_a_rendering_worker_stays_visible_to_flower_and_celery_inspect(fleet_env
     worker = start_worker(fleet_env)
     app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
     beats: list[float] = []  # the worker's own send times of its heartbeat events
+    state = app.events.State()  # what Flower keeps of the fleet, fed the same events
+    online_while_rendering: list[bool] = []
+
+    def heard(event):
+        state.event(event)
+        if event["type"] == "worker-heartbeat" and event["hostname"] == worker.worker:
+            beats.append(event["timestamp"])
+
     with app.connection_for_read() as connection:
-        receiver = app.events.Receiver(
-            connection,
-            handlers={
-                "worker-heartbeat": lambda event: (
-                    beats.append(event["timestamp"]) if event["hostname"] == worker.worker else None
-                )
-            },
-        )
+        receiver = app.events.Receiver(connection, handlers={"*": heard})
         threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None}, daemon=True).start()
         time.sleep(1)
         jobs = tmp_path / "long.jsonl"
@@ -203,6 +204,7 @@ def test_a_rendering_worker_stays_visible_to_flower_and_celery_inspect(fleet_env
         assert running["id"] == entry["task_id"]
         assert running["args"] == f"[job {entry['key'][:12]} of batch visible]"
         while result.state == "PROGRESS":  # heartbeats must keep coming till the render ends
+            online_while_rendering.append(state.workers[worker.worker].alive)  # Flower's "online"
             time.sleep(0.05)
         rendering_until = time.time()
         receiver.should_stop = True
@@ -210,5 +212,6 @@ def test_a_rendering_worker_stays_visible_to_flower_and_celery_inspect(fleet_env
     during = sorted(t for t in beats if rendering_from - 2.5 <= t <= rendering_until + 2.5)
     gaps = [later - earlier for earlier, later in zip(during, during[1:], strict=False)]
     assert len(during) >= 4 and max(gaps) <= 2.2, gaps  # Celery's heartbeat interval is 2 s
+    assert online_while_rendering and all(online_while_rendering)
     assert result.get(timeout=240)["status"] == "done"
     print(f"heartbeat gaps during the render: {[round(g, 2) for g in gaps]}; rendered for {time.time() - rendering_from:.1f}s")
