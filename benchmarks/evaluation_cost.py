@@ -90,7 +90,7 @@ def main() -> None:
     print("| CLIP | first video, with the model's load (s) | each later video (s) | all videos (s) |")
     print("|---|---|---|---|")
     for name, ref in clips.items():
-        evaluator = Evaluator(Settings(eval_clip=ref, _env_file=None), args.device)
+        evaluator = Evaluator(Settings(eval_clip=ref), args.device)
         seconds = []
         for key in keys:
             started = time.perf_counter()

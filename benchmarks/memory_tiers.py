@@ -129,7 +129,7 @@ def one_lorafleet(args, paths: dict) -> dict:
     from workers.memory import GB as PLAN_GB
     from workers.renderer import Renderer
 
-    settings = Settings(gpu_memory_gb=args.budget, adapter_cache_dir=tempfile.mkdtemp(), _env_file=None)
+    settings = Settings(gpu_memory_gb=args.budget, adapter_cache_dir=tempfile.mkdtemp())
     renderer = Renderer(paths["model"], "cuda", settings, "bench")
     size = (renderer.info.num_frames, renderer.info.height, renderer.info.width)
     jobs = [

@@ -86,7 +86,7 @@ def worker_overhead(env: dict, jobs: int, work: str) -> list[float]:
 
 
 def settings_of(env: dict) -> Settings:
-    return Settings(**{k.removeprefix("LORAFLEET_").lower(): v for k, v in env.items()}, _env_file=None)
+    return Settings(**{k.removeprefix("LORAFLEET_").lower(): v for k, v in env.items()})
 
 
 def main() -> None:

@@ -128,7 +128,6 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str)
         variant_cache_size=2,
         compile_scope=scope,
         compile_cache_secret="render-speed",  # the runs share signed artifacts, as a fleet with its secret does
-        _env_file=None,
     )
     renderer = Renderer(paths["model"], "cuda", settings, "bench", precision, compiled)
     info = renderer.info

@@ -13,6 +13,9 @@ from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
 
 # No network here or in CI: a hub lookup must fail at once rather than retry for seconds.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never read the developer's fleet settings: each test says what it sets (fleet_env, Settings(...)).
+for _name in [name for name in os.environ if name.startswith("LORAFLEET_")]:
+    del os.environ[_name]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

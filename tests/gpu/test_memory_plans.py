@@ -21,7 +21,7 @@ pytestmark = [
 
 
 def renders(tiny, tmp_path, plan: str) -> tuple[list[np.ndarray], Renderer]:
-    settings = Settings(adapter_cache_dir=str(tmp_path / plan), memory_plan=plan, _env_file=None)
+    settings = Settings(adapter_cache_dir=str(tmp_path / plan), memory_plan=plan)
     renderer = Renderer(tiny["model"], "cuda", settings, plan)
     jobs = [
         {"prompt": "a cat", "seed": 1},

@@ -58,7 +58,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_fp8_variants_are_the_bf16_variants_quantized_bit_for_bit(tiny, tmp_path):
-    settings = Settings(adapter_cache_dir=str(tmp_path), _env_file=None)
+    settings = Settings(adapter_cache_dir=str(tmp_path))
     bf16 = Renderer(tiny["model"], "cuda", settings, "bf16")
     fp8 = Renderer(tiny["model"], "cuda", settings, "fp8", precision="fp8")
     assert fp8.info.precision == "fp8" and fp8.info != bf16.info  # another model identity: other keys
@@ -78,7 +78,7 @@ def test_fp8_variants_are_the_bf16_variants_quantized_bit_for_bit(tiny, tmp_path
 
 def test_compiled_fp8_switches_variants_without_a_new_graph(tiny, tmp_path):
     settings = Settings(
-        adapter_cache_dir=str(tmp_path), store_url=str(tmp_path / "store"), compile_cache_secret="fleet", _env_file=None
+        adapter_cache_dir=str(tmp_path), store_url=str(tmp_path / "store"), compile_cache_secret="fleet"
     )
     compiled = Renderer(tiny["model"], "cuda", settings, "compiled", precision="fp8", compiled=True)
     graphs = compiled_graphs()

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def app_for(env: dict):
-    return make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"], _env_file=None))
+    return make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"]))
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):

@@ -113,7 +113,7 @@ def test_an_adapter_the_model_cannot_take_is_refused_at_submit_and_fails_a_direc
 
     # Another Celery client may send it anyway: that job fails with the same reason, the worker serves on.
     start_worker(fleet_env)
-    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"]))
     bad = app.send_task(TASK_NAME, args=[{"prompt": "x", "adapters": [str(wrong)], "seed": 1}])
     with pytest.raises(Exception, match="is 32×32 in the model but 32×7 in the adapter"):
         bad.get(timeout=60)
@@ -132,7 +132,6 @@ def test_no_corpus_file_reaches_the_queue(fleet_env, monkeypatch, tmp_path):
         redis_url=fleet_env["LORAFLEET_REDIS_URL"],
         store_url=fleet_env["LORAFLEET_STORE_URL"],
         model=fleet_env["LORAFLEET_MODEL"],
-        _env_file=None,
     )
     monkeypatch.chdir(CORPUS)  # adapter paths in the corpus are relative to it
     good = json.dumps({"prompt": "a good line", "seed": 1}).encode() + b"\n"

@@ -64,7 +64,7 @@ def test_a_worker_serves_metrics_and_probes_and_health_follows_its_heartbeat(fle
             time.sleep(0.05)
 
         before = scrape(port)
-        app = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"], _env_file=None))
+        app = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"]))
         done = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 7, "steps": 3}]).get(timeout=60)
         assert done["status"] == "done"
         after = scrape(port)
@@ -141,7 +141,7 @@ def test_the_exporter_tells_keda_what_the_fleet_owes_queued_at_every_priority_pl
     long = tmp_path / "long.jsonl"
     long.write_text('{"prompt": "a long cat", "seed": 1, "steps": 1000, "height": 256, "width": 256}\n')
     assert lorafleet("submit", str(long), "--batch", "running", env=fleet_env).returncode == 0
-    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"]))
     deadline = time.monotonic() + 60
     while not app.control.inspect(timeout=1).active() and time.monotonic() < deadline:
         time.sleep(0.2)

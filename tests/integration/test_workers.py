@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 def test_running_job_reports_its_denoising_step(fleet_env, start_worker):
     start_worker(fleet_env)
-    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"]))
     # A message without a key, as any Celery client may send: the worker checks and keys it.
     result = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "seed": 1, "steps": 600, "height": 64, "width": 64}])
     seen = []
@@ -41,7 +41,7 @@ def test_running_job_reports_its_denoising_step(fleet_env, start_worker):
 
 def test_a_malformed_message_fails_that_job_and_the_worker_keeps_serving(fleet_env, start_worker):
     start_worker(fleet_env)
-    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"]))
     bad = app.send_task(TASK_NAME, args=[{"prompt": "a cat", "lora_sacle": 2}])
     with pytest.raises(Exception, match='unknown field "lora_sacle"'):
         bad.get(timeout=60)
@@ -84,7 +84,7 @@ def test_supervisor_restarts_a_dying_worker_and_stops_on_sigterm(fleet_env, tmp_
 def test_worker_compile_flag_compiles_once_and_switching_adds_no_graph(fleet_env, start_worker, tiny):
     env = {**fleet_env, "LORAFLEET_COMPILE_BACKEND": "aot_eager"}  # inductor would need minutes on the CPU
     start_worker(env, flags=("--compile",))
-    app = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"], _env_file=None))
+    app = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"]))
     graphs = []
     for adapters in ([], [tiny["style"]], [tiny["subject"]]):
         job = {"prompt": "a cat", "seed": 1, "steps": 4, "height": 32, "width": 32, "adapters": adapters}
@@ -100,7 +100,7 @@ def test_store_trouble_is_retried_with_back_off_then_fails_with_its_reason(fleet
     (store / "videos").write_text("a file where the videos folder should be")  # every write fails
     env = {**fleet_env, "LORAFLEET_STORE_URL": str(store), "LORAFLEET_STORE_RETRIES": "2"}
     worker = start_worker(env)
-    result = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"], _env_file=None)).send_task(
+    result = make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"])).send_task(
         TASK_NAME, args=[{"prompt": "x", "seed": 1}]
     )
     with pytest.raises(StoreError, match="cannot write"):
@@ -125,7 +125,7 @@ def test_the_next_job_renders_while_the_last_one_uploads(fleet_env, start_worker
     """A job's encode and upload run in the background while the next job renders, and its result
     is reported only once its video is in the store."""
     start_worker(fleet_env)
-    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"]))
     jobs = [
         {"prompt": f"a cat {i}", "seed": i, "steps": 2, "num_frames": 25, "height": 64, "width": 64} for i in range(4)
     ]
@@ -150,7 +150,7 @@ def test_the_next_job_renders_while_the_last_one_uploads(fleet_env, start_worker
 def test_monitors_hear_a_job_succeed_once_its_upload_ended(fleet_env, start_worker):
     """The result comes from the background upload, so does the task event Flower shows."""
     start_worker(fleet_env)
-    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"]))
     heard: dict[str, str] = {}
     with app.connection_for_read() as connection:
         receiver = app.events.Receiver(
@@ -172,7 +172,7 @@ def test_a_rendering_worker_stays_visible_to_flower_and_celery_inspect(fleet_env
     """The job renders off the consumer's loop: while it runs, the worker keeps sending heartbeats
     (Flower counts a worker offline without them) and answers `celery inspect active` with the job."""
     worker = start_worker(fleet_env)
-    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], _env_file=None))
+    app = make_app(Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"]))
     beats: list[float] = []  # the worker's own send times of its heartbeat events
     state = app.events.State()  # what Flower keeps of the fleet, fed the same events
     online_while_rendering: list[bool] = []

@@ -29,7 +29,7 @@ def plant(tmp_path, frames: np.ndarray, num_frames: int) -> Store:
 def evaluator(max_video_pixels: int = 100_000_000):
     from workers.evaluator import Evaluator
 
-    return Evaluator(Settings(eval_clip=None, max_video_pixels=max_video_pixels, _env_file=None), "cpu")
+    return Evaluator(Settings(eval_clip=None, max_video_pixels=max_video_pixels), "cpu")
 
 
 def test_a_video_past_the_pixel_bound_is_refused_without_decoding_it_all(tmp_path):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(scope="module")
 def renderer(tiny, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("adapter-cache"))
-    return Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=cache, _env_file=None), "test")
+    return Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=cache), "test")
 
 
 def job(renderer, adapters, **fields) -> dict:
@@ -93,7 +93,7 @@ def test_every_format_fuses_to_the_weights_of_its_diffusers_twin(renderer, tiny,
 
 def test_every_format_fuses_exactly_on_the_1_5_image_to_video_model(tiny_kinds, tmp_path):
     paths = tiny_kinds["i2v-1.5"]  # its adapters were written by CogVideoXImageToVideoPipeline.save_lora_weights
-    i2v = Renderer(paths["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path / "cache"), _env_file=None), "i2v")
+    i2v = Renderer(paths["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path / "cache")), "i2v")
     image = {"image": paths["sunset"]}
     expected = fused_weights(i2v, [{"uri": paths["style"], "alpha": 2.0}], **image)
     base = fused_weights(i2v, [], **image)

@@ -52,4 +52,4 @@ def test_by_default_it_listens_on_this_host_only(monkeypatch):
     from common.settings import Settings
 
     monkeypatch.delenv("LORAFLEET_METRICS_HOST", raising=False)
-    assert Settings(_env_file=None).metrics_host == "127.0.0.1"  # the images and k8s set 0.0.0.0
+    assert Settings().metrics_host == "127.0.0.1"  # the images and k8s set 0.0.0.0

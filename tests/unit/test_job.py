@@ -215,6 +215,6 @@ def test_settings_reach_a_supervisors_workers_and_unset_ones_stay_unset(monkeypa
     from common.settings import Settings, settings_env
 
     monkeypatch.setenv("LORAFLEET_EVAL_CLIP", "left over from the shell")
-    env = settings_env(Settings(model="/models/x", metrics_port=None, eval_clip=None, _env_file=None))
+    env = settings_env(Settings(model="/models/x", metrics_port=None, eval_clip=None))
     assert env["LORAFLEET_MODEL"] == "/models/x"
     assert "LORAFLEET_METRICS_PORT" not in env and "LORAFLEET_EVAL_CLIP" not in env  # not the string "None"

@@ -96,7 +96,7 @@ def test_a_job_too_large_for_the_plan_says_which_plan_would_fit(five_b):
 
 
 # The tiny model on the CPU: the arrangements' moves are no-ops here, their logic is not.
-SMALL_CACHE = {"adapter_device_cache_mb": 64, "_env_file": None}  # the budgets below are a tiny model's
+SMALL_CACHE = {"adapter_device_cache_mb": 64}  # the budgets below are a tiny model's
 
 
 @pytest.fixture(scope="module")

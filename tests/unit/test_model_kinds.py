@@ -108,7 +108,7 @@ def test_the_1_5_models_take_16n_plus_1_frames(tiny_kinds, tmp_path):
 @pytest.fixture(scope="module")
 def renderers(tiny_kinds, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("adapter-cache"))
-    settings = Settings(adapter_cache_dir=cache, _env_file=None)
+    settings = Settings(adapter_cache_dir=cache)
     return {kind: Renderer(paths["model"], "cpu", settings, kind) for kind, paths in tiny_kinds.items()}
 
 

@@ -27,7 +27,7 @@ def test_a_model_alias_names_its_precision_and_compile_mode(monkeypatch):
     models = {"2b": "/models/2b", "5b-fast": {"ref": "/models/5b", "precision": "fp8", "compile": True}}
     monkeypatch.setenv("LORAFLEET_MODELS", json.dumps(models))
     monkeypatch.setenv("LORAFLEET_COMPILE", "true")
-    settings = Settings(_env_file=None)
+    settings = Settings()
     assert settings.model_tier("5b-fast") == ModelTier(ref="/models/5b", precision="fp8", compile=True)
     assert settings.model_tier("2b") == ModelTier(ref="/models/2b", precision="bf16", compile=True)  # the fleet's
     assert settings.model_tier(None).ref == settings.model and settings.model_tier(None).precision == "bf16"
@@ -44,7 +44,7 @@ def test_a_model_alias_names_its_precision_and_compile_mode(monkeypatch):
 def test_a_bad_tier_is_refused_when_the_settings_are_read(monkeypatch, tier):
     monkeypatch.setenv("LORAFLEET_MODELS", json.dumps({"x": tier}))
     with pytest.raises(ValueError, match="models"):
-        Settings(_env_file=None)
+        Settings()
 
 
 def test_precision_is_in_the_job_key_and_compiling_is_not(tiny):
@@ -63,7 +63,7 @@ def test_fp8_worker_refuses_a_device_without_fp8_units(tiny, tmp_path):
     from workers.renderer import Renderer
 
     with pytest.raises(ModelError, match="precision fp8 needs a CUDA GPU"):
-        Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path), _env_file=None), "x", "fp8")
+        Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path)), "x", "fp8")
 
 
 def test_stacked_fp8_quantization_is_torchaos_layer_by_layer():
@@ -113,7 +113,7 @@ logging.basicConfig(level=logging.INFO)
 from torch._dynamo.utils import counters
 from common.settings import Settings
 from workers.renderer import Renderer
-settings = Settings(adapter_cache_dir=sys.argv[2], store_url=sys.argv[3], compile=True, _env_file=None)
+settings = Settings(adapter_cache_dir=sys.argv[2], store_url=sys.argv[3], compile=True)
 renderer = Renderer(sys.argv[1], "cpu", settings, "fresh")
 print("RESULT " + json.dumps(dict(counters["inductor"])))
 """
@@ -204,7 +204,7 @@ def test_an_empty_compile_cache_secret_is_refused_at_start(tmp_path):
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="set but empty"):
-        Settings(compile_cache_secret=" ", _env_file=None)
+        Settings(compile_cache_secret=" ")
     env = {**os.environ, "LORAFLEET_COMPILE_CACHE_SECRET": "", "LORAFLEET_STORE_URL": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-m", "lorafleet", "worker", "--device", "cpu"], env=env, capture_output=True, text=True
@@ -233,7 +233,7 @@ def test_compiled_renderers_of_every_kind_run_their_jobs_compiled(tiny_kinds, tm
     with no new one."""
     from workers.renderer import Renderer, compiled_graphs
 
-    common = dict(adapter_cache_dir=str(tmp_path), compile_cache=False, _env_file=None)
+    common = dict(adapter_cache_dir=str(tmp_path), compile_cache=False)
     kinds = ["i2v", "t2v-1.5", "i2v-1.5"]
     compiled = {
         kind: Renderer(tiny_kinds[kind]["model"], "cpu", Settings(compile=True, compile_backend="lorafleet_counting", **common), kind)
@@ -286,7 +286,7 @@ def test_only_entries_this_fleet_signed_are_loaded(tmp_path, monkeypatch):
     from common.store import Store
 
     monkeypatch.setenv("LORAFLEET_COMPILE_CACHE_SECRET", "fleet-secret")
-    settings = Settings(_env_file=None)
+    settings = Settings()
     assert settings_env(settings)["LORAFLEET_COMPILE_CACHE_SECRET"] == "fleet-secret"  # the workers get it
     secret = settings.compile_cache_secret.get_secret_value().encode()
     store, described = Store(str(tmp_path)), {"precision": "bf16", "size": [9, 16, 16]}
@@ -316,7 +316,7 @@ def test_compiling_by_blocks_makes_a_graph_that_every_block_runs(tiny, tmp_path,
     config = dict(CogVideoXTransformer3DModel.load_config(model / "transformer"), num_layers=3)
     torch.manual_seed(0)
     CogVideoXTransformer3DModel.from_config(config).save_pretrained(model / "transformer")
-    common = dict(adapter_cache_dir=str(tmp_path / "adapters"), compile_cache=False, _env_file=None)
+    common = dict(adapter_cache_dir=str(tmp_path / "adapters"), compile_cache=False)
     graphs = compiled_graphs()
     settings = Settings(compile=True, compile_backend="lorafleet_counting", compile_scope=scope, **common)
     compiled = Renderer(str(model), "cpu", settings, "test")

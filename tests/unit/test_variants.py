@@ -18,7 +18,7 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def renderer(tiny, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("adapter-cache"))
-    return Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=cache, _env_file=None), "test")
+    return Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=cache), "test")
 
 
 def make_job(renderer, **fields) -> dict:
@@ -140,7 +140,7 @@ def test_a_thousand_random_switches_then_base_is_bit_identical(renderer, tiny, t
 def test_caches_too_small_for_two_adapters_still_render_every_job_right(renderer, tiny, third, tmp_path):
     tight = Renderer(
         tiny["model"], "cpu",
-        Settings(adapter_cache_dir=str(tmp_path), adapter_host_cache_mb=0, adapter_device_cache_mb=0, adapter_disk_cache_mb=0, _env_file=None),
+        Settings(adapter_cache_dir=str(tmp_path), adapter_host_cache_mb=0, adapter_device_cache_mb=0, adapter_disk_cache_mb=0),
         "tight",
     )  # fmt: skip
     jobs = [
@@ -159,9 +159,9 @@ def test_caches_too_small_for_two_adapters_still_render_every_job_right(renderer
 def test_compiled_transformer_switches_without_recompiling(tiny, tmp_path):
     from workers.renderer import compiled_graphs
 
-    settings = Settings(adapter_cache_dir=str(tmp_path), compile=True, compile_backend="aot_eager", _env_file=None)
+    settings = Settings(adapter_cache_dir=str(tmp_path), compile=True, compile_backend="aot_eager")
     compiled = Renderer(tiny["model"], "cpu", settings, "compiled")
-    eager = Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path), _env_file=None), "eager")
+    eager = Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path)), "eager")
     first = frames(compiled, adapters=[tiny["style"]])
     graphs = compiled_graphs()
     assert graphs >= 1  # the transformer did run compiled
