@@ -139,6 +139,7 @@ def test_a_worker_without_device_on_a_host_without_gpu_refuses_to_start(fleet_en
         ["wait", "b"],
         ["status", "b"],
         ["submit", "JOBS"],
+        ["top", "--once"],
         ["prune", "--older-than", "1d"],
     ],  # fmt: skip
     ids=lambda command: command[0],
@@ -253,3 +254,12 @@ def test_ctrl_c_on_submit_wait_says_the_jobs_stay_queued(fleet_env, tmp_path):
     assert waiting.returncode == 130
     assert "interrupted: the jobs of batch ctrl-c stay queued" in rest and "lorafleet wait ctrl-c" in rest
     assert "Traceback" not in rest and queued_messages(fleet_env["LORAFLEET_REDIS_URL"]) == 1
+
+
+def test_a_worker_with_a_wrong_model_path_says_so_before_importing_torch(fleet_env, tmp_path):
+    started = time.monotonic()
+    env = {**fleet_env, "LORAFLEET_MODEL": str(tmp_path / "no-such-model")}
+    done = lorafleet("worker", "--device", "cpu", env=env, timeout=120)
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "cannot start" in done.stderr and "no-such-model" in done.stderr
+    assert "importing torch" not in done.stderr and time.monotonic() - started < 5  # it took 17.7 s on a GPU host
