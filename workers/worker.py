@@ -79,6 +79,14 @@ def quiet_per_job_noise() -> None:
         logging.getLogger(f"diffusers.pipelines.cogvideo.pipeline_{pipeline}").addFilter(OncePerMessage())
 
 
+def keep_torchao_out() -> None:
+    """diffusers and peft import torchao whenever it is installed (for quantizers lorafleet does not
+    use), and on a machine without its kernels torchao greets the log with "Failed to load"
+    warnings. Only the fp8 tier uses it (workers/fp8.py): a worker of another tier marks it absent
+    before they import, and their availability checks (`importlib.util.find_spec`) then say no."""
+    sys.modules.setdefault("torchao", None)
+
+
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
     """Serve jobs until told to stop; returns the process exit code."""
     started = time.perf_counter()
@@ -90,6 +98,8 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     except LorafleetError as exc:
         log.error("%s: cannot start: %s", name, exc)
         return ExitCode.MODEL_LOAD_FAILED
+    if settings.model_tier(alias).precision != "fp8":
+        keep_torchao_out()
     log.info("%s: starting on %s (importing torch and diffusers)", name, device)
     from workers.evaluator import Evaluator
     from workers.metrics import INFO, RENDERER

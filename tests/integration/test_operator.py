@@ -226,6 +226,8 @@ def test_top_shows_the_running_job_its_step_and_its_batch(fleet_env, start_worke
     assert once.returncode == 0 and key[:12] in once.stdout and "watched" in once.stdout
     assert "paused batches: later" in once.stdout
     assert lorafleet("cancel", "watched", env=fleet_env).returncode == 0
+    log = open(worker.log_path).read()  # a bf16 worker imports no torchao, so it says nothing of it
+    assert "torchao" not in log and "Failed to load" not in log
 
 
 def read_manifest_key(env: dict, batch: str) -> str:
