@@ -31,6 +31,13 @@ def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> i
     built = (os.path.join(model_dir, "model_index.json"), os.path.join(folder, "clip", "config.json"))
     if not all(os.path.exists(path) for path in built):
         console.print(f"building the tiny random-weight {kind} model into {folder}/ ...")
+        from workers.worker import keep_torchao_out
+
+        keep_torchao_out()  # the demo never uses fp8: no torchao warnings as its first words
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # nor a progress bar per tiny file
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # its notes on optional packages the demo does not use
         from workers.tiny_model import write_tiny_model
 
         write_tiny_model(folder, kind=kind)
