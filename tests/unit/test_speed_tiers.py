@@ -187,6 +187,7 @@ def test_an_artifact_that_would_write_outside_torchs_cache_is_refused_even_when_
 
     planted = tmp_path / "site-packages" / "planted.pth"
     planted.parent.mkdir()
+    CacheArtifactManager._ensure_cache_artifacts_registered()  # as torch does before reading artifacts
     CacheArtifactManager.clear()
     CacheArtifactManager.record_artifact("autotune", str(planted), {"import os": 1})
     data, _ = torch.compiler.save_cache_artifacts()
