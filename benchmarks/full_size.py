@@ -64,29 +64,39 @@ def write_adapters(model, rank: int, folder: str, dtype: torch.dtype, names=("a1
     return paths
 
 
-def write_pipeline(folder: str, name: str, device="cuda", rank: int = 64) -> dict[str, str]:
-    """Write a full-size random-weight `name` ("2b" or "5b") pipeline to FOLDER/model (bf16) and two
-    rank-`rank` adapters to FOLDER/adapters/{a1,a2}; returns their paths, as `write_tiny_model` does.
-    Built on `device` (under a second on a GPU); saving 2B takes about 15 s, 5B 26 s."""
+def build_pipeline(name: str, device="cuda") -> CogVideoXPipeline:
+    """A full-size random-weight `name` ("2b" or "5b") pipeline in bf16 on `device`, in memory
+    (under a second on a GPU). "tiny" builds the tiny transformer with a small T5 and VAE, to try a
+    benchmark on the CPU."""
     from transformers import T5Config, T5EncoderModel
 
     from workers.tiny_model import _tokenizer
 
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if name != "tiny" else torch.float32
+    t5 = T5_XXL if name != "tiny" else {**T5_XXL, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4}
+    vae_config = {} if name != "tiny" else {"block_out_channels": (8, 8, 8, 8), "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 2, "temporal_compression_ratio": 4}  # fmt: skip
     with torch.device(device):
         torch.manual_seed(1)
-        text_encoder = T5EncoderModel(T5Config(**T5_XXL)).to(dtype)
+        text_encoder = T5EncoderModel(T5Config(**t5)).to(dtype).eval()  # eval: no dropout, as from_pretrained gives
         torch.manual_seed(2)
-        vae = AutoencoderKLCogVideoX().to(dtype)
+        vae = AutoencoderKLCogVideoX(**vae_config).to(dtype).eval()
     transformer = build_transformer(name, device, dtype)
     scheduler = (CogVideoXDPMScheduler if name == "5b" else CogVideoXDDIMScheduler)(timestep_spacing="trailing")
-    pipe = CogVideoXPipeline(
+    return CogVideoXPipeline(
         tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
+
+
+def write_pipeline(folder: str, name: str, device="cuda", rank: int = 64) -> dict[str, str]:
+    """Write a full-size random-weight `name` ("2b" or "5b") pipeline to FOLDER/model (bf16) and two
+    rank-`rank` adapters to FOLDER/adapters/{a1,a2}; returns their paths, as `write_tiny_model` does.
+    Built on `device` (under a second on a GPU); saving 2B takes about 15 s, 5B 26 s."""
+    pipe = build_pipeline(name, device)
     model_dir = os.path.join(folder, "model")
     pipe.save_pretrained(model_dir)
-    paths = {"model": model_dir, **write_adapters(transformer, rank, os.path.join(folder, "adapters"), dtype)}
-    del pipe, text_encoder, vae, transformer
+    transformer = pipe.transformer
+    paths = {"model": model_dir, **write_adapters(transformer, rank, os.path.join(folder, "adapters"), transformer.dtype)}
+    del pipe, transformer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return paths
