@@ -36,7 +36,12 @@ PROMPT = "a paper boat floats down a stream between mossy stones, morning light"
 def hooks() -> dict:
     """The configurations compared, by name: each hook at the values diffusers documents, made for
     a pipeline (FasterCache and PAB read its current timestep)."""
-    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    from diffusers import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
 
     return {
         "fastercache": lambda pipe: FasterCacheConfig(
