@@ -92,6 +92,8 @@ def test_prune_on_an_s3_store(s3_env):
     from tests.integration.test_operator import check_prune
 
     env, _ = s3_env
+    # moto keeps its buckets process-wide: a prefix of this test's own, not the other tests' batches
+    env = {**env, "LORAFLEET_STORE_URL": f"s3://{BUCKET}/prune"}
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # this process's s3fs too
     try:
         check_prune(env, Store(env["LORAFLEET_STORE_URL"]))
