@@ -155,12 +155,11 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
             target=run_heartbeat, args=(ledger, name, queue, stop, health), daemon=True, name="heartbeat"
         ).start()
         log.info(
-            "%s: READY %.1fs after start: %s (%s%s) loaded in %.1fs, broker connected, serving queue %s",
+            "%s: READY %.1fs after start: %s (%s) loaded in %.1fs, broker connected, serving queue %s",
             name,
             time.perf_counter() - started,
             model_ref,
-            "fp8" if renderer.precision == "fp8" else str(renderer.dtype).removeprefix("torch."),
-            ", compiled" if renderer.compiled else "",
+            health.about["tier"],
             renderer.load_seconds,
             queue,
         )

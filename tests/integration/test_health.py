@@ -1,5 +1,6 @@
 """A worker's /metrics, /healthz and /readyz over HTTP, and `lorafleet health`, with a real worker."""
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -107,25 +108,33 @@ def test_the_exporter_counts_queues_running_jobs_workers_and_batches(fleet_env, 
 
     # A heartbeat any client may forge, without its fields: skipped, /metrics still answers (it was a 500).
     redis.Redis.from_url(fleet_env["LORAFLEET_REDIS_URL"]).set("lorafleet:worker:forged", '{"queue": "render"}')
+    with exporter(fleet_env) as port:
+        samples = scrape(port)
+    assert samples[("lorafleet_queue_length", ("queue", "render"))] == 3
+    assert samples[("lorafleet_running_jobs",)] == 0
+    assert samples[("lorafleet_live_workers", ("queue", "render"))] == 0
+    assert samples[("lorafleet_batch_jobs", ("batch", "waiting"), ("state", "queued"))] == 3
+    assert samples[("lorafleet_batch_jobs", ("batch", "waiting"), ("state", "done"))] == 0
+
+
+@contextlib.contextmanager
+def exporter(env: dict):
+    """`lorafleet exporter` on a free port, as an operator starts it; yields the port once it answers."""
     port = free_port()
-    exporter = subprocess.Popen([sys.executable, "-m", "lorafleet", "exporter", "--port", str(port)], env=fleet_env)
+    process = subprocess.Popen([sys.executable, "-m", "lorafleet", "exporter", "--port", str(port)], env=env)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                samples = scrape(port)
+                get(port, "/metrics")
                 break
             except OSError:
-                assert time.monotonic() < deadline and exporter.poll() is None
+                assert time.monotonic() < deadline and process.poll() is None
                 time.sleep(0.1)
-        assert samples[("lorafleet_queue_length", ("queue", "render"))] == 3
-        assert samples[("lorafleet_running_jobs",)] == 0
-        assert samples[("lorafleet_live_workers", ("queue", "render"))] == 0
-        assert samples[("lorafleet_batch_jobs", ("batch", "waiting"), ("state", "queued"))] == 3
-        assert samples[("lorafleet_batch_jobs", ("batch", "waiting"), ("state", "done"))] == 0
+        yield port
     finally:
-        exporter.terminate()
-        exporter.wait(timeout=30)
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_the_exporter_tells_keda_what_the_fleet_owes_queued_at_every_priority_plus_running(
@@ -149,21 +158,12 @@ def test_the_exporter_tells_keda_what_the_fleet_owes_queued_at_every_priority_pl
         queued = tmp_path / f"{priority}.jsonl"
         queued.write_text(f'{{"prompt": "a {priority} cat", "seed": 2}}\n')
         assert lorafleet("submit", str(queued), "--priority", priority, env=fleet_env).returncode == 0
-    port = free_port()
-    exporter = subprocess.Popen([sys.executable, "-m", "lorafleet", "exporter", "--port", str(port)], env=fleet_env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/scale", timeout=5).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and exporter.poll() is None
-                time.sleep(0.1)
+        with exporter(fleet_env) as port:
+            code, body = get(port, "/scale")
     finally:
-        exporter.terminate()
-        exporter.wait(timeout=30)
         assert lorafleet("cancel", "running", env=fleet_env).returncode == 0
+    assert code == 200
     answer = json.loads(body)
     assert answer["queues"]["render"] == {"queued": 3, "running": 1, "owed": 4}
     keda = yaml.safe_load(open(f"{REPO}/deploy/k8s/keda.yaml"))
