@@ -22,9 +22,9 @@ pytestmark = pytest.mark.e2e
 DOCKERFILE = os.path.join(REPO, "docker", "worker.Dockerfile")
 
 
-def instructions() -> list[tuple[str, str]]:
+def instructions(dockerfile: str = DOCKERFILE) -> list[tuple[str, str]]:
     """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined."""
-    text = re.sub(r"\\\n\s*", " ", open(DOCKERFILE).read())
+    text = re.sub(r"\\\n\s*", " ", open(dockerfile).read())
     found = []
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
@@ -33,19 +33,17 @@ def instructions() -> list[tuple[str, str]]:
     return found
 
 
-@pytest.fixture(scope="module")
-def image_env(tmp_path_factory) -> dict:
-    """The image's /app, venv and environment, built as the Dockerfile says: {"bin", "env"}."""
-    root = tmp_path_factory.mktemp("image")
+def build_image_env(root, dockerfile: str) -> dict:
+    """An image's /app, venv and environment, built as its Dockerfile says: {"bin", "env", "app"}."""
     app, home, venv = root / "app", root / "home", root / "venv"
-    app.mkdir()
+    app.mkdir(parents=True)
     home.mkdir()
     env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
     for variable in ("HF_HUB_OFFLINE", "PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONFIG_FILE", "TMPDIR"):
         if variable in os.environ:  # how this machine reaches its package index; the image's own stays
             env[variable] = os.environ[variable]
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    for keyword, arguments in instructions():
+    for keyword, arguments in instructions(dockerfile):
         if keyword == "COPY":
             *sources, destination = shlex.split(arguments)
             target = app / destination
@@ -60,7 +58,7 @@ def image_env(tmp_path_factory) -> dict:
             for assignment in shlex.split(arguments):
                 name, _, value = assignment.partition("=")
                 env[name] = value.replace("/home/lorafleet", str(home))
-        elif keyword == "RUN" and "install-python.sh" in arguments:
+        elif keyword == "RUN" and ("pip install" in arguments or "install-python.sh" in arguments):
             command = arguments.split("&&")[0].strip()  # the install; the rest makes the user's folders
             # The venv's pip; pip's cache kept (it changes no resolution, only what is downloaded again).
             argv = [str(venv / "bin" / "pip") if word == "pip" else word for word in shlex.split(command)]
@@ -68,6 +66,11 @@ def image_env(tmp_path_factory) -> dict:
             done = subprocess.run(argv, cwd=app, env={**os.environ, **env}, capture_output=True, text=True)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"bin": venv / "bin", "env": env, "app": app}
+
+
+@pytest.fixture(scope="module")
+def image_env(tmp_path_factory) -> dict:
+    return build_image_env(tmp_path_factory.mktemp("image"), DOCKERFILE)
 
 
 def test_the_images_environment_holds_the_pinned_torch_and_pip_finds_nothing_broken(image_env):
@@ -111,3 +114,20 @@ def test_a_worker_from_the_images_environment_renders_a_job(image_env, fleet_env
         assert time.monotonic() - started < 120
     finally:
         stop_worker(worker, timeout_s=30)
+
+
+def test_the_producer_images_environment_submits_without_torch(fleet_env, tmp_path):
+    """docker/producer.Dockerfile's environment, built as it says: no torch in it, and its
+    `lorafleet submit` checks, keys and enqueues a jobs file against the fleet's Redis."""
+    image = build_image_env(tmp_path / "producer", os.path.join(REPO, "docker", "producer.Dockerfile"))
+    python = str(image["bin"] / "python")
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True, cwd="/").returncode != 0
+    env = {**image["env"], **{k: v for k, v in fleet_env.items() if k.startswith("LORAFLEET_")}}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat from the producer image", "seed": 3}\n')
+    done = subprocess.run(
+        [str(image["bin"] / "lorafleet"), "submit", str(jobs), "--batch", "from-image"],
+        cwd=image["app"], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "batch from-image: 1 jobs, 1 enqueued" in done.stdout

@@ -246,3 +246,23 @@ def test_workers_share_compile_artifacts_only_under_the_fleets_secret():
     reference = variable["valueFrom"]["secretKeyRef"]
     (secret,) = [s for s in by_kind("Secret") if s["metadata"]["name"] == reference["name"]]
     assert secret["stringData"][reference["key"]].strip()
+
+
+def test_the_examples_jobs_file_and_sweep_spec_load_as_lorafleet_loads_them(tiny, tmp_path, monkeypatch):
+    """What the opt-in Job and CronJob will submit passes lorafleet's own loaders (on the tiny model,
+    with the spec's store-relative adapter planted in a store), not only YAML's."""
+    import shutil
+
+    from common.job import AdapterResolver, load_jobs
+    from common.model import model_info
+    from common.store import Store
+    from common.sweep_spec import load_sweep
+
+    store = Store(str(tmp_path / "store"))
+    shutil.copytree(tiny["style"], tmp_path / "store" / "adapters" / "style")
+    monkeypatch.chdir(tmp_path)  # store-relative paths are not read from the checkout
+    model_for = lambda alias: model_info(tiny["model"])  # noqa: E731
+    jobs = load_jobs(os.path.join(EXAMPLES, "prompts.jsonl"), model_for, AdapterResolver(store))
+    assert [job["id"] for job in jobs] == ["beach", "city"] and all(len(job["key"]) == 64 for job in jobs)
+    name, swept, cells, _ = load_sweep(os.path.join(EXAMPLES, "nightly.yaml"), model_for, AdapterResolver(store))
+    assert name == "nightly" and len(swept) == len(cells) == 2 * 5 * 2  # prompts × scales 0..1 by 0.25 × seeds
