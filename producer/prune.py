@@ -16,8 +16,7 @@ from rich.console import Console
 
 from common.errors import InputError
 from common.manifest import UNFINISHED, Batch
-from common.store import Store, video_path
-from producer.follow import list_batches
+from common.store import Store, jobs_path, video_path
 
 OUTPUT_SUFFIXES = ("mp4", "png", "json", "eval.json")
 ISO = "%Y-%m-%dT%H:%M:%SZ"
@@ -61,10 +60,14 @@ def parse_time(text: str) -> str:
 def plan_prune(store: Store, cutoff: str) -> Plan:
     """Which batches and files a prune removes: batches submitted before `cutoff` (ISO 8601, UTC)."""
     plan, kept_keys, removed_keys = Plan(), set(), set()
-    for found in list_batches(store):
-        name, batch = found["name"], Batch.load(store, found["name"])
+    for name in store.list_folder("batches"):
+        try:
+            batch = Batch.load(store, name)  # each manifest read once
+        except InputError:
+            continue  # a folder without a manifest: not a batch lorafleet made
         keys = {entry["key"] for entry in batch.entries}
-        old = found["submitted"] is not None and found["submitted"] < cutoff
+        submitted = store.modified(jobs_path(name))
+        old = submitted is not None and submitted < cutoff
         if old and any(entry["status"] in UNFINISHED for entry in batch.entries):
             plan.busy.append(name)
             old = False

@@ -94,11 +94,12 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     if settings.metrics_port is not None:  # first: probes get "starting" while the model loads
         serve(settings.metrics_host, settings.metrics_port, health)
     try:  # a wrong model path or alias says so now, not after torch's seconds of imports
-        model_info(settings.model_tier(alias).ref)
+        tier = settings.model_tier(alias)
+        model_info(tier.ref)
     except LorafleetError as exc:
         log.error("%s: cannot start: %s", name, exc)
         return ExitCode.MODEL_LOAD_FAILED
-    if settings.model_tier(alias).precision != "fp8":
+    if tier.precision != "fp8":
         keep_torchao_out()
     log.info("%s: starting on %s (importing torch and diffusers)", name, device)
     from workers.evaluator import Evaluator
@@ -109,7 +110,6 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     quiet_per_job_noise()
     queue = queue_for(alias)
     try:
-        tier = settings.model_tier(alias)
         model_ref = tier.ref
         log.info("%s: imports took %.1fs; loading %s", name, time.perf_counter() - started, model_ref)
         renderer = Renderer(model_ref, device, settings, name, tier.precision, tier.compile)
