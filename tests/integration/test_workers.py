@@ -29,8 +29,10 @@ def test_running_job_reports_its_denoising_step(fleet_env, start_worker):
     seen = []
     deadline = time.monotonic() + 120
     while not result.ready() and time.monotonic() < deadline:
-        if result.state == "PROGRESS":
-            seen.append(result.info)
+        # One read of the state and its report: a second read may already find the job's result.
+        meta = app.backend.get_task_meta(result.id)
+        if meta["status"] == "PROGRESS":
+            seen.append(meta["result"])
         time.sleep(0.02)
     outcome = result.get(timeout=5)
     assert outcome["status"] == "done" and len(outcome["key"]) == 64
