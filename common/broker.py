@@ -3,15 +3,8 @@ says (JSON only, late acks, no prefetch hoarding, a visibility timeout above the
 
 from celery import Celery
 
+from common.protocol import EVAL_TASK_NAME, PRIORITIES, PRIORITY_SEPARATOR, PRIORITY_STEPS, TASK_NAME, queue_lists
 from common.settings import Settings, queue_for
-
-TASK_NAME = "lorafleet.render"
-EVAL_TASK_NAME = "lorafleet.evaluate"
-# A job's priority as kombu's Redis transport takes it: one Redis list per step, and a worker
-# takes from the lowest step that holds a job (0 first). A message sent without a priority is 0.
-PRIORITY_STEPS = (0, 3, 6, 9)
-PRIORITIES = {"high": 0, "normal": 3, "low": 6}  # submit's default: normal; a sweep's: low
-PRIORITY_SEPARATOR = "\x06\x16"  # kombu's, between a queue's name and its step
 
 
 def make_app(settings: Settings) -> Celery:
@@ -78,12 +71,6 @@ def send_job(app: Celery, message: dict, task_id: str, queue: str | None = None,
 def send_evaluation(app: Celery, key: str, queue: str | None = None):
     """Enqueue one `lorafleet.evaluate` message ({"key": KEY}) on a model's queue; returns its AsyncResult."""
     return app.send_task(EVAL_TASK_NAME, args=[{"key": key}], queue=queue or queue_for(None))
-
-
-def queue_lists(queue: str) -> list[str]:
-    """The Redis lists that hold a queue's jobs, the ones served first first (`render`, then
-    `render\\x06\\x163`, ...): what a queue's length and KEDA's triggers count."""
-    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
 
 
 def queue_length(redis, queue: str) -> int:

@@ -4,15 +4,14 @@ the hash, not the path)."""
 
 import hashlib
 import io
-import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.adapters import DEFAULT_POLICY, ReadPolicy, read_bounded
 from common.errors import AdapterError, ImageError
+from common.reading import ReadPolicy, candidate_urls, check_unchanged, read_bounded
 from common.store import Store
 
 MAX_IMAGE_BYTES = 64 * 2**20
@@ -30,20 +29,7 @@ class ImageFile:
     height: int
 
 
-def candidate_urls(uri: str, store: Store | None) -> list[str]:
-    """The URLs an image URI may mean, in the order they are tried: a URL, a local path, a store path."""
-    if "://" in uri:
-        return [uri]
-    candidates = [os.path.abspath(os.path.expanduser(uri))]
-    if store is not None and not uri.startswith(("/", "~")):
-        try:
-            candidates.append(store.uri(uri))
-        except Exception:
-            pass  # not a valid store path: the local one still applies
-    return candidates
-
-
-def read_image(uri: str, store: Store | None, policy: ReadPolicy = DEFAULT_POLICY) -> tuple[ImageFile, bytes]:
+def read_image(uri: str, store: Store | None, policy: ReadPolicy) -> tuple[ImageFile, bytes]:
     """Find an image where the policy allows, read it (bounded) and check that it decodes;
     returns it with its bytes."""
     candidates = [url for url in candidate_urls(uri, store) if policy.allows(url, store)]
@@ -100,9 +86,10 @@ def read_image_url(url: str, sha256: str, policy: ReadPolicy, store: Store | Non
     data = _read(url, policy)
     if data is None:
         raise ImageError(f"image {url} is gone since the job was submitted")
-    found = hashlib.sha256(data).hexdigest()
-    if found != sha256:
-        raise ImageError(f"image {url} changed since it was submitted (sha256 {found[:12]}, job wants {sha256[:12]})")
+    try:
+        check_unchanged("image", url, hashlib.sha256(data).hexdigest(), sha256)
+    except AdapterError as exc:
+        raise ImageError(str(exc)) from None
     return decode(url, data)
 
 

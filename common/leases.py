@@ -27,14 +27,26 @@ from contextlib import contextmanager
 
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from common.broker import queue_length
 from common.errors import LeaseLost
+from common.protocol import (
+    PAUSED_PREFIX,
+    RUNNING,
+    WORKER_PREFIX,
+    batch_keys,
+    cancelled_key,
+    cancelled_task_key,
+    deliveries_key,
+    lease_key,
+    lock_key,
+    paused_key,
+    set_aside_key,
+    worker_key,
+)
+from common.retry import redis_retry
 
 log = logging.getLogger("lorafleet.ledger")
-PREFIX = "lorafleet"
 HEARTBEAT_S = 5.0  # a worker's heartbeat lives 3 beats: a worker that stops beating is gone within 15 s
 # Each script compares before it acts, in one step: a token no longer stored means the job is someone else's.
 _EXTEND = """
@@ -133,7 +145,7 @@ class Ledger:
             redis_url,
             socket_timeout=10,
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 40),
+            retry=redis_retry(),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.lease_ms = int(lease_s * 1000)
@@ -146,14 +158,14 @@ class Ledger:
 
     def count_delivery(self, task_id: str) -> int:
         """Count this delivery of a job; returns how many deliveries in a row did not end cleanly."""
-        name = f"{PREFIX}:deliveries:{task_id}"
+        name = deliveries_key(task_id)
         count = self.redis.incr(name)
         self.redis.expire(name, self.ttl_s)
         return count
 
     def delivered_cleanly(self, task_id: str) -> None:
         """The job ended (done, failed or retried on purpose): its worker was not lost."""
-        self._quietly(lambda: self.redis.delete(f"{PREFIX}:deliveries:{task_id}"))
+        self._quietly(lambda: self.redis.delete(deliveries_key(task_id)))
 
     @contextmanager
     def running(self, task_id: str, message: dict, queue: str, worker: str):
@@ -161,11 +173,10 @@ class Ledger:
         by a sweeper if this process dies or pauses past the lease before the block ends.
 
         Yields the delivery's Lease: its token fences every write this delivery makes."""
-        lease = Lease(self, task_id, f"{PREFIX}:lease:{task_id}")
+        lease = Lease(self, task_id, lease_key(task_id))
         self.redis.set(lease.name, lease.token, px=self.lease_ms)  # the lease first: a sweeper never sees it missing
-        self.redis.hset(
-            f"{PREFIX}:running", task_id, json.dumps({"message": message, "queue": queue, "worker": worker})
-        )
+        entry = RunningEntry(message=message, queue=queue, worker=worker)
+        self.redis.hset(RUNNING, task_id, entry.model_dump_json())
         heartbeat = threading.Thread(target=lease.refresh_until_released, daemon=True, name="lease")
         heartbeat.start()
         try:
@@ -174,15 +185,13 @@ class Ledger:
             lease.released.set()
             heartbeat.join()
             # Only while the lease is still ours: a delivery that took the job over keeps its entry.
-            self._quietly(
-                lambda: self.redis.eval(_RELEASE_LEASE, 2, lease.name, f"{PREFIX}:running", lease.token, task_id)
-            )
+            self._quietly(lambda: self.redis.eval(_RELEASE_LEASE, 2, lease.name, RUNNING, lease.token, task_id))
 
     @contextmanager
     def key_lock(self, key: str, lease: "Lease", done: Callable[[], bool], poll_s: float = 0.5):
         """Hold the render lock of a key under the delivery's lease (refreshed and fenced with it);
         yields False instead if `done()` turns true (another worker rendered the key) while waiting."""
-        lock = f"{PREFIX}:lock:{key}"
+        lock = lock_key(key)
         waited = False
         while not self.redis.set(lock, lease.token, nx=True, px=self.lease_ms):
             lease.check()  # a delivery that lost its job while waiting stops waiting
@@ -210,40 +219,44 @@ class Ledger:
         """Running jobs whose lease lapsed, each claimed by this caller alone (to enqueue again).
         A malformed entry is skipped and left where it is: nothing can be enqueued from it."""
         claimed = []
-        for task_id, raw in self.redis.hgetall(f"{PREFIX}:running").items():
+        for task_id, raw in self.redis.hgetall(RUNNING).items():
             task_id = task_id.decode(errors="replace")
-            entry = parse_record(RunningEntry, f"{PREFIX}:running[{task_id}]", raw)
-            if entry is None or self.redis.exists(f"{PREFIX}:lease:{task_id}"):
+            entry = parse_record(RunningEntry, f"{RUNNING}[{task_id}]", raw)
+            if entry is None or self.redis.exists(lease_key(task_id)):
                 continue
-            if self.redis.hdel(f"{PREFIX}:running", task_id):
+            if self.redis.hdel(RUNNING, task_id):
                 claimed.append((task_id, entry))
         return claimed
 
     def running_queues(self) -> list[str]:
         """The queue of each job running now (one entry per lease held); a malformed entry is skipped."""
-        entries = self.redis.hgetall(f"{PREFIX}:running").items()
-        found = (parse_record(RunningEntry, f"{PREFIX}:running[{t!r}]", raw) for t, raw in entries)
+        entries = self.redis.hgetall(RUNNING).items()
+        found = (parse_record(RunningEntry, f"{RUNNING}[{t!r}]", raw) for t, raw in entries)
         return [entry.queue for entry in found if entry is not None]
+
+    def running_count(self) -> int:
+        """How many jobs run now (a lease each, malformed entries too: each holds a slot)."""
+        return self.redis.hlen(RUNNING)
 
     def orphaned(self, task_id: str, queue: str) -> bool:
         """Whether a job that has no result yet is nowhere: not waiting in its (empty) queue and
         held by no worker. Kombu's Redis transport can lose a message that is in flight to a worker
         at the instant Redis restarts; the producer sends such a job again."""
-        return queue_length(self.redis, queue) == 0 and not self.redis.exists(f"{PREFIX}:lease:{task_id}")
+        return queue_length(self.redis, queue) == 0 and not self.redis.exists(lease_key(task_id))
 
     def beat(self, worker: str, queue: str, since: float, doing: dict | None = None) -> None:
         """Say this worker is alive and consuming `queue` (since `since`, a Unix time), and what it
         is and does (WorkerRecord's other fields: `{"job": {...} or None, "device", "model", "tier"}`)."""
         record = {"worker": worker, "queue": queue, "since": since, "beat": time.time(), **(doing or {})}
-        self.redis.set(f"{PREFIX}:worker:{worker}", json.dumps(record), ex=int(3 * HEARTBEAT_S))
+        self.redis.set(worker_key(worker), json.dumps(record), ex=int(3 * HEARTBEAT_S))
 
     def forget_worker(self, worker: str) -> None:
         """The worker stopped: it serves no queue from now on."""
-        self._quietly(lambda: self.redis.delete(f"{PREFIX}:worker:{worker}"))
+        self._quietly(lambda: self.redis.delete(worker_key(worker)))
 
     def live_workers(self) -> list[WorkerRecord]:
         """The workers whose heartbeat is fresh; a malformed heartbeat is skipped."""
-        names = list(self.redis.scan_iter(match=f"{PREFIX}:worker:*", count=1000))
+        names = list(self.redis.scan_iter(match=WORKER_PREFIX + "*", count=1000))
         records = zip(names, self.redis.mget(names) if names else [], strict=True)
         found = (parse_record(WorkerRecord, name.decode(errors="replace"), raw) for name, raw in records if raw)
         return [record for record in found if record is not None]
@@ -251,42 +264,45 @@ class Ledger:
     def cancel(self, batch: str, task_ids: list[str] | None = None) -> None:
         """Mark a batch (or only these tasks of it) cancelled: queued jobs never start, running
         ones stop at their next step."""
-        names = [f"{PREFIX}:cancelled-task:{t}" for t in task_ids] if task_ids else [f"{PREFIX}:cancelled:{batch}"]
+        names = [cancelled_task_key(t) for t in task_ids] if task_ids else [cancelled_key(batch)]
         for name in names:
             self.redis.set(name, 1, ex=self.ttl_s)
 
     def uncancel(self, batch: str, task_ids: list[str] = ()) -> None:
         """Lift a batch's cancel flags (before its jobs are retried)."""
-        self.redis.delete(f"{PREFIX}:cancelled:{batch}", *(f"{PREFIX}:cancelled-task:{t}" for t in task_ids))
+        self.redis.delete(cancelled_key(batch), *(cancelled_task_key(t) for t in task_ids))
 
     def is_cancelled(self, batch: str | None, task_id: str | None = None) -> bool:
         """Whether a batch, or this task of it, was cancelled."""
-        names = ([f"{PREFIX}:cancelled:{batch}"] if batch else []) + (
-            [f"{PREFIX}:cancelled-task:{task_id}"] if task_id else []
-        )
+        names = ([cancelled_key(batch)] if batch else []) + ([cancelled_task_key(task_id)] if task_id else [])
         return bool(names) and bool(self.redis.exists(*names))
 
     def pause(self, batch: str) -> None:
         """Pause a batch: a worker that takes one of its jobs sets it aside instead of starting it."""
-        self.redis.set(f"{PREFIX}:paused:{batch}", 1)
+        self.redis.set(paused_key(batch), 1)
+
+    def paused_batches(self) -> list[str]:
+        """The names of the batches paused now, sorted."""
+        names = self.redis.scan_iter(match=PAUSED_PREFIX + "*", count=1000)
+        return sorted(name.decode(errors="replace").removeprefix(PAUSED_PREFIX) for name in names)
 
     def set_aside_if_paused(self, batch: str | None, task_id: str, message: dict, queue: str) -> bool:
         """Set a job aside, to be sent again on resume, if its batch is paused; else False."""
         if batch is None:
             return False
         entry = json.dumps({"task_id": task_id, "message": message, "queue": queue})
-        keys = [f"{PREFIX}:paused:{batch}", f"{PREFIX}:set-aside:{batch}"]
+        keys = [paused_key(batch), set_aside_key(batch)]
         return bool(self.redis.eval(_SET_ASIDE, 2, *keys, entry))
 
     def resume(self, batch: str) -> list[dict]:
         """Lift a batch's pause; returns the jobs set aside meanwhile ({"task_id", "message", "queue"})."""
-        found = self.redis.eval(_RESUME, 2, f"{PREFIX}:paused:{batch}", f"{PREFIX}:set-aside:{batch}")
+        found = self.redis.eval(_RESUME, 2, paused_key(batch), set_aside_key(batch))
         return [json.loads(entry) for entry in found]
 
     def forget_batch(self, batch: str) -> None:
         """Drop what Redis keeps of a batch by name (cancel and pause flags, jobs set aside): a
         new batch under a name an earlier one had starts clean."""
-        self.redis.delete(f"{PREFIX}:cancelled:{batch}", f"{PREFIX}:paused:{batch}", f"{PREFIX}:set-aside:{batch}")
+        self.redis.delete(*batch_keys(batch))
 
 
 class Lease:

@@ -10,6 +10,7 @@ from enum import StrEnum
 
 from common.bulk import paused_gc
 from common.errors import InputError
+from common.job import Job
 from common.store import Store, jobs_path, manifest_path, output_uris
 
 
@@ -35,17 +36,17 @@ class Batch:
     name: str
     entries: list[dict] = field(default_factory=list)
 
-    def add(self, store: Store, job: dict, status: JobStatus, task_id: str | None = None) -> dict:
+    def add(self, store: Store, job: Job, status: JobStatus, task_id: str | None = None) -> dict:
         """Add a job's manifest entry: id, key, status, task id, output URIs, error."""
         entry = {
-            "id": job["id"],
-            "key": job["key"],
+            "id": job.id,
+            "key": job.key,
             "status": status,
             "task_id": task_id,
-            "model": job["model"],
-            "lora_scale": job["lora_scale"],
-            "seed": job["seed"],
-            **output_uris(store, job["key"]),
+            "model": job.model,
+            "lora_scale": job.lora_scale,
+            "seed": job.seed,
+            **output_uris(store, job.key),
             "error": None,
         }
         self.entries.append(entry)
@@ -89,15 +90,15 @@ class Batch:
         with paused_gc():
             return cls(name, [json.loads(line) for line in lines if line.strip()])
 
-    def write_jobs(self, store: Store, jobs: list[dict]) -> None:
+    def write_jobs(self, store: Store, jobs: list[Job]) -> None:
         """Write the batch's expanded jobs, one per key, for `lorafleet retry` and re-sends."""
-        unique = {job["key"]: job for job in jobs}
-        store.write_bytes(jobs_path(self.name), "".join(json.dumps(job) + "\n" for job in unique.values()).encode())
+        unique = {job.key: job for job in jobs}
+        store.write_bytes(jobs_path(self.name), "".join(job.model_dump_json() + "\n" for job in unique.values()).encode())
 
-    def read_jobs(self, store: Store) -> dict[str, dict]:
+    def read_jobs(self, store: Store) -> dict[str, Job]:
         """The batch's expanded jobs by key, as `write_jobs` wrote them."""
         lines = store.read_bytes(jobs_path(self.name)).decode().splitlines()
-        return {job["key"]: job for job in map(json.loads, lines)}
+        return {job.key: job for job in map(Job.model_validate_json, lines)}
 
     def count(self, status: JobStatus) -> int:
         """How many jobs have this status."""

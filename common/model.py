@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from common.adapters import hub_reachable
 from common.errors import ModelError
+from common.reading import hub_reachable
 
 
 @dataclass(frozen=True)

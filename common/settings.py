@@ -181,10 +181,6 @@ class Settings(BaseSettings):
             tier = ModelTier(ref=tier)
         return tier if tier.compile is not None else tier.model_copy(update={"compile": self.compile})
 
-    def model_ref(self, alias: str | None) -> str:
-        """The folder or hub id behind a model alias; None names the fleet's default model."""
-        return self.model_tier(alias).ref
-
 
 def queue_for(alias: str | None) -> str:
     """The Celery queue that serves a model alias: `render` for the default model."""

@@ -78,17 +78,7 @@ class Store:
         path = self._path(relpath)
         try:
             if self._local:
-                # A temporary name beside the target, then a rename: atomic on one filesystem.
-                self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                    os.replace(tmp, path)
-                except OSError:
-                    with contextlib.suppress(OSError):  # a full disk leaves no half file behind
-                        os.remove(tmp)
-                    raise
+                write_atomically(path, data)
             else:
                 # Object stores make an object visible only once its upload completes.
                 self.fs.pipe_file(path, data)
@@ -118,6 +108,21 @@ class Store:
             raise
         except OSError as exc:
             raise StoreError(f"cannot read {self.uri(relpath)}: {exc}") from exc
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write a local file so no reader sees half of it: a temporary name beside the target, then a
+    rename (atomic on one filesystem); a failed write (a full disk) leaves nothing behind."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def video_path(key: str, suffix: str) -> str:

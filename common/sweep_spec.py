@@ -24,8 +24,9 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from common.errors import AdapterError, JobFileError, ModelError
-from common.job import DEFAULT_LIMITS, AdapterResolver, JobLimits, check_job, check_render, expand_job, finish_job
+from common.job import Job
 from common.job_spec import SWEPT_FIELDS, AdapterItem, AdapterSpec, RenderFields, describe, unknown_field
+from common.jobs_file import AdapterResolver, JobLimits, check_job, expand_job, render_size, resolve_job
 from common.model import ModelInfo
 
 SPEC_FIELDS = {
@@ -111,8 +112,8 @@ def _prompts(spec: dict, model: ModelInfo, resolver: AdapterResolver, errors: li
 
 
 def load_sweep(
-    path: str, model_for, resolver: AdapterResolver, limits: JobLimits = DEFAULT_LIMITS
-) -> tuple[str, list[dict], list[dict], dict]:
+    path: str, model_for, resolver: AdapterResolver, limits: JobLimits
+) -> tuple[str, list[Job], list[dict], dict]:
     """The sweep's batch name prefix, its jobs (checked, resolved and keyed), each job's cell
     ({"set", "prompt", "seed", "lora_scale"}) and the report's settings ({"suggest", "moved"},
     defaults filled in); raises JobFileError naming every problem's place in the spec, before
@@ -148,7 +149,7 @@ def load_sweep(
             for p, prompt in enumerate(prompts):
                 for seed in seeds:
                     fields = {**render, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
-                    job, problems = check_job(
+                    spec_of_cell, problems = check_job(
                         # a nightly sweep yields to interactive jobs unless its spec says otherwise
                         {
                             **fields,
@@ -162,9 +163,9 @@ def load_sweep(
                     )
                     if problems:  # each part was checked above; what is left is how they combine
                         raise JobFileError(path, problems)
-                    (job,) = expand_job(job)
+                    ((scale_of_cell, seed_of_cell),) = expand_job(spec_of_cell)
                     try:
-                        jobs.append(finish_job(job, model, resolver))
+                        jobs.append(resolve_job(spec_of_cell, scale_of_cell, seed_of_cell, model, resolver))
                     except AdapterError as exc:
                         raise JobFileError(path, [f"adapter_sets[{i}]: {exc}"]) from None
                     cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale})
@@ -226,9 +227,8 @@ def _render(render, model: ModelInfo, limits: JobLimits, errors: list) -> dict:
             for field, message in describe(exc, given, RenderFields)
         )
         return {}
-    errors.extend(
-        f"render.{field}: {problem}" for field, problem in check_render(dict(checked), model, limits.max_video_pixels)
-    )
+    _, problems = render_size(checked["num_frames"], checked["height"], checked["width"], model, limits.max_video_pixels)
+    errors.extend(f"render.{field}: {problem}" for field, problem in problems)
     return given
 
 

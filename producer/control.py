@@ -90,7 +90,7 @@ def retry(settings: Settings, name: str, console: Console) -> Batch:
             key = entry["key"]
             if key not in again:
                 again[key] = str(uuid.uuid4())
-                send_job(app, {**jobs[key], "batch": name}, again[key])
+                send_job(app, jobs[key].message(name), again[key])
             entry.update(status=JobStatus.QUEUED, task_id=again[key], error=None)
     batch.write_manifest(store)
     console.print(f"batch {name}: {len(again)} job(s) enqueued again")

@@ -21,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from common import http_server
 from common.broker import queue_length
-from common.leases import PREFIX, Ledger
+from common.leases import Ledger
 from common.manifest import JobStatus
 from common.settings import Settings, queue_for
 from common.store import Store
@@ -49,7 +49,7 @@ class FleetCollector:
             lengths.add_metric([queue], queue_length(redis, queue))
         yield lengths
         yield GaugeMetricFamily(
-            "lorafleet_running_jobs", "Jobs running now (a lease each)", value=redis.hlen(f"{PREFIX}:running")
+            "lorafleet_running_jobs", "Jobs running now (a lease each)", value=self.ledger.running_count()
         )
         workers = GaugeMetricFamily(
             "lorafleet_live_workers", "Workers with a fresh heartbeat, by queue", labels=["queue"]

@@ -14,9 +14,11 @@ from rich.text import Text
 
 from common.broker import check_redis, make_app, queue_length, send_job, task_metas
 from common.bulk import paused_gc
-from common.errors import InputError, StoreError, WaitTimeout
+from common.errors import InputError, JobCancelled, StoreError, WaitTimeout
 from common.leases import Ledger
 from common.manifest import FAILED_OR_CANCELLED, UNFINISHED, Batch, JobStatus
+from common.protocol import ENDED, RUNNING_STATES, ProgressReport, RenderResult, TaskState
+from common.retry import backoff
 from common.settings import Settings, queue_for
 from common.store import Store, jobs_path, videos_present
 
@@ -26,14 +28,13 @@ STORE_CHECK_EVERY = 20  # polls: look for finished videos in the store every 10 
 WORKER_CHECK_EVERY = 10  # polls: look for live workers every 5 s (from the first poll on)
 NO_WORKER_REPEAT_S = 30
 PLAIN_SUMMARY_S = 30
-ENDED = {"SUCCESS", "FAILURE"}
 
 
-def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
+def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, ProgressReport]:
     """Update the batch's unfinished entries from their tasks' results (read in bulk: one MGET
     per 10,000 tasks), and, given the store, from the videos already in it (the store is the
     truth: a worker killed after its upload but before its result reached Redis leaves a video
-    and no result); returns the progress ({"worker", "key", "step", "steps"}) of each running
+    and no result); returns the progress report of each running
     task by task id."""
     running = {}
     with paused_gc():  # a big batch: many small objects; a full collection would cost more than the poll
@@ -45,14 +46,14 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
             state, entries = meta["status"], tasks[task_id]
             if state in ENDED:
                 _record(entries, state, meta["result"])
-            elif state == "PAUSED":
+            elif state == TaskState.PAUSED:
                 for entry in entries:
                     entry["status"] = JobStatus.PAUSED
-            elif state in ("STARTED", "PROGRESS"):
+            elif state in RUNNING_STATES:
                 for entry in entries:
                     entry["status"] = JobStatus.RUNNING
-                if state == "PROGRESS" and isinstance(meta["result"], dict):
-                    running[task_id] = meta["result"]
+                if state == TaskState.PROGRESS and (report := parse_report(ProgressReport, meta["result"])):
+                    running[task_id] = report
     if store is not None:
         unfinished = [entry for entry in batch.entries if entry["status"] in UNFINISHED]
         present = videos_present(store, [entry["key"] for entry in unfinished])
@@ -63,15 +64,24 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, dict]:
     return running
 
 
+def parse_report(model, raw):
+    """A worker's report read through its model (common/protocol.py), or None if it is not one:
+    any client can write a task's result."""
+    try:
+        return model.model_validate(raw)
+    except ValueError:
+        return None
+
+
 def _record(entries: list[dict], state: str, outcome) -> None:
-    if state == "SUCCESS":
-        outcome = outcome if isinstance(outcome, dict) else {}
+    if state == TaskState.SUCCESS:
+        result = parse_report(RenderResult, outcome)
         for entry in entries:
-            entry.update(status=JobStatus.DONE, worker=outcome.get("worker"), error=None)
-            if isinstance(outcome.get("seconds"), int | float):
-                entry["seconds"] = outcome["seconds"]  # the job's own time on its worker: what ETAs are made of
+            entry.update(status=JobStatus.DONE, worker=result and result.worker, error=None)
+            if result is not None and result.seconds is not None:
+                entry["seconds"] = result.seconds  # the job's own time on its worker: what ETAs are made of
         return
-    cancelled = type(outcome).__name__ == "JobCancelled"
+    cancelled = isinstance(outcome, JobCancelled)
     reason = (
         str(outcome)
         if cancelled
@@ -94,7 +104,7 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
     orphans: dict[str, int] = {}  # task id -> checks in a row it was found nowhere
     warned: dict[str, float] = {}  # queue nobody serves -> when that was last said
     started = time.monotonic()
-    polls, workers = 0, 0
+    polls, workers, outage = 0, 0, 0  # outage: failed polls in a row
     with view:
         while True:
             polls += 1
@@ -105,9 +115,11 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
                 if polls % WORKER_CHECK_EVERY == 1:
                     workers = warn_of_unserved_queues(batch, ledger, warned, console)
             except (redis.RedisError, OSError, RuntimeError) as exc:  # Celery's result store says RuntimeError
+                outage += 1
                 view.note(f"Redis unreachable ({type(exc).__name__}), retrying")
-                time.sleep(2 * POLL_INTERVAL_S)
+                time.sleep(POLL_INTERVAL_S + backoff(outage, base=POLL_INTERVAL_S, cap=10))
                 continue
+            outage = 0
             view.update(running, eta_s(batch, workers))
             if not any(entry["status"] in UNFINISHED for entry in batch.entries):
                 break
@@ -201,16 +213,16 @@ class LiveView:
         """A passing condition, shown in place of the batch's counts."""
         self.progress.update(self.overall, description=f"batch {self.batch.name}: [yellow]{text}[/]")
 
-    def update(self, running: dict[str, dict], eta: float | None = None) -> None:
+    def update(self, running: dict[str, ProgressReport], eta: float | None = None) -> None:
         """Show the batch's counts, its ETA and each running job's step."""
         for task_id in list(self.rows):
             if task_id not in running:
                 self.progress.remove_task(self.rows.pop(task_id))
         for task_id, info in running.items():
-            label = f"  {info.get('worker', '?')} {info.get('key', '')[:12]}"
+            label = f"  {info.worker} {info.key[:12]}"
             if task_id not in self.rows:
-                self.rows[task_id] = self.progress.add_task(label, total=info.get("steps"))
-            self.progress.update(self.rows[task_id], description=label, completed=info.get("step", 0))
+                self.rows[task_id] = self.progress.add_task(label, total=info.steps)
+            self.progress.update(self.rows[task_id], description=label, completed=info.step)
         ended = sum(entry["status"] not in UNFINISHED for entry in self.batch.entries)
         done, failed = self.batch.count(JobStatus.DONE), self.batch.count(JobStatus.FAILED)
         description = (
@@ -251,7 +263,7 @@ class PlainView:
             self.said_at = time.monotonic()
             self.say(f"batch {self.batch.name}: {text}")
 
-    def update(self, running: dict[str, dict], eta: float | None = None) -> None:
+    def update(self, running: dict[str, ProgressReport], eta: float | None = None) -> None:
         """Say each job that ended since the last update, and the counts (with the ETA) every 30 s."""
         for i, entry in enumerate(self.batch.entries):
             if entry["status"] != self.seen[i] and entry["status"] not in UNFINISHED:
@@ -259,7 +271,9 @@ class PlainView:
             self.seen[i] = entry["status"]
         if time.monotonic() - self.said_at >= PLAIN_SUMMARY_S:
             self.said_at = time.monotonic()
-            self.say(f"batch {self.batch.name}: {summary(self.batch)}" + (f", ETA {format_duration(eta)}" if eta else ""))
+            self.say(
+                f"batch {self.batch.name}: {summary(self.batch)}" + (f", ETA {format_duration(eta)}" if eta else "")
+            )
 
 
 def job_line(entry: dict) -> str:
@@ -307,7 +321,7 @@ def resend_orphans(batch: Batch, app, store: Store, ledger: Ledger, orphans: dic
             if jobs is None:
                 jobs = batch.read_jobs(store)
             log.warning("%s (%s) was found nowhere %d times: sending it again", entry["key"][:12], task_id, checks)
-            send_job(app, {**jobs[entry["key"]], "batch": batch.name}, task_id)
+            send_job(app, jobs[entry["key"]].message(batch.name), task_id)
             orphans.pop(task_id)
 
 

@@ -18,11 +18,11 @@ import time
 import numpy as np
 
 import common
-from common.adapters import ReadPolicy
 from common.evaluation import read_video, vs_base
 from common.images import read_image_url
-from common.job import adapter_combination
+from common.job import Job, adapter_combination
 from common.manifest import Batch
+from common.reading import ReadPolicy
 from common.store import Store, video_path
 from common.sweep_spec import MOVED, SUGGEST
 
@@ -62,7 +62,7 @@ PSNR_CEILING = 60.0  # where the plots draw scale 0's infinite PSNR
 def build_report(
     batch: Batch,
     store: Store,
-    jobs: list[dict],
+    jobs: list[Job],
     cells: list[dict],
     prompts: list[str],
     evaluations: dict[str, dict],
@@ -70,11 +70,13 @@ def build_report(
     compare: dict | None = None,
     *,
     max_video_pixels: int,
+    policy: ReadPolicy,
 ) -> dict:
-    """Compute every cell's numbers and write report.json, report.html and the plots; returns the report."""
+    """Compute every cell's numbers and write report.json, report.html and the plots; returns the
+    report. Videos are read up to `max_video_pixels`, input images under `policy` (the settings')."""
     options = options or {"suggest": SUGGEST, "moved": MOVED}
     entries = {entry["key"]: entry for entry in batch.entries}
-    metadata = {job["key"]: json.loads(store.read_bytes(video_path(job["key"], "json"))) for job in jobs}
+    metadata = {job.key: json.loads(store.read_bytes(video_path(job.key, "json"))) for job in jobs}
     videos: dict[str, np.ndarray] = {}
 
     def video(key: str) -> np.ndarray:
@@ -82,10 +84,10 @@ def build_report(
             videos[key] = read_video(store, key, max_video_pixels)
         return videos[key]
 
-    base_keys = {(c["prompt"], c["seed"]): j["key"] for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0}
+    base_keys = {(c["prompt"], c["seed"]): j.key for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0}
     report_cells = []
     for job, cell in zip(jobs, cells, strict=True):
-        key = job["key"]
+        key = job.key
         evaluation = evaluations.get(key)
         numbers = {
             **vs_base(video(key), video(base_keys[(cell["prompt"], cell["seed"])])),
@@ -97,12 +99,11 @@ def build_report(
                 **cell,
                 "key": key,
                 "adapters": [
-                    {"sha256": a["sha256"], "weight": a["weight"], "alpha": a["alpha"], "uri": a["uri"]}
-                    | ({"name": a["name"]} if a.get("name") else {})
-                    for a in job["adapters"]
+                    a.model_dump(include={"sha256", "weight", "alpha", "uri"} | ({"name"} if a.name else set()))
+                    for a in job.adapters
                 ],
                 "prompt_text": prompts[cell["prompt"]],
-                "image": job.get("image"),  # image-to-video: the input, shown beside its rows
+                "image": job.image and job.image.model_dump(),  # image-to-video: the input, shown beside its rows
                 "status": entries[key]["status"],
                 "worker": metadata[key]["worker"],
                 "evaluated": evaluation is not None,
@@ -141,14 +142,14 @@ def build_report(
         store.write_bytes(f"{base_dir}/plots/set{s['set']}.png", _plot(cells_of_set, s["set"]))
     images = {c["image"]["sha256"]: c["image"] for c in report_cells if c.get("image")}
     for sha256, image in images.items():
-        store.write_bytes(f"{base_dir}/images/{sha256}.png", _thumbnail(image, store))
+        store.write_bytes(f"{base_dir}/images/{sha256}.png", _thumbnail(image, store, policy))
     store.write_bytes(f"{base_dir}/report.html", _html(report).encode())
     return report
 
 
-def _thumbnail(image: dict, store: Store) -> bytes:
+def _thumbnail(image: dict, store: Store, policy: ReadPolicy) -> bytes:
     """An input image at most 160 pixels wide, as PNG, checked against the hash its jobs were keyed by."""
-    picture = read_image_url(image["url"], image["sha256"], ReadPolicy(), store)
+    picture = read_image_url(image["url"], image["sha256"], policy, store)
     picture.thumbnail((160, 160))
     out = io.BytesIO()
     picture.save(out, format="PNG")
@@ -186,7 +187,7 @@ def _summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict
         "set": index,
         "adapters": cells[0]["adapters"],
         # the set's identity across nights (at scale 0 every combination is empty: ask at scale 1)
-        "combination": [list(term) for term in adapter_combination({**cells[0], "lora_scale": 1.0})],
+        "combination": [list(term) for term in adapter_combination(cells[0]["adapters"], 1.0)],
         "scales": scales,
         "summary": summary,
         "suggested": suggested,
@@ -205,16 +206,16 @@ def _rule(suggest: dict, clip: bool) -> str:
     )
 
 
-def _provenance(jobs: list[dict], metadata: dict, evaluations: dict) -> dict:
-    job, meta = jobs[0], metadata[jobs[0]["key"]]
+def _provenance(jobs: list[Job], metadata: dict, evaluations: dict) -> dict:
+    job, meta = jobs[0], metadata[jobs[0].key]
     evaluator = next(iter(evaluations.values()), {}).get("evaluator")
     return {
         "model": meta["model"],
         "scheduler": meta.get("scheduler"),
-        "steps": job["steps"],
-        "size": f"{job['num_frames']} frames × {job['height']} × {job['width']}",
-        "guidance_scale": job["guidance_scale"],
-        "fps": job["fps"],
+        "steps": job.steps,
+        "size": f"{job.num_frames} frames × {job.height} × {job.width}",
+        "guidance_scale": job.guidance_scale,
+        "fps": job.fps,
         "dtype": meta.get("dtype"),
         "lorafleet": common.__version__,
         "versions": meta.get("versions", {}),
@@ -238,7 +239,7 @@ def _render_times(metadata: dict) -> dict[str, dict]:
 
 def _identity(cell: dict) -> tuple:
     """What makes two nights' cells the same cell: the adapters' content, prompt, seed and scale."""
-    return adapter_combination(cell), cell["prompt_text"], cell["seed"], cell["lora_scale"]
+    return adapter_combination(cell["adapters"], cell["lora_scale"]), cell["prompt_text"], cell["seed"], cell["lora_scale"]
 
 
 def _mark_moved(cells: list[dict], previous: dict, thresholds: dict) -> None:

@@ -4,7 +4,8 @@ import uuid
 
 from common.broker import check_redis, make_app, send_job
 from common.bulk import paused_gc
-from common.job import load_jobs_for
+from common.job import Job
+from common.jobs_file import load_jobs_for
 from common.leases import Ledger
 from common.manifest import Batch, JobStatus
 from common.settings import Settings
@@ -22,24 +23,27 @@ def submit(path: str, settings: Settings, batch_name: str | None = None, priorit
     store = Store(settings.store_url)
     batch = Batch.new(store, batch_name)
     with paused_gc():  # a big file's jobs are many small objects that live until the end
-        jobs = [{**job, "priority": job.get("priority") or priority} for job in load_jobs_for(path, settings, store)]
+        jobs = [
+            job if job.priority else job.model_copy(update={"priority": priority})
+            for job in load_jobs_for(path, settings, store)
+        ]
         return enqueue(jobs, batch, store, settings)
 
 
-def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) -> Batch:
+def enqueue(jobs: list[Job], batch: Batch, store: Store, settings: Settings) -> Batch:
     """Enqueue checked, keyed jobs in their order as one batch, skipping keys already in the store,
     and write the batch's manifest and jobs."""
     task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
     to_send = []
-    present = videos_present(store, [job["key"] for job in jobs])
+    present = videos_present(store, [job.key for job in jobs])
     for job in jobs:
-        if job["key"] in present:
+        if job.key in present:
             batch.add(store, job, JobStatus.DONE)
             continue
-        if job["key"] not in task_ids:
-            task_ids[job["key"]] = str(uuid.uuid4())
-            to_send.append((job, task_ids[job["key"]]))
-        batch.add(store, job, JobStatus.QUEUED, task_ids[job["key"]])
+        if job.key not in task_ids:
+            task_ids[job.key] = str(uuid.uuid4())
+            to_send.append((job, task_ids[job.key]))
+        batch.add(store, job, JobStatus.QUEUED, task_ids[job.key])
     check_redis(settings.redis_url)
     # A new batch owes nothing to an earlier one of the same name (gone from the store): its cancel
     # and pause flags would capture this batch's jobs.
@@ -55,5 +59,5 @@ def enqueue(jobs: list[dict], batch: Batch, store: Store, settings: Settings) ->
     app.backend.on_task_call = lambda producer, task_id: None
     with app.producer_or_acquire() as producer, producer.batch(SEND_BATCH):  # one Redis round trip per SEND_BATCH jobs
         for job, task_id in to_send:
-            send_job(app, {**job, "batch": batch.name}, task_id, producer=producer)
+            send_job(app, job.message(batch.name), task_id, producer=producer)
     return batch

@@ -8,9 +8,10 @@ from rich.console import Console
 
 from common.broker import make_app, send_evaluation
 from common.evaluation import eval_path, evaluator_identity
-from common.job import AdapterResolver, JobLimits
+from common.jobs_file import AdapterResolver, JobLimits
 from common.manifest import Batch, JobStatus, check_batch_name
 from common.model import model_resolver
+from common.reading import ReadPolicy
 from common.settings import Settings, queue_for
 from common.store import Store
 from common.sweep_spec import load_sweep
@@ -49,14 +50,14 @@ def run_sweep(
         return False
     left = None if timeout_s is None else max(60.0, timeout_s - (time.monotonic() - started))
     evaluations = evaluate(
-        [job["key"] for job in jobs], settings, store, console, queue_for(jobs[0].get("model")), left
+        [job.key for job in jobs], settings, store, console, queue_for(jobs[0].model), left
     )
     prompts = {}
     for job, cell in zip(jobs, cells, strict=True):
-        prompts[cell["prompt"]] = job["prompt"]
+        prompts[cell["prompt"]] = job.prompt
     report = build_report(
         batch, store, jobs, cells, [prompts[i] for i in sorted(prompts)], evaluations, options, previous,
-        max_video_pixels=settings.max_video_pixels,
+        max_video_pixels=settings.max_video_pixels, policy=ReadPolicy.from_settings(settings),
     )
     moved = sum(bool(c["moved"]) for c in report["cells"])
     compared = f" ({moved} cells moved since {previous['batch']})" if previous else ""

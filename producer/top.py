@@ -15,10 +15,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from common.broker import PRIORITIES, make_app, queue_lists
+from common.broker import make_app
 from common.errors import InputError
-from common.leases import PREFIX, Ledger
+from common.leases import Ledger
 from common.manifest import Batch, JobStatus
+from common.protocol import PRIORITIES, queue_lists
 from common.settings import Settings, queue_for
 from common.store import Store
 from producer.follow import eta_s, format_duration, refresh, summary
@@ -38,10 +39,7 @@ def snapshot(settings: Settings, ledger: Ledger, app, store: Store) -> dict:
         lengths = pipe.execute()
         by_priority = {STEP_NAMES[step]: n for step, n in zip((0, 3, 6, 9), lengths, strict=True)}
         queues[queue] = {"queued": sum(lengths), "by_priority": by_priority}
-    paused = sorted(
-        name.decode(errors="replace").removeprefix(f"{PREFIX}:paused:")
-        for name in ledger.redis.scan_iter(match=f"{PREFIX}:paused:*", count=1000)
-    )
+    paused = ledger.paused_batches()
     workers, running_batches = [], {}
     for record in sorted(ledger.live_workers(), key=lambda r: r.worker):
         job = record.job.model_dump() if record.job else None
