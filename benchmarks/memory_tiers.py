@@ -110,14 +110,16 @@ def calibrate(name: str) -> list[dict]:
 PROMPTS = ("a paper boat floats down a stream", "neon lights flicker in the rain")
 
 
-def finished_job(fields: dict, info) -> dict:
-    """A job checked, expanded and finished as submit does."""
-    from common.job import AdapterResolver, check_job, expand_job, finish_job
+def finished_job(fields: dict, info):
+    """A Job checked, expanded and resolved as submit does."""
+    from common.jobs_file import AdapterResolver, check_job, expand_job, resolve_job
+    from common.settings import Settings
 
-    job, errors = check_job(fields, "benchmark", info)
+    settings = Settings()
+    spec, errors = check_job(fields, "benchmark", info, settings.max_video_pixels)
     assert not errors, errors
-    (one,) = expand_job(job)
-    return finish_job(one, info, AdapterResolver(None))
+    ((scale, seed),) = expand_job(spec)
+    return resolve_job(spec, scale, seed, info, AdapterResolver.from_settings(settings, None))
 
 
 def one_lorafleet(args, paths: dict) -> dict:

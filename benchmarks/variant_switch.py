@@ -32,7 +32,10 @@ from diffusers import CogVideoXPipeline  # noqa: E402
 from benchmarks.full_size import CONFIGS, TARGETS, write_adapters  # noqa: E402
 from benchmarks.full_size import build_transformer as build  # noqa: E402
 from common.adapters import read_adapter_url  # noqa: E402
-from workers.variants import AdapterCache, AdapterFiles, VariantEngine  # noqa: E402
+from common.reading import ReadPolicy  # noqa: E402
+from common.settings import Settings  # noqa: E402
+from workers.adapter_cache import AdapterCache, AdapterFiles
+from workers.variants import VariantEngine  # noqa: E402
 
 COMBO_X = [("a1", 1.0), ("a2", 0.5)]
 COMBO_Y = [("a1", 0.7), ("a2", 1.0)]
@@ -149,9 +152,10 @@ def bench_lorafleet(model, paths, device, args, variant_cache: int = 0, pristine
         model, device_cache_bytes=2**34, variant_cache_size=variant_cache, pristine_on_host=pristine_on_host
     )
     with tempfile.TemporaryDirectory() as cache_dir:
-        adapters = AdapterCache(AdapterFiles(cache_dir, 2**34), 2**34, engine.layer_sizes())
+        policy = ReadPolicy.from_settings(Settings())
+        adapters = AdapterCache(AdapterFiles(cache_dir, 2**34, policy), 2**34, engine.layer_sizes())
         url = {n: os.path.join(p, "pytorch_lora_weights.safetensors") for n, p in paths.items()}
-        sha = {n: read_adapter_url(u)[0].sha256 for n, u in url.items()}
+        sha = {n: read_adapter_url(u, policy)[0].sha256 for n, u in url.items()}
 
         def cold():  # an adapter's first use on a worker: read, checked, factors to the device, fused
             engine.apply([(adapters.get(url["a1"], sha["a1"]), 1.0, None)], 1.0, ("cold",))

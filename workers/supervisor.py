@@ -14,9 +14,10 @@ import sys
 import time
 
 from common.errors import ExitCode, LorafleetError
+from common.retry import backoff
 
 log = logging.getLogger("lorafleet.workers")
-RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+RESTART_CAP_S = 30  # the longest wait before a dead worker is started again
 MODEL_LOAD_TRIES = 3  # a model that fails to load this many times in a row is a configuration error
 
 
@@ -46,12 +47,10 @@ def worker_slots(gpus: list[int], cpus: int = 0) -> dict[str, list[str]]:
     return slots
 
 
-def spawn_worker(
-    worker_args: list[str], env: dict | None = None, log_path: str | None = None, module: str = "lorafleet"
-) -> subprocess.Popen:
-    """Start `lorafleet worker ARGS` (`python -m MODULE worker ARGS`) in its own session (signals
+def spawn_worker(worker_args: list[str], env: dict | None = None, log_path: str | None = None) -> subprocess.Popen:
+    """Start `lorafleet worker ARGS` (`python -m lorafleet worker ARGS`) in its own session (signals
     reach it only when passed on)."""
-    command = [sys.executable, "-m", module, "worker", *worker_args]
+    command = [sys.executable, "-m", "lorafleet", "worker", *worker_args]
     with open(log_path, "w") if log_path else contextlib.nullcontext() as output:  # the child keeps its own copy
         return subprocess.Popen(
             command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, start_new_session=True
@@ -151,9 +150,9 @@ def run_workers(slots: dict[str, list[str]], worker_args: list[str], env: dict |
                 exit_code = ExitCode.MODEL_LOAD_FAILED
                 signals.append(signal.SIGTERM)  # stop the others the way a user's SIGTERM does
                 continue
-            delay = RESTART_BACKOFF_S[min(restarts[slot], len(RESTART_BACKOFF_S) - 1)]
+            delay = 1 + backoff(restarts[slot], cap=RESTART_CAP_S)
             restarts[slot] += 1
-            log.warning("%s worker died (code %s); restart %d in %ds", slot, code, restarts[slot], delay)
+            log.warning("%s worker died (code %s); restart %d in %.0fs", slot, code, restarts[slot], delay)
             restart_at[slot] = time.monotonic() + delay
         for slot, when in list(restart_at.items()):
             if time.monotonic() >= when:  # waiting here, not in a sleep, keeps SIGTERM passed on at once

@@ -26,8 +26,3 @@ class Uploads:
         """Until the upload in flight, if any, ended."""
         if self._last is not None:
             wait([self._last])
-
-    @property
-    def busy(self) -> bool:
-        """Whether an upload is in flight now."""
-        return self._last is not None and not self._last.done()

@@ -1,0 +1,132 @@
+"""One delivery of a `lorafleet.render` message, as small steps the task takes in order
+(workers/tasks.py), each a function or a context manager over the ledger in Redis
+(common/leases.py):
+
+    lease → count the delivery → check the message → pause → cancel → key lock → render → fence
+
+and `accounting`, which turns however a delivery ended into one metric, one log line and the
+exception Celery should see. Each step raises to stop the delivery; none knows of the others.
+"""
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis
+from celery.exceptions import Ignore
+
+from common.errors import JobCancelled, LeaseLost, LorafleetError, StoreError, WorkerLost
+from common.job import Job
+from common.leases import Lease, Ledger
+from common.protocol import PausedReport, ProgressReport, TaskState
+from workers.metrics import JOBS, STEP, STEPS
+
+log = logging.getLogger("lorafleet.worker")
+PROGRESS_INTERVAL_S = 0.5
+# Store and network trouble: tried again with back-off (the render by Celery, an upload by itself).
+RETRYABLE = (StoreError, redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+
+
+def count_delivery(ledger: Ledger, task_id: str, max_deliveries: int) -> int:
+    """Count this delivery; a job whose workers were lost `max_deliveries` times in a row fails."""
+    deliveries = ledger.count_delivery(task_id)
+    if deliveries > max_deliveries:
+        raise WorkerLost(f"worker lost {deliveries - 1} times")
+    return deliveries
+
+
+def set_aside_if_paused(task, ledger: Ledger, job: Job, task_id: str, message: dict, queue: str) -> None:
+    """A job of a paused batch is set aside in Redis, not started and not lost (`lorafleet resume`
+    sends it again under this task id): the delivery ends here, as PAUSED."""
+    if ledger.set_aside_if_paused(job.batch, task_id, message, queue):
+        JOBS.labels("paused").inc()
+        log.info("%s: %s set aside: batch %s is paused", task.worker, job.key[:12], job.batch)
+        task.update_state(state=TaskState.PAUSED, meta=PausedReport(key=job.key, batch=job.batch).model_dump())
+        raise Ignore()
+
+
+def refuse_if_cancelled(ledger: Ledger, batch: str | None, task_id: str, step: str = "") -> None:
+    """Raise JobCancelled if the job or its batch was cancelled (`step`: where a render stopped)."""
+    if ledger.is_cancelled(batch, task_id):
+        what = f"batch {batch}" if ledger.is_cancelled(batch) else "the job"
+        raise JobCancelled(f"{what} was cancelled{step}")
+
+
+@dataclass
+class Outcome:
+    """How a delivery is going, for `accounting`: its job's key once known, and whether its
+    frames went to the background upload (which then reports the job's end)."""
+
+    key: str = "?" * 12
+    handed_off: bool = False
+
+
+@contextmanager
+def accounting(task, task_id: str) -> Iterator[Outcome]:
+    """However the delivery ends, one metric and one log line, and the exception Celery should see:
+    a lost lease is ignored (the delivery that took the job over reports it), store and network
+    trouble is retried by Celery with the project's back-off, anything else fails the job (a
+    known failure as one line, an unknown one with its traceback)."""
+    outcome = Outcome()
+    try:
+        yield outcome
+    except Ignore:
+        raise
+    except LeaseLost as exc:
+        JOBS.labels("lease_lost").inc()
+        log.warning("%s: %s: %s", task.worker, outcome.key[:12], exc)
+        raise Ignore() from exc
+    except RETRYABLE as exc:
+        JOBS.labels("retried").inc()
+        attempt, attempts = task.request.retries + 1, task.max_retries + 1
+        log.warning("%s: %s: %s (attempt %d of %d)", task.worker, outcome.key[:12], exc, attempt, attempts)
+        raise task.retry_later(exc) from exc
+    except BaseException as exc:
+        report_failure(task.worker, outcome.key, exc)
+        raise
+    finally:
+        STEP.set(0)
+        STEPS.set(0)
+        task.health.job = None
+        if not outcome.handed_off:  # however it ended, its worker was not lost
+            task.ledger.delivered_cleanly(task_id)
+
+
+def report_failure(worker: str, key: str, exc: BaseException, while_doing: str = "") -> None:
+    """A job's failure, counted and logged once: cancelled or failed; known (one line) or not (traceback)."""
+    JOBS.labels("cancelled" if isinstance(exc, JobCancelled) else "failed").inc()
+    if isinstance(exc, LorafleetError):
+        log.error("%s: %s failed: %s", worker, key[:12], exc)
+    elif isinstance(exc, Exception):
+        log.exception("%s: %s failed with an unexpected error%s", worker, key[:12], while_doing)
+
+
+def progress_reporter(task, lease: Lease, job: Job, task_id: str | None = None, health=None):
+    """The per-step callback of a render: stop at once when the lease is lost; every
+    PROGRESS_INTERVAL_S, stop if the job or its batch was cancelled, else report the step. The
+    report is fenced too, so a worker waking from a pause never overwrites the result of the
+    delivery that took its job over. The step and the seconds per step go to the worker's
+    heartbeat (`top`)."""
+    last_report = 0.0
+    first_step_at = None
+
+    def progress(step: int, steps: int) -> None:
+        nonlocal last_report, first_step_at
+        lease.check()
+        STEP.set(step)
+        STEPS.set(steps)
+        now = time.monotonic()
+        first_step_at = first_step_at or now
+        if health is not None and health.job is not None:
+            pace = (now - first_step_at) / (step - 1) if step > 1 else None
+            health.job = {**health.job, "step": step, "steps": steps, "step_s": pace}
+        if step == steps or now - last_report >= PROGRESS_INTERVAL_S:
+            last_report = now
+            refuse_if_cancelled(lease.ledger, job.batch, task_id, f" (stopped at step {step} of {steps})")
+            lease.confirm()
+            report = ProgressReport(key=job.key, step=step, steps=steps, worker=task.worker)
+            task.update_state(state=TaskState.PROGRESS, meta=report.model_dump())
+
+    return progress
