@@ -12,7 +12,7 @@ DEVICE ?=
 SWEEP ?= examples/sweep.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo submit sweep worker workers test lint clean
+.PHONY: install browser demo submit sweep worker workers test test-producer lint clean
 
 install: $(VENV)/.installed
 
@@ -53,12 +53,27 @@ sweep: install
 workers: install
 	$(BIN)/lorafleet workers --gpus $(GPUS)
 
-test: install browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Everything: first the unit tier on a producer-only install (no torch, as a producer host has;
+# about 15 s once installed), then the whole suite on the full install, PYTEST_WORKERS at a time
+# (pytest-xdist: most tests wait on workers, Redis and timeouts, so more than the cores pays).
+PYTEST_WORKERS ?= 4
+test: install browser test-producer
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+PRODUCER_VENV := .venv-producer
+$(PRODUCER_VENV)/.installed: pyproject.toml docker/constraints.txt
+	test -x $(PRODUCER_VENV)/bin/python || $(PYTHON) -m venv $(PRODUCER_VENV)
+	@echo "installing lorafleet without the worker extra (no torch) into $(PRODUCER_VENV)"
+	$(PRODUCER_VENV)/bin/pip install --progress-bar off -q -c docker/constraints.txt -e ".[report,test]"
+	touch $@
+
+# The unit tier as a producer host can run it: the tests that need torch are not collected or skip.
+test-producer: $(PRODUCER_VENV)/.installed
+	$(PRODUCER_VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/hadolint docker/worker.Dockerfile docker/producer.Dockerfile
 
 clean:
-	rm -rf $(VENV) demo results .pytest_cache
+	rm -rf $(VENV) $(PRODUCER_VENV) demo results .pytest_cache

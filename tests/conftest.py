@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny model, a private redis-server, real worker processes, a store."""
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -17,6 +18,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for _name in [name for name in os.environ if name.startswith("LORAFLEET_")]:
     del os.environ[_name]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A producer-only install (no torch: `make test-producer`) runs every test that needs no render stack.
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+TORCH_FIXTURES = {"tiny", "tiny_kinds", "fleet_env", "start_worker"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without torch, skip the tests that need the render stack: marked `torch`, or using the tiny
+    model or real workers (a test module that imports torch at its top is not collected: tests/unit/conftest.py)."""
+    if HAS_TORCH:
+        return
+    skip = pytest.mark.skip(reason="needs torch (the worker extra)")
+    for item in items:
+        if item.get_closest_marker("torch") or TORCH_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +94,9 @@ def start_worker(tmp_path):
     """Start real `lorafleet worker --device cpu` processes; each is stopped after the test."""
     started = []
 
-    def start(env: dict, name: str | None = None, flags: tuple[str, ...] = (), module: str = "lorafleet"):
+    def start(env: dict, name: str | None = None, flags: tuple[str, ...] = ()):
         log_path = str(tmp_path / f"{name or f'worker{len(started)}'}.log")
-        process = spawn_worker(["--device", "cpu", *flags], env, log_path, module)
+        process = spawn_worker(["--device", "cpu", *flags], env, log_path)
         started.append(process)
         wait_until_ready(process, log_path, timeout_s=120)
         process.log_path = log_path
@@ -89,6 +104,9 @@ def start_worker(tmp_path):
         return process
 
     yield start
+    for process in started:  # every worker told at once: their warm shutdowns overlap
+        if process.poll() is None:
+            process.terminate()
     for process in started:
         stop_worker(process, timeout_s=30)
 

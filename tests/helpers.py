@@ -45,16 +45,43 @@ def render_records(log_paths) -> dict[str, int]:
     return counts
 
 
-def prepare_job(obj: dict, where: str, model, resolver) -> list[dict]:
-    """Check, expand and finish one job object as submit does; raises JobError with every problem."""
-    from common.errors import AdapterError, JobError
-    from common.job import check_job, expand_job, finish_job
+def resolver_for(store=None):
+    """An AdapterResolver under the default settings' read policy."""
+    from common.jobs_file import AdapterResolver
+    from common.settings import Settings
 
-    job, errors = check_job(obj, where, model)
+    return AdapterResolver.from_settings(Settings(), store)
+
+
+def default_policy(**changes):
+    """The default settings' read policy, with `changes`."""
+    import dataclasses
+
+    from common.reading import ReadPolicy
+    from common.settings import Settings
+
+    return dataclasses.replace(ReadPolicy.from_settings(Settings()), **changes)
+
+
+def default_limits():
+    """The default settings' job limits."""
+    from common.jobs_file import JobLimits
+    from common.settings import Settings
+
+    return JobLimits.from_settings(Settings())
+
+
+def prepare_job(obj: dict, where: str, model, resolver=None) -> list:
+    """Check, expand and resolve one job object as submit does (its Jobs); raises JobError with every problem."""
+    from common.errors import AdapterError, JobError
+    from common.jobs_file import check_job, expand_job, resolve_job
+
+    spec, errors = check_job(obj, where, model, default_limits().max_video_pixels)
     if errors:
         raise JobError("\n".join(errors))
+    resolver = resolver or resolver_for()
     try:
-        return [finish_job(one, model, resolver) for one in expand_job(job)]
+        return [resolve_job(spec, scale, seed, model, resolver) for scale, seed in expand_job(spec)]
     except AdapterError as exc:
         raise JobError(f"{where}: {exc}") from None
 
@@ -71,5 +98,35 @@ def plant_batch(store, name: str, keys: list[str], status: str = "done") -> None
         for suffix in ("mp4", "png", "json"):
             store.write_bytes(video_path(key, suffix), b"\0" * 1000)
     batch = Batch(name, entries)
-    batch.write_jobs(store, [{"key": key, "prompt": "a cat"} for key in keys])
+    batch.write_jobs(store, [planted_job(key) for key in keys])
     batch.write_manifest(store)
+
+
+def planted_job(key: str):
+    """A Job under a given key, as if submitted (its key is not its content's: nothing renders it)."""
+    from common.job import Job
+
+    return Job(key=key, prompt="a cat", lora_scale=1.0, seed=1, num_frames=9, height=16, width=16, steps=2,
+               guidance_scale=6.0, use_dynamic_cfg=False, fps=8, fuse=True)  # fmt: skip
+
+
+def write_lora(folder, seed: int = 0, rank: int = 2, width: int = 32) -> str:
+    """A LoRA adapter in diffusers' format written by hand (numpy, no torch): one block's attention
+    projections of a model `width` wide, as `folder/pytorch_lora_weights.safetensors`; returns the folder."""
+    import os
+    import struct
+
+    rng = np.random.default_rng(seed)
+    tensors, header, offset = [], {}, 0
+    for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+        for role, shape in (("lora_A", (rank, width)), ("lora_B", (width, rank))):
+            data = rng.standard_normal(shape).astype("<f4").tobytes()
+            name = f"transformer.transformer_blocks.0.attn1.{projection}.{role}.weight"
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+            tensors.append(data)
+            offset += len(data)
+    encoded = json.dumps(header).encode()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "pytorch_lora_weights.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded + b"".join(tensors))
+    return str(folder)

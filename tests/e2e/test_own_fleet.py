@@ -39,6 +39,7 @@ def run(line: str, env: dict, cwd, timeout: float = 240) -> tuple[int, str, floa
     return process.wait(timeout=timeout), "".join(output), warned_at
 
 
+@pytest.mark.timeout(900)  # a fresh venv installed from scratch, beside other tests
 def test_from_the_demo_to_your_own_fleet(tmp_path):
     """In the state `make demo` leaves (its ./demo and ./results), with port 6379 taken by another
     Redis, every line as written, with the exit code the README promises; nothing left untracked."""

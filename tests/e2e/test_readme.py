@@ -25,6 +25,7 @@ def test_readme_quickstart_lists_demo_and_test():
     assert quickstart_commands() == ["make demo", "make test"]
 
 
+@pytest.mark.timeout(900)  # a fresh venv installed from scratch, beside other tests
 def test_make_demo_ends_with_decodable_videos_from_a_fresh_install_without_apt(tmp_path):
     """`make install` into a new venv, then `make demo`, on a machine whose apt is busy (every call
     fails as a held lock fails): neither needs apt or a browser."""

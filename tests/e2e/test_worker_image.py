@@ -18,7 +18,7 @@ from tests.conftest import REPO, lorafleet
 from tests.helpers import decode_video, read_manifest
 from workers.supervisor import stop_worker, wait_until_ready
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # each builds an image's environment from scratch
 DOCKERFILE = os.path.join(REPO, "docker", "worker.Dockerfile")
 
 

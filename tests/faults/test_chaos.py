@@ -16,6 +16,7 @@ import pytest
 
 from lorafleet.redis_server import RedisServer
 from tests.helpers import decode_video, read_manifest, render_records
+from workers.supervisor import stop_worker
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 JOBS = 50
@@ -29,6 +30,7 @@ def test_fifty_jobs_survive_killed_workers_and_redis_restarts(fleet_env, start_w
     redis = RedisServer(directory=str(tmp_path / "redis"), appendonly=True)
     os.makedirs(redis.directory)
     redis.start()
+    workers = []
     try:
         env = {
             **fleet_env,
@@ -54,7 +56,7 @@ def test_fifty_jobs_survive_killed_workers_and_redis_restarts(fleet_env, start_w
                 for i in range(JOBS)
             )
         )
-        workers = [start_worker(env, f"w{i}") for i in range(3)]
+        workers.extend(start_worker(env, f"w{i}") for i in range(3))
         logs = [w.log_path for w in workers]
         submit = subprocess.Popen(
             [sys.executable, "-m", "lorafleet", "submit", str(jobs), "--wait", "--batch", "chaos"],
@@ -93,4 +95,8 @@ def test_fifty_jobs_survive_killed_workers_and_redis_restarts(fleet_env, start_w
         assert all(decode_video(e["video"]).shape == (9, 32, 32, 3) for e in done)
         assert twice == {}, twice
     finally:
+        for worker in workers:  # told while their Redis is up: a warm shutdown without it waits out its timeout
+            worker.terminate()
+        for worker in workers:
+            stop_worker(worker)
         redis.stop()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.gpu.conftest import needs_gpu
-from tests.helpers import decode_video, read_manifest, render_records
+from tests.helpers import decode_video, default_policy, read_manifest, render_records
 from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
 
 pytestmark = [
@@ -64,7 +64,8 @@ def test_variants_are_exact_on_the_gpu(tiny):
     from diffusers import CogVideoXTransformer3DModel
 
     from common.adapters import read_adapter
-    from workers.variants import AdapterCache, AdapterFiles, VariantEngine
+    from workers.adapter_cache import AdapterCache, AdapterFiles
+    from workers.variants import VariantEngine
 
     model = CogVideoXTransformer3DModel.from_pretrained(
         os.path.join(tiny["model"], "transformer"), dtype=torch.bfloat16
@@ -72,7 +73,8 @@ def test_variants_are_exact_on_the_gpu(tiny):
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
     engine = VariantEngine(model, 2**30)
     cache = AdapterCache(
-        AdapterFiles(os.path.join(os.path.dirname(tiny["model"]), "cache"), 2**30), 2**30, engine.layer_sizes()
+        AdapterFiles(os.path.join(os.path.dirname(tiny["model"]), "cache"), 2**30, default_policy()), 2**30,
+        engine.layer_sizes(),
     )
     adapters = {name: cache.get(*_url_and_hash(tiny[name], read_adapter)) for name in ("style", "subject")}
 
@@ -92,5 +94,5 @@ def test_variants_are_exact_on_the_gpu(tiny):
 
 
 def _url_and_hash(folder: str, read_adapter) -> tuple[str, str]:
-    found, _ = read_adapter(folder, None)
+    found, _ = read_adapter(folder, None, default_policy())
     return found.url, found.sha256

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.job import AdapterResolver
 from common.settings import Settings
 from tests.gpu.conftest import needs_gpu
-from tests.helpers import prepare_job
+from tests.helpers import prepare_job, resolver_for
 from workers.memory import PLAN_NAMES
 from workers.renderer import Renderer
 
@@ -33,7 +32,7 @@ def renders(tiny, tmp_path, plan: str) -> tuple[list[np.ndarray], Renderer]:
     out = []
     for job in jobs:
         (finished,) = prepare_job(
-            {**job, "steps": 4, "height": 32, "width": 32}, "gpu", renderer.info, AdapterResolver(None)
+            {**job, "steps": 4, "height": 32, "width": 32}, "gpu", renderer.info, resolver_for()
         )
         out.append(np.stack(renderer.render(finished)[0]))
     return out, renderer

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.job import AdapterResolver
 from common.settings import Settings
 from tests.gpu.conftest import needs_gpu
-from tests.helpers import prepare_job
+from tests.helpers import prepare_job, resolver_for
 from workers.fp8 import is_fp8
 from workers.renderer import Renderer, compiled_graphs
 
@@ -30,7 +29,7 @@ JOBS = [
 
 def render(renderer: Renderer, tiny, job: dict) -> np.ndarray:
     fields = {**job, "adapters": [tiny[name] for name in job.get("adapters", [])], "steps": 3}
-    (finished,) = prepare_job(fields, "gpu", renderer.info, AdapterResolver(None))
+    (finished,) = prepare_job(fields, "gpu", renderer.info, resolver_for())
     return np.stack(renderer.render(finished)[0])
 
 

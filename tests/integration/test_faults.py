@@ -12,11 +12,13 @@ import pytest
 import redis as redis_client
 from celery.result import AsyncResult
 
-from common.broker import TASK_NAME, make_app, queue_lists
+from common.broker import make_app
+from common.protocol import TASK_NAME, queue_lists
 from common.settings import Settings
 from lorafleet.redis_server import RedisServer
-from tests.conftest import lorafleet
+from tests.conftest import REPO, lorafleet
 from tests.helpers import decode_video, queued_messages, read_manifest, render_records
+from workers.supervisor import stop_worker
 
 pytestmark = pytest.mark.integration
 
@@ -81,16 +83,17 @@ def test_a_job_whose_worker_is_killed_completes_on_another_worker(fast_leases, s
 
 
 def test_a_poison_job_is_failed_after_max_deliveries_and_the_fleet_serves_on(fast_leases, start_worker):
-    env = {**fast_leases, "LORAFLEET_TEST_KILL_PROMPT": "poison", "LORAFLEET_MAX_DELIVERIES": "3"}
+    poisoned = os.pathsep.join([os.path.join(REPO, "tests", "poison"), REPO])  # tests/poison/sitecustomize.py
+    env = {**fast_leases, "LORAFLEET_TEST_KILL_PROMPT": "poison", "LORAFLEET_MAX_DELIVERIES": "3", "PYTHONPATH": poisoned}
     app = app_for(env)
     poison = app.send_task(TASK_NAME, args=[{"prompt": "poison", "seed": 1}])
-    worker = start_worker(env, module="tests.poison_worker")
+    worker = start_worker(env)
     deaths = 0
     deadline = time.monotonic() + 180
     while not poison.ready() and time.monotonic() < deadline:
         if worker.poll() is not None:
             deaths += 1
-            worker = start_worker(env, module="tests.poison_worker")
+            worker = start_worker(env)
         time.sleep(0.2)
     assert poison.state == "FAILURE", poison.state
     assert "worker lost 3 times" in str(poison.result)
@@ -105,11 +108,12 @@ def test_redis_restarts_that_lose_everything_lose_no_job(tiny, tmp_path, start_w
     redis = RedisServer(directory=str(tmp_path / "redis"), appendonly=False)
     os.makedirs(redis.directory)
     redis.start()
+    workers = []
     try:
         env = {**fleet_env, "LORAFLEET_REDIS_URL": redis.url, "LORAFLEET_LEASE_S": "3"}
         jobs = tmp_path / "jobs.jsonl"
         jobs.write_text("".join(json.dumps(long_job(seed, steps=120)) + "\n" for seed in range(8)))
-        workers = [start_worker(env), start_worker(env)]
+        workers.extend([start_worker(env), start_worker(env)])
         submit = subprocess.Popen(
             [sys.executable, "-m", "lorafleet", "submit", str(jobs), "--wait", "--batch", "restarts"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -128,6 +132,10 @@ def test_redis_restarts_that_lose_everything_lose_no_job(tiny, tmp_path, start_w
         counts = render_records([w.log_path for w in workers])
         assert len(counts) == 8 and set(counts.values()) == {1}, counts
     finally:
+        for worker in workers:  # told while their Redis is up: a warm shutdown without it waits out its timeout
+            worker.terminate()
+        for worker in workers:
+            stop_worker(worker)
         redis.stop()
 
 
@@ -196,9 +204,10 @@ def test_a_pickled_message_is_refused_and_the_worker_serves_on(fleet_env, start_
 def test_a_password_protected_redis(fleet_env, start_worker, tmp_path):
     with RedisServer(password="s3cret-pass") as redis:
         env = {**fleet_env, "LORAFLEET_REDIS_URL": redis.url}
-        start_worker(env)
+        worker = start_worker(env)
         result = submit_one({"prompt": "a cat", "seed": 1}, tmp_path, env, "--wait")
         assert result.returncode == 0, result.stdout + result.stderr
+        stop_worker(worker)  # while its Redis is up: a warm shutdown with Redis gone waits out its timeout
         wrong_password = {**env, "LORAFLEET_REDIS_URL": redis.url.replace("s3cret", "wrong")}
         wrong = submit_one({"prompt": "a cat", "seed": 2}, tmp_path, wrong_password)
         assert wrong.returncode == 3
@@ -274,9 +283,10 @@ def test_redis_over_tls_with_a_password(fleet_env, start_worker, tmp_path, tls_f
     with RedisServer(password="s3cret-pass", tls=tls_files) as redis:
         assert redis.url.startswith("rediss://:s3cret-pass@127.0.0.1:")
         env = {**fleet_env, "LORAFLEET_REDIS_URL": redis.url}
-        start_worker(env)
+        worker = start_worker(env)
         result = submit_one({"prompt": "a cat over TLS", "seed": 1}, tmp_path, env, "--wait")
         assert result.returncode == 0, result.stdout + result.stderr
+        stop_worker(worker)  # while its Redis is up
 
 
 def test_submit_wait_sends_again_a_job_found_nowhere(fleet_env, start_worker, tmp_path):

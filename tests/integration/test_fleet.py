@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.broker import TASK_NAME, make_app
+from common.broker import make_app
+from common.protocol import TASK_NAME
 from common.settings import Settings
 from tests.conftest import REPO, lorafleet
 from tests.helpers import decode_video, queued_messages, read_manifest, video_info

@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.broker import TASK_NAME, make_app
+from common.broker import make_app
+from common.protocol import TASK_NAME
 from common.settings import Settings
 from lorafleet.redis_server import free_port
 from tests.conftest import lorafleet

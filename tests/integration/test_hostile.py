@@ -12,10 +12,10 @@ import pytest
 from celery.result import AsyncResult
 
 from common.adapters import content_hash
-from common.job import AdapterResolver, job_from_message
+from common.jobs_file import job_from_message
 from common.model import model_info
 from tests.conftest import lorafleet
-from tests.helpers import read_manifest, render_records
+from tests.helpers import default_limits, read_manifest, render_records, resolver_for
 from tests.integration.test_faults import app_for, long_job, progress_of, submit_one, wait_for
 from tests.unit.test_corpus import CORPUS
 
@@ -48,7 +48,7 @@ def metadata(env: dict, key: str) -> dict:
 def test_a_forged_key_is_refused_and_the_real_job_still_renders(fleet_env, start_worker, tiny, tmp_path):
     start_worker(fleet_env)
     real = {"prompt": "a red fox in the snow", "seed": 1}
-    real_key = job_from_message(real, model_info(tiny["model"]), AdapterResolver(None))["key"]
+    real_key = job_from_message(real, model_info(tiny["model"]), resolver_for(), default_limits().max_video_pixels).key
     forged = app_for(fleet_env).send_task(
         "lorafleet.render", args=[{"prompt": "something else entirely", "seed": 1, "key": real_key}]
     )

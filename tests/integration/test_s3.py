@@ -72,8 +72,8 @@ def test_submit_wait_with_an_s3_store(s3_env, start_worker, tmp_path, tiny):
     assert result.returncode == 0, result.stdout + result.stderr
 
     # The S3 adapter was downloaded once for this host, into the adapter cache, by content hash.
-    cached = os.listdir(env["LORAFLEET_ADAPTER_CACHE_DIR"])
-    assert len(cached) == 2 and all(len(name) == 64 for name in cached)  # style (S3) and subject (store)
+    cached = os.listdir(env["LORAFLEET_ADAPTER_CACHE_DIR"])  # <sha256>.safetensors: kept by content, not path
+    assert len(cached) == 2 and all(len(name.removesuffix(".safetensors")) == 64 for name in cached)  # style (S3), subject (store)
 
     manifest = s3.get_object(Bucket=BUCKET, Key="runs/batches/s3/manifest.jsonl")["Body"].read().decode()
     entries = [json.loads(line) for line in manifest.splitlines()]

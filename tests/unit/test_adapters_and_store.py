@@ -6,12 +6,13 @@ import time
 
 import pytest
 
-from common.adapters import WEIGHTS_NAME, ReadPolicy, candidate_urls, read_adapter
+from common.adapters import WEIGHTS_NAME, candidate_urls, read_adapter
 from common.errors import AdapterError, JobFileError, LorafleetError, StoreError
-from common.job import AdapterResolver, load_jobs
+from common.jobs_file import load_jobs
 from common.manifest import check_batch_name
 from common.model import model_info
 from common.store import Store
+from tests.helpers import default_limits, default_policy, resolver_for
 
 pytestmark = pytest.mark.unit
 
@@ -19,18 +20,18 @@ pytestmark = pytest.mark.unit
 def test_folder_file_and_store_relative_paths_resolve_to_one_hash(tmp_path, tiny):
     store = Store(str(tmp_path / "store"))
     shutil.copytree(tiny["style"], tmp_path / "store" / "adapters" / "style")
-    by_folder, _ = read_adapter(tiny["style"], store)
-    by_file, _ = read_adapter(os.path.join(tiny["style"], WEIGHTS_NAME), store)
-    by_store, _ = read_adapter("adapters/style", store)
-    by_url, _ = read_adapter("file://" + tiny["style"], store)
+    by_folder, _ = read_adapter(tiny["style"], store, default_policy())
+    by_file, _ = read_adapter(os.path.join(tiny["style"], WEIGHTS_NAME), store, default_policy())
+    by_store, _ = read_adapter("adapters/style", store, default_policy())
+    by_url, _ = read_adapter("file://" + tiny["style"], store, default_policy())
     assert by_folder.sha256 == by_file.sha256 == by_store.sha256 == by_url.sha256
     assert by_store.url == str(tmp_path / "store" / "adapters" / "style" / WEIGHTS_NAME)
     assert any(name.endswith("attn1.to_q.lora_A.weight") for name in by_folder.tensors)
 
 
 def test_alpha_from_metadata(tiny):
-    subject, _ = read_adapter(tiny["subject"], None)
-    style, _ = read_adapter(tiny["style"], None)
+    subject, _ = read_adapter(tiny["subject"], None, default_policy())
+    style, _ = read_adapter(tiny["style"], None, default_policy())
     assert subject.metadata_alpha() == 1.0
     assert style.metadata_alpha() is None
 
@@ -47,7 +48,7 @@ def test_non_safetensors_files_are_refused(tmp_path, content, message):
     path = tmp_path / "adapter.safetensors"
     path.write_bytes(content)
     with pytest.raises(AdapterError, match=message):
-        read_adapter(str(path), None)
+        read_adapter(str(path), None, default_policy())
 
 
 def test_truncated_file_is_refused(tmp_path, tiny):
@@ -55,7 +56,7 @@ def test_truncated_file_is_refused(tmp_path, tiny):
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(AdapterError, match="truncated"):
-        read_adapter(str(path), None)
+        read_adapter(str(path), None, default_policy())
 
 
 def test_hub_ids_are_candidates_after_local_and_store(tmp_path):
@@ -89,7 +90,7 @@ def test_the_url_policy_refuses_outside_its_schemes_and_roots_without_reading(tm
     inside = tmp_path / "allowed"
     shutil.copytree(tiny["style"], inside / "style")
     os.symlink(tiny["style"], inside / "escape")  # a link inside a root to a folder outside it
-    policy = ReadPolicy(roots=(str(inside),))
+    policy = default_policy(roots=(str(inside),))
     assert read_adapter(str(inside / "style"), store, policy)[0].sha256
     assert read_adapter("adapters/style", store, policy)[0].sha256  # the store is always allowed
     for outside in (tiny["style"], str(inside / "escape"), "/etc/passwd", "/no/such/file", "http://127.0.0.1:9/a"):
@@ -101,12 +102,12 @@ def test_the_url_policy_refuses_outside_its_schemes_and_roots_without_reading(tm
         assert not policy.allows(outside, store), outside
     assert policy.allows(f"FILE://{inside}/style/{WEIGHTS_NAME}", store)
     assert not policy.allows("s3://bucket/prefix/k::file:///etc/passwd", s3_store)
-    assert not ReadPolicy().allows("s3://b/k::file:///etc/passwd") and ReadPolicy().allows("S3://b/k")
+    assert not default_policy().allows("s3://b/k::file:///etc/passwd") and default_policy().allows("S3://b/k")
 
 
 def test_an_adapter_over_the_size_limit_is_not_read(tiny):
     with pytest.raises(AdapterError, match=r"is larger than 0 MiB \(LORAFLEET_MAX_ADAPTER_MB\): not read"):
-        read_adapter(tiny["style"], None, ReadPolicy(max_bytes=100))
+        read_adapter(tiny["style"], None, default_policy(max_bytes=100))
 
 
 def test_an_unreachable_hub_is_asked_once_briefly(monkeypatch):
@@ -118,7 +119,7 @@ def test_an_unreachable_hub_is_asked_once_briefly(monkeypatch):
     started = time.monotonic()
     for _ in range(3):
         with pytest.raises(AdapterError, match='adapter "someone/some-adapter" not found'):
-            read_adapter("someone/some-adapter", None)
+            read_adapter("someone/some-adapter", None, default_policy())
     assert time.monotonic() - started < 6
 
 
@@ -126,11 +127,11 @@ def test_a_fifo_is_refused_at_submit_without_blocking(tmp_path, tiny):
     fifo = tmp_path / "adapter.safetensors"
     os.mkfifo(fifo)
     with pytest.raises(AdapterError, match="is not a regular file"):
-        read_adapter(str(fifo), None)
+        read_adapter(str(fifo), None, default_policy())
     jobs = tmp_path / "jobs.jsonl"
     os.mkfifo(jobs)
     with pytest.raises(JobFileError, match="not a regular file"):
-        load_jobs(str(jobs), lambda alias: model_info(tiny["model"]), AdapterResolver(None))
+        load_jobs(str(jobs), lambda alias: model_info(tiny["model"]), resolver_for(), default_limits())
 
 
 @pytest.mark.parametrize("name", ["a\nb", "\x1b[31mred", "x" * 10_000, "../up", "", ".hidden", 7])

@@ -2,14 +2,16 @@
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
 from common.errors import JobFileError
-from common.job import AdapterResolver, JobLimits, load_jobs
+from common.jobs_file import load_jobs
 from common.model import model_info
 from common.store import Store
 from tests.conftest import REPO
+from tests.helpers import default_limits, resolver_for
 
 pytestmark = pytest.mark.unit
 CORPUS = os.path.join(REPO, "tests", "corpus")
@@ -21,8 +23,8 @@ def errors_for(path: str, tiny, tmp_path, max_jobs: int = 100_000) -> list[str]:
         load_jobs(
             path,
             lambda alias: model_info(tiny["model"]),
-            AdapterResolver(Store(str(tmp_path / "store"))),
-            JobLimits(max_jobs=max_jobs),
+            resolver_for(Store(str(tmp_path / "store"))),
+            replace(default_limits(), max_jobs=max_jobs),
         )
     return raised.value.errors
 

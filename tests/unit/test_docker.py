@@ -55,6 +55,7 @@ def torch_floor_violations(torch_version: str) -> list[str]:
     return found
 
 
+@pytest.mark.torch  # the suite's own torch
 def test_one_torch_for_the_suite_the_images_and_the_makefile():
     pinned = constraints()["torch"]
     assert Version(version("torch")).public == pinned  # the suite runs the torch the image installs
@@ -65,6 +66,7 @@ def test_one_torch_for_the_suite_the_images_and_the_makefile():
     assert "grep -m1 '^torch==' \"$here/constraints.txt\"" in read("install-python.sh")
 
 
+@pytest.mark.torch  # the floors of the installed diffusers and transformers
 def test_the_pinned_torch_meets_every_dependencys_floor():
     pinned = constraints()["torch"]
     assert torch_floor_violations(pinned) == []

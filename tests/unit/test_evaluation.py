@@ -13,7 +13,7 @@ from common.evaluation import ssim, temporal_ssim
 from common.settings import Settings
 from common.store import Store, video_path
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.torch]  # the worker's evaluator
 KEY = "ab" * 32
 
 

@@ -10,9 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from common.adapters import WEIGHTS_NAME
 from common.errors import JobError
-from common.job import AdapterResolver
 from common.settings import Settings
-from tests.helpers import prepare_job
+from tests.helpers import prepare_job, resolver_for
 from workers.renderer import Renderer
 
 pytestmark = pytest.mark.unit
@@ -26,7 +25,7 @@ def renderer(tiny, tmp_path_factory):
 
 def job(renderer, adapters, **fields) -> dict:
     base = {"prompt": "waves crash against dark rocks", "seed": 3, "steps": 6, "adapters": adapters, **fields}
-    (finished,) = prepare_job(base, "line 1", renderer.info, AdapterResolver(None))
+    (finished,) = prepare_job(base, "line 1", renderer.info, resolver_for())
     return finished
 
 

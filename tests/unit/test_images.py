@@ -57,8 +57,8 @@ def test_what_is_no_image_is_refused_naming_it():
 
 def test_the_image_cache_counts_bytes_not_images():
     pytest.importorskip("torch")
+    from workers.lru import LRU
     from workers.renderer import IMAGE_CACHE_BYTES
-    from workers.variants import LRU
 
     cache = LRU(IMAGE_CACHE_BYTES, size=decoded_bytes)
     for number in range(16):  # 16 images of 8192², 201 MB each decoded: 3.2 GB if counted by number

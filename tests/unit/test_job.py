@@ -5,15 +5,16 @@ import math
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 
-from common.adapters import ReadPolicy
 from common.errors import JobError, JobFileError
-from common.job import AdapterResolver, check_job, expand_job, job_from_message, job_key, load_jobs
+from common.job import Job, JobContent, ResolvedAdapter, ResolvedImage, job_key
+from common.jobs_file import AdapterResolver, check_job, expand_job, job_from_message, load_jobs
 from common.model import ModelInfo
 from common.store import Store
-from tests.helpers import prepare_job
+from tests.helpers import default_limits, default_policy, prepare_job, resolver_for, write_lora
 
 pytestmark = pytest.mark.unit
 
@@ -21,6 +22,9 @@ MODEL = ModelInfo(
     ref="/models/tiny", scheduler="CogVideoXDPMScheduler", num_frames=9, height=16, width=16,
     frame_step=8, size_step=16, max_text_tokens=16,
 )  # fmt: skip
+
+
+PIXELS = 100_000_000  # LORAFLEET_MAX_VIDEO_PIXELS' default
 
 
 def model_for(alias):
@@ -35,22 +39,22 @@ def write_jobs(tmp_path, *lines) -> str:
 
 def errors_of(tmp_path, *lines) -> list[str]:
     with pytest.raises(JobFileError) as raised:
-        load_jobs(write_jobs(tmp_path, *lines), model_for, AdapterResolver(Store(str(tmp_path / "store"))))
+        load_jobs(write_jobs(tmp_path, *lines), model_for, resolver_for(Store(str(tmp_path / "store"))), default_limits())
     return raised.value.errors
 
 
 def test_defaults_fill_in_from_design_and_model():
-    job, errors = check_job({"prompt": "a cat", "seed": 5}, "line 1", MODEL)
+    job, errors = check_job({"prompt": "a cat", "seed": 5}, "line 1", MODEL, PIXELS)
     assert errors == []
-    assert (job["num_frames"], job["height"], job["width"]) == (9, 16, 16)
-    assert (job["steps"], job["guidance_scale"], job["fps"], job["fuse"], job["use_dynamic_cfg"]) == (
+    assert (job.num_frames, job.height, job.width) == (9, 16, 16)
+    assert (job.steps, job.guidance_scale, job.fps, job.fuse, job.use_dynamic_cfg) == (
         50,
         6.0,
         8,
         True,
         False,
     )
-    assert job["adapters"] == [] and job["negative_prompt"] == "" and job["lora_scale"] == [1.0]
+    assert job.adapters == [] and job.negative_prompt == "" and job.lora_scale == [1.0]
 
 
 def test_unknown_field_names_line_and_suggests(tmp_path):
@@ -87,7 +91,7 @@ def test_every_bad_line_is_reported_at_once(tmp_path):
 
 def test_infinite_and_huge_values_are_refused():
     for field, value in (("lora_scale", math.inf), ("guidance_scale", -math.inf), ("seed", 2**70), ("width", 10**9)):
-        _, errors = check_job({"prompt": "x", field: value}, "line 1", MODEL)
+        _, errors = check_job({"prompt": "x", field: value}, "line 1", MODEL, PIXELS)
         assert len(errors) == 1 and errors[0].startswith(f"line 1: {field}:"), errors
 
 
@@ -103,26 +107,30 @@ def test_empty_file_is_an_error(tmp_path):
 
 
 def test_lists_expand_and_missing_seed_is_drawn_once():
-    job, errors = check_job({"prompt": "x", "lora_scale": [0, 0.5, 1], "seed": [1, 2]}, "line 1", MODEL)
+    job, errors = check_job({"prompt": "x", "lora_scale": [0, 0.5, 1], "seed": [1, 2]}, "line 1", MODEL, PIXELS)
     assert not errors
     expanded = expand_job(job)
-    assert [(j["lora_scale"], j["seed"]) for j in expanded] == [(s, seed) for s in (0.0, 0.5, 1.0) for seed in (1, 2)]
+    assert expanded == [(s, seed) for s in (0.0, 0.5, 1.0) for seed in (1, 2)]
 
-    job, _ = check_job({"prompt": "x", "lora_scale": [0, 1]}, "line 1", MODEL)
-    seeds = {j["seed"] for j in expand_job(job)}
+    job, _ = check_job({"prompt": "x", "lora_scale": [0, 1]}, "line 1", MODEL, PIXELS)
+    seeds = {seed for _, seed in expand_job(job)}
     assert len(seeds) == 1  # one draw for the whole line, written into every job
 
 
 @pytest.fixture
-def adapter_file(tmp_path, tiny):
-    folder = tmp_path / "adapters" / "style"
-    shutil.copytree(tiny["style"], folder)
-    return str(folder)
+def adapter_file(tmp_path):
+    return write_lora(tmp_path / "adapters" / "style", seed=1)
+
+
+@pytest.fixture
+def loras(tmp_path) -> dict:
+    """Two adapters written by hand (no torch), as `tiny` names its two."""
+    return {name: write_lora(tmp_path / "loras" / name, seed=i) for i, name in enumerate(("style", "subject"))}
 
 
 def key_of(job: dict, tmp_path) -> str:
-    (finished,) = prepare_job(job, "line 1", MODEL, AdapterResolver(Store(str(tmp_path / "store"))))
-    return finished["key"]
+    (finished,) = prepare_job(job, "line 1", MODEL, resolver_for(Store(str(tmp_path / "store"))))
+    return finished.key
 
 
 def test_key_is_stable_and_ignores_id_and_adapter_path(tmp_path, adapter_file):
@@ -135,9 +143,9 @@ def test_key_is_stable_and_ignores_id_and_adapter_path(tmp_path, adapter_file):
     assert key == key_of({**job, "adapters": [{"uri": moved, "weight": 0.7, "name": "renamed"}]}, tmp_path)
 
 
-def test_adapter_order_does_not_change_the_key(tmp_path, tiny):
-    a = {"uri": tiny["style"], "weight": 0.5}
-    b = {"uri": tiny["subject"], "weight": 1.0}
+def test_adapter_order_does_not_change_the_key(tmp_path, loras):
+    a = {"uri": loras["style"], "weight": 0.5}
+    b = {"uri": loras["subject"], "weight": 1.0}
     assert key_of({"prompt": "x", "seed": 1, "adapters": [a, b]}, tmp_path) == key_of(
         {"prompt": "x", "seed": 1, "adapters": [b, a]}, tmp_path
     )
@@ -159,47 +167,76 @@ def test_every_decisive_field_changes_the_key(tmp_path, adapter_file, change):
     assert key_of(job, tmp_path) != key_of({**job, **change}, tmp_path)
 
 
-def test_model_identity_is_part_of_the_key():
-    job = {"prompt": "x", "seed": 1, "adapters": [], "lora_scale": 1.0}
-    job, _ = check_job(job, "line 1", MODEL)
-    (job,) = expand_job(job)
+def test_model_identity_is_part_of_the_key(tmp_path):
+    (job,) = prepare_job({"prompt": "x", "seed": 1, "adapters": [], "lora_scale": 1.0}, "line 1", MODEL)
     other = ModelInfo(**{**MODEL.__dict__, "ref": "/models/other"})
     assert job_key(job, MODEL) != job_key(job, other)
 
 
-def test_at_lora_scale_zero_every_adapter_combination_shares_the_base_key(tmp_path, tiny):
+FIVE_B = ModelInfo("THUDM/CogVideoX-5b", "CogVideoXDPMScheduler", 49, 480, 720, 8, 16, 226)
+FIVE_B_I2V = ModelInfo("THUDM/CogVideoX-5b-I2V", "CogVideoXDPMScheduler", 49, 480, 720, 8, 16, 226, takes_image=True)
+RENDER = dict(num_frames=49, height=480, width=720, steps=50, guidance_scale=6.0, use_dynamic_cfg=False, fps=8, fuse=True)
+
+
+@pytest.mark.parametrize(
+    "fields, model, key",
+    [
+        ({"prompt": "a cat", "seed": 1, "lora_scale": 1.0}, FIVE_B,
+         "f466e3e244f99be5167f51f0d3436860d33729e68732b789bd51cef989988167"),  # 6bc2f52's: before images existed
+        ({"prompt": "a cat", "seed": 7, "lora_scale": 0.5, "adapters": (
+            ResolvedAdapter(uri="s3://loras/style", weight=0.7, alpha=64.0, url="s3://loras/style/w.safetensors",
+                            sha256="ab" * 32),
+            ResolvedAdapter(uri="s3://loras/subject", name="subject", url="s3://loras/subject/w.safetensors",
+                            sha256="cd" * 32))}, FIVE_B,
+         "f7c0283d37edf7e8ed54d56579b02c7f4e08d2610db7e5781b6c77fa916dd8d1"),
+        ({"prompt": "a cat", "seed": 1, "lora_scale": 1.0,
+          "image": ResolvedImage(uri="inputs/cat.png", url="/data/inputs/cat.png", sha256="ef" * 32)}, FIVE_B_I2V,
+         "5d81b38cd9db2300eb864bf70bea1f50f629f4a334b2cce6cf2798e59b52492a"),
+    ],
+    ids=["t2v", "t2v-two-adapters", "i2v"],
+)  # fmt: skip
+def test_keys_stay_what_they_were(fields, model, key):
+    """Keys computed by 1dbe2e3's dict code: the typed Job keys every stored video as before, so
+    nothing in a store is rendered again (paths, names and ids do not enter the key)."""
+    job = Job.keyed(JobContent(**fields, **RENDER), model)
+    assert job.key == key
+    assert Job.model_validate(job.message()) == job  # the wire round trip keeps the job whole
+    assert job_key(job, replace(model, precision="fp8")) != key  # fp8 renders other pixels
+
+
+def test_at_lora_scale_zero_every_adapter_combination_shares_the_base_key(tmp_path, loras):
     base = key_of({"prompt": "x", "seed": 1, "lora_scale": 0}, tmp_path)
-    assert base == key_of({"prompt": "x", "seed": 1, "lora_scale": 0, "adapters": [tiny["style"]]}, tmp_path)
+    assert base == key_of({"prompt": "x", "seed": 1, "lora_scale": 0, "adapters": [loras["style"]]}, tmp_path)
     assert base == key_of(
-        {"prompt": "x", "seed": 1, "lora_scale": 0, "adapters": [tiny["subject"], tiny["style"]]}, tmp_path
+        {"prompt": "x", "seed": 1, "lora_scale": 0, "adapters": [loras["subject"], loras["style"]]}, tmp_path
     )
-    assert base != key_of({"prompt": "x", "seed": 1, "lora_scale": 0.5, "adapters": [tiny["style"]]}, tmp_path)
+    assert base != key_of({"prompt": "x", "seed": 1, "lora_scale": 0.5, "adapters": [loras["style"]]}, tmp_path)
 
 
 def test_a_message_key_is_always_derived_from_its_content(tmp_path, adapter_file):
     """Whoever can write to Redis is a client: a message's key is checked, never trusted."""
-    resolver = AdapterResolver(Store(str(tmp_path / "store")))
+    resolver = resolver_for(Store(str(tmp_path / "store")))
     message = {"prompt": "a cat", "seed": 3, "adapters": [adapter_file]}
-    derived = job_from_message(message, MODEL, resolver)
-    assert job_from_message({**message, "key": derived["key"]}, MODEL, resolver)["key"] == derived["key"]
+    derived = job_from_message(message, MODEL, resolver, PIXELS)
+    assert job_from_message({**message, "key": derived.key}, MODEL, resolver, PIXELS).key == derived.key
     forged = "0" * 64
-    with pytest.raises(JobError, match=f"the message says {forged} but its content hashes to {derived['key']}"):
-        job_from_message({**message, "key": forged}, MODEL, resolver)
+    with pytest.raises(JobError, match=f"the message says {forged} but its content hashes to {derived.key}"):
+        job_from_message({**message, "key": forged}, MODEL, resolver, PIXELS)
     # A producer's message names each adapter's file and hash: the key follows the hash it names.
-    producer_style = {**message, "adapters": derived["adapters"], "key": derived["key"]}
-    assert job_from_message(producer_style, MODEL, resolver)["key"] == derived["key"]
-    other_hash = [{**derived["adapters"][0], "sha256": "f" * 64}]
+    producer_style = derived.message()
+    assert job_from_message(producer_style, MODEL, resolver, PIXELS) == derived
+    other_hash = [{**producer_style["adapters"][0], "sha256": "f" * 64}]
     with pytest.raises(JobError, match="but its content hashes to"):
-        job_from_message({**producer_style, "adapters": other_hash}, MODEL, resolver)
+        job_from_message({**producer_style, "adapters": other_hash}, MODEL, resolver, PIXELS)
 
 
 def test_a_message_naming_a_file_outside_the_policy_is_refused(tmp_path):
-    resolver = AdapterResolver(None, ReadPolicy(schemes=("s3",)))
+    resolver = AdapterResolver(None, default_policy(schemes=("s3",)))
     adapter = {"uri": "x", "url": "/etc/passwd", "sha256": "a" * 64}
     with pytest.raises(JobError, match="outside the allowed locations"):
-        job_from_message({"prompt": "x", "seed": 1, "adapters": [adapter]}, MODEL, resolver)
+        job_from_message({"prompt": "x", "seed": 1, "adapters": [adapter]}, MODEL, resolver, PIXELS)
     with pytest.raises(JobError, match="job: batch: batch name"):
-        job_from_message({"prompt": "x", "seed": 1, "batch": "a\nb"}, MODEL, resolver)
+        job_from_message({"prompt": "x", "seed": 1, "batch": "a\nb"}, MODEL, resolver, PIXELS)
 
 
 def test_a_file_asking_for_millions_of_jobs_is_refused_before_any_is_built(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.helpers import default_limits, resolver_for
 
 pytestmark = pytest.mark.unit
 K8S = os.path.join(REPO, "deploy", "k8s")
@@ -253,7 +254,7 @@ def test_the_examples_jobs_file_and_sweep_spec_load_as_lorafleet_loads_them(tiny
     with the spec's store-relative adapter planted in a store), not only YAML's."""
     import shutil
 
-    from common.job import AdapterResolver, load_jobs
+    from common.jobs_file import load_jobs
     from common.model import model_info
     from common.store import Store
     from common.sweep_spec import load_sweep
@@ -262,7 +263,7 @@ def test_the_examples_jobs_file_and_sweep_spec_load_as_lorafleet_loads_them(tiny
     shutil.copytree(tiny["style"], tmp_path / "store" / "adapters" / "style")
     monkeypatch.chdir(tmp_path)  # store-relative paths are not read from the checkout
     model_for = lambda alias: model_info(tiny["model"])  # noqa: E731
-    jobs = load_jobs(os.path.join(EXAMPLES, "prompts.jsonl"), model_for, AdapterResolver(store))
-    assert [job["id"] for job in jobs] == ["beach", "city"] and all(len(job["key"]) == 64 for job in jobs)
-    name, swept, cells, _ = load_sweep(os.path.join(EXAMPLES, "nightly.yaml"), model_for, AdapterResolver(store))
+    jobs = load_jobs(os.path.join(EXAMPLES, "prompts.jsonl"), model_for, resolver_for(store), default_limits())
+    assert [job.id for job in jobs] == ["beach", "city"] and all(len(job.key) == 64 for job in jobs)
+    name, swept, cells, _ = load_sweep(os.path.join(EXAMPLES, "nightly.yaml"), model_for, resolver_for(store), default_limits())
     assert name == "nightly" and len(swept) == len(cells) == 2 * 5 * 2  # prompts × scales 0..1 by 0.25 × seeds

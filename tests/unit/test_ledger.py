@@ -9,7 +9,8 @@ import threading
 import pytest
 from kombu.exceptions import OperationalError
 
-from common.leases import PREFIX, Ledger, RunningEntry, run_sweeper
+from common.leases import Ledger, RunningEntry, run_sweeper
+from common.protocol import RUNNING, worker_key
 
 pytestmark = pytest.mark.unit
 
@@ -22,21 +23,21 @@ def ledger(redis_url) -> Ledger:
 def test_lapsed_jobs_are_claimed_and_malformed_entries_skipped_not_lost(ledger, caplog):
     good = {"message": {"prompt": "a cat"}, "queue": "render", "worker": "gone@host"}
     ledger.redis.hset(
-        f"{PREFIX}:running",
+        RUNNING,
         mapping={"good": json.dumps(good), "not-json": b"{oops", "no-fields": json.dumps({"queue": 1}), "list": "[]"},
     )
     with caplog.at_level(logging.WARNING):
         assert ledger.lapsed() == [("good", RunningEntry(**good))]
         assert ledger.lapsed() == []  # claimed once; the malformed ones are left, logged once each
-    assert sorted(k.decode() for k in ledger.redis.hkeys(f"{PREFIX}:running")) == ["list", "no-fields", "not-json"]
+    assert sorted(k.decode() for k in ledger.redis.hkeys(RUNNING)) == ["list", "no-fields", "not-json"]
     assert caplog.text.count("skipped a malformed RunningEntry record lorafleet:running[not-json]") == 1
     assert ledger.running_queues() == []
 
 
 def test_a_malformed_heartbeat_is_skipped(ledger):
     ledger.beat("gpu0@host", "render", since=1.0, doing={"job": {"key": "ab" * 32, "since": 2.0}})
-    ledger.redis.set(f"{PREFIX}:worker:forged", json.dumps({"worker": "forged", "queue": "render"}))  # no since
-    ledger.redis.set(f"{PREFIX}:worker:junk", b"\xff\xfe")
+    ledger.redis.set(worker_key("forged"), json.dumps({"worker": "forged", "queue": "render"}))  # no since
+    ledger.redis.set(worker_key("junk"), b"\xff\xfe")
     (live,) = ledger.live_workers()
     assert live.worker == "gpu0@host" and live.job.key == "ab" * 32
 
@@ -48,10 +49,10 @@ def test_the_sweeper_survives_a_failing_round_and_requeues_on_the_next(ledger):
     def requeue(task_id, found):
         requeued.append(task_id)
         if len(requeued) == 1:
-            ledger.redis.hset(f"{PREFIX}:running", task_id, json.dumps(entry))  # as if it were never claimed
+            ledger.redis.hset(RUNNING, task_id, json.dumps(entry))  # as if it were never claimed
             raise OperationalError("Redis blipped while kombu published")  # killed the thread before
 
-    ledger.redis.hset(f"{PREFIX}:running", "job-1", json.dumps(entry))
+    ledger.redis.hset(RUNNING, "job-1", json.dumps(entry))
     sweeper = threading.Thread(target=run_sweeper, args=(ledger, requeue, stop, "gpu0@host"), daemon=True)
     sweeper.start()
     deadline = threading.Event()

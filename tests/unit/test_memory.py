@@ -117,8 +117,8 @@ def test_prompt_embeddings_are_cached_and_render_what_diffusers_does(tiny, budge
     pipe = DiffusionPipeline.from_pretrained(tiny["model"])
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(
-        prompt=job["prompt"], num_frames=job["num_frames"], height=16, width=16, num_inference_steps=job["steps"],
-        generator=torch.Generator("cpu").manual_seed(job["seed"]), output_type="np", max_sequence_length=16,
+        prompt=job.prompt, num_frames=job.num_frames, height=16, width=16, num_inference_steps=job.steps,
+        generator=torch.Generator("cpu").manual_seed(job.seed), output_type="np", max_sequence_length=16,
     ).frames[0]  # fmt: skip
     assert np.array_equal(ours, theirs)  # bit for bit: the same encode_prompt call as the pipeline's
 

@@ -4,7 +4,6 @@ content in the key), and renders that equal diffusers' own pipelines with its Lo
 import json
 import os
 import shutil
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,10 +13,10 @@ from PIL import Image
 
 from common.errors import JobFileError
 from common.images import decode
-from common.job import AdapterResolver, job_key, load_jobs
-from common.model import ModelInfo, model_info
+from common.jobs_file import load_jobs
+from common.model import model_info
 from common.settings import Settings
-from tests.helpers import prepare_job
+from tests.helpers import default_limits, default_policy, prepare_job, resolver_for
 from workers.renderer import Renderer
 
 pytestmark = pytest.mark.unit
@@ -27,7 +26,7 @@ STEPS = 4
 def keys(tmp_path, model: str, lines: list[dict]) -> list[str]:
     path = tmp_path / "jobs.jsonl"
     path.write_text("".join(json.dumps({"prompt": "a cat", "seed": 1, **line}) + "\n" for line in lines))
-    return [job["key"] for job in load_jobs(str(path), lambda alias: model_info(model), AdapterResolver(None))]
+    return [job.key for job in load_jobs(str(path), lambda alias: model_info(model), resolver_for(), default_limits())]
 
 
 def submit_errors(tmp_path, model: str, lines: list[dict]) -> list[str]:
@@ -51,18 +50,6 @@ def test_the_key_follows_the_image_content_not_its_path(tiny_kinds, tmp_path):
     )
     assert sunset == same
     assert len({sunset, one_bit, tiles}) == 3
-
-
-def test_text_to_video_keys_do_not_change():
-    # A job without an image keeps the key it had before images existed: stores are not rendered again.
-    job = {
-        "prompt": "a cat", "negative_prompt": "", "adapters": [], "lora_scale": 1.0, "seed": 1, "num_frames": 49,
-        "height": 480, "width": 720, "steps": 50, "guidance_scale": 6.0, "use_dynamic_cfg": False, "fps": 8,
-        "fuse": True, "image": None,
-    }  # fmt: skip
-    model = ModelInfo("THUDM/CogVideoX-5b", "CogVideoXDPMScheduler", 49, 480, 720, 8, 16, 226)
-    assert job_key(job, model) == "f466e3e244f99be5167f51f0d3436860d33729e68732b789bd51cef989988167"  # 6bc2f52's key
-    assert job_key(job, replace(model, precision="fp8")) != job_key(job, model)  # fp8 renders other pixels
 
 
 def test_image_errors_name_the_line_and_field(tiny, tiny_kinds, tmp_path):
@@ -114,7 +101,7 @@ def renderers(tiny_kinds, tmp_path_factory):
 
 def render(renderer, **fields) -> np.ndarray:
     (job,) = prepare_job(
-        {"prompt": "a cat", "seed": 3, "steps": STEPS, **fields}, "test", renderer.info, AdapterResolver(None)
+        {"prompt": "a cat", "seed": 3, "steps": STEPS, **fields}, "test", renderer.info, resolver_for()
     )
     return np.stack(renderer.render(job)[0])
 
@@ -153,19 +140,18 @@ def test_each_kind_renders_what_diffusers_does_base_and_fused(kind, tiny_kinds, 
 
 
 def test_a_worker_refuses_an_image_changed_since_submit(tiny_kinds, tmp_path):
-    from common.adapters import ReadPolicy
     from common.errors import ImageError
     from common.images import read_image, read_image_url
 
     path = str(tmp_path / "input.png")
     shutil.copy(tiny_kinds["i2v"]["sunset"], path)
-    found, _ = read_image(path, None)
-    assert read_image_url(found.url, found.sha256, ReadPolicy(), None).size == (16, 16)
+    found, _ = read_image(path, None, default_policy())
+    assert read_image_url(found.url, found.sha256, default_policy(), None).size == (16, 16)
     shutil.copy(tiny_kinds["i2v"]["tiles"], path)
     with pytest.raises(
         ImageError, match=rf"^image {path} changed since it was submitted \(sha256 [0-9a-f]{{12}}, job wants "
     ):
-        read_image_url(found.url, found.sha256, ReadPolicy(), None)
-    outside = ReadPolicy(roots=(str(tmp_path / "elsewhere"),))
+        read_image_url(found.url, found.sha256, default_policy(), None)
+    outside = default_policy(roots=(str(tmp_path / "elsewhere"),))
     with pytest.raises(ImageError, match=r"^image .* is outside the allowed locations"):
         read_image_url(found.url, found.sha256, outside, None)

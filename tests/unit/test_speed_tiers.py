@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from common.errors import JobError, ModelError
-from common.job import AdapterResolver, job_key
+from common.job import job_key
 from common.model import model_info
 from common.settings import ModelTier, Settings, settings_env
-from tests.helpers import prepare_job
+from tests.helpers import prepare_job, resolver_for
 from workers.compile_cache import CompileCache, cache_key, identity
 
 pytestmark = pytest.mark.unit
@@ -31,7 +31,7 @@ def test_a_model_alias_names_its_precision_and_compile_mode(monkeypatch):
     assert settings.model_tier("5b-fast") == ModelTier(ref="/models/5b", precision="fp8", compile=True)
     assert settings.model_tier("2b") == ModelTier(ref="/models/2b", precision="bf16", compile=True)  # the fleet's
     assert settings.model_tier(None).ref == settings.model and settings.model_tier(None).precision == "bf16"
-    assert settings.model_ref("5b-fast") == "/models/5b"
+    assert settings.model_tier("5b-fast").ref == "/models/5b"
     # A supervisor's workers see the same tiers.
     assert json.loads(settings_env(settings)["LORAFLEET_MODELS"])["5b-fast"]["precision"] == "fp8"
     with pytest.raises(ModelError, match='unknown model alias "5b-slow"'):
@@ -51,12 +51,12 @@ def test_precision_is_in_the_job_key_and_compiling_is_not(tiny):
     """bf16 keys stay as they were before tiers (test_model_kinds pins one); fp8 renders get their own."""
     job = {"prompt": "a cat", "seed": 1, "adapters": [tiny["style"]]}
     bf16, fp8 = model_info(tiny["model"]), model_info(tiny["model"], "fp8")
-    (plain,) = prepare_job(job, "line 1", bf16, AdapterResolver(None))
-    (quantized,) = prepare_job(job, "line 1", fp8, AdapterResolver(None))
-    assert plain["key"] != quantized["key"]
-    assert job_key(plain, replace(bf16, precision="fp8")) == quantized["key"]
+    (plain,) = prepare_job(job, "line 1", bf16, resolver_for())
+    (quantized,) = prepare_job(job, "line 1", fp8, resolver_for())
+    assert plain.key != quantized.key
+    assert job_key(plain, replace(bf16, precision="fp8")) == quantized.key
     with pytest.raises(JobError, match="line 1: fuse: must be true on an fp8 model"):
-        prepare_job({**job, "fuse": False}, "line 1", fp8, AdapterResolver(None))
+        prepare_job({**job, "fuse": False}, "line 1", fp8, resolver_for())
 
 
 def test_fp8_worker_refuses_a_device_without_fp8_units(tiny, tmp_path):
@@ -105,50 +105,6 @@ def test_the_compile_cache_key_covers_what_compiled_code_depends_on():
     assert cache_key(
         identity({**config, "_diffusers_version": "0.30"}, "bf16", (49, 480, 720), "inductor", "blocks", "cpu")
     ) == cache_key(base)
-
-
-COMPILE_ONCE = """
-import json, logging, sys
-logging.basicConfig(level=logging.INFO)
-from torch._dynamo.utils import counters
-from common.settings import Settings
-from workers.renderer import Renderer
-settings = Settings(adapter_cache_dir=sys.argv[2], store_url=sys.argv[3], compile=True)
-renderer = Renderer(sys.argv[1], "cpu", settings, "fresh")
-print("RESULT " + json.dumps(dict(counters["inductor"])))
-"""
-
-
-def compile_in_a_fresh_process(tiny, tmp_path, store, name: str, secret: str | None = "fleet-secret") -> dict:
-    """A worker process compiling the tiny transformer with inductor, with an empty local cache."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}")}
-    env.pop("LORAFLEET_COMPILE_CACHE_SECRET", None)
-    if secret is not None:
-        env["LORAFLEET_COMPILE_CACHE_SECRET"] = secret
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_ONCE, tiny["model"], str(tmp_path / "adapters"), str(store)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    counters = json.loads(done.stdout.split("RESULT ")[-1])
-    return {"counters": counters, "log": done.stderr}
-
-
-def test_a_fresh_worker_compiles_from_the_artifacts_another_shared(tiny, tmp_path):
-    store = tmp_path / "store"
-    first = compile_in_a_fresh_process(tiny, tmp_path, store, "first")
-    assert "from scratch, shared" in first["log"] and first["counters"].get("fxgraph_cache_miss", 0) >= 1
-    (entry,) = (store / "compile-cache").glob("*.json")
-    described = json.loads(entry.read_text())
-    assert described["identity"]["precision"] == "bf16" and described["identity"]["size"] == [9, 16, 16]
-    assert (store / "compile-cache" / f"{entry.stem}.bin").stat().st_size == described["bytes"]
-    second = compile_in_a_fresh_process(tiny, tmp_path, store, "second")
-    assert "with the fleet's shared artifacts" in second["log"]
-    assert second["counters"].get("fxgraph_cache_miss", 0) == 0 and second["counters"]["fxgraph_cache_hit"] >= 1
-    # Without the fleet's secret nothing is shared: the entry is there, and not loaded.
-    third = compile_in_a_fresh_process(tiny, tmp_path, store, "third", secret=None)
-    assert "not shared (artifacts are code: set LORAFLEET_COMPILE_CACHE_SECRET" in third["log"]
-    assert "from scratch, not shared" in third["log"] and third["counters"].get("fxgraph_cache_miss", 0) >= 1
 
 
 def signed_entry(store, described: dict, secret: bytes, data: bytes) -> CompileCache:
@@ -246,7 +202,7 @@ def test_compiled_renderers_of_every_kind_run_their_jobs_compiled(tiny_kinds, tm
         job = {"prompt": "a cat", "seed": 3, "steps": 2, "adapters": [paths["style"]]}
         if "i2v" in kind:
             job["image"] = paths["sunset"]
-        (finished,) = prepare_job(job, "test", compiled[kind].info, AdapterResolver(None))
+        (finished,) = prepare_job(job, "test", compiled[kind].info, resolver_for())
         runs = len(GRAPH_RUNS)
         frames = compiled[kind].render(finished)[0]
         assert len(GRAPH_RUNS) > runs, f"{kind}: the job did not run the compiled graph"
@@ -324,7 +280,7 @@ def test_compiling_by_blocks_makes_a_graph_that_every_block_runs(tiny, tmp_path,
     # The first block's input is a strided view of the embeddings, the others' are not: two graphs.
     assert compiled_graphs() - graphs == (2 if scope == "blocks" else 1)
     (job,) = prepare_job({"prompt": "a cat", "seed": 3, "steps": 3, "adapters": [tiny["style"]]}, "test",
-                         compiled.info, AdapterResolver(None))  # fmt: skip
+                         compiled.info, resolver_for())  # fmt: skip
     runs = len(GRAPH_RUNS)
     frames = compiled.render(job)[0]
     assert len(GRAPH_RUNS) - runs == 3 * (3 if scope == "blocks" else 1)  # per step: each block, or the whole

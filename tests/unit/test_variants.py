@@ -5,9 +5,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from common.job import AdapterResolver
 from common.settings import Settings
-from tests.helpers import prepare_job
+from tests.helpers import prepare_job, resolver_for
 from workers.renderer import Renderer
 
 pytestmark = pytest.mark.unit
@@ -23,7 +22,7 @@ def renderer(tiny, tmp_path_factory):
 
 def make_job(renderer, **fields) -> dict:
     job = {"prompt": "a cat walks along the beach", "seed": 7, "steps": STEPS, "height": 32, "width": 32, **fields}
-    (finished,) = prepare_job(job, "test", renderer.info, AdapterResolver(None))
+    (finished,) = prepare_job(job, "test", renderer.info, resolver_for())
     return finished
 
 
@@ -130,7 +129,7 @@ def test_a_thousand_random_switches_then_base_is_bit_identical(renderer, tiny, t
         adapters = [{"uri": uris[i], "weight": float(rng.uniform(-1, 2))} for i in chosen]
         job = make_job(renderer, adapters=adapters, lora_scale=float(rng.choice([0.0, 0.5, 1.0, 1.7, -0.5])))
         terms, variant = renderer._terms(job)
-        renderer.variants.apply(terms, job["lora_scale"], variant)
+        renderer.variants.apply(terms, job.lora_scale, variant)
     assert renderer.variants.switches > 900
     assert np.array_equal(frames(renderer), base_frames)
     now = renderer.pipe.transformer.state_dict()

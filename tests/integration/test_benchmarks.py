@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 def table_of(output: str) -> dict[str, dict[str, str]]:
