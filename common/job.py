@@ -73,9 +73,10 @@ class Job(JobContent):
     key: str
 
     @classmethod
-    def keyed(cls, content: JobContent, model: ModelInfo) -> "Job":
-        """The job with its key (no second validation: `content` is checked already)."""
-        return cls.model_construct(**dict(content), key=job_key(content, model))
+    def keyed(cls, content: dict, model: ModelInfo) -> "Job":
+        """The job of checked content (JobContent's fields, as values, not dicts) with its key.
+        Built without a second validation: a big file's jobs are many, and each was checked."""
+        return cls.model_construct(**content, key=key_of(content, model))
 
     def message(self, batch: str | None = None) -> dict:
         """The job as JSON data (in `batch`, if given): a `lorafleet.render` message, a jobs.jsonl
@@ -103,27 +104,35 @@ def adapter_combination(adapters: Iterable, lora_scale: float) -> tuple[tuple[st
 
 def job_key(job: JobContent, model: ModelInfo) -> str:
     """The SHA-256 of everything that decides the output: the same job always gets the same key."""
+    return key_of(dict(job), model)
+
+
+def key_of(job: dict, model: ModelInfo) -> str:
+    """`job_key` of a job's fields (JobContent's, by name)."""
     decisive = {
         "model": model.ref,
         "scheduler": model.scheduler,
         # At lora_scale 0 every combination is empty: it shares the base's key and video.
-        "adapters": [{"sha256": sha256, "weight": weight, "alpha": alpha} for sha256, weight, alpha in job.combination],
-        "lora_scale": float(job.lora_scale),
-        "seed": job.seed,
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "num_frames": job.num_frames,
-        "height": job.height,
-        "width": job.width,
-        "steps": job.steps,
-        "guidance_scale": float(job.guidance_scale),
-        "use_dynamic_cfg": job.use_dynamic_cfg,
-        "fps": job.fps,
-        "fuse": job.fuse,
+        "adapters": [
+            {"sha256": sha256, "weight": weight, "alpha": alpha}
+            for sha256, weight, alpha in adapter_combination(job["adapters"], job["lora_scale"])
+        ],
+        "lora_scale": float(job["lora_scale"]),
+        "seed": job["seed"],
+        "prompt": job["prompt"],
+        "negative_prompt": job["negative_prompt"],
+        "num_frames": job["num_frames"],
+        "height": job["height"],
+        "width": job["width"],
+        "steps": job["steps"],
+        "guidance_scale": float(job["guidance_scale"]),
+        "use_dynamic_cfg": job["use_dynamic_cfg"],
+        "fps": job["fps"],
+        "fuse": job["fuse"],
     }
     # Each below is absent from the keys of jobs without it: those keys stay as they were.
-    if job.image is not None:  # its content decides the pixels, not its path
-        decisive["image"] = job.image.sha256
+    if job.get("image") is not None:  # its content decides the pixels, not its path
+        decisive["image"] = job["image"].sha256
     if model.precision != "bf16":  # fp8 weights give other pixels than bf16's
         decisive["precision"] = model.precision
     canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -6,6 +6,7 @@ message without a key, on the worker: check it against the schema (JobSpec) and 
 naming its line and field.
 """
 
+import functools
 import json
 import secrets
 from collections.abc import Iterator
@@ -149,13 +150,24 @@ def resolve_job(spec: JobSpec, scale: float, seed: int, model: ModelInfo, resolv
     return Job.keyed(_content(spec, scale, seed, tuple(adapters), image), model)
 
 
+@functools.lru_cache(maxsize=4096)
+def _resolved(uri: str, weight: float, alpha: float | None, name: str | None, url: str, sha256: str) -> ResolvedAdapter:
+    # Built once per distinct adapter term (frozen: every job that names it shares it), without a
+    # second validation: JobSpec checked every field, the resolver found the rest.
+    return ResolvedAdapter.model_construct(uri=uri, weight=weight, alpha=alpha, name=name, url=url, sha256=sha256)
+
+
 def _adapter(adapter, url: str, sha256: str) -> ResolvedAdapter:
-    return ResolvedAdapter(uri=adapter.uri, weight=adapter.weight, alpha=adapter.alpha, name=adapter.name, url=url, sha256=sha256)
+    return _resolved(adapter.uri, adapter.weight, adapter.alpha, adapter.name, url, sha256)
 
 
-def _content(spec: JobSpec, scale: float, seed: int, adapters: tuple, image: ResolvedImage | None) -> JobContent:
-    fields = spec.model_dump(exclude={"adapters", "image", "lora_scale", "seed", "key"})
-    return JobContent(**fields, adapters=adapters, image=image, lora_scale=scale, seed=seed)
+def _content(spec: JobSpec, scale: float, seed: int, adapters: tuple, image: ResolvedImage | None) -> dict:
+    """The fields of one job of a checked spec, for `Job.keyed`."""
+    fields = {name: getattr(spec, name) for name in JobContent.model_fields if name not in _SET_HERE}
+    return {**fields, "adapters": adapters, "image": image, "lora_scale": scale, "seed": seed}
+
+
+_SET_HERE = {"adapters", "image", "lora_scale", "seed"}
 
 
 def read_job_lines(path: str, max_jobs: int) -> Iterator[tuple[int, object, str | None]]:

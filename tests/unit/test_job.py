@@ -198,7 +198,7 @@ RENDER = dict(num_frames=49, height=480, width=720, steps=50, guidance_scale=6.0
 def test_keys_stay_what_they_were(fields, model, key):
     """Keys computed by 1dbe2e3's dict code: the typed Job keys every stored video as before, so
     nothing in a store is rendered again (paths, names and ids do not enter the key)."""
-    job = Job.keyed(JobContent(**fields, **RENDER), model)
+    job = Job.keyed(dict(JobContent(**fields, **RENDER)), model)
     assert job.key == key
     assert Job.model_validate(job.message()) == job  # the wire round trip keeps the job whole
     assert job_key(job, replace(model, precision="fp8")) != key  # fp8 renders other pixels
