@@ -82,43 +82,45 @@ def checked_alpha(value, where: str) -> float:
     return alpha
 
 
+def weights_in(location: str) -> list[str]:
+    """The files an adapter location stands for: a .safetensors file itself, else the weights file
+    in the folder (diffusers' name first, then PEFT's)."""
+    if location.endswith(".safetensors"):
+        return [location]
+    return [f"{location.rstrip('/')}/{name}" for name in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME)]
+
+
+def hub_urls(uri: str) -> list[str]:
+    """The hub file a bare `owner/name` URI may mean, tried after every local and store path."""
+    if "://" not in uri and uri.count("/") == 1 and not uri.startswith((".", "/", "~")):
+        return [f"hf://{uri}/{WEIGHTS_NAME}"]
+    return []
+
+
 def candidate_urls(uri: str, store: Store | None) -> list[str]:
     """The file URLs an adapter URI may mean, in the order they are tried: the weights file in a
     folder (local, the store's, or a URL), a .safetensors file itself, then a hub repo id."""
-
-    def weights_in(location: str) -> list[str]:
-        if location.endswith(".safetensors"):
-            return [location]
-        return [f"{location.rstrip('/')}/{name}" for name in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME)]
-
-    candidates = reading.candidate_urls(uri, store, weights_in)
-    if "://" not in uri and uri.count("/") == 1 and not uri.startswith((".", "/", "~")):
-        candidates.append(f"hf://{uri}/{WEIGHTS_NAME}")
-    return candidates
+    return reading.candidate_urls(uri, store, weights_in) + hub_urls(uri)
 
 
 def read_adapter(uri: str, store: Store | None, policy: ReadPolicy) -> tuple[AdapterFile, bytes]:
     """Find an adapter's file where the policy allows, read it (bounded), check it is a sound
     safetensors file of finite factors; returns it with its bytes."""
-    candidates = [url for url in candidate_urls(uri, store) if policy.allows(url, store)]
-    if not candidates:
-        raise policy.refusal(uri)
-    for url in candidates:
-        found = read_adapter_url(url, policy)
-        if found is not None:
-            return found
-    checked = ", ".join(candidates)
-    raise AdapterError(f'adapter "{uri}" not found (checked {checked})')
+    url, data = reading.read_first(uri, store, policy, "adapter", weights_in, also=hub_urls(uri))
+    return parse_adapter(url, data, policy), data
 
 
 def read_adapter_url(url: str, policy: ReadPolicy) -> tuple[AdapterFile, bytes] | None:
     """The adapter file at one URL (with a PEFT config beside it, if any), or None if it is not there."""
     data = read_bounded(url, policy.max_bytes, policy.timeout_s)
-    if data is None:
-        return None
+    return None if data is None else (parse_adapter(url, data, policy), data)
+
+
+def parse_adapter(url: str, data: bytes, policy: ReadPolicy) -> AdapterFile:
+    """An adapter file's bytes checked and parsed, with the PEFT config beside it (read bounded) if any."""
     config_bytes = read_bounded(f"{url.rpartition('/')[0]}/{PEFT_CONFIG_NAME}", MAX_CONFIG_BYTES, policy.timeout_s)
     config = parse_peft_config(url, config_bytes) if config_bytes is not None else None
-    return parse_safetensors(url, data, config_bytes, config), data
+    return parse_safetensors(url, data, config_bytes, config)
 
 
 def parse_peft_config(url: str, config_bytes: bytes) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from common.errors import AdapterError, ImageError
-from common.reading import ReadPolicy, candidate_urls, check_unchanged, read_bounded
+from common.reading import ReadPolicy, read_first, read_unchanged
 from common.store import Store
 
 MAX_IMAGE_BYTES = 64 * 2**20
@@ -32,15 +32,14 @@ class ImageFile:
 def read_image(uri: str, store: Store | None, policy: ReadPolicy) -> tuple[ImageFile, bytes]:
     """Find an image where the policy allows, read it (bounded) and check that it decodes;
     returns it with its bytes."""
-    candidates = [url for url in candidate_urls(uri, store) if policy.allows(url, store)]
-    if not candidates:
-        raise ImageError(str(policy.refusal(uri, "image")))
-    for url in candidates:
-        data = _read(url, policy)
-        if data is not None:
-            width, height = decode(url, data).size
-            return ImageFile(url, hashlib.sha256(data).hexdigest(), width, height), data
-    raise ImageError(f'image "{uri}" not found (checked {", ".join(candidates)})')
+    try:
+        url, data = read_first(uri, store, policy, "image", max_bytes=max_image_bytes(policy))
+    except ImageError:
+        raise
+    except AdapterError as exc:
+        raise ImageError(str(exc)) from None
+    width, height = decode(url, data).size
+    return ImageFile(url, hashlib.sha256(data).hexdigest(), width, height), data
 
 
 def decode(url: str, data: bytes) -> Image.Image:
@@ -81,21 +80,15 @@ def to_rgb8(image: Image.Image, url: str) -> Image.Image:
 def read_image_url(url: str, sha256: str, policy: ReadPolicy, store: Store | None) -> Image.Image:
     """The image a finished job names, read from its resolved URL and checked against its content
     hash (a worker never trusts a path to hold what was submitted)."""
-    if not policy.allows(url, store):
-        raise ImageError(str(policy.refusal(url, "image")))
-    data = _read(url, policy)
-    if data is None:
-        raise ImageError(f"image {url} is gone since the job was submitted")
     try:
-        check_unchanged("image", url, hashlib.sha256(data).hexdigest(), sha256)
+        data = read_unchanged(url, sha256, store, policy, "image", max_image_bytes(policy))
+    except ImageError:
+        raise
     except AdapterError as exc:
         raise ImageError(str(exc)) from None
     return decode(url, data)
 
 
-def _read(url: str, policy: ReadPolicy) -> bytes | None:
-    """An image file's bytes, bounded as the policy says and by MAX_IMAGE_BYTES; None if absent."""
-    try:
-        return read_bounded(url, min(policy.max_bytes, MAX_IMAGE_BYTES), policy.timeout_s, "image")
-    except AdapterError as exc:
-        raise ImageError(str(exc)) from None
+def max_image_bytes(policy: ReadPolicy) -> int:
+    """The most an image read may take: the policy's limit, and never more than MAX_IMAGE_BYTES."""
+    return min(policy.max_bytes, MAX_IMAGE_BYTES)

@@ -64,6 +64,36 @@ class AdapterResolver:
         """The image a URI means, read and decoded; raises ImageError naming what was checked."""
         return self._once(self._images, uri, lambda: read_image(uri, self.store, self.policy)[0])
 
+    def adapter(self, adapter, model: ModelInfo, given: bool = False) -> ResolvedAdapter:
+        """A job's adapter term resolved: its file found and read (and checked against the model's
+        layers when they are known), or, `given`, the URL and hash it carries, within the policy."""
+        if given:
+            return _resolved(
+                adapter.uri, adapter.weight, adapter.alpha, adapter.name, self.allowed(adapter.url), adapter.sha256
+            )
+        found = self.resolve(adapter.uri)
+        if model.linear_layers:  # the model's architecture is known: check the adapter fits it now
+            try:
+                check_shapes(
+                    detect_layout(list(found.tensors), model.linear_layers), found.shapes(), model.linear_layers
+                )
+            except AdapterError as exc:
+                raise AdapterError(f'adapter "{adapter.uri}": {exc}') from None
+        return _resolved(adapter.uri, adapter.weight, adapter.alpha, adapter.name, found.url, found.sha256)
+
+    def input_image(self, image, given: bool = False) -> ResolvedImage:
+        """A job's input image resolved, as `adapter` resolves an adapter."""
+        if given:
+            return ResolvedImage(uri=image.uri, url=self.allowed(image.url, "image"), sha256=image.sha256)
+        found = self.image(image.uri)
+        return ResolvedImage(uri=image.uri, url=found.url, sha256=found.sha256)
+
+    def allowed(self, url: str, what: str = "adapter") -> str:
+        """A resolved URL, if the read policy allows it; raises AdapterError if not."""
+        if not self.policy.allows(url, self.store):
+            raise self.policy.refusal(url, what)
+        return url
+
     @staticmethod
     def _once(cache: dict, uri: str, read):
         """`read()`'s file, or its error, remembered per URI: each is read once per resolver."""
@@ -130,24 +160,15 @@ def expand_job(spec: JobSpec) -> list[tuple[float, int]]:
     return [(scale, seed) for scale in spec.lora_scale for seed in spec.seed]
 
 
-def resolve_job(spec: JobSpec, scale: float, seed: int, model: ModelInfo, resolver: AdapterResolver) -> Job:
-    """One expanded job of a checked spec, its adapters and image resolved to content hashes, keyed."""
-    adapters = []
-    for adapter in spec.adapters:
-        found = resolver.resolve(adapter.uri)
-        if model.linear_layers:  # the model's architecture is known: check the adapter fits it now
-            try:
-                check_shapes(
-                    detect_layout(list(found.tensors), model.linear_layers), found.shapes(), model.linear_layers
-                )
-            except AdapterError as exc:
-                raise AdapterError(f'adapter "{adapter.uri}": {exc}') from None
-        adapters.append(_adapter(adapter, found.url, found.sha256))
-    image = None
-    if spec.image is not None:
-        found = resolver.image(spec.image.uri)
-        image = ResolvedImage(uri=spec.image.uri, url=found.url, sha256=found.sha256)
-    return Job.keyed(_content(spec, scale, seed, tuple(adapters), image), model)
+def resolve_job(
+    spec: JobSpec, scale: float, seed: int, model: ModelInfo, resolver: AdapterResolver, given: bool = False
+) -> Job:
+    """One expanded job of a checked spec, its adapters and image resolved to content hashes, keyed.
+    `given`: use the URL and content hash each file carries (a producer's message), within the read
+    policy, without reading it here: the worker checks the hash when it reads the file to render."""
+    adapters = tuple(resolver.adapter(adapter, model, given) for adapter in spec.adapters)
+    image = None if spec.image is None else resolver.input_image(spec.image, given)
+    return Job.keyed(_content(spec, scale, seed, adapters, image), model)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -155,10 +176,6 @@ def _resolved(uri: str, weight: float, alpha: float | None, name: str | None, ur
     # Built once per distinct adapter term (frozen: every job that names it shares it), without a
     # second validation: JobSpec checked every field, the resolver found the rest.
     return ResolvedAdapter.model_construct(uri=uri, weight=weight, alpha=alpha, name=name, url=url, sha256=sha256)
-
-
-def _adapter(adapter, url: str, sha256: str) -> ResolvedAdapter:
-    return _resolved(adapter.uri, adapter.weight, adapter.alpha, adapter.name, url, sha256)
 
 
 def _content(spec: JobSpec, scale: float, seed: int, adapters: tuple, image: ResolvedImage | None) -> dict:
@@ -232,7 +249,9 @@ def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits
                 models[name] = exc
                 errors.append(f"{where}: model: {exc}" + (" (every line that names it)" if alias else " (every line)"))
         model = models[name]
-        spec, problems = check_job(obj, where, None if isinstance(model, ModelError) else model, limits.max_video_pixels)
+        spec, problems = check_job(
+            obj, where, None if isinstance(model, ModelError) else model, limits.max_video_pixels
+        )
         if problems:  # and the adapters it names, so that one run shows every problem of the line
             errors.extend(problems + [f"{where}: {exc}" for exc in unreadable_adapters(obj, resolver)])
         if problems or isinstance(model, ModelError):
@@ -302,21 +321,12 @@ def job_from_message(message, model: ModelInfo, resolver: AdapterResolver, max_v
     given = spec.key
     if given is not None and not (len(given) == 64 and set(given) <= SHA256_HEX):
         raise JobError("job: key: must be the 64 hex digits of a SHA-256 (or left out)")
-    files = {f"adapters[{i}]": adapter for i, adapter in enumerate(spec.adapters)}
-    if spec.image is not None:
-        files["image"] = spec.image
-    if all(isinstance(f.url, str) and isinstance(f.sha256, str) and len(f.sha256) == 64 for f in files.values()):
-        for field, file in files.items():
-            if not resolver.policy.allows(file.url, resolver.store):
-                raise JobError(f"job: {field}: {resolver.policy.refusal(file.url)}")
-        adapters = tuple(_adapter(a, a.url, a.sha256) for a in spec.adapters)
-        image = spec.image and ResolvedImage(uri=spec.image.uri, url=spec.image.url, sha256=spec.image.sha256)
-        job = Job.keyed(_content(spec, scale, seed, adapters, image), model)
-    else:
-        try:
-            job = resolve_job(spec, scale, seed, model, resolver)
-        except AdapterError as exc:
-            raise JobError(f"job: {exc}") from None
+    files = [*spec.adapters, *([spec.image] if spec.image is not None else [])]
+    resolved = all(isinstance(f.url, str) and isinstance(f.sha256, str) and len(f.sha256) == 64 for f in files)
+    try:
+        job = resolve_job(spec, scale, seed, model, resolver, given=resolved)
+    except AdapterError as exc:
+        raise JobError(f"job: {exc}") from None
     if given is not None and given != job.key:
         raise JobError(f"job: key: the message says {given} but its content hashes to {job.key}: refused")
     return job

@@ -12,7 +12,10 @@
   while they still hold it (compare and extend, in one step), so a worker that paused past its
   lease (SIGSTOP, a long GC, a frozen VM) learns that another delivery took its job over, stops at
   its next denoising step, and proves it still holds the token before any write to the store.
-- Cancel flags per batch.
+- Cancel flags per batch and per job: a job is admitted only if neither is set (one script, with
+  the pause check). A running one is told at once by a notice on a pub/sub channel that every
+  worker listens to, and, should a notice be missed (a dropped connection), finds the flag at its
+  lease's next extension, which reads them: stopping costs no Redis command per denoising step.
 - Worker heartbeats: each consuming worker refreshes a key naming it and its queue every
   HEARTBEAT_S, so a waiting command can tell a queue nobody serves from a busy one.
 """
@@ -24,13 +27,15 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from enum import IntEnum
 
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.broker import queue_length
-from common.errors import LeaseLost
+from common.errors import JobCancelled, LeaseLost
 from common.protocol import (
+    CANCELS,
     PAUSED_PREFIX,
     RUNNING,
     WORKER_PREFIX,
@@ -44,16 +49,31 @@ from common.protocol import (
     set_aside_key,
     worker_key,
 )
-from common.retry import redis_retry
+from common.retry import backoff, redis_retry
 
 log = logging.getLogger("lorafleet.ledger")
+
+
+class Admission(IntEnum):
+    """What `Ledger.admit` found of a job about to start (the values its script returns)."""
+
+    GO = 0
+    SET_ASIDE = 1  # its batch is paused: set aside, to be sent again on resume
+    BATCH_CANCELLED = 2
+    JOB_CANCELLED = 3
 HEARTBEAT_S = 5.0  # a worker's heartbeat lives 3 beats: a worker that stops beating is gone within 15 s
 # Each script compares before it acts, in one step: a token no longer stored means the job is someone else's.
+# KEYS: the ARGV[3] names the token holds (lease, key lock), then the cancel flags to read (the
+# batch's, the job's); returns the index of a name lost, or minus the index of a flag set, or 0.
 _EXTEND = """
-for i, name in ipairs(KEYS) do
-  if redis.call('get', name) ~= ARGV[1] then return i end
+local held = tonumber(ARGV[3])
+for i = 1, held do
+  if redis.call('get', KEYS[i]) ~= ARGV[1] then return i end
 end
-for _, name in ipairs(KEYS) do redis.call('pexpire', name, ARGV[2]) end
+for i = 1, held do redis.call('pexpire', KEYS[i], ARGV[2]) end
+for i = held + 1, #KEYS do
+  if redis.call('exists', KEYS[i]) == 1 then return held - i end
+end
 return 0
 """
 _HELD = """
@@ -69,10 +89,16 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 """
 _RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
-# A paused batch's job is set aside only while the batch is still paused; resuming takes the
-# flag and every set-aside job in one step, so no job is set aside after its batch resumed.
-_SET_ASIDE = """
-if redis.call('exists', KEYS[1]) == 1 then redis.call('rpush', KEYS[2], ARGV[1]) return 1 end
+# A job's admission, in one step: a paused batch's job is set aside (only while the batch is still
+# paused: resuming takes the flag and every set-aside job in one step, so none is set aside after
+# its batch resumed), a cancelled batch's or job's is refused. KEYS: the job's cancel flag, then,
+# for a job of a batch, the batch's pause flag, set-aside list and cancel flag.
+_ADMIT = """
+if #KEYS == 4 then
+  if redis.call('exists', KEYS[2]) == 1 then redis.call('rpush', KEYS[3], ARGV[1]) return 1 end
+  if redis.call('exists', KEYS[4]) == 1 then return 2 end
+end
+if redis.call('exists', KEYS[1]) == 1 then return 3 end
 return 0
 """
 _RESUME = """
@@ -95,6 +121,7 @@ class RunningJob(Record):
 
     key: str
     since: float
+    task_id: str | None = None
     batch: str | None = None
     step: int | None = None
     steps: int | None = None
@@ -112,6 +139,13 @@ class WorkerRecord(Record):
     device: str | None = None  # "NVIDIA H200", "cpu"
     model: str | None = None  # the model it serves (alias or reference)
     tier: str | None = None  # "bf16", "fp8, compiled"
+
+
+class CancelNotice(Record):
+    """What `lorafleet cancel` publishes on CANCELS: a batch, or only these jobs (task ids) of it."""
+
+    batch: str
+    tasks: list[str] = []
 
 
 class RunningEntry(Record):
@@ -150,6 +184,14 @@ class Ledger:
         )
         self.lease_ms = int(lease_s * 1000)
         self.ttl_s = ttl_s  # how long counters and cancel flags outlive their job
+        # Registered once, sent as EVALSHA (the script's text only when Redis lost it: a restart).
+        self.extend = self.redis.register_script(_EXTEND)
+        self.admit_script = self.redis.register_script(_ADMIT)
+        self.release_lease = self.redis.register_script(_RELEASE_LEASE)
+        self.release_lock = self.redis.register_script(_RELEASE_LOCK)
+        self.resume_script = self.redis.register_script(_RESUME)
+        self.held = self.redis.register_script(_HELD)
+        self.leases: dict[str, Lease] = {}  # this process's running deliveries by task id: what a cancel notice stops
 
     @classmethod
     def from_settings(cls, settings) -> "Ledger":
@@ -179,13 +221,15 @@ class Ledger:
         self.redis.hset(RUNNING, task_id, entry.model_dump_json())
         heartbeat = threading.Thread(target=lease.refresh_until_released, daemon=True, name="lease")
         heartbeat.start()
+        self.leases[task_id] = lease
         try:
             yield lease
         finally:
+            self.leases.pop(task_id, None)
             lease.released.set()
             heartbeat.join()
             # Only while the lease is still ours: a delivery that took the job over keeps its entry.
-            self._quietly(lambda: self.redis.eval(_RELEASE_LEASE, 2, lease.name, RUNNING, lease.token, task_id))
+            self._quietly(lambda: self.release_lease(keys=[lease.name, RUNNING], args=[lease.token, task_id]))
 
     @contextmanager
     def key_lock(self, key: str, lease: "Lease", done: Callable[[], bool], poll_s: float = 0.5):
@@ -207,7 +251,7 @@ class Ledger:
             yield True
         finally:
             lease.names.remove(lock)
-            self._quietly(lambda: self.redis.eval(_RELEASE_LOCK, 1, lock, lease.token))
+            self._quietly(lambda: self.release_lock(keys=[lock], args=[lease.token]))
 
     def _quietly(self, call) -> None:
         try:
@@ -262,20 +306,26 @@ class Ledger:
         return [record for record in found if record is not None]
 
     def cancel(self, batch: str, task_ids: list[str] | None = None) -> None:
-        """Mark a batch (or only these tasks of it) cancelled: queued jobs never start, running
-        ones stop at their next step."""
+        """Mark a batch (or only these tasks of it) cancelled: queued jobs never start, and running
+        ones, told by a notice, stop at their next step."""
         names = [cancelled_task_key(t) for t in task_ids] if task_ids else [cancelled_key(batch)]
         for name in names:
             self.redis.set(name, 1, ex=self.ttl_s)
+        self.redis.publish(CANCELS, CancelNotice(batch=batch, tasks=task_ids or []).model_dump_json())
+
+    def hear_cancel(self, raw) -> None:
+        """Stop this process's running deliveries that a cancel notice names (a malformed notice is
+        skipped: anyone who can write to Redis can publish one)."""
+        notice = parse_record(CancelNotice, CANCELS, raw)
+        for lease in list(self.leases.values()) if notice else []:
+            if lease.task_id in notice.tasks:
+                lease.cancel("the job")
+            elif not notice.tasks and lease.batch == notice.batch:
+                lease.cancel(f"batch {notice.batch}")
 
     def uncancel(self, batch: str, task_ids: list[str] = ()) -> None:
         """Lift a batch's cancel flags (before its jobs are retried)."""
         self.redis.delete(cancelled_key(batch), *(cancelled_task_key(t) for t in task_ids))
-
-    def is_cancelled(self, batch: str | None, task_id: str | None = None) -> bool:
-        """Whether a batch, or this task of it, was cancelled."""
-        names = ([cancelled_key(batch)] if batch else []) + ([cancelled_task_key(task_id)] if task_id else [])
-        return bool(names) and bool(self.redis.exists(*names))
 
     def pause(self, batch: str) -> None:
         """Pause a batch: a worker that takes one of its jobs sets it aside instead of starting it."""
@@ -286,17 +336,18 @@ class Ledger:
         names = self.redis.scan_iter(match=PAUSED_PREFIX + "*", count=1000)
         return sorted(name.decode(errors="replace").removeprefix(PAUSED_PREFIX) for name in names)
 
-    def set_aside_if_paused(self, batch: str | None, task_id: str, message: dict, queue: str) -> bool:
-        """Set a job aside, to be sent again on resume, if its batch is paused; else False."""
-        if batch is None:
-            return False
+    def admit(self, batch: str | None, task_id: str, message: dict, queue: str) -> Admission:
+        """Whether a job may start, in one round trip: set aside (to be sent again on resume) if
+        its batch is paused, refused if its batch or the job itself was cancelled."""
+        keys = [cancelled_task_key(task_id)]
+        if batch is not None:
+            keys += [paused_key(batch), set_aside_key(batch), cancelled_key(batch)]
         entry = json.dumps({"task_id": task_id, "message": message, "queue": queue})
-        keys = [paused_key(batch), set_aside_key(batch)]
-        return bool(self.redis.eval(_SET_ASIDE, 2, *keys, entry))
+        return Admission(self.admit_script(keys=keys, args=[entry]))
 
     def resume(self, batch: str) -> list[dict]:
         """Lift a batch's pause; returns the jobs set aside meanwhile ({"task_id", "message", "queue"})."""
-        found = self.redis.eval(_RESUME, 2, paused_key(batch), set_aside_key(batch))
+        found = self.resume_script(keys=[paused_key(batch), set_aside_key(batch)])
         return [json.loads(entry) for entry in found]
 
     def forget_batch(self, batch: str) -> None:
@@ -317,31 +368,52 @@ class Lease:
         self.token = secrets.token_hex(16)
         self.lost = threading.Event()  # set once Redis says another delivery holds the job
         self.released = threading.Event()
+        self.batch: str | None = None  # the job's batch, once known: its cancel flag is watched too
+        self.cancelled: str | None = None  # what was cancelled ("batch NAME", "the job"), once seen
+
+    def watch_cancel(self, batch: str | None) -> None:
+        """From now on, the heartbeat also reads the cancel flags of this job and its batch."""
+        self.batch = batch
 
     def refresh_until_released(self) -> None:
-        """The heartbeat: extend every `lease_s / 3` while the token is ours, else mark the lease lost."""
+        """The heartbeat: every `lease_s / 3`, extend while the token is ours (else mark the lease
+        lost) and read the job's cancel flags, in one script."""
         while not self.released.wait(self.ledger.lease_ms / 3000):
+            flags = ([cancelled_key(self.batch)] if self.batch else []) + [cancelled_task_key(self.task_id)]
             try:
-                lost_at = self.ledger.redis.eval(
-                    _EXTEND, len(self.names), *self.names, self.token, self.ledger.lease_ms
+                found = self.ledger.extend(
+                    keys=[*self.names, *flags], args=[self.token, self.ledger.lease_ms, len(self.names)]
                 )
             except redis.RedisError as exc:  # unreachable is not lost: the next beat asks again
                 log.warning("redis: %s", exc)
                 continue
-            if lost_at:
-                self._lose(self.names[lost_at - 1])
+            if found > 0:
+                self._lose(self.names[found - 1])
                 return
+            if found < 0:
+                self.cancel(f"batch {self.batch}" if flags[-found - 1] != flags[-1] else "the job")
+
+    def cancel(self, what: str) -> None:
+        """Mark the job cancelled (`what`: "the job", "batch NAME"): its render stops at its next step."""
+        if self.cancelled is None:
+            self.cancelled = what
 
     def check(self) -> None:
         """Raise LeaseLost if the heartbeat found the job taken over (no Redis round trip)."""
         if self.lost.is_set():
             raise LeaseLost(f"{self.task_id}: another delivery holds this job now; stopped without writing")
 
+    def check_cancelled(self, where: str = "") -> None:
+        """Raise JobCancelled if the heartbeat found the job or its batch cancelled (no Redis round
+        trip); `where` says where the render stopped."""
+        if self.cancelled is not None:
+            raise JobCancelled(f"{self.cancelled} was cancelled{where}")
+
     def confirm(self) -> None:
         """Prove, against Redis, that this delivery still holds its lease and lock (before a write);
         raises LeaseLost otherwise, and Redis' own error if it cannot be asked."""
         self.check()
-        lost_at = self.ledger.redis.eval(_HELD, len(self.names), *self.names, self.token)
+        lost_at = self.ledger.held(keys=self.names, args=[self.token])
         if lost_at:
             self._lose(self.names[lost_at - 1])
             self.check()
@@ -354,7 +426,8 @@ class Lease:
 
 def run_heartbeat(ledger: Ledger, worker: str, queue: str, stop: threading.Event, health=None) -> None:
     """Every HEARTBEAT_S until `stop`, say this worker is alive, consuming `queue`, and what it
-    runs (from `health`, the worker's probes, which hear of each beat Redis took)."""
+    runs (from `health`, the worker's probes, which hear of each beat Redis took, and can ask for
+    a beat now: `health.wake`, which whoever sets `stop` sets too)."""
     since = time.time()
     while True:
         try:
@@ -363,9 +436,33 @@ def run_heartbeat(ledger: Ledger, worker: str, queue: str, stop: threading.Event
                 health.beat()
         except redis.RedisError as exc:
             log.warning("%s: heartbeat: redis: %s", worker, exc)
-        if stop.wait(HEARTBEAT_S):
+        if health is not None:
+            health.wake.wait(HEARTBEAT_S)
+            health.wake.clear()
+        else:
+            stop.wait(HEARTBEAT_S)
+        if stop.is_set():
             ledger.forget_worker(worker)
             return
+
+
+def run_cancel_listener(ledger: Ledger, stop: threading.Event, worker: str) -> None:
+    """Until `stop`, hear cancel notices and stop the running deliveries they name, listening
+    again with back-off after a lost connection (meanwhile a lease's extension still finds the flags)."""
+    attempt = 0
+    while not stop.is_set():
+        try:
+            pubsub = ledger.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(CANCELS)
+            attempt = 0
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    ledger.hear_cancel(message["data"])
+        except redis.RedisError as exc:
+            attempt += 1
+            log.warning("%s: cancel notices: redis: %s", worker, exc)
+            stop.wait(backoff(attempt))
 
 
 def run_sweeper(

@@ -51,6 +51,8 @@ def cancelled_task_key(task_id: str) -> str:
     return f"{PREFIX}:cancelled-task:{task_id}"
 
 
+CANCELS = f"{PREFIX}:cancels"  # pub/sub channel: a CancelNotice each time a batch or some of its jobs are cancelled
+
 PAUSED_PREFIX = f"{PREFIX}:paused:"  # + a batch's name: set while it is paused
 
 
@@ -83,12 +85,13 @@ def queue_lists(queue: str) -> list[str]:
 
 
 class TaskState(StrEnum):
-    """The states of a `lorafleet.render` task in Celery's result backend: Celery's own, and the
-    two lorafleet adds (PROGRESS while it denoises, PAUSED once set aside)."""
+    """The states of a `lorafleet.render` task in Celery's result backend: Celery's own, and
+    PAUSED, which lorafleet adds once a job is set aside. A running job stays STARTED: its progress
+    is in its worker's heartbeat (common/leases.py: WorkerRecord), not rewritten here at each step."""
 
     PENDING = "PENDING"
     STARTED = "STARTED"
-    PROGRESS = "PROGRESS"  # its result is a ProgressReport
+    PROGRESS = "PROGRESS"  # written by workers before 2026-12-03 while they denoised: read as running
     PAUSED = "PAUSED"  # set aside while its batch is paused; `lorafleet resume` sends it again
     SUCCESS = "SUCCESS"  # its result is a RenderResult
     FAILURE = "FAILURE"  # its result is the exception
@@ -106,7 +109,7 @@ class Report(BaseModel):
 
 
 class ProgressReport(Report):
-    """A running job's denoising progress (the PROGRESS state's result)."""
+    """A running job's denoising progress, as `wait` shows it (from its worker's heartbeat)."""
 
     key: str
     step: int

@@ -4,6 +4,7 @@ will open it; only regular files are read (never a device or FIFO), up to a size
 within a time. Nothing here knows what the bytes are: common/adapters.py and common/images.py do.
 """
 
+import hashlib
 import os
 import re
 import socket
@@ -66,6 +67,43 @@ class ReadPolicy:
         )
 
 
+def read_first(
+    uri: str,
+    store: Store | None,
+    policy: ReadPolicy,
+    what: str,
+    files_in: Callable[[str], list[str]] = lambda at: [at],
+    max_bytes: int | None = None,
+    also: list[str] = (),
+) -> tuple[str, bytes]:
+    """Find what a URI a user wrote means and read it: the first of its candidate URLs (as
+    `candidate_urls` orders them, then `also`) that the policy allows and holds a file; returns that URL
+    and its bytes, read bounded (`max_bytes`, else the policy's). Raises AdapterError for a URI
+    whose every candidate is refused, and for one whose allowed candidates hold no file, naming
+    every URL checked. `what` names the file in errors ("adapter", "image")."""
+    candidates = [url for url in [*candidate_urls(uri, store, files_in), *also] if policy.allows(url, store)]
+    if not candidates:
+        raise policy.refusal(uri, what)
+    for url in candidates:
+        data = read_bounded(url, max_bytes or policy.max_bytes, policy.timeout_s, what)
+        if data is not None:
+            return url, data
+    raise AdapterError(f'{what} "{uri}" not found (checked {", ".join(candidates)})')
+
+
+def read_unchanged(url: str, sha256: str, store: Store | None, policy: ReadPolicy, what: str, max_bytes: int) -> bytes:
+    """The bytes at a resolved URL, read again where a finished job says its file is: refused
+    outside the policy, and unless its content hash is still the one the job was submitted with
+    (a path is never trusted to hold what was submitted)."""
+    if not policy.allows(url, store):
+        raise policy.refusal(url, what)
+    data = read_bounded(url, max_bytes, policy.timeout_s, what)
+    if data is None:
+        raise AdapterError(f"{what} {url} is gone since the job was submitted")
+    check_unchanged(what, url, hashlib.sha256(data).hexdigest(), sha256)
+    return data
+
+
 def candidate_urls(uri: str, store: Store | None, files_in: Callable[[str], list[str]] = lambda at: [at]) -> list[str]:
     """The URLs a URI a user wrote may mean, in the order they are tried: a URL as it is, a local
     path, a path inside the store; `files_in(location)` names the files a location stands for (an
@@ -86,7 +124,9 @@ def candidate_urls(uri: str, store: Store | None, files_in: Callable[[str], list
 def check_unchanged(what: str, url: str, found: str, wanted: str) -> None:
     """Refuse a file (an adapter, an image) whose content hash is not the one its job was submitted with."""
     if found != wanted:
-        raise AdapterError(f"{what} {url} changed since it was submitted (sha256 {found[:12]}, job wants {wanted[:12]})")
+        raise AdapterError(
+            f"{what} {url} changed since it was submitted (sha256 {found[:12]}, job wants {wanted[:12]})"
+        )
 
 
 def file_chunks(path: str, size: int = 16 * 2**20):
@@ -109,7 +149,7 @@ def url_scheme(url: str) -> str | None:
 def normalized(url: str) -> str:
     """The URL with its scheme lowercased (`File:///x` → `file:///x`); a plain path as it is."""
     scheme = url_scheme(url)
-    return url if scheme is None else f"{scheme}://{url[SCHEME.match(url).end():]}"
+    return url if scheme is None else f"{scheme}://{url[SCHEME.match(url).end() :]}"
 
 
 def local_path(url: str) -> str | None:
@@ -246,5 +286,3 @@ def _read_hub(url: str, max_bytes: int, timeout_s: float) -> bytes | None:
     except Exception:
         return None
     return _read_local(path, max_bytes)
-
-

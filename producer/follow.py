@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 
 import redis
 from rich.console import Console
@@ -15,7 +16,7 @@ from rich.text import Text
 from common.broker import check_redis, make_app, queue_length, send_job, task_metas
 from common.bulk import paused_gc
 from common.errors import InputError, JobCancelled, StoreError, WaitTimeout
-from common.leases import Ledger
+from common.leases import Ledger, WorkerRecord
 from common.manifest import FAILED_OR_CANCELLED, UNFINISHED, Batch, JobStatus
 from common.protocol import ENDED, RUNNING_STATES, ProgressReport, RenderResult, TaskState
 from common.retry import backoff
@@ -23,20 +24,22 @@ from common.settings import Settings, queue_for
 from common.store import Store, jobs_path, videos_present
 
 log = logging.getLogger("lorafleet.producer")
+# `wait` polls every 0.5 s after a change, and twice as long after each poll that saw none, up to
+# 2 s: a batch's jobs take seconds to minutes, and each poll is an MGET (Redis traffic grew with
+# every job's length before).
 POLL_INTERVAL_S = 0.5
-STORE_CHECK_EVERY = 20  # polls: look for finished videos in the store every 10 s
-WORKER_CHECK_EVERY = 10  # polls: look for live workers every 5 s (from the first poll on)
+MAX_POLL_INTERVAL_S = 2.0
+STORE_CHECK_S = 10.0  # look for finished videos in the store (and jobs found nowhere) this often
+WORKER_CHECK_S = 5.0  # look for live workers and their jobs' progress this often (their heartbeat's interval)
 NO_WORKER_REPEAT_S = 30
 PLAIN_SUMMARY_S = 30
 
 
-def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, ProgressReport]:
+def refresh(batch: Batch, app, store: Store | None = None) -> None:
     """Update the batch's unfinished entries from their tasks' results (read in bulk: one MGET
     per 10,000 tasks), and, given the store, from the videos already in it (the store is the
     truth: a worker killed after its upload but before its result reached Redis leaves a video
-    and no result); returns the progress report of each running
-    task by task id."""
-    running = {}
+    and no result)."""
     with paused_gc():  # a big batch: many small objects; a full collection would cost more than the poll
         tasks: dict[str, list[dict]] = {}
         for entry in batch.entries:
@@ -52,16 +55,23 @@ def refresh(batch: Batch, app, store: Store | None = None) -> dict[str, Progress
             elif state in RUNNING_STATES:
                 for entry in entries:
                     entry["status"] = JobStatus.RUNNING
-                if state == TaskState.PROGRESS and (report := parse_report(ProgressReport, meta["result"])):
-                    running[task_id] = report
     if store is not None:
         unfinished = [entry for entry in batch.entries if entry["status"] in UNFINISHED]
         present = videos_present(store, [entry["key"] for entry in unfinished])
         for entry in unfinished:
             if entry["key"] in present:
                 entry.update(status=JobStatus.DONE, error=None)
-                running.pop(entry["task_id"], None)
-    return running
+
+
+def progress_of(batch: Batch, live: list[WorkerRecord]) -> dict[str, ProgressReport]:
+    """The denoising progress of each running job of the batch, by task id, as its worker's
+    heartbeat last said it (every HEARTBEAT_S): progress costs Redis nothing per step."""
+    rendering = {w.job.key: w for w in live if w.job is not None and w.job.step is not None and w.job.steps}
+    return {
+        entry["task_id"]: ProgressReport(key=entry["key"], step=w.job.step, steps=w.job.steps, worker=w.worker)
+        for entry in batch.entries
+        if entry["status"] == JobStatus.RUNNING and (w := rendering.get(entry["key"])) is not None
+    }
 
 
 def parse_report(model, raw):
@@ -104,16 +114,24 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
     orphans: dict[str, int] = {}  # task id -> checks in a row it was found nowhere
     warned: dict[str, float] = {}  # queue nobody serves -> when that was last said
     started = time.monotonic()
-    polls, workers, outage = 0, 0, 0  # outage: failed polls in a row
+    next_store_check, next_worker_check = started + STORE_CHECK_S, started
+    workers, outage = 0, 0  # outage: failed polls in a row
+    interval, seen = POLL_INTERVAL_S, None
+    live: list[WorkerRecord] = []
     with view:
         while True:
-            polls += 1
+            now = time.monotonic()
             try:
-                running = refresh(batch, app, store if polls % STORE_CHECK_EVERY == 0 else None)
-                if polls % STORE_CHECK_EVERY == 0:
+                look_in_store = now >= next_store_check
+                refresh(batch, app, store if look_in_store else None)
+                if look_in_store:
                     resend_orphans(batch, app, store, ledger, orphans)
-                if polls % WORKER_CHECK_EVERY == 1:
-                    workers = warn_of_unserved_queues(batch, ledger, warned, console)
+                    next_store_check = now + STORE_CHECK_S
+                if now >= next_worker_check:
+                    live = ledger.live_workers()
+                    workers = warn_of_unserved_queues(batch, live, warned, console)
+                    next_worker_check = now + WORKER_CHECK_S
+                running = progress_of(batch, live)
             except (redis.RedisError, OSError, RuntimeError) as exc:  # Celery's result store says RuntimeError
                 outage += 1
                 view.note(f"Redis unreachable ({type(exc).__name__}), retrying")
@@ -123,23 +141,25 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
             view.update(running, eta_s(batch, workers))
             if not any(entry["status"] in UNFINISHED for entry in batch.entries):
                 break
+            standing = (Counter(entry["status"] for entry in batch.entries), running)
+            interval = POLL_INTERVAL_S if standing != seen else min(2 * interval, MAX_POLL_INTERVAL_S)
+            seen = standing
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 write_manifest_or_warn(batch, store, console)
                 raise WaitTimeout(
                     f"batch {batch.name}: {summary(batch)} after {timeout_s:g}s; the unfinished jobs stay queued: "
                     f"follow them with `lorafleet wait {batch.name}`"
                 )
-            time.sleep(POLL_INTERVAL_S)
+            time.sleep(interval)
     write_manifest_or_warn(batch, store, console)
     view.finish()
     return batch.count(JobStatus.DONE) == len(batch.entries)
 
 
-def warn_of_unserved_queues(batch: Batch, ledger: Ledger, warned: dict[str, float], console: Console) -> int:
-    """Say which queues the batch waits on that no live worker serves (each again every 30 s);
-    returns how many live workers serve the queues it waits on."""
+def warn_of_unserved_queues(batch: Batch, live: list[WorkerRecord], warned: dict[str, float], console: Console) -> int:
+    """Say which queues the batch waits on that no live worker (`live`) serves (each again every
+    30 s); returns how many live workers serve the queues it waits on."""
     aliases = {queue_for(e["model"]): e["model"] for e in batch.entries if e["status"] in UNFINISHED}
-    live = ledger.live_workers()
     served = {worker.queue for worker in live}
     now = time.monotonic()
     for queue, alias in aliases.items():

@@ -1,7 +1,9 @@
 """What tests check the way a user would: decoding videos, reading manifests, counting the queue."""
 
+import functools
 import json
 import re
+import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -130,3 +132,52 @@ def write_lora(folder, seed: int = 0, rank: int = 2, width: int = 32) -> str:
     with open(os.path.join(folder, "pytorch_lora_weights.safetensors"), "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded + b"".join(tensors))
     return str(folder)
+
+
+def app_for(env: dict):
+    """A Celery app on the fleet of `env` (its LORAFLEET_REDIS_URL)."""
+    from common.broker import make_app
+    from common.settings import Settings
+
+    return make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"]))
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """`predicate()`'s first true value, asked every `interval` s; fails the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def submit_one(job: dict, tmp_path, env: dict, *flags: str):
+    """`lorafleet submit` of a file holding this one job."""
+    from tests.conftest import lorafleet
+
+    jobs = tmp_path / "one-job.jsonl"
+    jobs.write_text(json.dumps(job) + "\n")
+    return lorafleet("submit", str(jobs), *flags, env=env)
+
+
+@functools.cache
+def _ledger(redis_url: str):
+    from common.leases import Ledger
+
+    return Ledger(redis_url, lease_s=30, ttl_s=60)
+
+
+def progress_of(result, env: dict) -> dict | None:
+    """A running job as its worker's heartbeat says it: {"worker", "key", "step", "steps"} (the
+    step is None before the first), or None while no worker says it runs the job."""
+    for record in _ledger(env["LORAFLEET_REDIS_URL"]).live_workers():
+        if record.job is not None and record.job.task_id == result.id:
+            return {"worker": record.worker, "key": record.job.key, "step": record.job.step, "steps": record.job.steps}
+    return None
+
+
+def long_job(seed: int, steps: int = 700) -> dict:
+    """A job of many small denoising steps: seconds of rendering on the tiny model."""
+    return {"prompt": "a paper boat floats down a stream", "seed": seed, "steps": steps, "height": 32, "width": 32}

@@ -2,7 +2,7 @@
 (workers/tasks.py), each a function or a context manager over the ledger in Redis
 (common/leases.py):
 
-    lease → count the delivery → check the message → pause → cancel → key lock → render → fence
+    lease → count the delivery → check the message → admit (pause, cancel) → key lock → render → fence
 
 and `accounting`, which turns however a delivery ended into one metric, one log line and the
 exception Celery should see. Each step raises to stop the delivery; none knows of the others.
@@ -19,12 +19,11 @@ from celery.exceptions import Ignore
 
 from common.errors import JobCancelled, LeaseLost, LorafleetError, StoreError, WorkerLost
 from common.job import Job
-from common.leases import Lease, Ledger
-from common.protocol import PausedReport, ProgressReport, TaskState
+from common.leases import Admission, Lease, Ledger
+from common.protocol import PausedReport, TaskState
 from workers.metrics import JOBS, STEP, STEPS
 
 log = logging.getLogger("lorafleet.worker")
-PROGRESS_INTERVAL_S = 0.5
 # Store and network trouble: tried again with back-off (the render by Celery, an upload by itself).
 RETRYABLE = (StoreError, redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
@@ -37,21 +36,21 @@ def count_delivery(ledger: Ledger, task_id: str, max_deliveries: int) -> int:
     return deliveries
 
 
-def set_aside_if_paused(task, ledger: Ledger, job: Job, task_id: str, message: dict, queue: str) -> None:
-    """A job of a paused batch is set aside in Redis, not started and not lost (`lorafleet resume`
-    sends it again under this task id): the delivery ends here, as PAUSED."""
-    if ledger.set_aside_if_paused(job.batch, task_id, message, queue):
+def admit(task, lease: Lease, job: Job, task_id: str, message: dict, queue: str) -> None:
+    """Start a job only if it may: a paused batch's job is set aside in Redis, not started and not
+    lost (`lorafleet resume` sends it again under this task id), and the delivery ends as PAUSED;
+    a cancelled batch's or job's is refused (JobCancelled). From here on the lease's heartbeat
+    watches the cancel flags, and the render stops at its next step once one is set."""
+    admission = lease.ledger.admit(job.batch, task_id, message, queue)
+    if admission == Admission.SET_ASIDE:
         JOBS.labels("paused").inc()
         log.info("%s: %s set aside: batch %s is paused", task.worker, job.key[:12], job.batch)
         task.update_state(state=TaskState.PAUSED, meta=PausedReport(key=job.key, batch=job.batch).model_dump())
         raise Ignore()
-
-
-def refuse_if_cancelled(ledger: Ledger, batch: str | None, task_id: str, step: str = "") -> None:
-    """Raise JobCancelled if the job or its batch was cancelled (`step`: where a render stopped)."""
-    if ledger.is_cancelled(batch, task_id):
-        what = f"batch {batch}" if ledger.is_cancelled(batch) else "the job"
-        raise JobCancelled(f"{what} was cancelled{step}")
+    if admission != Admission.GO:
+        what = f"batch {job.batch}" if admission == Admission.BATCH_CANCELLED else "the job"
+        raise JobCancelled(f"{what} was cancelled")
+    lease.watch_cancel(job.batch)
 
 
 @dataclass
@@ -89,7 +88,7 @@ def accounting(task, task_id: str) -> Iterator[Outcome]:
     finally:
         STEP.set(0)
         STEPS.set(0)
-        task.health.job = None
+        task.health.set_job(None)
         if not outcome.handed_off:  # however it ended, its worker was not lost
             task.ledger.delivered_cleanly(task_id)
 
@@ -103,18 +102,17 @@ def report_failure(worker: str, key: str, exc: BaseException, while_doing: str =
         log.exception("%s: %s failed with an unexpected error%s", worker, key[:12], while_doing)
 
 
-def progress_reporter(task, lease: Lease, job: Job, task_id: str | None = None, health=None):
-    """The per-step callback of a render: stop at once when the lease is lost; every
-    PROGRESS_INTERVAL_S, stop if the job or its batch was cancelled, else report the step. The
-    report is fenced too, so a worker waking from a pause never overwrites the result of the
-    delivery that took its job over. The step and the seconds per step go to the worker's
-    heartbeat (`top`)."""
-    last_report = 0.0
+def progress_reporter(lease: Lease, health=None):
+    """The per-step callback of a render, with no Redis round trip: stop at once when the lease's
+    heartbeat found the lease lost or the job or its batch cancelled; else put the step and the
+    seconds per step in the worker's metrics and heartbeat, which is where `wait` and `top` read a
+    running job's progress (a result-backend write per report cost five commands every half second)."""
     first_step_at = None
 
     def progress(step: int, steps: int) -> None:
-        nonlocal last_report, first_step_at
+        nonlocal first_step_at
         lease.check()
+        lease.check_cancelled(f" (stopped at step {step} of {steps})")
         STEP.set(step)
         STEPS.set(steps)
         now = time.monotonic()
@@ -122,11 +120,7 @@ def progress_reporter(task, lease: Lease, job: Job, task_id: str | None = None, 
         if health is not None and health.job is not None:
             pace = (now - first_step_at) / (step - 1) if step > 1 else None
             health.job = {**health.job, "step": step, "steps": steps, "step_s": pace}
-        if step == steps or now - last_report >= PROGRESS_INTERVAL_S:
-            last_report = now
-            refuse_if_cancelled(lease.ledger, job.batch, task_id, f" (stopped at step {step} of {steps})")
-            lease.confirm()
-            report = ProgressReport(key=job.key, step=step, steps=steps, worker=task.worker)
-            task.update_state(state=TaskState.PROGRESS, meta=report.model_dump())
+            if step == steps:  # denoised: said at once, as a job's start and end are
+                health.wake.set()
 
     return progress

@@ -7,6 +7,7 @@ broker, then 200; `/healthz` is 200 while the process serves and its heartbeat t
 are module-level (one worker per process); the caches and GPU memory are read at scrape time.
 """
 
+import threading
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -63,6 +64,13 @@ class Health:
         self.last_beat: float | None = None  # monotonic time of the last heartbeat written to Redis
         self.job: dict | None = None  # the job running now: RunningJob's fields ("since": a Unix time)
         self.about: dict = {}  # what the worker is: {"device", "model", "tier"}
+        self.wake = threading.Event()  # set: the heartbeat beats now instead of at its next interval
+
+    def set_job(self, job: dict | None) -> None:
+        """The job this worker starts (None: it ended), said by the heartbeat at once: `wait` and
+        `top` see a job start and end without waiting out an interval."""
+        self.job = job
+        self.wake.set()
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()

@@ -28,11 +28,10 @@ from common.store import Store, output_uris, video_exists
 from workers.delivery import (
     RETRYABLE,
     accounting,
+    admit,
     count_delivery,
     progress_reporter,
-    refuse_if_cancelled,
     report_failure,
-    set_aside_if_paused,
 )
 from workers.evaluator import Evaluator
 from workers.metrics import EVALUATIONS, JOBS, Health
@@ -90,8 +89,7 @@ class RenderTask(LorafleetTask):
             deliveries = count_delivery(self.ledger, task_id, self.settings.max_deliveries)
             job = self.check(message)
             outcome.key = job.key
-            set_aside_if_paused(self, self.ledger, job, task_id, message, self.queue)
-            refuse_if_cancelled(self.ledger, job.batch, task_id)
+            admit(self, lease, job, task_id, message, self.queue)
             # One look at the store per job, once the lock is ours: on S3 each look is a request
             # while the GPU waits.
             done = lambda: video_exists(self.store, job.key)  # noqa: E731
@@ -123,8 +121,8 @@ class RenderTask(LorafleetTask):
     def render(self, job: Job, lease: Lease, deliveries: int, task_id: str) -> Rendered:
         """Render a checked job whose key lock is ours."""
         log.info("%s: %s started (%s), delivery %d", self.worker, job.key[:12], job.id or job.prompt[:40], deliveries)
-        self.health.job = {"key": job.key, "since": time.time(), "batch": job.batch}
-        return render_frames(self.renderer, job, progress_reporter(self, lease, job, task_id, self.health))
+        self.health.set_job({"key": job.key, "task_id": task_id, "since": time.time(), "batch": job.batch})
+        return render_frames(self.renderer, job, progress_reporter(lease, self.health))
 
     def upload_later(self, rendered: Rendered, lease: Lease, held: ExitStack, task_id: str) -> None:
         """Encode and upload in the background (after the upload before it) while this worker takes

@@ -16,7 +16,7 @@ from celery import signals as celery_signals
 
 from common.broker import make_app
 from common.errors import ExitCode, LorafleetError
-from common.leases import Ledger, run_heartbeat, run_sweeper
+from common.leases import Ledger, run_cancel_listener, run_heartbeat, run_sweeper
 from common.model import model_info
 from common.settings import Settings, queue_for
 from common.store import Store
@@ -146,6 +146,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         name="sweeper",
     )
     sweeper.start()
+    threading.Thread(target=run_cancel_listener, args=(ledger, stop, name), daemon=True, name="cancels").start()
 
     def on_ready(**_):
         # Celery says ready once it consumes from the broker: only now is this worker READY.
@@ -188,6 +189,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         code = 0
     render_task.uploads.wait()  # the last job's video into the store before its lease goes
     stop.set()
+    health.wake.set()  # the heartbeat, waiting for its next beat, sees the stop now
     ledger.forget_worker(name)
     log.info("%s: stopped after %d render(s); %s", name, renderer.rendered, renderer.cache_stats())
     return code

@@ -12,49 +12,28 @@ import pytest
 import redis as redis_client
 from celery.result import AsyncResult
 
-from common.broker import make_app
 from common.protocol import TASK_NAME, queue_lists
-from common.settings import Settings
 from lorafleet.redis_server import RedisServer
 from tests.conftest import REPO, lorafleet
-from tests.helpers import decode_video, queued_messages, read_manifest, render_records
+from tests.helpers import (
+    app_for,
+    decode_video,
+    long_job,
+    progress_of,
+    queued_messages,
+    read_manifest,
+    render_records,
+    submit_one,
+    wait_for,
+)
 from workers.supervisor import stop_worker
 
 pytestmark = pytest.mark.integration
 
 
-def app_for(env: dict):
-    return make_app(Settings(redis_url=env["LORAFLEET_REDIS_URL"]))
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def submit_one(job: dict, tmp_path, env: dict, *flags: str):
-    """`lorafleet submit` of a file holding this one job."""
-    jobs = tmp_path / "one-job.jsonl"
-    jobs.write_text(json.dumps(job) + "\n")
-    return lorafleet("submit", str(jobs), *flags, env=env)
-
-
-def progress_of(result):
-    return result.info if result.state == "PROGRESS" and isinstance(result.info, dict) else None
-
-
 @pytest.fixture
 def fast_leases(fleet_env) -> dict:
     return {**fleet_env, "LORAFLEET_LEASE_S": "2"}
-
-
-def long_job(seed: int, steps: int = 700) -> dict:
-    return {"prompt": "a paper boat floats down a stream", "seed": seed, "steps": steps, "height": 32, "width": 32}
 
 
 @pytest.mark.parametrize("planted", [False, True], ids=["clean", "malformed-records-in-redis"])
@@ -67,7 +46,7 @@ def test_a_job_whose_worker_is_killed_completes_on_another_worker(fast_leases, s
         client.set("lorafleet:worker:forged", json.dumps({"worker": "forged", "queue": "render"}), ex=600)
     workers = [start_worker(fast_leases), start_worker(fast_leases)]
     result = app_for(fast_leases).send_task(TASK_NAME, args=[long_job(1)])
-    info = wait_for(lambda: progress_of(result), 60, "the job to start")
+    info = wait_for(lambda: progress_of(result, fast_leases), 60, "the job to start")
     victim = next(w for w in workers if w.worker == info["worker"])
     survivor = next(w for w in workers if w is not victim)
     os.killpg(victim.pid, signal.SIGKILL)
@@ -142,7 +121,7 @@ def test_redis_restarts_that_lose_everything_lose_no_job(tiny, tmp_path, start_w
 def test_sigterm_lets_a_busy_worker_finish_its_job(fleet_env, start_worker):
     worker = start_worker(fleet_env)
     result = app_for(fleet_env).send_task(TASK_NAME, args=[long_job(3)])
-    wait_for(lambda: progress_of(result), 60, "the job to start")
+    wait_for(lambda: progress_of(result, fleet_env), 60, "the job to start")
     os.killpg(worker.pid, signal.SIGTERM)
     assert result.get(timeout=120)["status"] == "done"
     assert worker.wait(timeout=60) == 0
@@ -170,7 +149,7 @@ def test_cancel_stops_a_batch_and_retry_finishes_it(fleet_env, start_worker, tmp
     assert submitted.returncode == 0, submitted.stderr
     (first, *_) = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "stop-me", "manifest.jsonl"))
     running = AsyncResult(first["task_id"], app=app_for(fleet_env))
-    wait_for(lambda: progress_of(running), 60, "the first job to start")
+    wait_for(lambda: progress_of(running, fleet_env), 60, "the first job to start")
     assert lorafleet("cancel", "stop-me", env=fleet_env).returncode == 0
     wait_for(
         lambda: lorafleet("status", "stop-me", env=fleet_env).stdout.count("cancelled") >= 4, 60, "all cancelled", 1
@@ -220,7 +199,7 @@ def test_a_worker_told_to_stop_now_hands_its_job_back(fast_leases, start_worker,
     env = {**fast_leases, "LORAFLEET_SHUTDOWN_TIMEOUT_S": "1" if how == "shutdown timeout" else "600"}
     busy, spare = start_worker(env), start_worker(env)
     result = app_for(env).send_task(TASK_NAME, args=[{**long_job(4, steps=1000), "height": 64, "width": 64}])
-    info = wait_for(lambda: progress_of(result), 60, "the job to start")
+    info = wait_for(lambda: progress_of(result, env), 60, "the job to start")
     busy, spare = (busy, spare) if info["worker"] == busy.worker else (spare, busy)
     os.killpg(busy.pid, signal.SIGTERM)
     if how == "second SIGTERM":
@@ -318,7 +297,7 @@ def test_a_worker_lost_once_its_frames_are_rendered_leaves_one_whole_video(fast_
     workers = [start_worker(fast_leases), start_worker(fast_leases)]
     job = {"prompt": "a paper boat", "seed": 8, "steps": 30, "num_frames": 49, "height": 96, "width": 96}
     result = app_for(fast_leases).send_task(TASK_NAME, args=[job])
-    info = wait_for(lambda: (p := progress_of(result)) and p["step"] == p["steps"] and p, 120, "the last step")
+    info = wait_for(lambda: (p := progress_of(result, fast_leases)) and p["step"] == p["steps"] and p, 120, "the last step")
     victim = next(w for w in workers if w.worker == info["worker"])
     survivor = next(w for w in workers if w is not victim)
     os.killpg(victim.pid, how)

@@ -15,8 +15,17 @@ from common.adapters import content_hash
 from common.jobs_file import job_from_message
 from common.model import model_info
 from tests.conftest import lorafleet
-from tests.helpers import default_limits, read_manifest, render_records, resolver_for
-from tests.integration.test_faults import app_for, long_job, progress_of, submit_one, wait_for
+from tests.helpers import (
+    app_for,
+    default_limits,
+    long_job,
+    progress_of,
+    read_manifest,
+    render_records,
+    resolver_for,
+    submit_one,
+    wait_for,
+)
 from tests.unit.test_corpus import CORPUS
 
 pytestmark = pytest.mark.integration
@@ -67,7 +76,7 @@ def test_a_worker_paused_past_its_lease_writes_nothing(fleet_env, start_worker):
     workers = [start_worker(env), start_worker(env)]
     job = {**long_job(7, steps=1000), "height": 96, "width": 96}  # seconds of rendering: paused mid-render
     result = app_for(env).send_task("lorafleet.render", args=[job])
-    info = wait_for(lambda: progress_of(result), 60, "the job to start")
+    info = wait_for(lambda: progress_of(result, env), 60, "the job to start")
     paused = next(w for w in workers if w.worker == info["worker"])
     other = next(w for w in workers if w is not paused)
     os.killpg(paused.pid, signal.SIGSTOP)

@@ -5,12 +5,14 @@ survives whatever one round raises."""
 import json
 import logging
 import threading
+import time
 
 import pytest
 from kombu.exceptions import OperationalError
 
-from common.leases import Ledger, RunningEntry, run_sweeper
-from common.protocol import RUNNING, worker_key
+from common.errors import JobCancelled, LeaseLost
+from common.leases import Admission, Ledger, RunningEntry, run_cancel_listener, run_sweeper
+from common.protocol import CANCELS, RUNNING, worker_key
 
 pytestmark = pytest.mark.unit
 
@@ -74,3 +76,68 @@ def test_a_dead_sweeper_stops_its_worker():
     with pytest.raises(RuntimeError):
         run_sweeper(Ledger("redis://127.0.0.1:1/0", 1, 1), lambda *_: None, Broken(), "w", on_death=lambda: told.append(1))
     assert told == [1]
+
+
+def test_admission_sets_a_paused_batchs_job_aside_and_refuses_a_cancelled_one(ledger):
+    message = {"prompt": "a cat", "seed": 1}
+    assert ledger.admit("b1", "t1", message, "render") == Admission.GO
+    assert ledger.admit(None, "t1", message, "render") == Admission.GO
+    ledger.pause("b1")
+    assert ledger.admit("b1", "t2", message, "render") == Admission.SET_ASIDE
+    assert [job["task_id"] for job in ledger.resume("b1")] == ["t2"]  # sent again on resume
+    assert ledger.admit("b1", "t3", message, "render") == Admission.GO  # resumed: nothing set aside any more
+    ledger.cancel("b1", ["t4"])
+    assert ledger.admit("b1", "t4", message, "render") == Admission.JOB_CANCELLED
+    assert ledger.admit(None, "t4", message, "render") == Admission.JOB_CANCELLED
+    assert ledger.admit("b1", "t5", message, "render") == Admission.GO
+    ledger.cancel("b1")
+    assert ledger.admit("b1", "t5", message, "render") == Admission.BATCH_CANCELLED
+
+
+def test_a_lease_is_fenced_its_extension_compares_the_token_and_reads_the_cancel_flags(ledger):
+    with ledger.running("t1", {"prompt": "x"}, "render", "w") as lease:
+        lease.watch_cancel("b2")
+        time.sleep(0.3)  # extended every lease_s / 3 while the token is ours
+        lease.check()
+        lease.confirm()
+        assert ledger.redis.pttl(lease.name) > 0
+        ledger.redis.set("lorafleet:cancelled:b2", 1)  # a flag whose notice was missed
+        wait_until(lambda: lease.cancelled == "batch b2")
+        with pytest.raises(JobCancelled, match="batch b2 was cancelled at step 3"):
+            lease.check_cancelled(" at step 3")
+        ledger.redis.set(lease.name, "another delivery's token")  # taken over while this one was paused
+        wait_until(lambda: lease.lost.is_set())
+        with pytest.raises(LeaseLost):
+            lease.check()
+        with pytest.raises(LeaseLost):
+            lease.confirm()
+    # Released only while ours: the delivery that took the job over keeps its lease.
+    assert ledger.redis.get(lease.name) == b"another delivery's token"
+
+
+def test_a_cancel_notice_stops_the_running_job_it_names_at_once(redis_url):
+    ledger = Ledger(redis_url, lease_s=600, ttl_s=60)  # its extension would find a flag only in 200 s
+    stop = threading.Event()
+    listener = threading.Thread(target=run_cancel_listener, args=(ledger, stop, "w"), daemon=True)
+    listener.start()
+    try:
+        with ledger.running("t1", {}, "render", "w") as one, ledger.running("t2", {}, "render", "w") as two:
+            one.watch_cancel("b3")
+            two.watch_cancel("b3")
+            ledger.redis.publish(CANCELS, b"{not json")  # anyone can publish: skipped
+            time.sleep(0.2)  # subscribed by now
+            ledger.cancel("b3", ["t2"])
+            wait_until(lambda: two.cancelled == "the job")
+            assert one.cancelled is None
+            ledger.cancel("b3")
+            wait_until(lambda: one.cancelled == "batch b3")
+    finally:
+        stop.set()
+        listener.join(timeout=5)
+
+
+def wait_until(predicate, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
