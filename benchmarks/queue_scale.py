@@ -5,8 +5,9 @@ per-job queue overhead of a running worker.
     python benchmarks/queue_scale.py --sizes 200 --overhead-jobs 10   # a smoke run (the test suite's)
 
 Against a private Redis and a local store, on the tiny model, in this process:
-  submit    `producer.submit.submit` of an N-line jobs file: check every line, key it, look for its
-            video in the store, write the manifest and jobs, enqueue (no worker runs)
+  submit    `producer.submit.submit` of an N-line jobs file whose jobs all name one adapter (as a
+            sweep's do): check every line, resolve the adapter, key it, look for its video in the
+            store, write the manifest and jobs, enqueue (no worker runs)
   peak MB   the largest resident size of this process so far (Linux ru_maxrss), after the submit
   poll      one `producer.follow.refresh` of the N-job batch: what `wait` does every 0.5 s
   status    `producer.follow.status`: load the manifest, refresh, write it, print the counts
@@ -45,11 +46,15 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(size: int, settings: Settings, work: str) -> dict:
+def measure(size: int, settings: Settings, work: str, adapter: str) -> dict:
     path = os.path.join(work, f"jobs-{size}.jsonl")
     with open(path, "w") as f:
         for i in range(size):
-            f.write(json.dumps({"id": f"job{i}", "prompt": "a cat walks along the beach", "seed": i}) + "\n")
+            job = {
+                "id": f"job{i}", "prompt": f"a cat walks along the beach {i % 97}", "seed": i, "steps": 2,
+                "num_frames": 9, "height": 32, "width": 32, "adapters": [{"uri": adapter, "weight": 0.7}],
+            }  # fmt: skip
+            f.write(json.dumps(job) + "\n")
     started = time.perf_counter()
     batch = submit(path, settings, f"scale-{size}")
     row = {"submit (s)": time.perf_counter() - started, "peak MB": peak_mb()}
@@ -103,7 +108,7 @@ def main() -> None:
             "LORAFLEET_MODEL": paths["model"],
             "LORAFLEET_ADAPTER_CACHE_DIR": os.path.join(work, "adapter-cache"),
         }
-        rows = {size: measure(size, settings_of(env), work) for size in args.sizes}
+        rows = {size: measure(size, settings_of(env), work, paths["style"]) for size in args.sizes}
     overhead = worker_overhead(env, args.overhead_jobs, work) if args.overhead_jobs else []
 
     print(f"\nbig batches on this machine ({os.cpu_count()} cores), private Redis, local store\n")

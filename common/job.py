@@ -98,7 +98,8 @@ def adapter_combination(adapters: Iterable, lora_scale: float) -> tuple[tuple[st
     for adapter in adapters:
         get = adapter.get if isinstance(adapter, dict) else lambda name, a=adapter: getattr(a, name)
         terms.append({"sha256": get("sha256"), "weight": float(get("weight")), "alpha": get("alpha")})
-    terms.sort(key=lambda term: json.dumps(term, sort_keys=True))
+    if len(terms) > 1:
+        terms.sort(key=lambda term: json.dumps(term, sort_keys=True))
     return tuple((term["sha256"], term["weight"], term["alpha"]) for term in terms)
 
 

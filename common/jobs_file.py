@@ -50,6 +50,7 @@ class AdapterResolver:
         self.policy = policy
         self._seen: dict[str, AdapterFile | AdapterError] = {}
         self._images: dict[str, ImageFile | AdapterError] = {}
+        self._fits: set[tuple[str, str]] = set()  # (adapter hash, model) found to fit the model's layers
 
     @classmethod
     def from_settings(cls, settings, store: Store | None) -> "AdapterResolver":
@@ -66,19 +67,21 @@ class AdapterResolver:
 
     def adapter(self, adapter, model: ModelInfo, given: bool = False) -> ResolvedAdapter:
         """A job's adapter term resolved: its file found and read (and checked against the model's
-        layers when they are known), or, `given`, the URL and hash it carries, within the policy."""
+        layers when they are known, once per file), or, `given`, the URL and hash it carries,
+        within the policy."""
         if given:
             return _resolved(
                 adapter.uri, adapter.weight, adapter.alpha, adapter.name, self.allowed(adapter.url), adapter.sha256
             )
         found = self.resolve(adapter.uri)
-        if model.linear_layers:  # the model's architecture is known: check the adapter fits it now
+        if model.linear_layers and (found.sha256, model.ref) not in self._fits:
             try:
                 check_shapes(
                     detect_layout(list(found.tensors), model.linear_layers), found.shapes(), model.linear_layers
                 )
             except AdapterError as exc:
                 raise AdapterError(f'adapter "{adapter.uri}": {exc}') from None
+            self._fits.add((found.sha256, model.ref))  # a sweep's thousands of jobs name a few adapters
         return _resolved(adapter.uri, adapter.weight, adapter.alpha, adapter.name, found.url, found.sha256)
 
     def input_image(self, image, given: bool = False) -> ResolvedImage:

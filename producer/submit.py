@@ -2,7 +2,7 @@
 
 import uuid
 
-from common.broker import check_redis, make_app, send_job
+from common.broker import check_redis, make_app, send_jobs
 from common.bulk import paused_gc
 from common.job import Job
 from common.jobs_file import load_jobs_for
@@ -10,8 +10,6 @@ from common.leases import Ledger
 from common.manifest import Batch, JobStatus
 from common.settings import Settings
 from common.store import Store, videos_present
-
-SEND_BATCH = 1000
 
 
 def submit(path: str, settings: Settings, batch_name: str | None = None, priority: str = "normal") -> Batch:
@@ -50,14 +48,5 @@ def enqueue(jobs: list[Job], batch: Batch, store: Store, settings: Settings) -> 
     Ledger.from_settings(settings).forget_batch(batch.name)
     batch.write_jobs(store, jobs)
     batch.write_manifest(store)
-    app = make_app(settings)
-    # Celery's task-sent events would double the messages of a big batch; Flower still sees each
-    # job from the moment a worker receives it, and `lorafleet exporter` counts the queue.
-    app.conf.task_send_sent_event = False
-    # Nor does this process wait on any result (`wait` polls them in bulk): Celery's Redis backend
-    # would subscribe to, then unsubscribe from, every job's result channel, two round trips each.
-    app.backend.on_task_call = lambda producer, task_id: None
-    with app.producer_or_acquire() as producer, producer.batch(SEND_BATCH):  # one Redis round trip per SEND_BATCH jobs
-        for job, task_id in to_send:
-            send_job(app, job.message(batch.name), task_id, producer=producer)
+    send_jobs(make_app(settings), ((job.message(batch.name), task_id, None) for job, task_id in to_send))
     return batch

@@ -1,0 +1,61 @@
+"""Jobs are sent as Celery itself sends them: a message `send_jobs` builds is, field for field, the
+one Celery's `send_task` pushes (only the ids differ), on the list of its queue and priority.
+A real worker consuming them is tested with every submit (tests/integration)."""
+
+import base64
+import json
+
+import pytest
+import redis
+
+from common.broker import make_app, send_jobs
+from common.protocol import PRIORITIES, TASK_NAME, queue_lists
+from common.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+
+def pushed(client, name: str) -> list[dict]:
+    """The envelopes on a Redis list, oldest first, with their bodies decoded."""
+    found = [json.loads(raw) for raw in reversed(client.lrange(name, 0, -1))]
+    for envelope in found:
+        envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
+    return found
+
+
+def without_ids(envelope: dict, task_id: str) -> str:
+    """An envelope as text, its task id and delivery tag replaced by placeholders."""
+    envelope["properties"]["delivery_tag"] = "TAG"
+    return json.dumps(envelope, sort_keys=True).replace(task_id, "ID")
+
+
+@pytest.mark.parametrize("priority", ["high", "normal", "low"])
+def test_a_sent_job_is_what_celerys_send_task_pushes(redis_url, priority):
+    app = make_app(Settings(redis_url=redis_url))
+    client = redis.Redis.from_url(redis_url)
+    queue = "render.test-" + priority
+    client.delete(*queue_lists(queue))
+    message = {"prompt": "a cat", "seed": 1, "key": "ab" * 32, "batch": "b1", "priority": priority}
+    label = f"[job {'ab' * 6} of batch b1]"
+    app.send_task(
+        TASK_NAME, args=[message], queue=queue, task_id="celery-own-id", priority=PRIORITIES[priority],
+        argsrepr=label, kwargsrepr="{}", declare=[],
+    )  # fmt: skip
+    assert send_jobs(app, [(message, "lorafleet-id", queue)]) == 1
+    (name,) = [name for name in queue_lists(queue) if client.llen(name)]
+    assert name == queue_lists(queue)[[0, 3, 6, 9].index(PRIORITIES[priority])]
+    celerys, ours = pushed(client, name)
+    assert ours["body"][0] == [message] and ours["headers"]["argsrepr"] == label
+    assert without_ids(ours, "lorafleet-id") == without_ids(celerys, "celery-own-id")
+    client.delete(*queue_lists(queue))
+
+
+def test_many_jobs_go_in_pipelines_and_in_order(redis_url):
+    app = make_app(Settings(redis_url=redis_url))
+    client = redis.Redis.from_url(redis_url)
+    queue = "render.test-many"
+    sent = send_jobs(app, (({"prompt": f"p{i}", "seed": i}, f"id-{i}", queue) for i in range(25)), chunk=10)
+    assert sent == 25
+    found = pushed(client, queue_lists(queue)[1])  # "normal": the default priority
+    assert [envelope["headers"]["id"] for envelope in found] == [f"id-{i}" for i in range(25)]
+    client.delete(*queue_lists(queue))
