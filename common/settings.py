@@ -154,6 +154,11 @@ class Settings(BaseSettings):
         "is set: the first worker of a model, precision, size, GPU and software versions saves them signed, later "
         "ones load only entries with the fleet's signature and compile in seconds.",
     )
+    prefetch_weights: bool = Field(
+        True,
+        description="While a worker imports torch and diffusers, read its local model folder's weight files in the "
+        "background into the page cache, so that loading them reads memory, not the disk.",
+    )
     compile_cache_secret: SecretStr | None = Field(
         None,
         description="A secret the fleet's workers share: compile artifacts are signed with it, and an entry without "
