@@ -11,9 +11,10 @@ one (adapter a2, a new prompt: a variant switch and a T5 pass, as a fleet's next
 
   diffusers          diffusers' own CogVideoXPipeline, eager, each adapter loaded and fused as its
                      docs show
-  TIER[-compiled[-whole]]
+  TIER[-compiled[-whole]][-fa4]
                      lorafleet's Renderer in TIER (bf16 or fp8); compiled at start (by blocks, the
-                     default, or `-whole`: LORAFLEET_COMPILE_SCOPE) with the compile artifacts in
+                     default, or `-whole`: LORAFLEET_COMPILE_SCOPE); `-fa4`: with FlashAttention-4 as
+                     its attention kernel (workers/attention.py); with the compile artifacts in
                      --store (shared by the runs before it); `:cold` with an empty store (what it
                      compiles is then copied into --store)
 
@@ -116,7 +117,7 @@ def run_diffusers(args, paths: dict) -> dict:
     return row
 
 
-def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str) -> dict:
+def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str, attention: str = "sdpa") -> dict:
     """A worker's Renderer in one tier: the two jobs, the switches back, then its output on the probe."""
     from common.settings import Settings
     from workers.fp8 import is_fp8
@@ -129,7 +130,7 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str)
         compile_scope=scope,
         compile_cache_secret="render-speed",  # the runs share signed artifacts, as a fleet with its secret does
     )
-    renderer = Renderer(paths["model"], "cuda", settings, "bench", precision, compiled)
+    renderer = Renderer(paths["model"], "cuda", settings, "bench", precision, compiled, attention)
     info = renderer.info
     row = {"start to ready s": time.time() - args.started, "compile s": renderer.compile_seconds}
     layers = sorted(renderer.variants.linears)
@@ -186,7 +187,8 @@ def run_one(args) -> None:
         row = run_diffusers(args, paths)
     else:
         tier = name.split("-")
-        row = run_lorafleet(args, paths, tier[0], "compiled" in tier, "whole" if "whole" in tier else "blocks")
+        scope, attention = "whole" if "whole" in tier else "blocks", "fa4" if "fa4" in tier else "sdpa"
+        row = run_lorafleet(args, paths, tier[0], "compiled" in tier, scope, attention)
     row["peak GB"] = torch.cuda.max_memory_allocated() / GB
     print("RESULT " + json.dumps(row), flush=True)
 

@@ -136,5 +136,7 @@ def key_of(job: dict, model: ModelInfo) -> str:
         decisive["image"] = job["image"].sha256
     if model.precision != "bf16":  # fp8 weights give other pixels than bf16's
         decisive["precision"] = model.precision
+    if model.attention != "sdpa":  # another attention kernel rounds otherwise
+        decisive["attention"] = model.attention
     canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

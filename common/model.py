@@ -27,6 +27,7 @@ class ModelInfo:
     takes_image: bool = False  # an image-to-video model: every job gives an `image`
     fixed_size: bool = False  # learned positional embeddings (CogVideoX-5B-I2V): only its own height × width
     precision: str = "bf16"  # the weights as the workers run them: fp8 changes pixels, so it is in the key
+    attention: str = "sdpa"  # the attention kernel the workers run: fa4 rounds otherwise, so it is in the key
     # The transformer's linear layers, name -> (out_features, in_features): what adapters may target.
     linear_layers: dict = field(default_factory=dict, compare=False)
 
@@ -70,8 +71,9 @@ def _read_config(ref: str, relpath: str) -> dict:
 
 
 @lru_cache(maxsize=16)
-def model_info(ref: str, precision: str = "bf16") -> ModelInfo:
-    """The ModelInfo of a pipeline folder or hub id, read from its config files, run in `precision`."""
+def model_info(ref: str, precision: str = "bf16", attention: str = "sdpa") -> ModelInfo:
+    """The ModelInfo of a pipeline folder or hub id, read from its config files, run in `precision`
+    with the `attention` kernel."""
     if os.path.isdir(ref):
         ref = os.path.abspath(ref)  # one folder has one identity, however it was named
     pipeline = _read_config(ref, "model_index.json")
@@ -96,6 +98,7 @@ def model_info(ref: str, precision: str = "bf16") -> ModelInfo:
         takes_image="ImageToVideo" in pipeline.get("_class_name", ""),
         fixed_size=bool(transformer.get("use_learned_positional_embeddings")),
         precision=precision,
+        attention=attention,
         linear_layers=cogvideox_linear_layers(transformer),
     )
 
@@ -137,6 +140,6 @@ def model_resolver(settings):
         if alias is not None and not isinstance(alias, str):
             raise ModelError(f"must be a model alias (a string), got {json.dumps(alias)}")
         tier = settings.model_tier(alias)
-        return model_info(tier.ref, tier.precision)
+        return model_info(tier.ref, tier.precision, tier.attention)
 
     return model_for

@@ -392,7 +392,7 @@ def render(settings: Settings, console: Console, file, out, batch, gpu, device, 
     update = {"store_url": out} if out else {}
     if alias:  # the jobs that name no model render on ALIAS's
         tier = settings.model_tier(alias)
-        update.update(model=tier.ref, precision=tier.precision, compile=tier.compile)
+        update.update(model=tier.ref, precision=tier.precision, compile=tier.compile, attention=tier.attention)
     settings = _with_compile(settings.model_copy(update=update), compile_)
     rendered = render_file(file, settings, where, console, batch)
     return ExitCode.JOBS_FAILED if rendered.count(JobStatus.FAILED) else ExitCode.OK

@@ -26,7 +26,9 @@ def render_file(path: str, settings: Settings, device: str, console: Console, ba
         alias = job.model
         if alias not in renderers:
             tier = settings.model_tier(alias)
-            renderers[alias] = Renderer(tier.ref, device, settings, f"local-{device}", tier.precision, tier.compile)
+            renderers[alias] = Renderer(
+                tier.ref, device, settings, f"local-{device}", tier.precision, tier.compile, tier.attention
+            )
         entry = batch.add(store, job, JobStatus.RUNNING)
         console.print(f"[{number}/{len(jobs)}] {job.key[:12]} {job.id or job.prompt[:50]}", markup=False)
         try:

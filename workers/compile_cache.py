@@ -44,10 +44,18 @@ MAX_DESCRIPTION_BYTES = 64 * 1024
 
 
 def identity(
-    transformer_config: dict, precision: str, size: tuple[int, int, int], backend: str, scope: str, device
+    transformer_config: dict,
+    precision: str,
+    size: tuple[int, int, int],
+    backend: str,
+    scope: str,
+    device,
+    attention: str = "sdpa",
 ) -> dict:
     """Everything compiled code depends on: the architecture (not the weights: a fine-tune shares
-    its base's artifacts), the precision, the render size, the GPU's architecture, the software."""
+    its base's artifacts), the precision and attention kernel, the render size, the GPU's
+    architecture, the software. (The kernel is named only when it is not sdpa: the entries shared
+    before kernels could be chosen stay valid.)"""
     architecture = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     device = torch.device(device)
     if device.type == "cuda":
@@ -65,6 +73,7 @@ def identity(
         "cuda": torch.version.cuda,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         **{package: _version(package) for package in ("torch", "triton", "diffusers", "torchao")},
+        **({"attention": attention} if attention != "sdpa" else {}),
     }
 
 

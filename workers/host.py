@@ -14,6 +14,7 @@ from common.errors import MemoryBudgetError
 from common.model import ModelInfo, model_info
 from common.settings import Settings
 from common.store import Store
+from workers.attention import check_kernel, use_kernel
 from workers.compile_cache import CompileCache, identity
 from workers.fp8 import SavedWeights, check_fp8_device, quantize_transformer
 from workers.memory import (
@@ -41,15 +42,25 @@ class PipelineHost:
     """One model's pipeline on one device, loaded, placed and in its tier. `originals` holds the
     bf16 weights from before fp8 quantization (None in bf16), which every fused variant is built from."""
 
-    def __init__(self, model_ref: str, device: str, settings: Settings, worker: str, precision: str = "bf16"):
+    def __init__(
+        self,
+        model_ref: str,
+        device: str,
+        settings: Settings,
+        worker: str,
+        precision: str = "bf16",
+        attention: str = "sdpa",
+    ):
         self.started = time.perf_counter()
         self.device = torch.device(device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self.worker = worker
         self.precision = precision
+        self.attention = attention
         if precision == "fp8":
             check_fp8_device(self.device)
-        self.info: ModelInfo = model_info(model_ref, precision)
+        check_kernel(attention, self.device)
+        self.info: ModelInfo = model_info(model_ref, precision, attention)
         self.store = Store(settings.store_url)  # the fleet's: adapters, images and compile artifacts
         self.budget = memory_budget(settings.gpu_memory_gb, self.device)  # before loading: the card's free memory
         # Loaded on the host, weighed, then placed on the device as the memory plan says.
@@ -76,6 +87,7 @@ class PipelineHost:
         self._place()
         if precision == "fp8":
             quantize_transformer(self.pipe.transformer)
+        use_kernel(self.pipe.transformer, attention)
         self.compiled = False
         self.compile_seconds = None
         budget = "no budget" if self.budget is None else f"a {self.budget / GB:.1f} GB budget"
@@ -102,7 +114,9 @@ class PipelineHost:
         self.compiled = True
         size = self.default_size
         transformer, backend, scope = self.pipe.transformer, settings.compile_backend, settings.compile_scope
-        described = identity(dict(transformer.config), self.precision, size, backend, scope, self.device)
+        described = identity(
+            dict(transformer.config), self.precision, size, backend, scope, self.device, self.attention
+        )
         cache = CompileCache(store, described, secret.get_secret_value().encode() if secret else b"unshared")
         started = time.perf_counter()
         shared = cache.load()
@@ -179,7 +193,6 @@ class PipelineHost:
             "allocated": torch.cuda.memory_allocated(self.device),
             "peak": torch.cuda.max_memory_allocated(self.device),
         }
-
 
 
 def compiled_graphs() -> int:

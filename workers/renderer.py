@@ -40,8 +40,9 @@ class Renderer(PipelineHost):
         worker: str,
         precision: str = "bf16",
         compiled: bool | None = None,
+        attention: str = "sdpa",
     ):
-        super().__init__(model_ref, device, settings, worker, precision)
+        super().__init__(model_ref, device, settings, worker, precision, attention)
         self.prompts = PromptEmbeddings(self.pipe, self.info.max_text_tokens, settings.prompt_cache_size)
         self.variants = VariantEngine(
             self.pipe.transformer,
@@ -261,6 +262,7 @@ def render_frames(renderer: Renderer, job: Job, progress: Progress | None = None
         "device": renderer.device_name(),
         "dtype": str(renderer.dtype).removeprefix("torch."),
         "precision": renderer.precision,
+        "attention": renderer.attention,
         "compiled": renderer.compiled,
         "memory_plan": renderer.plan.name,
         "versions": versions(),
