@@ -146,8 +146,8 @@ class Settings(BaseSettings):
     )
     attention: Attention = Field(
         "sdpa",
-        description="The default model's attention kernel: sdpa (torch's) or fa4 (FlashAttention-4, pip install "
-        "flash-attn-4; Hopper or Blackwell; about 10 % faster a step on an H200, other pixels: in the job key).",
+        description="The default model's attention kernel: sdpa (torch's) or fa4 (FlashAttention-4, the fa4 "
+        "extra; Hopper or Blackwell; about 10 % faster a step on an H200, other pixels: in the job key).",
     )
     compile: bool = Field(
         False,

@@ -46,7 +46,9 @@ def check_kernel(kernel: str, device: torch.device) -> None:
     try:
         import flash_attn.cute  # noqa: F401
     except ImportError as exc:
-        raise ModelError(f'attention "fa4" needs the flash-attn-4 package: pip install flash-attn-4 ({exc})') from None
+        raise ModelError(
+            f"attention \"fa4\" needs the flash-attn-4 package (the fa4 extra: pip install 'lorafleet[fa4]'): {exc}"
+        ) from None
 
 
 def use_kernel(transformer: torch.nn.Module, kernel: str) -> None:
