@@ -4,7 +4,8 @@
     python benchmarks/redis_traffic.py --jobs 3 --steps 4 50   # a smoke run (the test suite's)
 
 A private redis-server, one CPU worker (`lorafleet worker --device cpu`, the tiny model) and
-`lorafleet submit --wait`, as a user runs them. For each step count, a batch of `--jobs` jobs is
+`lorafleet submit --wait`, as a user runs them. For each step count, a batch of `--jobs` jobs
+(17×128×128, so that 200 steps take seconds, as a real render's steps do) is
 submitted and waited for; Redis' own `INFO commandstats` is read before and after, so every
 command counts, whoever sent it (the worker's Celery consumer, its ledger, its heartbeat and
 sweeper, the waiting producer) and commands run inside Lua scripts too. It prints the commands per
@@ -40,7 +41,15 @@ def batch_of(jobs: int, steps: int, work: str, env: dict) -> tuple[dict[str, int
     path = os.path.join(work, f"jobs-{steps}.jsonl")
     with open(path, "w") as f:
         for i in range(jobs):
-            f.write(json.dumps({"prompt": f"a fox runs {i}", "seed": steps * 1000 + i, "steps": steps}) + "\n")
+            job = {
+                "prompt": f"a fox runs {i}",
+                "seed": steps * 1000 + i,
+                "steps": steps,
+                "num_frames": 17,
+                "height": 128,
+                "width": 128,
+            }
+            f.write(json.dumps(job) + "\n")
     client = redis.Redis.from_url(env["LORAFLEET_REDIS_URL"])
     before = commandstats(client)
     started = time.perf_counter()
