@@ -59,6 +59,8 @@ workers: install
 # (29 min with 3 against 33 serial: the tests render on the CPU) and timing checks suffer.
 PYTEST_WORKERS ?= 1
 test: install browser test-producer
+	@# byte-compiled once: the suite starts hundreds of lorafleet processes (PYTHONDONTWRITEBYTECODE or not)
+	$(BIN)/python -m compileall -q common producer workers lorafleet >/dev/null
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS)) $(PYTEST_ARGS)
 
 PRODUCER_VENV := .venv-producer
