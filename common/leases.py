@@ -52,15 +52,6 @@ from common.protocol import (
 from common.retry import backoff, redis_retry
 
 log = logging.getLogger("lorafleet.ledger")
-
-
-class Admission(IntEnum):
-    """What `Ledger.admit` found of a job about to start (the values its script returns)."""
-
-    GO = 0
-    SET_ASIDE = 1  # its batch is paused: set aside, to be sent again on resume
-    BATCH_CANCELLED = 2
-    JOB_CANCELLED = 3
 HEARTBEAT_S = 5.0  # a worker's heartbeat lives 3 beats: a worker that stops beating is gone within 15 s
 # Each script compares before it acts, in one step: a token no longer stored means the job is someone else's.
 # KEYS: the ARGV[3] names the token holds (lease, key lock), then the cancel flags to read (the
@@ -107,6 +98,15 @@ local jobs = redis.call('lrange', KEYS[2], 0, -1)
 redis.call('del', KEYS[2])
 return jobs
 """
+
+
+class Admission(IntEnum):
+    """What `Ledger.admit` found of a job about to start (the values its script returns)."""
+
+    GO = 0
+    SET_ASIDE = 1  # its batch is paused: set aside, to be sent again on resume
+    BATCH_CANCELLED = 2
+    JOB_CANCELLED = 3
 
 
 class Record(BaseModel):

@@ -29,8 +29,8 @@ log = logging.getLogger("lorafleet.producer")
 # every job's length before).
 POLL_INTERVAL_S = 0.5
 MAX_POLL_INTERVAL_S = 2.0
-STORE_CHECK_S = 10.0  # look for finished videos in the store (and jobs found nowhere) this often
-WORKER_CHECK_S = 5.0  # look for live workers and their jobs' progress this often (their heartbeat's interval)
+STORE_CHECK_S = 10.0  # look for finished videos in the store this often
+WORKER_CHECK_S = 5.0  # look for live workers, their jobs' progress and jobs found nowhere this often
 NO_WORKER_REPEAT_S = 30
 PLAIN_SUMMARY_S = 30
 
@@ -125,11 +125,11 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
                 look_in_store = now >= next_store_check
                 refresh(batch, app, store if look_in_store else None)
                 if look_in_store:
-                    resend_orphans(batch, app, store, ledger, orphans)
                     next_store_check = now + STORE_CHECK_S
                 if now >= next_worker_check:
                     live = ledger.live_workers()
                     workers = warn_of_unserved_queues(batch, live, warned, console)
+                    resend_orphans(batch, app, store, ledger, orphans)  # three checks: found nowhere for 10 s
                     next_worker_check = now + WORKER_CHECK_S
                 running = progress_of(batch, live)
             except (redis.RedisError, OSError, RuntimeError) as exc:  # Celery's result store says RuntimeError
