@@ -74,7 +74,7 @@ def read_first(
     what: str,
     files_in: Callable[[str], list[str]] = lambda at: [at],
     max_bytes: int | None = None,
-    also: list[str] = (),
+    also: tuple[str, ...] | list[str] = (),
 ) -> tuple[str, bytes]:
     """Find what a URI a user wrote means and read it: the first of its candidate URLs (as
     `candidate_urls` orders them, then `also`) that the policy allows and holds a file; returns that URL
