@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from common.protocol import BATCH_NAME, BATCH_NAME_RULE
+
 MAX_SEED = 2**63 - 1
 MAX_PIXELS_SIDE = 8192
 MAX_FRAMES = 1025
@@ -54,6 +56,12 @@ def _label(value: str) -> str:
         raise PydanticCustomError(
             "label", 'must not contain "/", "\\", ".." or control characters (an id is a label, never a path)'
         )
+    return value
+
+
+def _batch_name(value: str) -> str:
+    if not BATCH_NAME.fullmatch(value):
+        raise PydanticCustomError("batch_name", BATCH_NAME_RULE)
     return value
 
 
@@ -153,7 +161,9 @@ class JobSpec(RenderFields):
     )
     # Filled in by the producer; another client may send them. The worker derives the key itself.
     key: str | None = Field(None, description="the job key (checked: the worker derives it from the content)")
-    batch: str | None = Field(None, description="the batch name (set by the producer)")
+    batch: Annotated[str, AfterValidator(_batch_name)] | None = Field(
+        None, description="the batch name (set by the producer)"
+    )
 
 
 FIELDS = [name for name in JobSpec.model_fields if name not in ("key", "batch")]
@@ -220,7 +230,7 @@ def describe(exc: ValidationError, given: dict, model=JobSpec) -> list[tuple[str
                 message = 'must be a URI string or {"uri": ...}'
             if kind in ("finite_number", "between") and isinstance(value, float) and not math.isfinite(value):
                 message += f", got {value}"
-            elif kind not in ("missing", "too_short", "model_type", "surrogate", "label", "blank"):
+            elif kind not in ("missing", "too_short", "model_type", "surrogate", "label", "blank", "batch_name"):
                 message += f", got {json.dumps(value, default=str)[:80]}"  # YAML can hold dates
         found.append((where, message))
     return found

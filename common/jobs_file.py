@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from common.adapters import AdapterFile, read_adapter
-from common.errors import AdapterError, JobError, JobFileError, LorafleetError, ModelError
+from common.errors import AdapterError, JobError, JobFileError, ModelError
 from common.images import ImageFile, read_image
 from common.job import Job, JobContent, ResolvedAdapter, ResolvedImage
 from common.job_spec import JobSpec, describe
 from common.lora_formats import check_shapes, detect_layout
-from common.manifest import check_batch_name
 from common.model import ModelInfo, model_resolver
 from common.reading import ReadPolicy, open_regular_file
 from common.store import Store
@@ -171,7 +170,8 @@ def resolve_job(
     policy, without reading it here: the worker checks the hash when it reads the file to render."""
     adapters = tuple(resolver.adapter(adapter, model, given) for adapter in spec.adapters)
     image = None if spec.image is None else resolver.input_image(spec.image, given)
-    return Job.keyed(_content(spec, scale, seed, adapters, image), model)
+    content = _content(spec, scale, seed, adapters, image)
+    return Job.keyed(content, model)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -316,11 +316,6 @@ def job_from_message(message, model: ModelInfo, resolver: AdapterResolver, max_v
     if errors:
         raise JobError("; ".join(errors))
     ((scale, seed),) = expand_job(spec)
-    if spec.batch is not None:
-        try:
-            check_batch_name(spec.batch)
-        except LorafleetError as exc:
-            raise JobError(f"job: batch: {exc}") from None
     given = spec.key
     if given is not None and not (len(given) == 64 and set(given) <= SHA256_HEX):
         raise JobError("job: key: must be the 64 hex digits of a SHA-256 (or left out)")

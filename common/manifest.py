@@ -2,7 +2,6 @@
 as batches/<batch>/manifest.jsonl, beside the batch's expanded jobs (batches/<batch>/jobs.jsonl)."""
 
 import json
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from enum import StrEnum
 from common.bulk import paused_gc
 from common.errors import InputError
 from common.job import Job
+from common.protocol import BATCH_NAME, BATCH_NAME_RULE
 from common.store import Store, jobs_path, manifest_path, output_uris
 
 
@@ -115,16 +115,10 @@ def new_batch_name() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
-BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 def check_batch_name(name) -> str:
-    """A batch name that is one plain folder name in the store, safe in a terminal and a URL:
-    letters, digits, ".", "_" and "-", at most 128; raises InputError otherwise."""
+    """A batch name as common/protocol.py's BATCH_NAME allows it; raises InputError otherwise."""
     if not (isinstance(name, str) and BATCH_NAME.fullmatch(name)):
         shown = json.dumps(name)
         shown = shown if len(shown) <= 60 else shown[:60] + "…"  # never echo a huge name whole
-        raise InputError(
-            f'batch name {shown} must be 1 to 128 letters, digits, ".", "_" or "-", starting with a letter or digit'
-        )
+        raise InputError(f"batch name {shown} {BATCH_NAME_RULE}")
     return name

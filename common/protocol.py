@@ -6,6 +6,7 @@ Anyone who can write to Redis can write these; readers parse them through their 
 (common/leases.py: `parse_record`) and never trust them further.
 """
 
+import re
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
@@ -13,6 +14,10 @@ from pydantic import BaseModel, ConfigDict
 TASK_NAME = "lorafleet.render"  # one positional argument: the job as a JSON object (docs/design.md)
 EVAL_TASK_NAME = "lorafleet.evaluate"  # one positional argument: {"key": KEY}
 PREFIX = "lorafleet"
+# A batch name is one plain folder name in the store and part of Redis key names, safe in a
+# terminal and a URL: letters, digits, ".", "_" and "-", at most 128.
+BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+BATCH_NAME_RULE = 'must be 1 to 128 letters, digits, ".", "_" or "-", starting with a letter or digit'
 
 
 def lease_key(task_id: str) -> str:

@@ -12,6 +12,7 @@ import uuid
 import fsspec
 
 from common.errors import StoreError
+from common.protocol import RenderResult
 
 
 class Store:
@@ -155,6 +156,13 @@ def videos_present(store: Store, keys) -> set[str]:
 def output_uris(store: Store, key: str) -> dict:
     """Where a job's outputs are (or will be): {"video": …, "poster": …, "metadata": …}."""
     return {kind: store.uri(video_path(key, suffix)) for kind, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def render_result(store: Store, key: str, worker: str, status: str, seconds: float | None = None) -> dict:
+    """What a `lorafleet.render` task returns for a key whose outputs are in the store (or are being
+    written): common/protocol.py's RenderResult, as a dict for Celery's backend."""
+    uris = output_uris(store, key)
+    return RenderResult(key=key, worker=worker, status=status, seconds=seconds, **uris).model_dump()
 
 
 def manifest_path(batch: str) -> str:

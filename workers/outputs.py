@@ -14,8 +14,7 @@ from diffusers.utils import export_to_video
 from PIL import Image
 
 from common.job import Job
-from common.protocol import RenderResult
-from common.store import Store, output_uris, video_exists, video_path
+from common.store import Store, render_result, video_exists, video_path
 from workers.metrics import observe_render
 from workers.renderer import Progress, Rendered, Renderer, render_frames
 
@@ -61,7 +60,7 @@ def upload(rendered: Rendered, store: Store, fence: Callable[[], None] | None = 
         caches["device_factors"]["hits"], caches["device_factors"]["misses"],
     )  # fmt: skip
     seconds = round(timings["total"] + timings["export_upload"], 3)
-    return RenderResult(key=key, worker=worker, status="done", seconds=seconds, **output_uris(store, key)).model_dump()
+    return render_result(store, key, worker, "done", seconds)
 
 
 def render_job(
@@ -77,5 +76,5 @@ def render_job(
     key = job.key
     if video_exists(store, key):
         log.info("%s: %s already in the store, not rendered again", renderer.worker, key[:12])
-        return RenderResult(key=key, worker=renderer.worker, status="exists", **output_uris(store, key)).model_dump()
+        return render_result(store, key, renderer.worker, "exists")
     return upload(render_frames(renderer, job, progress), store, fence)

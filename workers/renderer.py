@@ -76,6 +76,8 @@ class Renderer(PipelineHost):
         timings = {}
         started = time.perf_counter()
         tile = self._check_memory(job)
+        # The job's inputs first: one that cannot be read fails the job before its variant is built.
+        image = self.input_image(job.image) if self.info.takes_image else None
         terms, variant = self._terms(job)
         timings["adapters"] = time.perf_counter() - started
         fused = job.fuse
@@ -108,8 +110,8 @@ class Renderer(PipelineHost):
             output_type="np",
             callback_on_step_end=on_step_end,
         )
-        if self.info.takes_image:
-            call["image"] = self.input_image(job.image)
+        if image is not None:
+            call["image"] = image
 
         def run():
             if fused or not terms:

@@ -21,10 +21,10 @@ from common.errors import EvaluationError, LeaseLost, LorafleetError
 from common.job import Job
 from common.jobs_file import AdapterResolver, job_from_message
 from common.leases import Lease, Ledger, RunningEntry
-from common.protocol import EVAL_TASK_NAME, TASK_NAME, RenderResult
+from common.protocol import EVAL_TASK_NAME, TASK_NAME
 from common.retry import backoff, retrying
 from common.settings import Settings
-from common.store import Store, output_uris, video_exists
+from common.store import Store, render_result, video_exists
 from workers.delivery import (
     RETRYABLE,
     accounting,
@@ -95,17 +95,12 @@ class RenderTask(LorafleetTask):
             done = lambda: video_exists(self.store, job.key)  # noqa: E731
             if not held.enter_context(self.ledger.key_lock(job.key, lease, done)) or done():
                 JOBS.labels("exists").inc()
-                return self.result(job, "exists")
+                return render_result(self.store, job.key, self.worker, "exists")
             rendered = self.render(job, lease, deliveries, task_id)
             # The lease and the key lock go with the frames: released once they are stored.
             self.upload_later(rendered, lease, held.pop_all(), task_id)
             outcome.handed_off = True
             raise Ignore()  # the upload reports the result
-
-    def result(self, job: Job, status: str, seconds: float | None = None) -> dict:
-        """The task's result for a job (common/protocol.py: RenderResult)."""
-        uris = output_uris(self.store, job.key)
-        return RenderResult(key=job.key, worker=self.worker, status=status, seconds=seconds, **uris).model_dump()
 
     def check(self, message) -> Job:
         """The job a message asks for, its key derived from its content; raises JobError if bad."""

@@ -235,7 +235,7 @@ def test_a_message_naming_a_file_outside_the_policy_is_refused(tmp_path):
     adapter = {"uri": "x", "url": "/etc/passwd", "sha256": "a" * 64}
     with pytest.raises(JobError, match="outside the allowed locations"):
         job_from_message({"prompt": "x", "seed": 1, "adapters": [adapter]}, MODEL, resolver, PIXELS)
-    with pytest.raises(JobError, match="job: batch: batch name"):
+    with pytest.raises(JobError, match="job: batch: must be 1 to 128 letters"):
         job_from_message({"prompt": "x", "seed": 1, "batch": "a\nb"}, MODEL, resolver, PIXELS)
 
 
