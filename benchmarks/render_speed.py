@@ -11,23 +11,27 @@ one (adapter a2, a new prompt: a variant switch and a T5 pass, as a fleet's next
 
   diffusers          diffusers' own CogVideoXPipeline, eager, each adapter loaded and fused as its
                      docs show
-  TIER[-compiled[-whole]][-fa4]
+  TIER[-compiled[-whole]][-fa4][-HOOK]
                      lorafleet's Renderer in TIER (bf16 or fp8); compiled at start (by blocks, the
                      default, or `-whole`: LORAFLEET_COMPILE_SCOPE); `-fa4`: with FlashAttention-4 as
-                     its attention kernel (workers/attention.py); with the compile artifacts in
-                     --store (shared by the runs before it); `:cold` with an empty store (what it
-                     compiles is then copied into --store)
+                     its attention kernel (workers/attention.py); `-HOOK` (taylorseer, fastercache,
+                     pab, first-block): a draft tier with that cache hook at lorafleet's defaults
+                     (workers/draft.py); with the compile artifacts in --store (shared by the runs
+                     before it); `:cold` with an empty store (what it compiles is then copied into --store)
 
 It prints, per run: start to ready (imports, load, compile: a worker's READY), the first job, the
 measured job and its seconds per denoising step, the ratio to diffusers, the variant switch (built,
 and from the variant cache), whether the weights came back bit for bit after the switches, graphs
 compiled after the first job, the transformer's output error against diffusers' bf16 on the same
-inputs, and the peak GPU memory. Results: benchmarks/README.md.
+inputs, the measured job's frames against diffusers' frames of the same job (PSNR, peak 1; a draft's
+loss is its row's drop from its exact tier's), and the peak GPU memory. `--first-steps` shortens
+the first job (it only warms up). Results: benchmarks/README.md.
 """
 
 import argparse
 import faulthandler
 import json
+import math
 import os
 import shutil
 import statistics
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import time
 
+import numpy
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -104,22 +109,37 @@ def run_diffusers(args, paths: dict) -> dict:
         pipe.unload_lora_weights()
         pipe.load_lora_weights(paths[adapter])
         pipe.fuse_lora()
-        pipe(
+        frames = pipe(
             prompt=prompt,
-            num_inference_steps=args.steps,
+            num_inference_steps=args.first_steps if n == 0 else args.steps,
             generator=torch.Generator("cpu").manual_seed(n),
             output_type="np",
             callback_on_step_end=steps,
-        )
+        ).frames[0]
         torch.cuda.synchronize()
         row["first job s" if n == 0 else "job s"] = time.perf_counter() - started
         row["s per step"] = steps.per_step()
+    save_frames(frames, args.store, "frames-diffusers.npy")
     return row
 
 
-def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str, attention: str = "sdpa") -> dict:
+def save_frames(frames, folder: str, name: str) -> None:
+    """The measured job's frames as 8-bit, for the table's PSNR against diffusers'."""
+    numpy.save(os.path.join(folder, name), (numpy.asarray(frames) * 255).round().clip(0, 255).astype(numpy.uint8))
+
+
+def frames_psnr(got: str, expected: str) -> float:
+    """PSNR in dB (peak 1) of two runs' 8-bit frames."""
+    a, b = (numpy.load(path).astype(numpy.float64) / 255 for path in (got, expected))
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def run_lorafleet(
+    args, paths: dict, precision: str, compiled: bool, scope: str, attention: str = "sdpa", hook: str | None = None
+) -> dict:
     """A worker's Renderer in one tier: the two jobs, the switches back, then its output on the probe."""
-    from common.settings import Settings
+    from common.settings import DraftCache, Settings
     from workers.fp8 import is_fp8
     from workers.renderer import Renderer, compiled_graphs
 
@@ -130,7 +150,8 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str,
         compile_scope=scope,
         compile_cache_secret="render-speed",  # the runs share signed artifacts, as a fleet with its secret does
     )
-    renderer = Renderer(paths["model"], "cuda", settings, "bench", precision, compiled, attention)
+    cache = DraftCache(hook=hook) if hook else None
+    renderer = Renderer(paths["model"], "cuda", settings, "bench", precision, compiled, attention, cache)
     info = renderer.info
     row = {"start to ready s": time.time() - args.started, "compile s": renderer.compile_seconds}
     layers = sorted(renderer.variants.linears)
@@ -146,9 +167,10 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str,
     base = weights()
     graphs = None
     for n, (prompt, adapter) in enumerate(((PROMPTS[0], "a1"), (PROMPTS[1], "a2"))):
-        job = finished_job({"prompt": prompt, "seed": n, "adapters": [paths[adapter]], "steps": args.steps}, info)
+        job_steps = args.first_steps if n == 0 else args.steps
+        job = finished_job({"prompt": prompt, "seed": n, "adapters": [paths[adapter]], "steps": job_steps}, info)
         started, steps = time.perf_counter(), Steps()
-        _, timings = renderer.render(job, steps)
+        frames, timings = renderer.render(job, steps)
         torch.cuda.synchronize()
         row["first job s" if n == 0 else "job s"] = time.perf_counter() - started
         row["s per step"] = steps.per_step()
@@ -157,6 +179,7 @@ def run_lorafleet(args, paths: dict, precision: str, compiled: bool, scope: str,
             row["first job timings"] = {k: round(v, 2) for k, v in timings.items()}
             first_variant = weights()
             graphs = compiled_graphs() if compiled else None
+    save_frames(frames, args.store, "frames.npy")
     # Back to a1 from the variant cache, then to the base: both must come back bit for bit.
     terms, variant = renderer._terms(finished_job({"prompt": "x", "adapters": [paths["a1"]]}, info))
     torch.cuda.synchronize()
@@ -186,9 +209,12 @@ def run_one(args) -> None:
     if name == "diffusers":
         row = run_diffusers(args, paths)
     else:
-        tier = name.split("-")
+        from common.settings import CACHE_PARAMS
+
+        hook = next((hook for hook in CACHE_PARAMS if name.endswith("-" + hook)), None)
+        tier = name.removesuffix("-" + hook if hook else "").split("-")
         scope, attention = "whole" if "whole" in tier else "blocks", "fa4" if "fa4" in tier else "sdpa"
-        row = run_lorafleet(args, paths, tier[0], "compiled" in tier, scope, attention)
+        row = run_lorafleet(args, paths, tier[0], "compiled" in tier, scope, attention, hook)
     row["peak GB"] = torch.cuda.max_memory_allocated() / GB
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -203,9 +229,11 @@ def table(args) -> int:
     for run in args.runs:
         store = tempfile.mkdtemp() if run.endswith(":cold") else args.store  # :cold shares nothing
         command = [sys.executable, __file__, "--one", run, "--folder", args.folder, "--store", store]
-        command += ["--steps", str(args.steps), "--run-timeout", str(args.run_timeout), "--started", str(time.time())]
-        if os.path.exists(os.path.join(store, "probe.safetensors")):
-            os.remove(os.path.join(store, "probe.safetensors"))  # an earlier run's output is not this one's
+        command += ["--steps", str(args.steps), "--first-steps", str(args.first_steps)]
+        command += ["--run-timeout", str(args.run_timeout), "--started", str(time.time())]
+        for output in ("probe.safetensors", "frames.npy"):  # an earlier run's outputs are not this one's
+            if os.path.exists(os.path.join(store, output)):
+                os.remove(os.path.join(store, output))
         # A fresh worker: no inductor cache on this machine, only what the store shares.
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(), "PYTHONUNBUFFERED": "1"}
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -227,6 +255,9 @@ def table(args) -> int:
         if run != "diffusers" and os.path.exists(reference) and os.path.exists(output):
             expected, got = load_file(reference)["output"], load_file(output)["output"]
             row["output rel. error"] = float((got - expected).norm() / expected.norm())
+        frames, diffusers_frames = os.path.join(store, "frames.npy"), os.path.join(args.store, "frames-diffusers.npy")
+        if run != "diffusers" and os.path.exists(frames) and os.path.exists(diffusers_frames):
+            row["frames PSNR dB"] = frames_psnr(frames, diffusers_frames)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if store != args.store:  # what a cold run compiled serves the runs (and benchmark calls) after it
@@ -239,7 +270,7 @@ def table(args) -> int:
             row["ratio to diffusers"] = row["job s"] / baseline["job s"]
     columns = ["run", "start to ready s", "compile s", "first job s", "job s", "s per step", "ratio to diffusers"]
     columns += ["switch ms", "cached switch ms", "exact after switches", "graphs after first job"]
-    columns += ["output rel. error", "peak GB"]
+    columns += ["output rel. error", "frames PSNR dB", "peak GB"]
     print(
         f"\n{torch.cuda.get_device_name(0)}, {args.model}, default size, {args.steps} steps; torch {torch.__version__}"
     )
@@ -261,6 +292,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="5b", choices=["2b", "5b"])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--first-steps", type=int, help="the first (warm-up) job's steps; default: --steps")
     parser.add_argument("--runs", nargs="+", default=["diffusers", "bf16", "bf16-compiled", "fp8-compiled"])
     parser.add_argument(
         "--folder", default="/tmp/lorafleet-render-speed", help="the pipeline folder (written if absent)"
@@ -272,6 +304,7 @@ def main() -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.first_steps = args.first_steps or args.steps
     if args.one:
         run_one(args)
         return 0

@@ -138,5 +138,7 @@ def key_of(job: dict, model: ModelInfo) -> str:
         decisive["precision"] = model.precision
     if model.attention != "sdpa":  # another attention kernel rounds otherwise
         decisive["attention"] = model.attention
+    if model.cache:  # a draft: its cache hook skips or predicts work the exact render does
+        decisive["cache"] = json.loads(model.cache)
     canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -28,6 +28,7 @@ class ModelInfo:
     fixed_size: bool = False  # learned positional embeddings (CogVideoX-5B-I2V): only its own height × width
     precision: str = "bf16"  # the weights as the workers run them: fp8 changes pixels, so it is in the key
     attention: str = "sdpa"  # the attention kernel the workers run: fa4 rounds otherwise, so it is in the key
+    cache: str = ""  # a draft tier's cache hook (DraftCache.identity), "" for exact renders: in the key
     # The transformer's linear layers, name -> (out_features, in_features): what adapters may target.
     linear_layers: dict = field(default_factory=dict, compare=False)
 
@@ -71,9 +72,9 @@ def _read_config(ref: str, relpath: str) -> dict:
 
 
 @lru_cache(maxsize=16)
-def model_info(ref: str, precision: str = "bf16", attention: str = "sdpa") -> ModelInfo:
+def model_info(ref: str, precision: str = "bf16", attention: str = "sdpa", cache: str = "") -> ModelInfo:
     """The ModelInfo of a pipeline folder or hub id, read from its config files, run in `precision`
-    with the `attention` kernel."""
+    with the `attention` kernel and, for a draft tier, the `cache` hook (DraftCache.identity)."""
     if os.path.isdir(ref):
         ref = os.path.abspath(ref)  # one folder has one identity, however it was named
     pipeline = _read_config(ref, "model_index.json")
@@ -99,6 +100,7 @@ def model_info(ref: str, precision: str = "bf16", attention: str = "sdpa") -> Mo
         fixed_size=bool(transformer.get("use_learned_positional_embeddings")),
         precision=precision,
         attention=attention,
+        cache=cache,
         linear_layers=cogvideox_linear_layers(transformer),
     )
 
@@ -140,6 +142,6 @@ def model_resolver(settings):
         if alias is not None and not isinstance(alias, str):
             raise ModelError(f"must be a model alias (a string), got {json.dumps(alias)}")
         tier = settings.model_tier(alias)
-        return model_info(tier.ref, tier.precision, tier.attention)
+        return model_info(tier.ref, tier.precision, tier.attention, tier.cache.identity() if tier.cache else "")
 
     return model_for

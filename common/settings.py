@@ -7,7 +7,7 @@ import json
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ModelError
@@ -16,9 +16,61 @@ Precision = Literal["bf16", "fp8"]
 Attention = Literal["sdpa", "fa4"]
 
 
+CacheHook = Literal["taylorseer", "fastercache", "pab", "first-block"]
+# Each of diffusers' cache hooks a draft tier may use, with the parameters a tier may set and
+# lorafleet's defaults for CogVideoX: TaylorSeer's and First-Block-Cache's are diffusers' own
+# defaults, FasterCache's and PAB's the values diffusers documents for CogVideoX
+# (benchmarks/cache_hooks.py measured each on the H200).
+CACHE_PARAMS: dict[str, dict[str, int | float]] = {
+    "taylorseer": {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3},
+    "fastercache": {"spatial_attention_block_skip_range": 2, "unconditional_batch_skip_range": 5, "attention_weight": 0.3},
+    "pab": {"spatial_attention_block_skip_range": 2},
+    "first-block": {"threshold": 0.2},
+}
+
+
+class DraftCache(BaseModel):
+    """A draft tier: one of diffusers' cache hooks on the transformer, which reuses or predicts
+    some of a step's work from earlier steps (about 0.5–0.8× the time, not the exact pixels). The
+    hook and every parameter, defaults filled in, are in the job key: a draft never stands in for
+    an exact render."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hook: CacheHook = Field(description="which of diffusers' cache hooks: " + ", ".join(CACHE_PARAMS))
+    params: dict[str, float] = Field(default_factory=dict, description="the hook's parameters over lorafleet's defaults")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _numbers(cls, params):
+        if isinstance(params, dict):
+            for name, value in params.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                    raise ValueError(f"{name}: must be a finite number ≥ 0, got {json.dumps(value, default=str)}")
+        return params
+
+    @model_validator(mode="after")
+    def _known_and_filled(self) -> "DraftCache":
+        defaults = CACHE_PARAMS[self.hook]
+        unknown = sorted(set(self.params) - set(defaults))
+        if unknown:
+            raise ValueError(f"{self.hook} has no parameter {unknown[0]}; its parameters: {', '.join(defaults)}")
+        for name, value in self.params.items():
+            if isinstance(defaults[name], int) and value != int(value):
+                raise ValueError(f"{name}: must be a whole number, got {value}")
+        filled = {name: type(default)(self.params.get(name, default)) for name, default in defaults.items()}
+        object.__setattr__(self, "params", filled)
+        return self
+
+    def identity(self) -> str:
+        """The hook and its parameters as canonical JSON: what enters the job key."""
+        return json.dumps({"hook": self.hook, "params": self.params}, sort_keys=True, separators=(",", ":"))
+
+
 class ModelTier(BaseModel):
-    """A model alias: which pipeline, in which precision and attention kernel, compiled or not.
-    Precision and kernel change the pixels, so each is part of the job key (when not the default);
+    """A model alias: which pipeline, in which precision and attention kernel, compiled or not, and
+    whether a draft tier. Precision, kernel and draft cache change the pixels, so each is part of
+    the job key (when not the default);
     compiling changes only how the same sums are rounded, and is not."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -32,6 +84,11 @@ class ModelTier(BaseModel):
         "sdpa",
         description="the attention kernel: sdpa (torch's, the default) or fa4 (FlashAttention-4 on Hopper or "
         "Blackwell: faster, other rounding, so in the job key)",
+    )
+    cache: DraftCache | None = Field(
+        None,
+        description='a draft tier: {"hook": "taylorseer"} (or fastercache, pab, first-block, with "params"); '
+        "faster, not exact, so in the job key",
     )
 
 

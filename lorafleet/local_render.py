@@ -27,7 +27,7 @@ def render_file(path: str, settings: Settings, device: str, console: Console, ba
         if alias not in renderers:
             tier = settings.model_tier(alias)
             renderers[alias] = Renderer(
-                tier.ref, device, settings, f"local-{device}", tier.precision, tier.compile, tier.attention
+                tier.ref, device, settings, f"local-{device}", tier.precision, tier.compile, tier.attention, tier.cache
             )
         entry = batch.add(store, job, JobStatus.RUNNING)
         console.print(f"[{number}/{len(jobs)}] {job.key[:12]} {job.id or job.prompt[:50]}", markup=False)

@@ -51,11 +51,13 @@ def identity(
     scope: str,
     device,
     attention: str = "sdpa",
+    cache: str = "",
 ) -> dict:
     """Everything compiled code depends on: the architecture (not the weights: a fine-tune shares
     its base's artifacts), the precision and attention kernel, the render size, the GPU's
-    architecture, the software. (The kernel is named only when it is not sdpa: the entries shared
-    before kernels could be chosen stay valid.)"""
+    architecture, the software, a draft tier's cache hook (which leaves its modules out of the
+    graphs). (The kernel and the hook are named only when set: the entries shared before either
+    could be chosen stay valid.)"""
     architecture = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     device = torch.device(device)
     if device.type == "cuda":
@@ -74,6 +76,7 @@ def identity(
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         **{package: _version(package) for package in ("torch", "triton", "diffusers", "torchao")},
         **({"attention": attention} if attention != "sdpa" else {}),
+        **({"cache": cache} if cache else {}),
     }
 
 

@@ -12,10 +12,11 @@ from PIL import Image
 
 from common.errors import MemoryBudgetError
 from common.model import ModelInfo, model_info
-from common.settings import Settings
+from common.settings import DraftCache, Settings
 from common.store import Store
 from workers.attention import check_kernel, use_kernel
 from workers.compile_cache import CompileCache, identity
+from workers.draft import enable_draft_cache
 from workers.fp8 import SavedWeights, check_fp8_device, quantize_transformer
 from workers.memory import (
     GB,
@@ -50,6 +51,7 @@ class PipelineHost:
         worker: str,
         precision: str = "bf16",
         attention: str = "sdpa",
+        cache: DraftCache | None = None,
     ):
         self.started = time.perf_counter()
         self.device = torch.device(device)
@@ -57,10 +59,11 @@ class PipelineHost:
         self.worker = worker
         self.precision = precision
         self.attention = attention
+        self.cache = cache  # a draft tier's cache hook, None for exact renders
         if precision == "fp8":
             check_fp8_device(self.device)
         check_kernel(attention, self.device)
-        self.info: ModelInfo = model_info(model_ref, precision, attention)
+        self.info: ModelInfo = model_info(model_ref, precision, attention, cache.identity() if cache else "")
         self.store = Store(settings.store_url)  # the fleet's: adapters, images and compile artifacts
         self.budget = memory_budget(settings.gpu_memory_gb, self.device)  # before loading: the card's free memory
         # Loaded on the host, weighed, then placed on the device as the memory plan says.
@@ -88,6 +91,8 @@ class PipelineHost:
         if precision == "fp8":
             quantize_transformer(self.pipe.transformer)
         use_kernel(self.pipe.transformer, attention)
+        if cache is not None:
+            enable_draft_cache(self.pipe, cache)
         self.compiled = False
         self.compile_seconds = None
         budget = "no budget" if self.budget is None else f"a {self.budget / GB:.1f} GB budget"
@@ -115,7 +120,7 @@ class PipelineHost:
         size = self.default_size
         transformer, backend, scope = self.pipe.transformer, settings.compile_backend, settings.compile_scope
         described = identity(
-            dict(transformer.config), self.precision, size, backend, scope, self.device, self.attention
+            dict(transformer.config), self.precision, size, backend, scope, self.device, self.attention, self.info.cache
         )
         cache = CompileCache(store, described, secret.get_secret_value().encode() if secret else b"unshared")
         started = time.perf_counter()

@@ -3,6 +3,7 @@ its prompt's embeddings, a render with a CPU-seeded generator, checked for NaN, 
 the store keeps beside the video. Encoding and writing it is workers/outputs.py."""
 
 import contextlib
+import json
 import logging
 import socket
 import time
@@ -16,8 +17,9 @@ from common.errors import MemoryBudgetError, RenderError
 from common.images import decoded_bytes, read_image_url
 from common.job import Job, ResolvedImage
 from common.reading import ReadPolicy
-from common.settings import Settings
+from common.settings import DraftCache, Settings
 from workers.adapter_cache import AdapterCache, AdapterFiles
+from workers.draft import reset_draft_cache
 from workers.host import PipelineHost, compiled_graphs
 from workers.lru import LRU
 from workers.memory import fit_problem
@@ -41,8 +43,9 @@ class Renderer(PipelineHost):
         precision: str = "bf16",
         compiled: bool | None = None,
         attention: str = "sdpa",
+        cache: DraftCache | None = None,
     ):
-        super().__init__(model_ref, device, settings, worker, precision, attention)
+        super().__init__(model_ref, device, settings, worker, precision, attention, cache)
         self.prompts = PromptEmbeddings(self.pipe, self.info.max_text_tokens, settings.prompt_cache_size)
         self.variants = VariantEngine(
             self.pipe.transformer,
@@ -114,6 +117,8 @@ class Renderer(PipelineHost):
             call["image"] = image
 
         def run():
+            if self.cache is not None:
+                reset_draft_cache(self.pipe)
             if fused or not terms:
                 return self.pipe(**call).frames[0]
             return self._render_unfused(terms, job.lora_scale, call)
@@ -265,6 +270,7 @@ def render_frames(renderer: Renderer, job: Job, progress: Progress | None = None
         "dtype": str(renderer.dtype).removeprefix("torch."),
         "precision": renderer.precision,
         "attention": renderer.attention,
+        "cache": json.loads(renderer.info.cache) if renderer.info.cache else None,  # a draft tier's hook
         "compiled": renderer.compiled,
         "memory_plan": renderer.plan.name,
         "versions": versions(),

@@ -152,7 +152,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     try:
         model_ref = tier.ref
         log.info("%s: %.1fs after start, imports done; loading %s", name, seconds_since_start(), model_ref)
-        renderer = Renderer(model_ref, device, settings, name, tier.precision, tier.compile, tier.attention)
+        renderer = Renderer(model_ref, device, settings, name, tier.precision, tier.compile, tier.attention, tier.cache)
     except LorafleetError as exc:
         log.error("%s: cannot start: %s", name, exc)
         return ExitCode.MODEL_LOAD_FAILED
@@ -167,7 +167,8 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         "model": alias or model_ref,
         "tier": ("fp8" if renderer.precision == "fp8" else str(renderer.dtype).removeprefix("torch."))
         + (", compiled" if renderer.compiled else "")
-        + (f", {renderer.attention}" if renderer.attention != "sdpa" else ""),
+        + (f", {renderer.attention}" if renderer.attention != "sdpa" else "")
+        + (f", draft ({tier.cache.hook})" if tier.cache else ""),
     }
     INFO.info(
         {"worker": name, "model": model_ref, "device": renderer.device_name(), "dtype": str(renderer.dtype)}

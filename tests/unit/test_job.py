@@ -13,6 +13,7 @@ from common.errors import JobError, JobFileError
 from common.job import Job, JobContent, ResolvedAdapter, ResolvedImage, job_key
 from common.jobs_file import AdapterResolver, check_job, expand_job, job_from_message, load_jobs
 from common.model import ModelInfo
+from common.settings import DraftCache, Settings
 from common.store import Store
 from tests.helpers import default_limits, default_policy, prepare_job, resolver_for, write_lora
 
@@ -171,6 +172,31 @@ def test_model_identity_is_part_of_the_key(tmp_path):
     (job,) = prepare_job({"prompt": "x", "seed": 1, "adapters": [], "lora_scale": 1.0}, "line 1", MODEL)
     other = ModelInfo(**{**MODEL.__dict__, "ref": "/models/other"})
     assert job_key(job, MODEL) != job_key(job, other)
+
+
+def test_a_draft_tier_is_keyed_apart_by_its_hook_and_parameters():
+    (job,) = prepare_job({"prompt": "x", "seed": 1, "adapters": [], "lora_scale": 1.0}, "line 1", MODEL)
+    taylorseer = DraftCache(hook="taylorseer")
+    drafts = [replace(MODEL, cache=cache.identity()) for cache in (taylorseer, DraftCache(hook="pab"))]
+    drafts.append(replace(MODEL, cache=DraftCache(hook="taylorseer", params={"cache_interval": 3}).identity()))
+    assert len({job_key(job, model) for model in [MODEL, *drafts]}) == 4  # a draft never stands in for exact
+    # Its defaults are written into the key: the same settings given or left out are one key.
+    assert taylorseer.identity() == DraftCache(hook="taylorseer", params={"cache_interval": 5}).identity()
+    assert taylorseer.params == {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3}
+
+
+@pytest.mark.parametrize(
+    "given, problem",
+    [
+        ({"hook": "teacache"}, "Input should be 'taylorseer'"),
+        ({"hook": "pab", "params": {"cache_interval": 2}}, "pab has no parameter cache_interval"),
+        ({"hook": "taylorseer", "params": {"cache_interval": 2.5}}, "must be a whole number, got 2.5"),
+        ({"hook": "first-block", "params": {"threshold": math.nan}}, "must be a finite number ≥ 0, got NaN"),
+    ],
+)
+def test_a_draft_tier_says_what_is_wrong_with_it(given, problem):
+    with pytest.raises(ValueError, match=problem):
+        Settings(models={"draft": {"ref": "/models/tiny", "cache": given}})
 
 
 FIVE_B = ModelInfo("THUDM/CogVideoX-5b", "CogVideoXDPMScheduler", 49, 480, 720, 8, 16, 226)
