@@ -192,9 +192,10 @@ def run_lorafleet(
     same = same and all(torch.equal(a, b) for a, b in zip(weights(), base, strict=True))
     row["exact after switches"] = same
     row["graphs after first job"] = compiled_graphs() - graphs if compiled else None
-    with torch.compiler.set_stance("eager_on_recompile"):  # as a job runs it: never a compile for the probe
-        output = probe(renderer.pipe, (info.num_frames, info.height, info.width))
-    save_file({"output": output}, os.path.join(args.store, "probe.safetensors"))
+    if cache is None:  # a draft's hooks run only inside a pipeline call (its first step is exact anyway)
+        with torch.compiler.set_stance("eager_on_recompile"):  # as a job runs it: never a compile for the probe
+            output = probe(renderer.pipe, (info.num_frames, info.height, info.width))
+        save_file({"output": output}, os.path.join(args.store, "probe.safetensors"))
     return row
 
 
@@ -222,6 +223,7 @@ def run_one(args) -> None:
 def table(args) -> int:
     """Every run in a process of its own, then the table; exits 1 if a run failed."""
     from benchmarks.full_size import ensure_pipeline
+    from common.settings import CACHE_PARAMS
 
     ensure_pipeline(args.folder, args.model)
     os.makedirs(args.store, exist_ok=True)
@@ -258,6 +260,12 @@ def table(args) -> int:
         frames, diffusers_frames = os.path.join(store, "frames.npy"), os.path.join(args.store, "frames-diffusers.npy")
         if run != "diffusers" and os.path.exists(frames) and os.path.exists(diffusers_frames):
             row["frames PSNR dB"] = frames_psnr(frames, diffusers_frames)
+        name = run.removesuffix(":cold")
+        if run != "diffusers" and os.path.exists(frames):
+            shutil.copy(frames, os.path.join(args.store, f"frames-{name}.npy"))
+        exact = next((name.removesuffix("-" + hook) for hook in CACHE_PARAMS if name.endswith("-" + hook)), None)
+        if exact and os.path.exists(os.path.join(args.store, f"frames-{exact}.npy")):  # a draft against its exact tier
+            row["PSNR vs exact tier dB"] = frames_psnr(frames, os.path.join(args.store, f"frames-{exact}.npy"))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if store != args.store:  # what a cold run compiled serves the runs (and benchmark calls) after it
@@ -270,7 +278,7 @@ def table(args) -> int:
             row["ratio to diffusers"] = row["job s"] / baseline["job s"]
     columns = ["run", "start to ready s", "compile s", "first job s", "job s", "s per step", "ratio to diffusers"]
     columns += ["switch ms", "cached switch ms", "exact after switches", "graphs after first job"]
-    columns += ["output rel. error", "frames PSNR dB", "peak GB"]
+    columns += ["output rel. error", "frames PSNR dB", "PSNR vs exact tier dB", "peak GB"]
     print(
         f"\n{torch.cuda.get_device_name(0)}, {args.model}, default size, {args.steps} steps; torch {torch.__version__}"
     )

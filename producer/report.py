@@ -2,9 +2,10 @@
 
 batches/<batch>/report.html (with report.json holding every number, and plots/set<N>.png):
 what each number measures and which way is better; the sweep's settings and provenance; per
-adapter set a suggested scale by the rule the page states, the mean and spread of each number
-across prompts × seeds at each scale, plots, and the grid of videos (rows prompt × seed, columns
-lora_scale), each cell a muted looping video; the adapter sets side by side at each scale; render
+adapter set a suggested scale by the rule the page states, with notices where it sits at an edge of
+the swept range or cannot be told from the scale the rule turned down (PAIRED_RULE), the mean and
+standard deviation of each number across prompts × seeds at each scale, plots, and the grid of
+videos (rows prompt × seed, columns lora_scale), each cell a muted looping video; the adapter sets side by side at each scale; render
 time per worker. The per-key numbers come from the workers' evaluations (eval.json,
 common/evaluation.py); the ones between a cell and its scale-0 cell are computed here.
 """
@@ -56,6 +57,14 @@ METRICS = {
     ),
 }
 CLIP_METRICS = ("clip_score", "clip_consistency")
+# Two scales are told apart only by a paired comparison over the same prompts and seeds: for some
+# number the rule reads, the mean of the per-pair differences lies beyond twice its standard error
+# (about a 95% paired t-test once there are ten pairs or more), and there are at least MIN_PAIRS pairs.
+MIN_PAIRS = 3
+PAIRED_RULE = (
+    f"a paired comparison over the same prompts and seeds: the mean difference beyond two standard errors, "
+    f"with at least {MIN_PAIRS} prompt × seed pairs"
+)
 PSNR_CEILING = 60.0  # where the plots draw scale 0's infinite PSNR
 
 
@@ -160,8 +169,18 @@ def _sets(cells: list[dict]) -> list[int]:
     return sorted({c["set"] for c in cells})
 
 
+def distinguishable(a: list[float], b: list[float]) -> bool:
+    """Whether two scales' values of one number, paired by prompt and seed, differ by PAIRED_RULE."""
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    if len(differences) < MIN_PAIRS:
+        return False
+    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
+    return abs(mean) > 2 * sd / len(differences) ** 0.5
+
+
 def _summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict:
-    """Mean and spread of each number at each scale across prompts × seeds, and the suggested scale."""
+    """Mean and standard deviation of each number at each scale across prompts × seeds, the
+    suggested scale, and what the page should say about it (`_notices`)."""
     scales = sorted({c["lora_scale"] for c in cells})
     summary = {}
     for scale in scales:
@@ -170,7 +189,7 @@ def _summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict
         for name in METRICS:
             values = [n[name] for n in at if n.get(name) is not None]
             if values:
-                spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 summary[str(scale)][name] = {"mean": statistics.fmean(values), "sd": spread, "n": len(values)}
     consistency = "clip_consistency" if clip else "temporal_ssim"
     suggested = None
@@ -183,7 +202,9 @@ def _summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict
         steady = now[consistency]["mean"] >= base[consistency]["mean"] - suggest["consistency_drop"]
         if adherent and steady:
             suggested = scale
+    rule_numbers = ["clip_score", consistency] if clip else [consistency]
     return {
+        "notices": _notices(cells, scales, suggested, rule_numbers),
         "set": index,
         "adapters": cells[0]["adapters"],
         # the set's identity across nights (at scale 0 every combination is empty: ask at scale 1)
@@ -192,6 +213,47 @@ def _summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict
         "summary": summary,
         "suggested": suggested,
     }
+
+
+def _notices(cells: list[dict], scales: list[float], suggested: float | None, numbers: list[str]) -> list[dict]:
+    """What to know before trusting a suggestion, each {"kind", "text"}: it sits at an edge of the
+    swept range (extend the range that way), or the scale it passed and the next one up, which the
+    rule turned down, cannot be told apart at this sample size (PAIRED_RULE on the rule's numbers)."""
+    notices = []
+    positive = [x for x in scales if x > 0]
+    if suggested is not None and suggested == max(scales):
+        notices.append({
+            "kind": "edge-high",
+            "text": f"{suggested:g} is the largest lora_scale swept: a larger one may pass the rule too; "
+            f"extend lora_scales above {suggested:g}",
+        })  # fmt: skip
+    elif suggested is None and positive:
+        notices.append({
+            "kind": "edge-low",
+            "text": f"no lora_scale above 0 passes the rule: the line lies between 0 and {positive[0]:g}; "
+            f"sweep smaller scales there",
+        })  # fmt: skip
+    passed = 0.0 if suggested is None else suggested
+    turned_down = next((x for x in scales if x > passed), None)
+    if turned_down is not None and passed in scales:
+
+        def paired(scale: float, name: str) -> dict:
+            return {(c["prompt"], c["seed"]): c["numbers"].get(name) for c in cells if c["lora_scale"] == scale}
+
+        told_apart, pairs = False, 0
+        for name in numbers:
+            a, b = paired(passed, name), paired(turned_down, name)
+            both = [place for place in a if place in b and a[place] is not None and b[place] is not None]
+            pairs = max(pairs, len(both))
+            told_apart |= distinguishable([a[p] for p in both], [b[p] for p in both])
+        if not told_apart:
+            notices.append({
+                "kind": "indistinguishable",
+                "text": f"lora_scale {passed:g} (passed) and {turned_down:g} (turned down) are not distinguishable at "
+                f"this sample size (n = {pairs} prompt × seed pairs; rule: {PAIRED_RULE}): add prompts or seeds "
+                "before trusting the suggestion",
+            })  # fmt: skip
+    return notices
 
 
 def _rule(suggest: dict, clip: bool) -> str:
@@ -333,6 +395,7 @@ STYLE = (
     "td.moved{background:#fff3cd}.n{font:12px monospace;text-align:left}.num{display:block}"
     "th.suggested,td.suggested{outline:3px solid #2a9d3c;outline-offset:-3px}"
     ".suggestion{font-size:16px;padding:6px 10px;background:#e8f5e9;border-left:5px solid #2a9d3c;display:inline-block}"
+    ".notice{margin:4px 0;padding:4px 8px;background:#fff3cd;border-left:4px solid #e0a800}"
     "dl.prov{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dt{font-weight:bold}"
 )
 
@@ -398,7 +461,7 @@ def _html(report: dict) -> str:
             baseline = f"; baseline night ({html.escape(report['compared_with'])}): {before}"
         parts.append(
             f"<li>set {s['set']} ({_adapters_text(s['adapters'])}): <b class='suggested-scale' data-set='{s['set']}'>"
-            f"{_suggested_text(s)}</b>{baseline}</li>"
+            f"{_suggested_text(s)}</b>{baseline}{_notices_html(s)}</li>"
         )
     parts.append("</ul><h2>How to read the numbers</h2><ul id='metrics'>")
     for name, (label, what, better) in METRICS.items():
@@ -446,13 +509,21 @@ def _html(report: dict) -> str:
     return "\n".join(parts)
 
 
+def _notices_html(s: dict) -> str:
+    return "".join(
+        f"<div class='notice' data-kind='{n['kind']}'>⚠ {html.escape(n['text'])}</div>" for n in s["notices"]
+    )
+
+
 def _set_section(s: dict, cells: list[dict], up: str) -> list[str]:
     index, scales, summary = s["set"], s["scales"], s["summary"]
     star = lambda scale: " class='suggested'" if scale == s["suggested"] else ""  # noqa: E731
+    pairs = max((m["n"] for at in summary.values() for m in at.values()), default=0)
     parts = [
         f"<h2 id='set{index}'>Adapter set {index}: {_adapters_text(s['adapters'])}</h2>",
-        f"<p class='suggestion'>Suggested lora_scale: <b>{_suggested_text(s)}</b></p>",
-        "<h3>Mean ± spread across prompts × seeds</h3><table><tr><th>number</th>"
+        f"<p class='suggestion'>Suggested lora_scale: <b>{_suggested_text(s)}</b></p>{_notices_html(s)}",
+        f"<h3 class='spread'>Mean ± standard deviation over the prompt × seed pairs at each scale (n = {pairs})</h3>"
+        "<table><tr><th>number</th>"
         + "".join(f"<th{star(x)}>lora_scale {x:g}{' ★' if x == s['suggested'] else ''}</th>" for x in scales)
         + "</tr>",
     ]

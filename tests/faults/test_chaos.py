@@ -15,7 +15,7 @@ import time
 import pytest
 
 from lorafleet.redis_server import RedisServer
-from tests.helpers import decode_video, read_manifest, render_records
+from tests.helpers import decode_video, read_manifest, render_records, wait_for
 from workers.supervisor import stop_worker
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
@@ -62,6 +62,9 @@ def test_fifty_jobs_survive_killed_workers_and_redis_restarts(fleet_env, start_w
             [sys.executable, "-m", "lorafleet", "submit", str(jobs), "--wait", "--batch", "chaos"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        # The faults begin once the batch is enqueued and a job runs: a Redis restart before that
+        # would fail the submit itself (it reports Redis unreachable, enqueueing nothing it cannot).
+        wait_for(lambda: any(" started (" in open(p).read() for p in logs if os.path.exists(p)), 120, "a first job")
         kills = restarts = 0
         plan = rng.sample(["kill"] * MAX_KILLS + ["redis"] * MAX_REDIS_RESTARTS, MAX_KILLS + MAX_REDIS_RESTARTS)
         for action in plan:
@@ -80,7 +83,9 @@ def test_fifty_jobs_survive_killed_workers_and_redis_restarts(fleet_env, start_w
                 time.sleep(rng.uniform(0.5, 2.0))
                 redis.start()
                 restarts += 1
+        faults_done = time.monotonic()
         output, _ = submit.communicate(timeout=300)
+        print(f"\nCHAOS faults done; batch done {time.monotonic() - faults_done:.1f}s later")
         manifest = read_manifest(os.path.join(env["LORAFLEET_STORE_URL"], "batches", "chaos", "manifest.jsonl"))
         done = [e for e in manifest if e["status"] == "done"]
         records = render_records(logs)

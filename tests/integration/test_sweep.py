@@ -199,6 +199,8 @@ def test_the_report_plays_every_cell_in_a_real_browser(fleet_env, start_worker, 
           suggested: [...document.querySelectorAll('.suggested-scale')].filter(visible).map(e => e.textContent),
           metrics: [...document.querySelectorAll('#metrics li.metric')].filter(visible).map(e => e.dataset.metric),
           rule: visible(document.getElementById('rule')),
+          notices: [...document.querySelectorAll('.notice')].filter(visible).map(e => e.dataset.kind),
+          spread: [...document.querySelectorAll('h3.spread')].filter(visible).map(e => e.textContent),
           plots: [...document.images].filter(i => i.complete && i.naturalWidth > 0).length,
         }));
       });
@@ -225,6 +227,11 @@ def test_the_report_plays_every_cell_in_a_real_browser(fleet_env, start_worker, 
     ]
     assert found["metrics"] == ["clip_score", "clip_consistency", "temporal_ssim", "ssim_vs_base", "psnr_vs_base"]
     assert found["rule"] and found["plots"] == 2
+    # 2 prompts × 1 seed: no suggestion can be told from its neighbour, or it sits at an edge; each
+    # set's notices show beside its suggestion at the top and again in its own section.
+    kinds = [n["kind"] for s in report["sets"] for n in s["notices"]]
+    assert all(s["notices"] for s in report["sets"]) and found["notices"] == kinds + kinds
+    assert found["spread"] == ["Mean ± standard deviation over the prompt × seed pairs at each scale (n = 2)"] * 2
 
     screenshot = tmp_path / "report.png"  # the test's output folder: look at it
     subprocess.run(

@@ -4,7 +4,7 @@ baseline night (producer/report.py). Plain data in, no videos, no torch."""
 import pytest
 
 from common.sweep_spec import MOVED, SUGGEST
-from producer.report import _mark_moved, _summarise
+from producer.report import MIN_PAIRS, _mark_moved, _summarise, distinguishable
 
 pytestmark = pytest.mark.unit
 ADAPTERS = [{"sha256": "ab" * 32, "weight": 1.0, "alpha": None, "uri": "style"}]
@@ -41,6 +41,65 @@ def clip(score: float, consistency: float) -> dict:
 )
 def test_the_suggested_scale_is_the_largest_within_both_tolerances(scales, suggested):
     assert _summarise(0, cells(scales), SUGGEST, clip=True)["suggested"] == suggested
+
+
+@pytest.mark.parametrize(
+    "a, b, told_apart",
+    [
+        ([3.6, 3.6], [3.4, 3.4], False),  # two pairs: too few to tell, however steady
+        ([30, 31, 29, 30], [28, 29, 27, 28], True),  # every pair 2 lower: steady
+        ([30, 31, 29, 30], [31, 29, 30, 28.5], False),  # as often up as down
+        ([30, 30, 30], [30, 30, 30], False),  # identical
+        ([30.0] * 12, [29.9, 30.1] * 6, False),  # noise around the same mean
+        ([30.0] * 12, [29.6, 29.8] * 6, True),  # small, but on every pair
+    ],
+    ids=["two-pairs", "steady-drop", "up-and-down", "identical", "noise", "small-steady"],
+)
+def test_two_scales_are_told_apart_by_a_paired_comparison(a, b, told_apart):
+    assert distinguishable(a, b) is told_apart
+
+
+def notices(scales: dict, clip_on: bool = True) -> dict[str, str]:
+    return {n["kind"]: n["text"] for n in _summarise(0, cells(scales), SUGGEST, clip=clip_on)["notices"]}
+
+
+def steady(score: float, consistency: float, prompts: int = 4) -> list[dict]:
+    """`prompts` cells with the same numbers but for a small per-prompt offset every scale shares."""
+    return [clip(score + p * 0.5, consistency) for p in range(prompts)]
+
+
+@pytest.mark.parametrize(
+    "scales, kinds",
+    [
+        # the rule passes 0.5 and turns 1.0 down, on every prompt: nothing to say
+        ({0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 1.0: steady(27, 0.95)}, set()),
+        # the largest scale swept passes: extend upward
+        ({0.0: steady(30, 0.95), 0.5: steady(29.8, 0.95), 1.0: steady(29.5, 0.95)}, {"edge-high"}),
+        # nothing above 0 passes, clearly: extend downward
+        ({0.0: steady(30, 0.95), 0.5: steady(27, 0.95), 1.0: steady(25, 0.95)}, {"edge-low"}),
+        # the issue's case: 2 prompts × 1 seed, the star over its neighbour with no way to tell them apart
+        ({0.0: [clip(3.6, 0.9), clip(3.6, 0.9)], 0.5: [clip(3.6, 0.9), clip(3.6, 0.9)],
+          1.0: [clip(0, 0.9), clip(7.2, 0.85)]}, {"indistinguishable"}),
+        # four prompts, but the turned-down scale's drop comes from one prompt
+        ({0.0: steady(30, 0.95), 0.5: steady(30, 0.95), 1.0: [clip(22, 0.95), *steady(31, 0.95, 3)]},
+         {"indistinguishable"}),
+    ],
+    ids=["interior", "top-edge", "bottom-edge", "two-prompts", "one-prompt-drops"],
+)  # fmt: skip
+def test_the_report_says_when_a_suggestion_is_at_an_edge_or_not_told_apart(scales, kinds):
+    found = notices(scales)
+    assert set(found) == kinds
+    if "edge-high" in found:
+        assert "extend lora_scales above 1" in found["edge-high"]
+    if "edge-low" in found:
+        assert "between 0 and 0.5" in found["edge-low"]
+    if "indistinguishable" in found:
+        assert f"at least {MIN_PAIRS} prompt × seed pairs" in found["indistinguishable"]
+
+
+def test_the_spread_is_the_sample_standard_deviation_over_prompts_and_seeds():
+    summary = _summarise(0, cells({0.0: [clip(30, 0.9), clip(32, 0.9)]}), SUGGEST, clip=True)["summary"]
+    assert summary["0.0"]["clip_score"] == {"mean": 31.0, "sd": pytest.approx(2**0.5), "n": 2}
 
 
 def test_without_clip_the_suggestion_rests_on_temporal_ssim():
