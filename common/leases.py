@@ -128,6 +128,16 @@ class RunningJob(Record):
     step_s: float | None = None  # seconds per denoising step so far
 
 
+class Pace(Record):
+    """How long a worker's last job took, for estimates (`lorafleet sweep --estimate`): its size in
+    pixels (frames × height × width), its seconds per denoising step, and the rest of its time
+    (the prompt, the variant, the decode, the encode and upload) in seconds."""
+
+    pixels: int
+    step_s: float
+    other_s: float
+
+
 class WorkerRecord(Record):
     """A worker's heartbeat: `lorafleet:worker:<name>`."""
 
@@ -139,6 +149,7 @@ class WorkerRecord(Record):
     device: str | None = None  # "NVIDIA H200", "cpu"
     model: str | None = None  # the model it serves (alias or reference)
     tier: str | None = None  # "bf16", "fp8, compiled"
+    pace: Pace | None = None  # its last job's, once it finished one
 
 
 class CancelNotice(Record):

@@ -274,12 +274,23 @@ def batches(settings: Settings, console: Console, as_json: bool):
     metavar="BATCH",
     help='mark the cells whose numbers moved since that sweep; "latest": the newest earlier batch of this sweep',
 )
+@click.option(
+    "--estimate",
+    is_flag=True,
+    help="enqueue nothing: print the cells, the renders already in the store and the GPU time of the rest on the "
+    "live fleet",
+)
 @timeout_option
 @shared_options
-def sweep(settings: Settings, console: Console, file: str, batch: str | None, compare: str | None, timeout_s):
+def sweep(
+    settings: Settings, console: Console, file: str, batch: str | None, compare: str | None, estimate: bool, timeout_s
+):
     """Run a sweep spec FILE (YAML or JSON) as one batch, wait for it, and write its report."""
-    from producer.sweep import run_sweep
+    from producer.sweep import estimate_sweep, run_sweep
 
+    if estimate:
+        estimate_sweep(file, settings, console)
+        return ExitCode.OK
     ok = run_sweep(file, settings, console, batch, compare, timeout_s)
     return ExitCode.OK if ok else ExitCode.JOBS_FAILED
 
@@ -497,7 +508,9 @@ def redis_command(settings: Settings, console: Console, directory: str, stop: bo
         print(f"# stopped the redis-server of {directory}" if stopped else f"# no redis-server runs from {directory}")
         return ExitCode.OK
     url = start_in_background(directory)
-    print(f"export LORAFLEET_REDIS_URL={url}  # a private redis-server, files in {directory}; stop: lorafleet redis --stop")
+    print(
+        f"export LORAFLEET_REDIS_URL={url}  # a private redis-server, files in {directory}; stop: lorafleet redis --stop"
+    )
     return ExitCode.OK
 
 

@@ -2,18 +2,21 @@
 the videos that lack an evaluation by the configured evaluator, and write the report."""
 
 import json
+import statistics
 import time
 
+import redis
 from rich.console import Console
 
 from common.broker import make_app, send_evaluation
 from common.evaluation import eval_path, evaluator_identity
 from common.jobs_file import AdapterResolver, JobLimits
+from common.leases import Ledger
 from common.manifest import Batch, JobStatus, check_batch_name
 from common.model import model_resolver
 from common.reading import ReadPolicy
 from common.settings import Settings, queue_for
-from common.store import Store
+from common.store import Store, videos_present
 from common.sweep_spec import load_sweep
 from producer.follow import wait_for_batch
 from producer.report import build_report, load_report
@@ -49,20 +52,90 @@ def run_sweep(
         console.print("[red]some cells failed: no report[/] (see `lorafleet status " + batch.name + "`)")
         return False
     left = None if timeout_s is None else max(60.0, timeout_s - (time.monotonic() - started))
-    evaluations = evaluate(
-        [job.key for job in jobs], settings, store, console, queue_for(jobs[0].model), left
-    )
+    evaluations = evaluate([job.key for job in jobs], settings, store, console, queue_for(jobs[0].model), left)
     prompts = {}
     for job, cell in zip(jobs, cells, strict=True):
         prompts[cell["prompt"]] = job.prompt
     report = build_report(
-        batch, store, jobs, cells, [prompts[i] for i in sorted(prompts)], evaluations, options, previous,
-        max_video_pixels=settings.max_video_pixels, policy=ReadPolicy.from_settings(settings),
+        batch,
+        store,
+        jobs,
+        cells,
+        [prompts[i] for i in sorted(prompts)],
+        evaluations,
+        options,
+        previous,
+        max_video_pixels=settings.max_video_pixels,
+        policy=ReadPolicy.from_settings(settings),
     )
     moved = sum(bool(c["moved"]) for c in report["cells"])
     compared = f" ({moved} cells moved since {previous['batch']})" if previous else ""
     console.print(f"report: {store.uri(f'batches/{batch.name}/report.html')}{compared}")
     return True
+
+
+def estimate_sweep(path: str, settings: Settings, console: Console) -> dict:
+    """What a sweep would cost, enqueueing nothing: its cells, the renders they need (cells that
+    share a key share a render), how many are in the store already, and the GPU time of the rest on
+    the live fleet. Each job's time is scaled from the pace of its queue's workers' last jobs (a
+    worker's heartbeat: common/leases.py's Pace): its steps × seconds a step, in proportion to its
+    pixels, plus the rest of a job's time; averaged over the workers that have a pace. Returns the
+    figures it printed."""
+    store = Store(settings.store_url)
+    resolver = AdapterResolver.from_settings(settings, store)
+    name, jobs, _, _ = load_sweep(path, model_resolver(settings), resolver, JobLimits.from_settings(settings))
+    renders = {job.key: job for job in jobs}
+    present = videos_present(store, list(renders))
+    todo = [job for key, job in renders.items() if key not in present]
+    console.print(
+        f"sweep {name}: {len(jobs)} cells, {len(renders)} renders (cells that share a key share one), "
+        f"{len(present)} already in the store, {len(todo)} to render"
+    )
+    try:
+        workers = Ledger.from_settings(settings).live_workers()
+    except redis.RedisError as exc:
+        console.print(f"Redis unreachable ({type(exc).__name__}): no fleet to estimate GPU time on", style="yellow")
+        workers = None
+    queues = {}
+    for queue in dict.fromkeys(queue_for(job.model) for job in todo):
+        queued = [job for job in todo if queue_for(job.model) == queue]
+        serving = [w for w in workers or [] if w.queue == queue]
+        paces = [w.pace for w in serving if w.pace is not None]
+        figures = {"renders": len(queued), "workers": len(serving), "gpu_s": None, "wall_s": None}
+        queues[queue] = figures
+        if workers is None:
+            continue
+        if not paces:
+            why = (
+                "no live worker serves it" if not serving else f"none of its {len(serving)} workers has finished a job"
+            )
+            console.print(f"queue {queue}: {len(queued)} renders; {why}: no pace to estimate from")
+            continue
+        seconds = sum(
+            statistics.fmean(
+                job.steps * p.step_s * job.num_frames * job.height * job.width / p.pixels + p.other_s for p in paces
+            )
+            for job in queued
+        )
+        figures.update(gpu_s=seconds, wall_s=seconds / len(serving))
+        step_s = statistics.fmean(p.step_s for p in paces)
+        console.print(
+            f"queue {queue}: {len(queued)} renders, about {_duration(seconds)} of GPU time: {_duration(seconds / len(serving))} "
+            f"on its {len(serving)} live worker(s) (their last jobs: {step_s:.2f} s a step; scaled by each job's steps "
+            "and pixels)"
+        )
+    console.print("nothing enqueued (--estimate)")
+    return {"cells": len(jobs), "renders": len(renders), "in_store": len(present), "queues": queues}
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def read_evaluation(store: Store, key: str) -> dict | None:

@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests never read the developer's fleet settings: each test says what it sets (fleet_env, Settings(...)).
 for _name in [name for name in os.environ if name.startswith("LORAFLEET_")]:
     del os.environ[_name]
+# The suite runs several CPU workers beside pytest on a machine of few cores: torch's OpenMP threads,
+# one per core in every process, spin against each other there (a render of 0.5 s alone took 6–33 s
+# with three workers on 2 cores). One thread each; every process the suite starts inherits it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A producer-only install (no torch: `make test-producer`) runs every test that needs no render stack.
 HAS_TORCH = importlib.util.find_spec("torch") is not None

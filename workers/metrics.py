@@ -64,6 +64,7 @@ class Health:
         self.last_beat: float | None = None  # monotonic time of the last heartbeat written to Redis
         self.job: dict | None = None  # the job running now: RunningJob's fields ("since": a Unix time)
         self.about: dict = {}  # what the worker is: {"device", "model", "tier"}
+        self.pace: dict | None = None  # its last finished job's Pace
         self.wake = threading.Event()  # set: the heartbeat beats now instead of at its next interval
 
     def set_job(self, job: dict | None) -> None:
@@ -72,12 +73,17 @@ class Health:
         self.job = job
         self.wake.set()
 
+    def set_pace(self, pace: dict) -> None:
+        """The last finished job's Pace, said by the heartbeat at once (an estimate may ask next)."""
+        self.pace = pace
+        self.wake.set()
+
     def beat(self) -> None:
         self.last_beat = time.monotonic()
 
     def doing(self) -> dict:
         """What the heartbeat says of this worker: what it is, and the job it runs (or None)."""
-        return {**self.about, "job": dict(self.job) if self.job else None}
+        return {**self.about, "job": dict(self.job) if self.job else None, "pace": self.pace}
 
     def alive(self) -> bool:
         if self.last_beat is None:

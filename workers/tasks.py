@@ -35,7 +35,7 @@ from workers.delivery import (
 )
 from workers.evaluator import Evaluator
 from workers.metrics import EVALUATIONS, JOBS, Health
-from workers.outputs import upload
+from workers.outputs import pace_of, upload
 from workers.renderer import Rendered, Renderer, render_frames
 from workers.uploads import Uploads
 
@@ -147,6 +147,7 @@ class RenderTask(LorafleetTask):
                     self.backend.mark_as_failure(task_id, exc)
                     self.tell_monitors("task-failed", task_id, exception=repr(exc))
                 else:
+                    self.health.set_pace(pace_of(rendered))  # what `sweep --estimate` scales from
                     JOBS.labels(result["status"]).inc()
                     self.backend.mark_as_done(task_id, result)
                     self.tell_monitors("task-succeeded", task_id, result=repr(result), runtime=result["seconds"])

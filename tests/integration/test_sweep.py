@@ -155,6 +155,25 @@ def test_cells_rendered_before_clip_was_configured_are_evaluated_by_the_next_swe
         )
 
 
+def test_an_estimate_counts_what_is_left_and_prices_it_at_the_fleets_pace(fleet_env, start_worker, sweep_spec, tmp_path):
+    start_worker(fleet_env)
+    before = lorafleet("sweep", sweep_spec, "--estimate", env=fleet_env)
+    assert before.returncode == 0, before.stdout + before.stderr
+    assert "sweep nightly: 12 cells, 10 renders (cells that share a key share one), 0 already in the store" in before.stdout
+    assert "none of its 1 workers has finished a job: no pace to estimate from" in before.stdout
+    # One of the sweep's cells rendered: the base at lora_scale 0 (any adapter set's), and the worker's pace.
+    base = {"prompt": "a cat walks along the beach", "seed": 1, "lora_scale": 0, "steps": 20, "height": 32, "width": 32}
+    (tmp_path / "base.jsonl").write_text(json.dumps(base) + "\n")
+    assert lorafleet("submit", str(tmp_path / "base.jsonl"), "--wait", env=fleet_env).returncode == 0
+    after = lorafleet("sweep", sweep_spec, "--estimate", env=fleet_env)
+    assert "10 renders (cells that share a key share one), 1 already in the store, 9 to render" in after.stdout
+    priced = re.search(r"queue render: 9 renders, about (\d+) s of GPU time: (\d+) s on its 1 live worker", after.stdout)
+    assert priced and int(priced[1]) == int(priced[2]) > 0, after.stdout
+    assert after.stdout.rstrip().endswith("nothing enqueued (--estimate)")
+    batches = os.listdir(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches"))
+    assert len(batches) == 1  # the one submitted: no estimate made a batch
+
+
 def test_a_bad_sweep_spec_names_the_place(fleet_env, tmp_path, tiny):
     spec = tmp_path / "bad.yaml"
     spec.write_text(
