@@ -12,6 +12,8 @@
     priority: low                      # the default: interactive submits go first
     suggest: {clip_score_drop: 1.0, consistency_drop: 0.02}   # the suggested scale's tolerances
     moved: {clip_score: 1.0}            # --compare thresholds, by metric (defaults: MOVED)
+    confirm: {model: 5b-fp8}           # a draft sweep (model: a draft tier): then render the suggested
+                                       # scale and its neighbours in this exact model, side by side
 
 Checked as strictly as a jobs file; errors name the place in the spec (`adapter_sets[1][0].uri`).
 Jobs come out grouped by adapter combination and scale, so a worker switches variants rarely.
@@ -19,6 +21,7 @@ Jobs come out grouped by adapter combination and scale, so a worker switches var
 
 import json
 import math
+from dataclasses import dataclass
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
@@ -31,7 +34,7 @@ from common.model import ModelInfo
 
 SPEC_FIELDS = {
     "name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model", "suggest", "moved",
-    "priority",
+    "priority", "confirm",
 }  # fmt: skip
 # The suggested scale of an adapter set is the largest whose mean CLIPScore is within
 # clip_score_drop of scale 0's and whose mean consistency (CLIP's, else temporal SSIM) is within
@@ -115,9 +118,43 @@ def load_sweep(
     path: str, model_for, resolver: AdapterResolver, limits: JobLimits
 ) -> tuple[str, list[Job], list[dict], dict]:
     """The sweep's batch name prefix, its jobs (checked, resolved and keyed), each job's cell
-    ({"set", "prompt", "seed", "lora_scale"}) and the report's settings ({"suggest", "moved"},
-    defaults filled in); raises JobFileError naming every problem's place in the spec, before
-    anything is enqueued."""
+    ({"set", "prompt", "seed", "lora_scale"}) and the report's settings ({"suggest", "moved",
+    "confirm"}, defaults filled in); raises JobFileError naming every problem's place in the spec,
+    before anything is enqueued."""
+    sweep = _read_sweep(path, model_for, resolver, limits)
+    scales = {i: sweep.scales for i in range(len(sweep.sets))}
+    jobs, cells = _expand(sweep, sweep.spec.get("model"), sweep.model, scales, resolver, limits)
+    return sweep.name, jobs, cells, sweep.report
+
+
+def confirm_sweep(
+    path: str, model_for, resolver: AdapterResolver, limits: JobLimits, scales: dict[int, list[float]]
+) -> tuple[list[Job], list[dict]]:
+    """A draft sweep's confirmation: the cells of each adapter set at `scales[set]`, every prompt and
+    seed, in the exact model its `confirm:` names; each cell marked {"tier": "exact"}."""
+    sweep = _read_sweep(path, model_for, resolver, limits)
+    alias = sweep.report["confirm"]["model"]
+    jobs, cells = _expand(sweep, alias, model_for(alias), scales, resolver, limits)
+    return jobs, [{**cell, "tier": "exact"} for cell in cells]
+
+
+@dataclass
+class _Sweep:
+    """A spec's parts, each checked."""
+
+    path: str
+    spec: dict
+    name: str
+    model: ModelInfo
+    prompts: list[dict]
+    scales: list[float]
+    seeds: list[int]
+    render: dict
+    sets: list[list[dict]]
+    report: dict
+
+
+def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimits) -> _Sweep:
     spec = _read_spec(path)
     errors = [f"spec: {unknown_field(field, SPEC_FIELDS)}" for field in spec if field not in SPEC_FIELDS]
     try:
@@ -138,23 +175,32 @@ def load_sweep(
         field: _thresholds(spec, field, defaults, errors)
         for field, defaults in (("suggest", SUGGEST), ("moved", MOVED))
     }
+    report["confirm"] = _confirm(spec, model_for, errors)
     name = spec.get("name", "sweep")
     if not isinstance(name, str) or not name or "/" in name:
         errors.append('name: must be a plain name (no "/")')
     if errors:
         raise JobFileError(path, list(dict.fromkeys(errors)))
+    return _Sweep(path, spec, name, model, prompts, scales, seeds, render, sets, report)
+
+
+def _expand(
+    sweep: _Sweep, alias, model: ModelInfo, scales: dict[int, list[float]], resolver: AdapterResolver, limits
+) -> tuple[list[Job], list[dict]]:
+    """The jobs and cells of each adapter set at its scales, in model `alias`: grouped by adapter
+    combination and scale, so a worker switches variants rarely."""
     jobs, cells = [], []
-    for i, adapters in enumerate(sets):
-        for scale in scales:  # grouped by combination and scale: one variant switch per group
-            for p, prompt in enumerate(prompts):
-                for seed in seeds:
-                    fields = {**render, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
+    for i, adapters in enumerate(sweep.sets):
+        for scale in scales.get(i, []):  # grouped by combination and scale: one variant switch per group
+            for p, prompt in enumerate(sweep.prompts):
+                for seed in sweep.seeds:
+                    fields = {**sweep.render, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
                     spec_of_cell, problems = check_job(
                         # a nightly sweep yields to interactive jobs unless its spec says otherwise
                         {
                             **fields,
-                            "model": spec.get("model"),
-                            "priority": spec.get("priority", "low"),
+                            "model": alias,
+                            "priority": sweep.spec.get("priority", "low"),
                             "id": f"set{i}-p{p}-s{seed}",
                         },
                         f"adapter_sets[{i}]",
@@ -162,14 +208,40 @@ def load_sweep(
                         limits.max_video_pixels,
                     )
                     if problems:  # each part was checked above; what is left is how they combine
-                        raise JobFileError(path, problems)
+                        raise JobFileError(sweep.path, problems)
                     ((scale_of_cell, seed_of_cell),) = expand_job(spec_of_cell)
                     try:
                         jobs.append(resolve_job(spec_of_cell, scale_of_cell, seed_of_cell, model, resolver))
                     except AdapterError as exc:
-                        raise JobFileError(path, [f"adapter_sets[{i}]: {exc}"]) from None
+                        raise JobFileError(sweep.path, [f"adapter_sets[{i}]: {exc}"]) from None
                     cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale})
-    return name, jobs, cells, report
+    return jobs, cells
+
+
+def _confirm(spec: dict, model_for, errors: list) -> dict | None:
+    """`confirm: {model: ALIAS}` (ALIAS null or left out: the fleet's default model): the exact
+    model a draft sweep's suggestion and its neighbours are rendered in again."""
+    if "confirm" not in spec:
+        return None
+    given = spec["confirm"]
+    if given is True:
+        given = {}
+    if not isinstance(given, dict) or set(given) - {"model"}:
+        errors.append("confirm: must be a mapping such as {model: 5b-fp8} (the exact model alias; none: the default)")
+        return None
+    alias = given.get("model")
+    if alias == spec.get("model"):
+        errors.append("confirm.model: must differ from the sweep's own model (the draft): confirm renders exactly")
+        return None
+    try:
+        exact = model_for(alias)
+    except ModelError as exc:
+        errors.append(f"confirm.model: {exc}")
+        return None
+    if exact.cache:
+        errors.append(f"confirm.model: {alias} is a draft tier itself: name an exact one")
+        return None
+    return {"model": alias}
 
 
 def _thresholds(spec: dict, field: str, defaults: dict, errors: list) -> dict:

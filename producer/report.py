@@ -93,13 +93,16 @@ def build_report(
             videos[key] = read_video(store, key, max_video_pixels)
         return videos[key]
 
-    base_keys = {(c["prompt"], c["seed"]): j.key for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0}
+    # each tier against its own scale 0: a draft's cells against the draft base, exact ones the exact base
+    base_keys = {
+        (c.get("tier"), c["prompt"], c["seed"]): j.key for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0
+    }
     report_cells = []
     for job, cell in zip(jobs, cells, strict=True):
         key = job.key
         evaluation = evaluations.get(key)
         numbers = {
-            **vs_base(video(key), video(base_keys[(cell["prompt"], cell["seed"])])),
+            **vs_base(video(key), video(base_keys[(cell.get("tier"), cell["prompt"], cell["seed"])])),
             **(evaluation["numbers"] if evaluation else {}),
             "render_s": metadata[key]["timings_s"]["total"],
         }
@@ -123,9 +126,10 @@ def build_report(
     if compare:
         _mark_moved(report_cells, compare, options["moved"])
     clip = any(name in c["numbers"] for c in report_cells for name in CLIP_METRICS)
-    sets = [
-        _summarise(s, [c for c in report_cells if c["set"] == s], options["suggest"], clip) for s in _sets(report_cells)
-    ]
+    swept = [c for c in report_cells if c.get("tier") is None]  # a draft sweep's confirmation aside
+    sets = [_summarise(s, [c for c in swept if c["set"] == s], options["suggest"], clip) for s in _sets(swept)]
+    exact = [c for c in report_cells if c.get("tier") == "exact"]
+    confirmed = [_summarise(s, [c for c in exact if c["set"] == s], options["suggest"], clip) for s in _sets(exact)]
     if compare:
         before = {json.dumps(s["combination"]): s["suggested"] for s in compare.get("sets", [])}
         for s in sets:  # the baseline night's suggestion, where it swept the same adapter set
@@ -139,6 +143,9 @@ def build_report(
         "rule": _rule(options["suggest"], clip),
         "options": options,
         "sets": sets,
+        # a draft sweep's suggestion and neighbours rendered exactly, per set: the night's decision
+        "confirmed": confirmed,
+        "confirm_model": (options.get("confirm") or {}).get("model"),
         "cells": report_cells,
         "render_time_per_worker": _render_times(metadata),
         "switches": _switches(metadata),
@@ -147,7 +154,7 @@ def build_report(
     base_dir = f"batches/{batch.name}"
     store.write_bytes(f"{base_dir}/report.json", json.dumps(report, indent=1).encode())
     for s in sets:
-        cells_of_set = [c for c in report_cells if c["set"] == s["set"]]
+        cells_of_set = [c for c in swept if c["set"] == s["set"]]
         store.write_bytes(f"{base_dir}/plots/set{s['set']}.png", _plot(cells_of_set, s["set"]))
     images = {c["image"]["sha256"]: c["image"] for c in report_cells if c.get("image")}
     for sha256, image in images.items():
@@ -300,8 +307,19 @@ def _render_times(metadata: dict) -> dict[str, dict]:
 
 
 def _identity(cell: dict) -> tuple:
-    """What makes two nights' cells the same cell: the adapters' content, prompt, seed and scale."""
-    return adapter_combination(cell["adapters"], cell["lora_scale"]), cell["prompt_text"], cell["seed"], cell["lora_scale"]
+    """What makes two nights' cells the same cell: the adapters' content, prompt, seed, scale and tier."""
+    combination = adapter_combination(cell["adapters"], cell["lora_scale"])
+    return combination, cell["prompt_text"], cell["seed"], cell["lora_scale"], cell.get("tier")
+
+
+def confirm_scales(summary: dict) -> list[float]:
+    """The scales a draft sweep's set is rendered at again, exactly: scale 0 (the rule's reference),
+    the suggested scale and its neighbours in the sweep (none suggested: the smallest above 0)."""
+    scales, suggested = summary["scales"], summary["suggested"]
+    if suggested is None:
+        return sorted({0.0, *[x for x in scales if x > 0][:1]})
+    at = scales.index(suggested)
+    return sorted({0.0, *scales[max(at - 1, 0) : at + 2]})
 
 
 def _mark_moved(cells: list[dict], previous: dict, thresholds: dict) -> None:
@@ -459,9 +477,11 @@ def _html(report: dict) -> str:
                 _suggested_text({"suggested": s["baseline_suggested"]}) if "baseline_suggested" in s else "not swept"
             )
             baseline = f"; baseline night ({html.escape(report['compared_with'])}): {before}"
+        exact = next((c for c in report.get("confirmed", []) if c["set"] == s["set"]), None)
+        confirmed = "" if exact is None else f"; exactly: <b>{_suggested_text(exact)}</b>"
         parts.append(
             f"<li>set {s['set']} ({_adapters_text(s['adapters'])}): <b class='suggested-scale' data-set='{s['set']}'>"
-            f"{_suggested_text(s)}</b>{baseline}{_notices_html(s)}</li>"
+            f"{_suggested_text(s)}</b>{confirmed}{baseline}{_notices_html(s)}</li>"
         )
     parts.append("</ul><h2>How to read the numbers</h2><ul id='metrics'>")
     for name, (label, what, better) in METRICS.items():
@@ -494,9 +514,13 @@ def _html(report: dict) -> str:
     ):
         parts.append(f"<dt>{label}</dt><dd>{html.escape(str(value))}</dd>")
     parts.append("</dl>")
+    swept = [c for c in cells if c.get("tier") is None]
+    confirmed = {c["set"]: c for c in report.get("confirmed", [])}
     for s in report["sets"]:
-        parts += _set_section(s, [c for c in cells if c["set"] == s["set"]], up)
-    parts += _side_by_side(report, up)
+        parts += _set_section(s, [c for c in swept if c["set"] == s["set"]], up)
+        if s["set"] in confirmed:
+            parts += _confirmed_section(s, confirmed[s["set"]], [c for c in cells if c["set"] == s["set"]], report, up)
+    parts += _side_by_side({**report, "cells": swept}, up)
     parts.append(
         "<h2>Render time per worker</h2><table><tr><th>worker</th><th>jobs</th><th>mean s</th><th>min s</th><th>max s</th><th>variant switches</th></tr>"
     )
@@ -555,6 +579,40 @@ def _set_section(s: dict, cells: list[dict], up: str) -> list[str]:
     by_place = {(c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
     columns = [(f"<th{star(x)}>lora_scale {x:g}</th>", x) for x in scales]
     return parts + _grid(cells, columns, lambda x, prompt, seed: by_place[(x, prompt, seed)], td)
+
+
+def _confirmed_section(draft: dict, exact: dict, cells: list[dict], report: dict, up: str) -> list[str]:
+    """A draft set's confirmation: each number's draft and exact means at the scales rendered
+    exactly, the suggestion by the same rule on the exact cells, and the videos side by side."""
+    index, scales = draft["set"], exact["scales"]
+    model = report["confirm_model"] or "the fleet's default model"
+    parts = [
+        f"<h3 id='confirmed{index}'>Confirmed exactly ({html.escape(model)})</h3>",
+        f"<p class='suggestion confirmed'>Suggested lora_scale on the exact renders: <b class='confirmed-scale' "
+        f"data-set='{index}'>{_suggested_text(exact)}</b> (the draft's: {_suggested_text(draft)})</p>"
+        + _notices_html(exact),
+        "<table class='confirmed'><tr><th>number: draft → exact</th>"
+        + "".join(f"<th>lora_scale {x:g}</th>" for x in scales)
+        + "</tr>",
+    ]
+    for name, (label, _, _) in METRICS.items():
+        row, shown = [f"<tr><th>{label}</th>"], False
+        for x in scales:
+            a, b = (s["summary"].get(str(x), {}).get(name) for s in (draft, exact))
+            shown |= b is not None
+            text = " → ".join("—" if m is None else _fmt(name, m["mean"]) for m in (a, b))
+            row.append(f"<td>{text}</td>")
+        if shown:
+            parts.append("".join(row) + "</tr>")
+    parts.append("</table>")
+    by_place = {(c.get("tier"), c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
+    columns = [(f"<th>lora_scale {x:g}, {tier or 'draft'}</th>", (tier, x)) for x in scales for tier in (None, "exact")]
+
+    def td(column, cell):
+        return f"<td class='cell {column[0] or 'draft'}'>{_video(cell, up)}{_cell_numbers(cell)}</td>"
+
+    pick = lambda column, prompt, seed: by_place[(*column, prompt, seed)]  # noqa: E731
+    return parts + _grid([c for c in cells if c.get("tier") == "exact"], columns, pick, td)
 
 
 def _side_by_side(report: dict, up: str) -> list[str]:

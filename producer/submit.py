@@ -30,7 +30,9 @@ def submit(path: str, settings: Settings, batch_name: str | None = None, priorit
 
 def enqueue(jobs: list[Job], batch: Batch, store: Store, settings: Settings) -> Batch:
     """Enqueue checked, keyed jobs in their order as one batch, skipping keys already in the store,
-    and write the batch's manifest and jobs."""
+    and write the batch's manifest and jobs. A batch that already holds jobs (a sweep's second
+    round) gets these added to them."""
+    earlier = list(batch.read_jobs(store).values()) if batch.entries else []
     task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
     to_send = []
     present = videos_present(store, [job.key for job in jobs])
@@ -43,10 +45,11 @@ def enqueue(jobs: list[Job], batch: Batch, store: Store, settings: Settings) -> 
             to_send.append((job, task_ids[job.key]))
         batch.add(store, job, JobStatus.QUEUED, task_ids[job.key])
     check_redis(settings.redis_url)
-    # A new batch owes nothing to an earlier one of the same name (gone from the store): its cancel
-    # and pause flags would capture this batch's jobs.
-    Ledger.from_settings(settings).forget_batch(batch.name)
-    batch.write_jobs(store, jobs)
+    if not earlier:
+        # A new batch owes nothing to an earlier one of the same name (gone from the store): its
+        # cancel and pause flags would capture this batch's jobs.
+        Ledger.from_settings(settings).forget_batch(batch.name)
+    batch.write_jobs(store, [*earlier, *jobs])
     batch.write_manifest(store)
     send_jobs(make_app(settings), ((job.message(batch.name), task_id, None) for job, task_id in to_send))
     return batch

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from common.broker import make_app, send_evaluation
 from common.evaluation import eval_path, evaluator_identity
+from common.job import Job
 from common.jobs_file import AdapterResolver, JobLimits
 from common.leases import Ledger
 from common.manifest import Batch, JobStatus, check_batch_name
@@ -17,9 +18,9 @@ from common.model import model_resolver
 from common.reading import ReadPolicy
 from common.settings import Settings, queue_for
 from common.store import Store, videos_present
-from common.sweep_spec import load_sweep
+from common.sweep_spec import confirm_sweep, load_sweep
 from producer.follow import wait_for_batch
-from producer.report import build_report, load_report
+from producer.report import build_report, confirm_scales, load_report
 from producer.submit import enqueue
 
 
@@ -35,8 +36,9 @@ def run_sweep(
     batch to compare with ("latest": the newest earlier batch of this sweep); a baseline that is
     missing is a warning, and the report is written without comparison."""
     store = Store(settings.store_url)
-    resolver = AdapterResolver.from_settings(settings, store)
-    name, jobs, cells, options = load_sweep(path, model_resolver(settings), resolver, JobLimits.from_settings(settings))
+    resolver, limits = AdapterResolver.from_settings(settings, store), JobLimits.from_settings(settings)
+    model_for = model_resolver(settings)
+    name, jobs, cells, options = load_sweep(path, model_for, resolver, limits)
     # tonight's batch, or tonight's second (-2) if the sweep already ran today; a name given is never reused
     tonight = f"{name}-{time.strftime('%Y%m%d', time.gmtime())}"
     batch = Batch.new(store, batch_name) if batch_name else Batch.new_numbered(store, tonight)
@@ -48,26 +50,36 @@ def run_sweep(
         f"sweep {batch.name}: {len(jobs)} cells, {batch.enqueued} enqueued, {batch.count(JobStatus.DONE)} already in the store"
     )
     started = time.monotonic()
-    if not wait_for_batch(batch, settings, console, timeout_s):
-        console.print("[red]some cells failed: no report[/] (see `lorafleet status " + batch.name + "`)")
+    left = lambda: None if timeout_s is None else max(60.0, timeout_s - (time.monotonic() - started))  # noqa: E731
+    texts = {cell["prompt"]: job.prompt for job, cell in zip(jobs, cells, strict=True)}
+    prompts = [texts[i] for i in sorted(texts)]
+    evaluations: dict[str, dict] = {}
+
+    def rendered_and_reported(new_jobs: list[Job]) -> dict | None:
+        """Wait for the batch, evaluate `new_jobs`' videos, and write the report of every cell so far."""
+        if not wait_for_batch(batch, settings, console, left()):
+            console.print("[red]some cells failed: no report[/] (see `lorafleet status " + batch.name + "`)")
+            return None
+        keys = [job.key for job in new_jobs]
+        evaluations.update(evaluate(keys, settings, store, console, queue_for(new_jobs[0].model), left()))
+        return build_report(
+            batch, store, jobs, cells, prompts, evaluations, options, previous,
+            max_video_pixels=settings.max_video_pixels, policy=ReadPolicy.from_settings(settings),
+        )  # fmt: skip
+
+    report = rendered_and_reported(jobs)
+    if report is not None and options["confirm"]:  # a draft night: its decision rests on exact renders
+        scales = {s["set"]: confirm_scales(s) for s in report["sets"]}
+        exact_jobs, exact_cells = confirm_sweep(path, model_for, resolver, limits, scales)
+        enqueue(exact_jobs, batch, store, settings)
+        jobs, cells = [*jobs, *exact_jobs], [*cells, *exact_cells]
+        console.print(
+            f"confirming {len(exact_jobs)} cells exactly ({options['confirm']['model'] or 'the default model'}): "
+            + "; ".join(f"set {i}: lora_scale {', '.join(f'{x:g}' for x in xs)}" for i, xs in scales.items())
+        )
+        report = rendered_and_reported(exact_jobs)
+    if report is None:
         return False
-    left = None if timeout_s is None else max(60.0, timeout_s - (time.monotonic() - started))
-    evaluations = evaluate([job.key for job in jobs], settings, store, console, queue_for(jobs[0].model), left)
-    prompts = {}
-    for job, cell in zip(jobs, cells, strict=True):
-        prompts[cell["prompt"]] = job.prompt
-    report = build_report(
-        batch,
-        store,
-        jobs,
-        cells,
-        [prompts[i] for i in sorted(prompts)],
-        evaluations,
-        options,
-        previous,
-        max_video_pixels=settings.max_video_pixels,
-        policy=ReadPolicy.from_settings(settings),
-    )
     moved = sum(bool(c["moved"]) for c in report["cells"])
     compared = f" ({moved} cells moved since {previous['batch']})" if previous else ""
     console.print(f"report: {store.uri(f'batches/{batch.name}/report.html')}{compared}")

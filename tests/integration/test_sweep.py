@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from common.evaluation import ssim
+from producer.report import confirm_scales
 from tests.conftest import lorafleet
 from tests.helpers import decode_video
 
@@ -174,14 +175,47 @@ def test_an_estimate_counts_what_is_left_and_prices_it_at_the_fleets_pace(fleet_
     assert len(batches) == 1  # the one submitted: no estimate made a batch
 
 
+def test_a_draft_night_is_confirmed_by_exact_renders_of_its_pick(fleet_env, start_worker, tiny, tmp_path):
+    """The sweep renders in a draft tier (the tiny model with TaylorSeer), then the suggested scale,
+    its neighbours and scale 0 again in the exact model; the report shows both, side by side."""
+    draft = {"ref": tiny["model"], "cache": {"hook": "taylorseer", "params": {"disable_cache_before_step": 1}}}
+    env = {**fleet_env, "LORAFLEET_MODELS": json.dumps({"draft": draft})}
+    start_worker(env, "draft", flags=("--model", "draft"))
+    start_worker(env, "exact")
+    spec = {
+        "name": "draft-night", "model": "draft", "confirm": {"model": None},
+        "prompts": ["a cat walks along the beach"], "adapter_sets": [[tiny["style"]]],
+        "lora_scales": [0.25, 0.5, 0.75, 1.0], "seeds": [1], "render": {"steps": 12, "height": 32, "width": 32},
+    }  # fmt: skip
+    (tmp_path / "night.json").write_text(json.dumps(spec))
+    done = lorafleet("sweep", str(tmp_path / "night.json"), "--batch", "draft-night", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    html, report = report_cells(fleet_env["LORAFLEET_STORE_URL"], "draft-night")
+    (summary,) = report["sets"]
+    (confirmed,) = report["confirmed"]
+    expected = confirm_scales(summary)  # the rule's table test: tests/unit/test_report_rules.py
+    assert confirmed["scales"] == expected and f"set 0: lora_scale {', '.join(f'{x:g}' for x in expected)}" in done.stdout
+    drafts = {c["lora_scale"]: c for c in report["cells"] if c.get("tier") is None}
+    exacts = {c["lora_scale"]: c for c in report["cells"] if c.get("tier") == "exact"}
+    assert len(drafts) == 5 and sorted(exacts) == expected
+    for scale, cell in exacts.items():  # the same cell, another key: a draft never stands in for exact
+        assert cell["key"] != drafts[scale]["key"]
+        exact_meta = json.load(open(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "videos", f"{cell['key']}.json")))
+        draft_meta = json.load(open(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "videos", f"{drafts[scale]['key']}.json")))
+        assert exact_meta["cache"] is None and draft_meta["cache"]["hook"] == "taylorseer"
+    assert "id='confirmed0'>Confirmed exactly (the fleet&#x27;s default model)" in html and "class='confirmed-scale'" in html
+    assert html.count("<video class='cell'") == 5 + 2 * len(expected)  # the draft grid, then draft beside exact
+
+
 def test_a_bad_sweep_spec_names_the_place(fleet_env, tmp_path, tiny):
     spec = tmp_path / "bad.yaml"
     spec.write_text(
         f"prompts: [a cat]\nadapter_sets:\n  - [{tiny['style']}]\n  - [{{uri: {tiny['style']}, wieght: 0.8}}]\n"
         "  - [missing/adapter]\nlora_scales: [0, 1]\nseeds: [1]\n"
-        "suggest: {clip_drop: 1}\nmoved: {clip_score: -1}\n"
+        "suggest: {clip_drop: 1}\nmoved: {clip_score: -1}\nconfirm: {model: nowhere}\n"
     )
     result = lorafleet("sweep", str(spec), env=fleet_env)
+    assert 'confirm.model: unknown model alias "nowhere"' in result.stderr
     assert result.returncode == 2
     assert 'adapter_sets[1][0]: unknown field "wieght" (did you mean "weight"?)' in result.stderr
     assert 'adapter_sets[2][0].uri: adapter "missing/adapter" not found' in result.stderr

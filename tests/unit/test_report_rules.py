@@ -4,7 +4,7 @@ baseline night (producer/report.py). Plain data in, no videos, no torch."""
 import pytest
 
 from common.sweep_spec import MOVED, SUGGEST
-from producer.report import MIN_PAIRS, _mark_moved, _summarise, distinguishable
+from producer.report import MIN_PAIRS, _mark_moved, _summarise, confirm_scales, distinguishable
 
 pytestmark = pytest.mark.unit
 ADAPTERS = [{"sha256": "ab" * 32, "weight": 1.0, "alpha": None, "uri": "style"}]
@@ -95,6 +95,15 @@ def test_the_report_says_when_a_suggestion_is_at_an_edge_or_not_told_apart(scale
         assert "between 0 and 0.5" in found["edge-low"]
     if "indistinguishable" in found:
         assert f"at least {MIN_PAIRS} prompt × seed pairs" in found["indistinguishable"]
+
+
+@pytest.mark.parametrize(
+    "suggested, confirmed",
+    [(0.5, [0.0, 0.25, 0.5, 0.75]), (1.0, [0.0, 0.75, 1.0]), (0.25, [0.0, 0.25, 0.5]), (None, [0.0, 0.25])],
+    ids=["interior", "top", "bottom", "none"],
+)
+def test_a_draft_is_confirmed_at_its_pick_its_neighbours_and_scale_0(suggested, confirmed):
+    assert confirm_scales({"scales": [0.0, 0.25, 0.5, 0.75, 1.0], "suggested": suggested}) == confirmed
 
 
 def test_the_spread_is_the_sample_standard_deviation_over_prompts_and_seeds():
