@@ -14,6 +14,7 @@
     moved: {clip_score: 1.0}            # --compare thresholds, by metric (defaults: MOVED)
     confirm: {model: 5b-fp8}           # a draft sweep (model: a draft tier): then render the suggested
                                        # scale and its neighbours in this exact model, side by side
+    refine: {resolution: 0.05}         # then add scales next to the suggestion, round by round
 
 Checked as strictly as a jobs file; errors name the place in the spec (`adapter_sets[1][0].uri`).
 Jobs come out grouped by adapter combination and scale, so a worker switches variants rarely.
@@ -34,7 +35,7 @@ from common.model import ModelInfo
 
 SPEC_FIELDS = {
     "name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model", "suggest", "moved",
-    "priority", "confirm",
+    "priority", "confirm", "refine",
 }  # fmt: skip
 # The suggested scale of an adapter set is the largest whose mean CLIPScore is within
 # clip_score_drop of scale 0's and whose mean consistency (CLIP's, else temporal SSIM) is within
@@ -138,6 +139,16 @@ def confirm_sweep(
     return jobs, [{**cell, "tier": "exact"} for cell in cells]
 
 
+def more_cells(
+    path: str, model_for, resolver: AdapterResolver, limits: JobLimits, scales: dict[int, list[float]], mark: dict
+) -> tuple[list[Job], list[dict]]:
+    """More cells of a sweep: each adapter set at `scales[set]`, every prompt and seed, in the
+    sweep's own model; each cell marked with `mark` ({"refined": round})."""
+    sweep = _read_sweep(path, model_for, resolver, limits)
+    jobs, cells = _expand(sweep, sweep.spec.get("model"), sweep.model, scales, resolver, limits)
+    return jobs, [{**cell, **mark} for cell in cells]
+
+
 @dataclass
 class _Sweep:
     """A spec's parts, each checked."""
@@ -176,6 +187,7 @@ def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimi
         for field, defaults in (("suggest", SUGGEST), ("moved", MOVED))
     }
     report["confirm"] = _confirm(spec, model_for, errors)
+    report["refine"] = _refine(spec, errors)
     name = spec.get("name", "sweep")
     if not isinstance(name, str) or not name or "/" in name:
         errors.append('name: must be a plain name (no "/")')
@@ -216,6 +228,26 @@ def _expand(
                         raise JobFileError(sweep.path, [f"adapter_sets[{i}]: {exc}"]) from None
                     cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale})
     return jobs, cells
+
+
+def _refine(spec: dict, errors: list) -> dict | None:
+    """`refine: {resolution: 0.05, rounds: 4}`: after the grid, add scales between each set's
+    suggestion and the scale above it that the rule turned down, halving the gap each round, until
+    it is at most `resolution`, the two cannot be told apart, or `rounds` rounds were made."""
+    if "refine" not in spec:
+        return None
+    given = spec["refine"]
+    if not isinstance(given, dict) or set(given) - {"resolution", "rounds"}:
+        errors.append("refine: must be a mapping such as {resolution: 0.05, rounds: 4}")
+        return None
+    resolution, rounds = given.get("resolution", 0.05), given.get("rounds", 4)
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution < math.inf:
+        errors.append(f"refine.resolution: must be a number > 0, got {json.dumps(resolution, default=str)}")
+        return None
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 10:
+        errors.append(f"refine.rounds: must be a whole number from 1 to 10, got {json.dumps(rounds, default=str)}")
+        return None
+    return {"resolution": float(resolution), "rounds": rounds}
 
 
 def _confirm(spec: dict, model_for, errors: list) -> dict | None:

@@ -312,6 +312,20 @@ def _identity(cell: dict) -> tuple:
     return combination, cell["prompt_text"], cell["seed"], cell["lora_scale"], cell.get("tier")
 
 
+def refine_scale(summary: dict, resolution: float) -> float | None:
+    """The next scale a refining sweep adds to a set, or None when it is done: halfway between the
+    suggestion (0 when none) and the next scale up, which the rule turned down, while that gap is
+    wider than `resolution` and the two can be told apart (PAIRED_RULE); never past the range swept."""
+    scales, suggested = summary["scales"], summary["suggested"]
+    passed = 0.0 if suggested is None else suggested
+    above = [x for x in scales if x > passed]
+    if not above or above[0] - passed <= resolution + 1e-9:
+        return None
+    if any(n["kind"] == "indistinguishable" for n in summary["notices"]):
+        return None
+    return round((passed + above[0]) / 2, 6)
+
+
 def confirm_scales(summary: dict) -> list[float]:
     """The scales a draft sweep's set is rendered at again, exactly: scale 0 (the rule's reference),
     the suggested scale and its neighbours in the sweep (none suggested: the smallest above 0)."""
@@ -577,7 +591,9 @@ def _set_section(s: dict, cells: list[dict], up: str) -> list[str]:
         return f"<td class='{classes}'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>"
 
     by_place = {(c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
-    columns = [(f"<th{star(x)}>lora_scale {x:g}</th>", x) for x in scales]
+    rounds = {c["lora_scale"]: c["refined"] for c in cells if c.get("refined")}
+    refined = lambda x: f"<br><i class='refined'>refined, round {rounds[x]}</i>" if x in rounds else ""  # noqa: E731
+    columns = [(f"<th{star(x)}>lora_scale {x:g}{refined(x)}</th>", x) for x in scales]
     return parts + _grid(cells, columns, lambda x, prompt, seed: by_place[(x, prompt, seed)], td)
 
 

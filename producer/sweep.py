@@ -18,9 +18,9 @@ from common.model import model_resolver
 from common.reading import ReadPolicy
 from common.settings import Settings, queue_for
 from common.store import Store, videos_present
-from common.sweep_spec import confirm_sweep, load_sweep
+from common.sweep_spec import confirm_sweep, load_sweep, more_cells
 from producer.follow import wait_for_batch
-from producer.report import build_report, confirm_scales, load_report
+from producer.report import build_report, confirm_scales, load_report, refine_scale
 from producer.submit import enqueue
 
 
@@ -68,6 +68,21 @@ def run_sweep(
         )  # fmt: skip
 
     report = rendered_and_reported(jobs)
+    refine = options["refine"]
+    for round_ in range(1, refine["rounds"] + 1) if refine and report is not None else ():
+        # one batch step a round: the next scale of every set that is not yet done, all prompts and seeds
+        scales = {s["set"]: [x] for s in report["sets"] if (x := refine_scale(s, refine["resolution"])) is not None}
+        if not scales:
+            break
+        new_jobs, new_cells = more_cells(path, model_for, resolver, limits, scales, {"refined": round_})
+        enqueue(new_jobs, batch, store, settings)
+        jobs, cells = [*jobs, *new_jobs], [*cells, *new_cells]
+        console.print(
+            f"refining, round {round_}: "
+            + "; ".join(f"set {i}: lora_scale {xs[0]:g}" for i, xs in scales.items())
+            + f" ({batch.count(JobStatus.DONE)} cells in the store so far)"
+        )
+        report = rendered_and_reported(new_jobs)
     if report is not None and options["confirm"]:  # a draft night: its decision rests on exact renders
         scales = {s["set"]: confirm_scales(s) for s in report["sets"]}
         exact_jobs, exact_cells = confirm_sweep(path, model_for, resolver, limits, scales)

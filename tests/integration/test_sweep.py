@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from common.evaluation import ssim
-from producer.report import confirm_scales
+from producer.report import confirm_scales, refine_scale
 from tests.conftest import lorafleet
-from tests.helpers import decode_video
+from tests.helpers import decode_video, render_records
 
 pytestmark = pytest.mark.integration
 
@@ -205,6 +205,55 @@ def test_a_draft_night_is_confirmed_by_exact_renders_of_its_pick(fleet_env, star
         assert exact_meta["cache"] is None and draft_meta["cache"]["hook"] == "taylorseer"
     assert "id='confirmed0'>Confirmed exactly (the fleet&#x27;s default model)" in html and "class='confirmed-scale'" in html
     assert html.count("<video class='cell'") == 5 + 2 * len(expected)  # the draft grid, then draft beside exact
+
+
+def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the_store(
+    fleet_env, start_worker, tiny, tmp_path
+):
+    """Real renders on the tiny model, with a planted metric curve: each cell's evaluation is in the
+    store before the sweep asks for it (as a night after an earlier one finds it), CLIPScore falling
+    as 10·scale² below scale 0's, so the rule's 1.0 tolerance lies at 0.316."""
+    from common.evaluation import eval_path, evaluator_identity
+    from common.model import model_info
+    from common.settings import Settings
+    from common.store import Store
+    from common.sweep_spec import load_sweep
+    from tests.helpers import default_limits, resolver_for
+
+    worker = start_worker(fleet_env)
+    spec = {
+        "name": "refining", "prompts": ["a cat walks", "a dog runs", "a boat floats"],
+        "adapter_sets": [[tiny["style"]]], "lora_scales": [0, 1], "seeds": [1],
+        "render": {"steps": 8, "height": 32, "width": 32}, "refine": {"resolution": 0.3, "rounds": 3},
+    }  # fmt: skip
+    path = tmp_path / "refining.json"
+    store = Store(fleet_env["LORAFLEET_STORE_URL"])
+    path.write_text(json.dumps({**spec, "lora_scales": [0, 0.25, 0.5, 0.75, 1]}))  # every scale it may visit
+    every = load_sweep(str(path), lambda alias: model_info(tiny["model"]), resolver_for(store), default_limits())
+    identity = evaluator_identity(Settings(_env_file=None))
+    for job, cell in zip(every[1], every[2], strict=True):
+        numbers = {"clip_score": 30 + cell["prompt"] - 10 * cell["lora_scale"] ** 2, "clip_consistency": 0.95}
+        planted = {"key": job.key, "evaluator": identity, "numbers": {**numbers, "temporal_ssim": 0.5}}
+        store.write_bytes(eval_path(job.key), json.dumps(planted).encode())
+    path.write_text(json.dumps(spec))
+    first = lorafleet("sweep", str(path), "--batch", "refine1", env=fleet_env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # 1 fails (a drop of 10): halfway to 0, 0.5 (2.5) fails too, then 0.25 (0.625) passes; the gap
+    # to 0.5 is within the resolution: done after two of its three rounds, suggesting 0.25.
+    rounds = re.findall(r"refining, round (\d): set 0: lora_scale ([\d.]+)", first.stdout)
+    assert rounds == [("1", "0.5"), ("2", "0.25")], first.stdout
+    html, report = report_cells(fleet_env["LORAFLEET_STORE_URL"], "refine1")
+    (summary,) = report["sets"]
+    assert summary["scales"] == [0.0, 0.25, 0.5, 1.0] and summary["suggested"] == 0.25
+    refined = {c["lora_scale"]: c["refined"] for c in report["cells"] if c.get("refined")}
+    assert refined == {0.5: 1, 0.25: 2} and "refined, round 2" in html
+    assert refine_scale(summary, 0.3) is None
+    # A second night: the same rounds, every cell found in the store, nothing rendered again.
+    rendered = render_records([worker.log_path])
+    second = lorafleet("sweep", str(path), "--batch", "refine2", env=fleet_env)
+    assert second.returncode == 0 and "6 cells, 0 enqueued, 6 already in the store" in second.stdout
+    assert re.findall(r"refining, round (\d): set 0: lora_scale ([\d.]+)", second.stdout) == rounds
+    assert render_records([worker.log_path]) == rendered
 
 
 def test_a_bad_sweep_spec_names_the_place(fleet_env, tmp_path, tiny):

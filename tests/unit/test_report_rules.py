@@ -4,7 +4,7 @@ baseline night (producer/report.py). Plain data in, no videos, no torch."""
 import pytest
 
 from common.sweep_spec import MOVED, SUGGEST
-from producer.report import MIN_PAIRS, _mark_moved, _summarise, confirm_scales, distinguishable
+from producer.report import MIN_PAIRS, _mark_moved, _summarise, confirm_scales, distinguishable, refine_scale
 
 pytestmark = pytest.mark.unit
 ADAPTERS = [{"sha256": "ab" * 32, "weight": 1.0, "alpha": None, "uri": "style"}]
@@ -104,6 +104,26 @@ def test_the_report_says_when_a_suggestion_is_at_an_edge_or_not_told_apart(scale
 )
 def test_a_draft_is_confirmed_at_its_pick_its_neighbours_and_scale_0(suggested, confirmed):
     assert confirm_scales({"scales": [0.0, 0.25, 0.5, 0.75, 1.0], "suggested": suggested}) == confirmed
+
+
+@pytest.mark.parametrize(
+    "scales, added",
+    [
+        # 0.5 passes, 1.0 is turned down on every prompt: halfway between them
+        ({0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 1.0: steady(27, 0.95)}, 0.75),
+        # nothing above 0 passes: halfway between 0 and the smallest scale
+        ({0.0: steady(30, 0.95), 0.5: steady(27, 0.95), 1.0: steady(25, 0.95)}, 0.25),
+        # the gap is down to the resolution: done
+        ({0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 0.55: steady(27, 0.95)}, None),
+        # the top scale passes: nothing above it to refine towards (the edge notice says extend)
+        ({0.0: steady(30, 0.95), 0.5: steady(29.8, 0.95), 1.0: steady(29.5, 0.95)}, None),
+        # the rule cannot tell 0.5 from 1.0 (one prompt's drop): refining would chase noise
+        ({0.0: steady(30, 0.95), 0.5: steady(30, 0.95), 1.0: [clip(22, 0.95), *steady(31, 0.95, 3)]}, None),
+    ],
+    ids=["between", "below-smallest", "resolved", "top-edge", "indistinguishable"],
+)
+def test_refinement_halves_the_gap_the_rule_decided_in(scales, added):
+    assert refine_scale(_summarise(0, cells(scales), SUGGEST, clip=True), 0.05) == added
 
 
 def test_the_spread_is_the_sample_standard_deviation_over_prompts_and_seeds():
