@@ -9,6 +9,7 @@
     lora_scales: "0:1:0.25"            # or a list; 0 is always rendered, as the reference
     seeds: [1, 2]
     render: {steps: 30, num_frames: 49} # any other job field
+    axes: {guidance_scale: [4, 6, 8]}  # more axes: any render field or negative_prompt, each a list
     priority: low                      # the default: interactive submits go first
     suggest: {clip_score_drop: 1.0, consistency_drop: 0.02}   # the suggested scale's tolerances
     moved: {clip_score: 1.0}            # --compare thresholds, by metric (defaults: MOVED)
@@ -20,6 +21,7 @@ Checked as strictly as a jobs file; errors name the place in the spec (`adapter_
 Jobs come out grouped by adapter combination and scale, so a worker switches variants rarely.
 """
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -29,13 +31,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from common.errors import AdapterError, JobFileError, ModelError
 from common.job import Job
-from common.job_spec import SWEPT_FIELDS, AdapterItem, AdapterSpec, RenderFields, describe, unknown_field
+from common.job_spec import RENDER_FIELDS, SWEPT_FIELDS, AdapterItem, AdapterSpec, RenderFields, describe, unknown_field
 from common.jobs_file import AdapterResolver, JobLimits, check_job, expand_job, render_size, resolve_job
 from common.model import ModelInfo
 
 SPEC_FIELDS = {
     "name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model", "suggest", "moved",
-    "priority", "confirm", "refine",
+    "priority", "confirm", "refine", "axes",
 }  # fmt: skip
 # The suggested scale of an adapter set is the largest whose mean CLIPScore is within
 # clip_score_drop of scale 0's and whose mean consistency (CLIP's, else temporal SSIM) is within
@@ -162,6 +164,7 @@ class _Sweep:
     seeds: list[int]
     render: dict
     sets: list[list[dict]]
+    axes: dict[str, list]
     report: dict
 
 
@@ -179,7 +182,8 @@ def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimi
     seeds = _seeds(spec.get("seeds", [0]), errors)
     render = _render(spec.get("render", {}), model, limits, errors)
     sets = _adapter_sets(spec.get("adapter_sets"), resolver, errors)
-    cell_count = len(sets) * len(scales) * len(prompts) * len(seeds)
+    axes = _axes(spec.get("axes", {}), render, model, limits, errors)
+    cell_count = len(sets) * len(scales) * len(prompts) * len(seeds) * math.prod(len(v) for v in axes.values())
     if cell_count > limits.max_jobs:
         errors.append(f"the sweep expands to {cell_count} cells, more than {limits.max_jobs} (LORAFLEET_MAX_JOBS)")
     report = {
@@ -188,12 +192,15 @@ def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimi
     }
     report["confirm"] = _confirm(spec, model_for, errors)
     report["refine"] = _refine(spec, errors)
+    for field in ("refine", "confirm"):
+        if axes and report[field]:
+            errors.append(f"{field}: not with axes yet (it follows each adapter set's one suggestion)")
     name = spec.get("name", "sweep")
     if not isinstance(name, str) or not name or "/" in name:
         errors.append('name: must be a plain name (no "/")')
     if errors:
         raise JobFileError(path, list(dict.fromkeys(errors)))
-    return _Sweep(path, spec, name, model, prompts, scales, seeds, render, sets, report)
+    return _Sweep(path, spec, name, model, prompts, scales, seeds, render, sets, axes, report)
 
 
 def _expand(
@@ -202,18 +209,20 @@ def _expand(
     """The jobs and cells of each adapter set at its scales, in model `alias`: grouped by adapter
     combination and scale, so a worker switches variants rarely."""
     jobs, cells = [], []
+    names = list(sweep.axes)
+    combinations = [dict(zip(names, values, strict=True)) for values in itertools.product(*sweep.axes.values())]
     for i, adapters in enumerate(sweep.sets):
         for scale in scales.get(i, []):  # grouped by combination and scale: one variant switch per group
-            for p, prompt in enumerate(sweep.prompts):
+            for (a, axes), (p, prompt) in itertools.product(enumerate(combinations), enumerate(sweep.prompts)):
                 for seed in sweep.seeds:
-                    fields = {**sweep.render, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
+                    fields = {**sweep.render, **axes, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
                     spec_of_cell, problems = check_job(
                         # a nightly sweep yields to interactive jobs unless its spec says otherwise
                         {
                             **fields,
                             "model": alias,
                             "priority": sweep.spec.get("priority", "low"),
-                            "id": f"set{i}-p{p}-s{seed}",
+                            "id": f"set{i}-p{p}-s{seed}" + (f"-a{a}" if axes else ""),
                         },
                         f"adapter_sets[{i}]",
                         model,
@@ -226,8 +235,40 @@ def _expand(
                         jobs.append(resolve_job(spec_of_cell, scale_of_cell, seed_of_cell, model, resolver))
                     except AdapterError as exc:
                         raise JobFileError(sweep.path, [f"adapter_sets[{i}]: {exc}"]) from None
-                    cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale})
+                    cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale, **({"axes": axes} if axes else {})})
     return jobs, cells
+
+
+AXIS_FIELDS = [*RENDER_FIELDS, "negative_prompt"]  # what `axes:` may sweep beside the spec's own axes
+
+
+def _axes(axes, render: dict, model: ModelInfo, limits: JobLimits, errors: list) -> dict[str, list]:
+    """`axes: {field: [values]}`: more axes than adapter sets, scales, prompts and seeds, each value
+    checked as `render:` checks it (a field both in `render:` and here is an error)."""
+    if not isinstance(axes, dict):
+        errors.append("axes: must be a mapping of job fields to lists of values, such as {guidance_scale: [4, 6]}")
+        return {}
+    checked = {}
+    for field, values in axes.items():
+        if field not in AXIS_FIELDS:
+            errors.append(f"axes: {unknown_field(str(field), AXIS_FIELDS)}")
+        elif field in render:
+            errors.append(f"axes.{field}: also set in render: give it in one place")
+        elif not isinstance(values, list) or not values or len(values) != len({json.dumps(v) for v in values}):
+            errors.append(f"axes.{field}: must be a non-empty list of distinct values")
+        else:
+            before = len(errors)
+            for j, value in enumerate(values):
+                if field == "negative_prompt":
+                    if not isinstance(value, str):
+                        errors.append(f"axes.{field}[{j}]: must be a string")
+                    continue
+                at = len(errors)
+                _render({**render, field: value}, model, limits, errors)
+                errors[at:] = [e.replace(f"render.{field}", f"axes.{field}[{j}]", 1) for e in errors[at:]]
+            if len(errors) == before:
+                checked[field] = values
+    return checked
 
 
 def _refine(spec: dict, errors: list) -> dict | None:

@@ -95,14 +95,16 @@ def build_report(
 
     # each tier against its own scale 0: a draft's cells against the draft base, exact ones the exact base
     base_keys = {
-        (c.get("tier"), c["prompt"], c["seed"]): j.key for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0
+        (c.get("tier"), _axes_id(c), c["prompt"], c["seed"]): j.key
+        for j, c in zip(jobs, cells, strict=True)
+        if c["lora_scale"] == 0
     }
     report_cells = []
     for job, cell in zip(jobs, cells, strict=True):
         key = job.key
         evaluation = evaluations.get(key)
         numbers = {
-            **vs_base(video(key), video(base_keys[(cell.get("tier"), cell["prompt"], cell["seed"])])),
+            **vs_base(video(key), video(base_keys[(cell.get("tier"), _axes_id(cell), cell["prompt"], cell["seed"])])),
             **(evaluation["numbers"] if evaluation else {}),
             "render_s": metadata[key]["timings_s"]["total"],
         }
@@ -127,14 +129,15 @@ def build_report(
         _mark_moved(report_cells, compare, options["moved"])
     clip = any(name in c["numbers"] for c in report_cells for name in CLIP_METRICS)
     swept = [c for c in report_cells if c.get("tier") is None]  # a draft sweep's confirmation aside
-    sets = [_summarise(s, [c for c in swept if c["set"] == s], options["suggest"], clip) for s in _sets(swept)]
+    sets = [_section(group, swept, options["suggest"], clip) for group in _groups(swept)]
     exact = [c for c in report_cells if c.get("tier") == "exact"]
     confirmed = [_summarise(s, [c for c in exact if c["set"] == s], options["suggest"], clip) for s in _sets(exact)]
     if compare:
-        before = {json.dumps(s["combination"]): s["suggested"] for s in compare.get("sets", [])}
-        for s in sets:  # the baseline night's suggestion, where it swept the same adapter set
-            if json.dumps(s["combination"]) in before:
-                s["baseline_suggested"] = before[json.dumps(s["combination"])]
+        same = lambda s: json.dumps([s["combination"], s.get("axes")])  # noqa: E731
+        before = {same(s): s["suggested"] for s in compare.get("sets", [])}
+        for s in sets:  # the baseline night's suggestion, where it swept the same adapter set (and axes)
+            if same(s) in before:
+                s["baseline_suggested"] = before[same(s)]
     report = {
         "batch": batch.name,
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -154,8 +157,8 @@ def build_report(
     base_dir = f"batches/{batch.name}"
     store.write_bytes(f"{base_dir}/report.json", json.dumps(report, indent=1).encode())
     for s in sets:
-        cells_of_set = [c for c in swept if c["set"] == s["set"]]
-        store.write_bytes(f"{base_dir}/plots/set{s['set']}.png", _plot(cells_of_set, s["set"]))
+        cells_of_section = [c for c in swept if _group_of(c) == (s["set"], _axes_id(s))]
+        store.write_bytes(f"{base_dir}/plots/{s['section']}.png", _plot(cells_of_section, s["set"]))
     images = {c["image"]["sha256"]: c["image"] for c in report_cells if c.get("image")}
     for sha256, image in images.items():
         store.write_bytes(f"{base_dir}/images/{sha256}.png", _thumbnail(image, store, policy))
@@ -174,6 +177,35 @@ def _thumbnail(image: dict, store: Store, policy: ReadPolicy) -> bytes:
 
 def _sets(cells: list[dict]) -> list[int]:
     return sorted({c["set"] for c in cells})
+
+
+def _axes_id(cell: dict) -> str:
+    """A cell's values on a spec's further axes (`axes:`), as one comparable string ("" for none)."""
+    return json.dumps(cell["axes"], sort_keys=True) if cell.get("axes") else ""
+
+
+def _group_of(cell: dict) -> tuple[int, str]:
+    return cell["set"], _axes_id(cell)
+
+
+def _groups(cells: list[dict]) -> list[tuple[int, str]]:
+    """The report's sections: one per adapter set and combination of the further axes, in sweep order."""
+    return list(dict.fromkeys(sorted(map(_group_of, cells), key=lambda g: g[0])))
+
+
+def _section(group: tuple[int, str], cells: list[dict], suggest: dict, clip: bool) -> dict:
+    """One section's summary: an adapter set's, or with further axes, the set's at one combination of
+    them ({"axes": {...}}); `section` names its plot and its place in the page."""
+    index, axes = group
+    ordinal = [g for g in _groups(cells) if g[0] == index].index(group)
+    summary = _summarise(index, [c for c in cells if _group_of(c) == group], suggest, clip)
+    if not axes:
+        return {**summary, "section": f"set{index}"}
+    return {**summary, "axes": json.loads(axes), "section": f"set{index}-a{ordinal}"}
+
+
+def _axes_text(axes: dict | None) -> str:
+    return ", ".join(f"{name} {value if isinstance(value, str) else f'{value:g}'}" for name, value in (axes or {}).items())
 
 
 def distinguishable(a: list[float], b: list[float]) -> bool:
@@ -307,9 +339,9 @@ def _render_times(metadata: dict) -> dict[str, dict]:
 
 
 def _identity(cell: dict) -> tuple:
-    """What makes two nights' cells the same cell: the adapters' content, prompt, seed, scale and tier."""
+    """What makes two nights' cells the same cell: the adapters' content, prompt, seed, scale, tier and axes."""
     combination = adapter_combination(cell["adapters"], cell["lora_scale"])
-    return combination, cell["prompt_text"], cell["seed"], cell["lora_scale"], cell.get("tier")
+    return combination, cell["prompt_text"], cell["seed"], cell["lora_scale"], cell.get("tier"), _axes_id(cell)
 
 
 def refine_scale(summary: dict, resolution: float) -> float | None:
@@ -493,8 +525,9 @@ def _html(report: dict) -> str:
             baseline = f"; baseline night ({html.escape(report['compared_with'])}): {before}"
         exact = next((c for c in report.get("confirmed", []) if c["set"] == s["set"]), None)
         confirmed = "" if exact is None else f"; exactly: <b>{_suggested_text(exact)}</b>"
+        at = f" at {html.escape(_axes_text(s['axes']))}" if s.get("axes") else ""
         parts.append(
-            f"<li>set {s['set']} ({_adapters_text(s['adapters'])}): <b class='suggested-scale' data-set='{s['set']}'>"
+            f"<li>set {s['set']} ({_adapters_text(s['adapters'])}){at}: <b class='suggested-scale' data-set='{s['set']}'>"
             f"{_suggested_text(s)}</b>{confirmed}{baseline}{_notices_html(s)}</li>"
         )
     parts.append("</ul><h2>How to read the numbers</h2><ul id='metrics'>")
@@ -530,8 +563,9 @@ def _html(report: dict) -> str:
     parts.append("</dl>")
     swept = [c for c in cells if c.get("tier") is None]
     confirmed = {c["set"]: c for c in report.get("confirmed", [])}
+    parts += _axes_overview(report)
     for s in report["sets"]:
-        parts += _set_section(s, [c for c in swept if c["set"] == s["set"]], up)
+        parts += _set_section(s, [c for c in swept if _group_of(c) == (s["set"], _axes_id(s))], up)
         if s["set"] in confirmed:
             parts += _confirmed_section(s, confirmed[s["set"]], [c for c in cells if c["set"] == s["set"]], report, up)
     parts += _side_by_side({**report, "cells": swept}, up)
@@ -557,8 +591,9 @@ def _set_section(s: dict, cells: list[dict], up: str) -> list[str]:
     index, scales, summary = s["set"], s["scales"], s["summary"]
     star = lambda scale: " class='suggested'" if scale == s["suggested"] else ""  # noqa: E731
     pairs = max((m["n"] for at in summary.values() for m in at.values()), default=0)
+    at = f" at {html.escape(_axes_text(s['axes']))}" if s.get("axes") else ""
     parts = [
-        f"<h2 id='set{index}'>Adapter set {index}: {_adapters_text(s['adapters'])}</h2>",
+        f"<h2 id='{s['section']}'>Adapter set {index}: {_adapters_text(s['adapters'])}{at}</h2>",
         f"<p class='suggestion'>Suggested lora_scale: <b>{_suggested_text(s)}</b></p>{_notices_html(s)}",
         f"<h3 class='spread'>Mean ± standard deviation over the prompt × seed pairs at each scale (n = {pairs})</h3>"
         "<table><tr><th>number</th>"
@@ -582,7 +617,7 @@ def _set_section(s: dict, cells: list[dict], up: str) -> list[str]:
             row.append(f'<td{star(x)} title="{tip}">{text}</td>')
         parts.append("".join(row) + "</tr>")
     parts.append(
-        f"</table><img src='plots/set{index}.png' class='plot' alt='each number against lora_scale, set {index}'>"
+        f"</table><img src='plots/{s['section']}.png' class='plot' alt='each number against lora_scale, set {index}{at}'>"
     )
     parts.append("<h3>Videos</h3>")
 
@@ -632,22 +667,57 @@ def _confirmed_section(draft: dict, exact: dict, cells: list[dict], report: dict
 
 
 def _side_by_side(report: dict, up: str) -> list[str]:
-    """At each scale, the adapter sets as columns: the same prompt and seed, set against set."""
-    sets, cells = report["sets"], report["cells"]
-    if len(sets) < 2:
+    """At each scale (and combination of further axes), the adapter sets as columns: the same prompt
+    and seed, set against set."""
+    cells = report["cells"]
+    if len({s["set"] for s in report["sets"]}) < 2:
         return []
-    by_place = {(c["set"], c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
+    by_place = {(c["set"], _axes_id(c), c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
     parts = ["<h2>Adapter sets side by side</h2>"]
-    for x in sorted({c["lora_scale"] for c in cells}):
-        if x == 0:
-            continue  # every set's scale 0 is the base model
+    for axes in dict.fromkeys(map(_axes_id, report["sets"])):
+        sets = [s for s in report["sets"] if _axes_id(s) == axes]
+        at = f", {html.escape(_axes_text(sets[0].get('axes')))}" if axes else ""
+        for x in sorted({c["lora_scale"] for c in cells}):
+            if x == 0:
+                continue  # every set's scale 0 is the base model
 
-        def td(s, cell, x=x):
-            return f"<td class='side'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>"
+            def td(s, cell, x=x):
+                return f"<td class='side'>{_video(cell, up, x == s['suggested'])}{_cell_numbers(cell)}</td>"
 
-        columns = [(f"<th>set {s['set']}: {_adapters_text(s['adapters'])}</th>", s) for s in sets]
-        pick = lambda s, prompt, seed, x=x: by_place[(s["set"], x, prompt, seed)]  # noqa: E731
-        parts += [f"<h3>lora_scale {x:g}</h3>", *_grid(cells, columns, pick, td)]
+            columns = [(f"<th>set {s['set']}: {_adapters_text(s['adapters'])}</th>", s) for s in sets]
+            pick = lambda s, prompt, seed, x=x, axes=axes: by_place[(s["set"], axes, x, prompt, seed)]  # noqa: E731
+            parts += [f"<h3>lora_scale {x:g}{at}</h3>", *_grid(cells, columns, pick, td)]
+    return parts
+
+
+def _axes_overview(report: dict) -> list[str]:
+    """With further axes, per adapter set a grid of them against lora_scale: each row a combination
+    of the further axes, each cell the mean of the number the rule reads first, ★ on the row's
+    suggestion (its videos are in the row's own section below)."""
+    sections = [s for s in report["sets"] if s.get("axes")]
+    if not sections:
+        return []
+    name = "clip_score" if report["clip"] else "temporal_ssim"
+    parts = [f"<h2 id='grid'>{' × '.join(sections[0]['axes'])} × lora_scale: mean {METRICS[name][0]}</h2>"]
+    for index in sorted({s["set"] for s in sections}):
+        rows = [s for s in sections if s["set"] == index]
+        scales = sorted({x for s in rows for x in s["scales"]})
+        parts.append(
+            f"<h3>Adapter set {index}: {_adapters_text(rows[0]['adapters'])}</h3><table class='axes'><tr><th></th>"
+            + "".join(f"<th>lora_scale {x:g}</th>" for x in scales)
+            + "<th>suggested</th></tr>"
+        )
+        for s in rows:
+            cells = []
+            for x in scales:
+                m = s["summary"].get(str(x), {}).get(name)
+                mark = " ★" if x == s["suggested"] else ""
+                cells.append(f"<td{' class=suggested' if mark else ''}>{'—' if m is None else _fmt(name, m['mean'])}{mark}</td>")
+            label = html.escape(_axes_text(s["axes"]))
+            parts.append(
+                f"<tr><th><a href='#{s['section']}'>{label}</a></th>{''.join(cells)}<td>{_suggested_text(s)}</td></tr>"
+            )
+        parts.append("</table>")
     return parts
 
 

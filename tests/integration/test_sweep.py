@@ -256,15 +256,46 @@ def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the
     assert render_records([worker.log_path]) == rendered
 
 
+def test_a_two_axis_sweep_renders_each_cell_once_and_lays_out_the_grid(fleet_env, start_worker, tiny, tmp_path):
+    start_worker(fleet_env)
+    spec = {
+        "name": "guidance", "prompts": ["a cat walks", "a dog runs"], "adapter_sets": [[tiny["style"]]],
+        "lora_scales": [0, 1], "seeds": [1], "render": {"steps": 8, "height": 32, "width": 32},
+        "axes": {"guidance_scale": [4, 8]},
+    }  # fmt: skip
+    (tmp_path / "guidance.json").write_text(json.dumps(spec))
+    done = lorafleet("sweep", str(tmp_path / "guidance.json"), "--batch", "guidance", env=fleet_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sweep guidance: 8 cells, 8 enqueued" in done.stdout  # 2 guidance × 2 scales × 2 prompts, each once
+    html, report = report_cells(fleet_env["LORAFLEET_STORE_URL"], "guidance")
+    store = fleet_env["LORAFLEET_STORE_URL"]
+    for cell in report["cells"]:  # each cell rendered at its own place on the new axis
+        metadata = json.load(open(os.path.join(store, "videos", f"{cell['key']}.json")))
+        assert metadata["job"]["guidance_scale"] == cell["axes"]["guidance_scale"]
+    assert len({c["key"] for c in report["cells"]}) == 8
+    assert [(s["set"], s["axes"], s["section"]) for s in report["sets"]] == [
+        (0, {"guidance_scale": 4}, "set0-a0"), (0, {"guidance_scale": 8}, "set0-a1")
+    ]  # fmt: skip
+    grid = html[html.index("<h2 id='grid'>") :]
+    assert grid.startswith("<h2 id='grid'>guidance_scale × lora_scale: mean temporal SSIM</h2>")
+    assert "<a href='#set0-a0'>guidance_scale 4</a>" in grid and "<a href='#set0-a1'>guidance_scale 8</a>" in grid
+    for section in ("set0-a0", "set0-a1"):
+        assert f"<h2 id='{section}'>" in html
+        assert os.path.getsize(os.path.join(store, "batches", "guidance", "plots", f"{section}.png")) > 0
+
+
 def test_a_bad_sweep_spec_names_the_place(fleet_env, tmp_path, tiny):
     spec = tmp_path / "bad.yaml"
     spec.write_text(
         f"prompts: [a cat]\nadapter_sets:\n  - [{tiny['style']}]\n  - [{{uri: {tiny['style']}, wieght: 0.8}}]\n"
         "  - [missing/adapter]\nlora_scales: [0, 1]\nseeds: [1]\n"
         "suggest: {clip_drop: 1}\nmoved: {clip_score: -1}\nconfirm: {model: nowhere}\n"
+        "axes: {guidance: [4], steps: [0]}\n"
     )
     result = lorafleet("sweep", str(spec), env=fleet_env)
     assert 'confirm.model: unknown model alias "nowhere"' in result.stderr
+    assert 'axes: unknown field "guidance" (did you mean "guidance_scale"?)' in result.stderr
+    assert "axes.steps[0]: must be between 1 and 1000" in result.stderr
     assert result.returncode == 2
     assert 'adapter_sets[1][0]: unknown field "wieght" (did you mean "weight"?)' in result.stderr
     assert 'adapter_sets[2][0].uri: adapter "missing/adapter" not found' in result.stderr

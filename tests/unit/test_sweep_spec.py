@@ -1,0 +1,76 @@
+"""A sweep spec's expansion (common/sweep_spec.py), torch-free: an old spec's keys stay what they
+were, further axes multiply the cells, and a bad axis or combination is named."""
+
+import hashlib
+import json
+
+import pytest
+
+from common.errors import JobFileError
+from common.model import ModelInfo
+from common.sweep_spec import load_sweep
+from tests.helpers import default_limits, resolver_for
+
+pytestmark = pytest.mark.unit
+MODEL = ModelInfo(
+    ref="/models/tiny", scheduler="CogVideoXDPMScheduler", num_frames=9, height=16, width=16,
+    frame_step=8, size_step=16, max_text_tokens=16,
+)  # fmt: skip
+OLD = {
+    "name": "old", "prompts": ["a cat walks", "a dog runs"], "adapter_sets": [[]], "lora_scales": [0, 0.5, 1],
+    "seeds": [1, 2], "render": {"steps": 20, "guidance_scale": 5.0},
+}  # fmt: skip
+
+
+def load(tmp_path, spec: dict):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return load_sweep(str(path), lambda alias: MODEL, resolver_for(), default_limits())
+
+
+def test_an_old_spec_keeps_its_keys_and_cells(tmp_path):
+    """Keys and cells computed by a581176, before sweeps had further axes."""
+    _, jobs, cells, _ = load(tmp_path, OLD)
+    keys = [job.key for job in jobs]
+    assert keys[0] == "62f9c83742c60980477d252e30d993446291c35dde4b41b2ccd00ba33610f538"
+    assert hashlib.sha256("".join(keys).encode()).hexdigest() == (
+        "34ede02e70fde05b961c7f0db5ce8b135e0b6563b5ca4bb1440a88d387c1b88f"
+    )
+    assert cells[0] == {"set": 0, "prompt": 0, "seed": 1, "lora_scale": 0.0}  # no "axes" where none were given
+
+
+def test_further_axes_multiply_the_cells_and_enter_each_job(tmp_path):
+    spec = {**OLD, "render": {"steps": 20}, "axes": {"guidance_scale": [4, 8], "negative_prompt": ["", "blurry"]}}
+    _, jobs, cells, _ = load(tmp_path, spec)
+    assert len(jobs) == 12 * 4 and len({job.key for job in jobs}) == 12 * 4
+    assert {(job.guidance_scale, job.negative_prompt) for job in jobs} == {(4, ""), (4, "blurry"), (8, ""), (8, "blurry")}
+    assert all(c["axes"] == {"guidance_scale": j.guidance_scale, "negative_prompt": j.negative_prompt}
+               for j, c in zip(jobs, cells, strict=True))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "axes, problem",
+    [
+        ({"guidance": [4]}, 'axes: unknown field "guidance" (did you mean "guidance_scale"?)'),
+        ({"guidance_scale": [4, 4]}, "axes.guidance_scale: must be a non-empty list of distinct values"),
+        ({"steps": [10, 0]}, "axes.steps[1]: must be between 1 and 1000"),
+        ({"height": [20]}, "axes.height[0]: must be a positive multiple of 16 for this model, got 20"),
+    ],
+)
+def test_a_bad_axis_is_named(tmp_path, axes, problem):
+    with pytest.raises(JobFileError) as raised:
+        load(tmp_path, {**OLD, "render": {}, "axes": axes})
+    assert any(problem in error for error in raised.value.errors), raised.value.errors
+
+
+def test_an_axis_is_given_in_one_place(tmp_path):
+    with pytest.raises(JobFileError) as raised:
+        load(tmp_path, {**OLD, "axes": {"guidance_scale": [4]}})
+    problem = "axes.guidance_scale: also set in render: give it in one place"
+    assert any(problem in error for error in raised.value.errors), raised.value.errors
+
+
+def test_axes_do_not_combine_with_refinement_yet(tmp_path):
+    with pytest.raises(JobFileError) as raised:
+        load(tmp_path, {**OLD, "render": {}, "axes": {"steps": [10, 20]}, "refine": {"resolution": 0.1}})
+    assert "refine: not with axes yet (it follows each adapter set's one suggestion)" in raised.value.errors
