@@ -67,32 +67,30 @@ def run_sweep(
             max_video_pixels=settings.max_video_pixels, policy=ReadPolicy.from_settings(settings),
         )  # fmt: skip
 
+    def another_round(new_jobs: list[Job], new_cells: list[dict], said: str) -> dict | None:
+        """A further batch step of the same batch (refining, confirming): enqueued, rendered, reported."""
+        nonlocal jobs, cells
+        enqueue(new_jobs, batch, store, settings)
+        jobs, cells = [*jobs, *new_jobs], [*cells, *new_cells]
+        console.print(said)
+        return rendered_and_reported(new_jobs)
+
     report = rendered_and_reported(jobs)
     refine = options["refine"]
     for round_ in range(1, refine["rounds"] + 1) if refine and report is not None else ():
-        # one batch step a round: the next scale of every set that is not yet done, all prompts and seeds
+        # the next scale of every set that is not yet done, with all its prompts and seeds
         scales = {s["set"]: [x] for s in report["sets"] if (x := refine_scale(s, refine["resolution"])) is not None}
         if not scales:
             break
-        new_jobs, new_cells = more_cells(path, model_for, resolver, limits, scales, {"refined": round_})
-        enqueue(new_jobs, batch, store, settings)
-        jobs, cells = [*jobs, *new_jobs], [*cells, *new_cells]
-        console.print(
-            f"refining, round {round_}: "
-            + "; ".join(f"set {i}: lora_scale {xs[0]:g}" for i, xs in scales.items())
-            + f" ({batch.count(JobStatus.DONE)} cells in the store so far)"
-        )
-        report = rendered_and_reported(new_jobs)
+        more = more_cells(path, model_for, resolver, limits, scales, {"refined": round_})
+        which = "; ".join(f"set {i}: lora_scale {xs[0]:g}" for i, xs in scales.items())
+        report = another_round(*more, f"refining, round {round_}: {which}")
     if report is not None and options["confirm"]:  # a draft night: its decision rests on exact renders
         scales = {s["set"]: confirm_scales(s) for s in report["sets"]}
-        exact_jobs, exact_cells = confirm_sweep(path, model_for, resolver, limits, scales)
-        enqueue(exact_jobs, batch, store, settings)
-        jobs, cells = [*jobs, *exact_jobs], [*cells, *exact_cells]
-        console.print(
-            f"confirming {len(exact_jobs)} cells exactly ({options['confirm']['model'] or 'the default model'}): "
-            + "; ".join(f"set {i}: lora_scale {', '.join(f'{x:g}' for x in xs)}" for i, xs in scales.items())
-        )
-        report = rendered_and_reported(exact_jobs)
+        exact = confirm_sweep(path, model_for, resolver, limits, scales)
+        which = "; ".join(f"set {i}: lora_scale {', '.join(f'{x:g}' for x in xs)}" for i, xs in scales.items())
+        model = options["confirm"]["model"] or "the default model"
+        report = another_round(*exact, f"confirming {len(exact[0])} cells exactly ({model}): {which}")
     if report is None:
         return False
     moved = sum(bool(c["moved"]) for c in report["cells"])
