@@ -129,9 +129,9 @@ class RunningJob(Record):
 
 
 class Pace(Record):
-    """How long a worker's last job took, for estimates (`lorafleet sweep --estimate`): its size in
-    pixels (frames × height × width), its seconds per denoising step, and the rest of its time
-    (the prompt, the variant, the decode, the encode and upload) in seconds."""
+    """How long a worker's last job held its GPU, for estimates (`lorafleet sweep --estimate`): its
+    size in pixels (frames × height × width), its seconds per denoising step, and the rest of its
+    render (the prompt, the variant, the decode) in seconds. The upload runs beside the next job."""
 
     pixels: int
     step_s: float

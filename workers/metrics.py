@@ -64,18 +64,13 @@ class Health:
         self.last_beat: float | None = None  # monotonic time of the last heartbeat written to Redis
         self.job: dict | None = None  # the job running now: RunningJob's fields ("since": a Unix time)
         self.about: dict = {}  # what the worker is: {"device", "model", "tier"}
-        self.pace: dict | None = None  # its last finished job's Pace
+        self.pace: dict | None = None  # its last rendered job's Pace (common/leases.py)
         self.wake = threading.Event()  # set: the heartbeat beats now instead of at its next interval
 
     def set_job(self, job: dict | None) -> None:
         """The job this worker starts (None: it ended), said by the heartbeat at once: `wait` and
         `top` see a job start and end without waiting out an interval."""
         self.job = job
-        self.wake.set()
-
-    def set_pace(self, pace: dict) -> None:
-        """The last finished job's Pace, said by the heartbeat at once (an estimate may ask next)."""
-        self.pace = pace
         self.wake.set()
 
     def beat(self) -> None:

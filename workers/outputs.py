@@ -14,7 +14,6 @@ from diffusers.utils import export_to_video
 from PIL import Image
 
 from common.job import Job
-from common.leases import Pace
 from common.store import Store, render_result, video_exists, video_path
 from workers.metrics import observe_render
 from workers.renderer import Progress, Rendered, Renderer, render_frames
@@ -62,14 +61,6 @@ def upload(rendered: Rendered, store: Store, fence: Callable[[], None] | None = 
     )  # fmt: skip
     seconds = round(timings["total"] + timings["export_upload"], 3)
     return render_result(store, key, worker, "done", seconds)
-
-
-def pace_of(rendered: Rendered) -> dict:
-    """An uploaded job's Pace (common/leases.py), for the worker's heartbeat: what estimates scale from."""
-    job, timings = rendered.job, rendered.timings
-    other = timings["total"] - timings["denoise"] + timings["export_upload"]
-    pixels = job.num_frames * job.height * job.width
-    return Pace(pixels=pixels, step_s=timings["denoise"] / job.steps, other_s=other).model_dump()
 
 
 def render_job(

@@ -16,6 +16,7 @@ import common
 from common.errors import MemoryBudgetError, RenderError
 from common.images import decoded_bytes, read_image_url
 from common.job import Job, ResolvedImage
+from common.leases import Pace
 from common.reading import ReadPolicy
 from common.settings import DraftCache, Settings
 from workers.adapter_cache import AdapterCache, AdapterFiles
@@ -248,6 +249,15 @@ class Rendered:
     frames: list
     timings: dict
     metadata: dict
+
+    @property
+    def pace(self) -> dict:
+        """Its Pace (common/leases.py), for the worker's heartbeat: the GPU's time, which the
+        background upload does not take."""
+        job, timings = self.job, self.timings
+        pixels = job.num_frames * job.height * job.width
+        step_s = timings["denoise"] / job.steps
+        return Pace(pixels=pixels, step_s=step_s, other_s=timings["total"] - timings["denoise"]).model_dump()
 
 
 def render_frames(renderer: Renderer, job: Job, progress: Progress | None = None) -> Rendered:

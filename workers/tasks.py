@@ -35,7 +35,7 @@ from workers.delivery import (
 )
 from workers.evaluator import Evaluator
 from workers.metrics import EVALUATIONS, JOBS, Health
-from workers.outputs import pace_of, upload
+from workers.outputs import upload
 from workers.renderer import Rendered, Renderer, render_frames
 from workers.uploads import Uploads
 
@@ -117,7 +117,9 @@ class RenderTask(LorafleetTask):
         """Render a checked job whose key lock is ours."""
         log.info("%s: %s started (%s), delivery %d", self.worker, job.key[:12], job.id or job.prompt[:40], deliveries)
         self.health.set_job({"key": job.key, "task_id": task_id, "since": time.time(), "batch": job.batch})
-        return render_frames(self.renderer, job, progress_reporter(lease, self.health))
+        rendered = render_frames(self.renderer, job, progress_reporter(lease, self.health))
+        self.health.pace = rendered.pace  # said with the job's end: what `sweep --estimate` prices from
+        return rendered
 
     def upload_later(self, rendered: Rendered, lease: Lease, held: ExitStack, task_id: str) -> None:
         """Encode and upload in the background (after the upload before it) while this worker takes
@@ -147,7 +149,6 @@ class RenderTask(LorafleetTask):
                     self.backend.mark_as_failure(task_id, exc)
                     self.tell_monitors("task-failed", task_id, exception=repr(exc))
                 else:
-                    self.health.set_pace(pace_of(rendered))  # what `sweep --estimate` scales from
                     JOBS.labels(result["status"]).inc()
                     self.backend.mark_as_done(task_id, result)
                     self.tell_monitors("task-succeeded", task_id, result=repr(result), runtime=result["seconds"])
