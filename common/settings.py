@@ -70,8 +70,8 @@ class DraftCache(BaseModel):
 class ModelTier(BaseModel):
     """A model alias: which pipeline, in which precision and attention kernel, compiled or not, and
     whether a draft tier. Precision, kernel and draft cache change the pixels, so each is part of
-    the job key (when not the default);
-    compiling changes only how the same sums are rounded, and is not."""
+    the job key (when not the default); compiling changes only how the same sums are rounded, and
+    is not."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
