@@ -5,7 +5,9 @@ what each number measures and which way is better; the sweep's settings and prov
 adapter set a suggested scale by the rule the page states, with notices where it sits at an edge of
 the swept range or cannot be told from the scale the rule turned down (PAIRED_RULE), the mean and
 standard deviation of each number across prompts × seeds at each scale, plots, and the grid of
-videos (rows prompt × seed, columns lora_scale), each cell a muted looping video; the adapter sets side by side at each scale; render
+videos (rows prompt × seed, columns lora_scale), each cell a muted looping video; with `axes:`, the
+further axes against lora_scale first and a section per combination; a draft night's exact
+confirmation beside its draft cells; the adapter sets side by side at each scale; render
 time per worker. The per-key numbers come from the workers' evaluations (eval.json,
 common/evaluation.py); the ones between a cell and its scale-0 cell are computed here.
 """
