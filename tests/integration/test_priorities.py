@@ -67,7 +67,7 @@ def statuses(fleet_env, batch: str) -> dict[str, str]:
 
 
 def test_a_paused_batch_starts_nothing_until_resumed_and_running_jobs_finish(fleet_env, start_worker, tmp_path):
-    worker = busy_worker(fleet_env, start_worker, tmp_path, steps=500)
+    worker = busy_worker(fleet_env, start_worker, tmp_path)  # still running once "later" is paused
     paused = lorafleet("pause", "busy", env=fleet_env)  # the running job finishes
     assert paused.returncode == 0 and "1 running job(s) finish" in paused.stdout
     later = write_jobs(tmp_path / "later.jsonl", [{"id": f"later{i}", "prompt": "a cat", "seed": i} for i in range(4)])
