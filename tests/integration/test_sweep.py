@@ -8,11 +8,12 @@ import subprocess
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from common.evaluation import ssim
 from producer.report import confirm_scales, refine_scale
-from tests.conftest import lorafleet
+from tests.conftest import REPO, lorafleet
 from tests.helpers import decode_video, render_records
 
 pytestmark = pytest.mark.integration
@@ -31,6 +32,20 @@ def sweep_spec(tmp_path, tiny) -> str:
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(spec))
     return str(path)
+
+
+def demo_folder(tmp_path, tiny) -> str:
+    """A folder as `make demo` leaves one (demo/adapters/<name>: the tiny model's), where the README's
+    example specs run as written: they name the demo's adapters relative to it."""
+    shutil.copytree(os.path.dirname(tiny["style"]), tmp_path / "demo" / "adapters")
+    return str(tmp_path)
+
+
+def example(name: str) -> str:
+    """An example spec's path, checked to be in the README word for word."""
+    path = os.path.join(REPO, "examples", name)
+    assert open(path).read() in open(os.path.join(REPO, "README.md")).read(), f"README shows {name} otherwise"
+    return path
 
 
 def report_cells(store: str, batch: str) -> tuple[str, dict]:
@@ -178,17 +193,12 @@ def test_an_estimate_counts_what_is_left_and_prices_it_at_the_fleets_pace(fleet_
 def test_a_draft_night_is_confirmed_by_exact_renders_of_its_pick(fleet_env, start_worker, tiny, tmp_path):
     """The sweep renders in a draft tier (the tiny model with TaylorSeer), then the suggested scale,
     its neighbours and scale 0 again in the exact model; the report shows both, side by side."""
-    draft = {"ref": tiny["model"], "cache": {"hook": "taylorseer", "params": {"disable_cache_before_step": 1}}}
+    draft = {"ref": tiny["model"], "cache": {"hook": "taylorseer"}}  # as the example spec's comment says
     env = {**fleet_env, "LORAFLEET_MODELS": json.dumps({"draft": draft})}
     start_worker(env, "draft", flags=("--model", "draft"))
     start_worker(env, "exact")
-    spec = {
-        "name": "draft-night", "model": "draft", "confirm": {"model": None},
-        "prompts": ["a cat walks along the beach"], "adapter_sets": [[tiny["style"]]],
-        "lora_scales": [0.25, 0.5, 0.75, 1.0], "seeds": [1], "render": {"steps": 12, "height": 32, "width": 32},
-    }  # fmt: skip
-    (tmp_path / "night.json").write_text(json.dumps(spec))
-    done = lorafleet("sweep", str(tmp_path / "night.json"), "--batch", "draft-night", env=env)
+    spec = example("sweep_draft.yaml")
+    done = lorafleet("sweep", spec, "--batch", "draft-night", env=env, cwd=demo_folder(tmp_path, tiny))
     assert done.returncode == 0, done.stdout + done.stderr
     html, report = report_cells(fleet_env["LORAFLEET_STORE_URL"], "draft-night")
     (summary,) = report["sets"]
@@ -208,7 +218,7 @@ def test_a_draft_night_is_confirmed_by_exact_renders_of_its_pick(fleet_env, star
 
 
 def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the_store(
-    fleet_env, start_worker, tiny, tmp_path
+    fleet_env, start_worker, tiny, tmp_path, monkeypatch
 ):
     """Real renders on the tiny model, with a planted metric curve: each cell's evaluation is in the
     store before the sweep asks for it (as a night after an earlier one finds it), CLIPScore falling
@@ -221,22 +231,20 @@ def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the
     from tests.helpers import default_limits, resolver_for
 
     worker = start_worker(fleet_env)
-    spec = {
-        "name": "refining", "prompts": ["a cat walks", "a dog runs", "a boat floats"],
-        "adapter_sets": [[tiny["style"]]], "lora_scales": [0, 1], "seeds": [1],
-        "render": {"steps": 8, "height": 32, "width": 32}, "refine": {"resolution": 0.3, "rounds": 3},
-    }  # fmt: skip
-    path = tmp_path / "refining.json"
+    cwd = demo_folder(tmp_path, tiny)
+    spec = yaml.safe_load(open(example("sweep_refine.yaml")))
+    path = tmp_path / "every-scale.json"  # the same spec at every scale its rounds may visit: their keys
+    path.write_text(json.dumps({**spec, "lora_scales": [0, 0.25, 0.5, 0.75, 1]}))
     store = Store(fleet_env["LORAFLEET_STORE_URL"])
-    path.write_text(json.dumps({**spec, "lora_scales": [0, 0.25, 0.5, 0.75, 1]}))  # every scale it may visit
+    monkeypatch.chdir(cwd)
     every = load_sweep(str(path), lambda alias: model_info(tiny["model"]), resolver_for(store), default_limits())
     identity = evaluator_identity(Settings(_env_file=None))
     for job, cell in zip(every[1], every[2], strict=True):
         numbers = {"clip_score": 30 + cell["prompt"] - 10 * cell["lora_scale"] ** 2, "clip_consistency": 0.95}
         planted = {"key": job.key, "evaluator": identity, "numbers": {**numbers, "temporal_ssim": 0.5}}
         store.write_bytes(eval_path(job.key), json.dumps(planted).encode())
-    path.write_text(json.dumps(spec))
-    first = lorafleet("sweep", str(path), "--batch", "refine1", env=fleet_env)
+    path = example("sweep_refine.yaml")
+    first = lorafleet("sweep", path, "--batch", "refine1", env=fleet_env, cwd=cwd)
     assert first.returncode == 0, first.stdout + first.stderr
     # 1 fails (a drop of 10): halfway to 0, 0.5 (2.5) fails too, then 0.25 (0.625) passes; the gap
     # to 0.5 is within the resolution: done after two of its three rounds, suggesting 0.25.
@@ -250,7 +258,7 @@ def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the
     assert refine_scale(summary, 0.3) is None
     # A second night: the same rounds, every cell found in the store, nothing rendered again.
     rendered = render_records([worker.log_path])
-    second = lorafleet("sweep", str(path), "--batch", "refine2", env=fleet_env)
+    second = lorafleet("sweep", path, "--batch", "refine2", env=fleet_env, cwd=cwd)
     assert second.returncode == 0 and "6 cells, 0 enqueued, 6 already in the store" in second.stdout
     assert re.findall(r"refining, round (\d): set 0: lora_scale ([\d.]+)", second.stdout) == rounds
     assert render_records([worker.log_path]) == rendered
@@ -258,13 +266,8 @@ def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the
 
 def test_a_two_axis_sweep_renders_each_cell_once_and_lays_out_the_grid(fleet_env, start_worker, tiny, tmp_path):
     start_worker(fleet_env)
-    spec = {
-        "name": "guidance", "prompts": ["a cat walks", "a dog runs"], "adapter_sets": [[tiny["style"]]],
-        "lora_scales": [0, 1], "seeds": [1], "render": {"steps": 8, "height": 32, "width": 32},
-        "axes": {"guidance_scale": [4, 8]},
-    }  # fmt: skip
-    (tmp_path / "guidance.json").write_text(json.dumps(spec))
-    done = lorafleet("sweep", str(tmp_path / "guidance.json"), "--batch", "guidance", env=fleet_env)
+    spec, cwd = example("sweep_axes.yaml"), demo_folder(tmp_path, tiny)
+    done = lorafleet("sweep", spec, "--batch", "guidance", env=fleet_env, cwd=cwd)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "sweep guidance: 8 cells, 8 enqueued" in done.stdout  # 2 guidance × 2 scales × 2 prompts, each once
     html, report = report_cells(fleet_env["LORAFLEET_STORE_URL"], "guidance")
