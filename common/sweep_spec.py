@@ -130,24 +130,22 @@ def load_sweep(
     return sweep.name, jobs, cells, sweep.report
 
 
-def confirm_sweep(
-    path: str, model_for, resolver: AdapterResolver, limits: JobLimits, scales: dict[int, list[float]]
-) -> tuple[list[Job], list[dict]]:
-    """A draft sweep's confirmation: the cells of each adapter set at `scales[set]`, every prompt and
-    seed, in the exact model its `confirm:` names; each cell marked {"tier": "exact"}."""
-    sweep = _read_sweep(path, model_for, resolver, limits)
-    alias = sweep.report["confirm"]["model"]
-    jobs, cells = _expand(sweep, alias, model_for(alias), scales, resolver, limits)
-    return jobs, [{**cell, "tier": "exact"} for cell in cells]
-
-
 def more_cells(
-    path: str, model_for, resolver: AdapterResolver, limits: JobLimits, scales: dict[int, list[float]], mark: dict
+    path: str,
+    model_for,
+    resolver: AdapterResolver,
+    limits: JobLimits,
+    scales: dict[int, list[float]],
+    mark: dict,
+    exact: bool = False,
 ) -> tuple[list[Job], list[dict]]:
-    """More cells of a sweep: each adapter set at `scales[set]`, every prompt and seed, in the
-    sweep's own model; each cell marked with `mark` ({"refined": round})."""
+    """A sweep's further cells (a refining or confirming round): each adapter set at `scales[set]`,
+    every prompt and seed, each cell marked with `mark` ({"refined": round}, {"tier": "exact"}); in
+    the sweep's own model, or, `exact`, in the exact model its `confirm:` names. The resolver reads
+    each adapter once across rounds."""
     sweep = _read_sweep(path, model_for, resolver, limits)
-    jobs, cells = _expand(sweep, sweep.spec.get("model"), sweep.model, scales, resolver, limits)
+    alias = sweep.report["confirm"]["model"] if exact else sweep.spec.get("model")
+    jobs, cells = _expand(sweep, alias, model_for(alias) if exact else sweep.model, scales, resolver, limits)
     return jobs, [{**cell, **mark} for cell in cells]
 
 

@@ -18,7 +18,7 @@ from common.model import model_resolver
 from common.reading import ReadPolicy
 from common.settings import Settings, queue_for
 from common.store import Store, videos_present
-from common.sweep_spec import confirm_sweep, load_sweep, more_cells
+from common.sweep_spec import load_sweep, more_cells
 from producer.follow import wait_for_batch
 from producer.report import build_report, confirm_scales, load_report, refine_scale
 from producer.submit import enqueue
@@ -87,7 +87,7 @@ def run_sweep(
         report = another_round(*more, f"refining, round {round_}: {which}")
     if report is not None and options["confirm"]:  # a draft night: its decision rests on exact renders
         scales = {s["set"]: confirm_scales(s) for s in report["sets"]}
-        exact = confirm_sweep(path, model_for, resolver, limits, scales)
+        exact = more_cells(path, model_for, resolver, limits, scales, {"tier": "exact"}, exact=True)
         which = "; ".join(f"set {i}: lora_scale {', '.join(f'{x:g}' for x in xs)}" for i, xs in scales.items())
         model = options["confirm"]["model"] or "the default model"
         report = another_round(*exact, f"confirming {len(exact[0])} cells exactly ({model}): {which}")
