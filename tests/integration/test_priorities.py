@@ -1,8 +1,11 @@
 """Priorities, pausing and cancelling one job, with a real worker and Redis."""
 
 import json
+import os
 import re
+import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,12 +31,24 @@ def wait_for(condition, timeout_s: float = 60, what: str = "") -> None:
         time.sleep(0.1)
 
 
-def busy_worker(fleet_env, start_worker, tmp_path, steps: int = 1000):
+@contextmanager
+def frozen(worker):
+    """The worker stopped (SIGSTOP) mid-render while the operator acts, well inside its lease: its
+    job is still running when the commands land, however fast this machine renders 1000 steps
+    (about 3 s here: a race the commands lost on a busy CI machine)."""
+    os.killpg(worker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)
+
+
+def busy_worker(fleet_env, start_worker, tmp_path):
     """A worker that has just started a long job (id `busy`)."""
     worker = start_worker(fleet_env)
     busy = write_jobs(
         tmp_path / "busy.jsonl",
-        [{"id": "busy", "prompt": "a long one", "seed": 1, "steps": steps, "height": 64, "width": 64}],
+        [{"id": "busy", "prompt": "a long one", "seed": 1, "steps": 1000, "height": 64, "width": 64}],
     )
     assert lorafleet("submit", busy, "--batch", "busy", env=fleet_env).returncode == 0
     wait_for(lambda: started(worker.log_path) == ["busy"], what="the long job never started")
@@ -42,12 +57,12 @@ def busy_worker(fleet_env, start_worker, tmp_path, steps: int = 1000):
 
 def test_a_high_priority_job_starts_before_twenty_low_ones(fleet_env, start_worker, tmp_path):
     worker = busy_worker(fleet_env, start_worker, tmp_path)
-    low = write_jobs(tmp_path / "low.jsonl", [{"id": f"low{i}", "prompt": "a cat", "seed": i} for i in range(20)])
-    assert lorafleet("submit", low, "--batch", "low", "--priority", "low", env=fleet_env).returncode == 0
-    urgent = write_jobs(tmp_path / "urgent.jsonl", [{"id": "urgent", "prompt": "a dog", "seed": 1}])
-    assert lorafleet("submit", urgent, "--batch", "urgent", "--priority", "high", env=fleet_env).returncode == 0
-    assert started(worker.log_path) == ["busy"], "the long job ended before the test could queue behind it"
-    assert lorafleet("cancel", "busy", env=fleet_env).returncode == 0  # the worker is free from its next step
+    with frozen(worker):
+        low = write_jobs(tmp_path / "low.jsonl", [{"id": f"low{i}", "prompt": "a cat", "seed": i} for i in range(20)])
+        assert lorafleet("submit", low, "--batch", "low", "--priority", "low", env=fleet_env).returncode == 0
+        urgent = write_jobs(tmp_path / "urgent.jsonl", [{"id": "urgent", "prompt": "a dog", "seed": 1}])
+        assert lorafleet("submit", urgent, "--batch", "urgent", "--priority", "high", env=fleet_env).returncode == 0
+        assert lorafleet("cancel", "busy", env=fleet_env).returncode == 0  # the worker is free from its next step
     done = lorafleet("wait", "low", "--timeout", "240", env=fleet_env)
     assert done.returncode == 0, done.stdout + done.stderr
     order = started(worker.log_path)
@@ -67,13 +82,16 @@ def statuses(fleet_env, batch: str) -> dict[str, str]:
 
 
 def test_a_paused_batch_starts_nothing_until_resumed_and_running_jobs_finish(fleet_env, start_worker, tmp_path):
-    worker = busy_worker(fleet_env, start_worker, tmp_path)  # still running once "later" is paused
-    paused = lorafleet("pause", "busy", env=fleet_env)  # the running job finishes
-    assert paused.returncode == 0 and "1 running job(s) finish" in paused.stdout
-    later = write_jobs(tmp_path / "later.jsonl", [{"id": f"later{i}", "prompt": "a cat", "seed": i} for i in range(4)])
-    assert lorafleet("submit", later, "--batch", "later", env=fleet_env).returncode == 0
-    paused = lorafleet("pause", "later", env=fleet_env)
-    assert paused.returncode == 0 and "its 4 queued job(s) will not start" in paused.stdout, paused.stdout
+    worker = busy_worker(fleet_env, start_worker, tmp_path)
+    with frozen(worker):  # still running once "later" is paused
+        paused = lorafleet("pause", "busy", env=fleet_env)  # the running job finishes
+        assert paused.returncode == 0 and "1 running job(s) finish" in paused.stdout
+        later = write_jobs(
+            tmp_path / "later.jsonl", [{"id": f"later{i}", "prompt": "a cat", "seed": i} for i in range(4)]
+        )
+        assert lorafleet("submit", later, "--batch", "later", env=fleet_env).returncode == 0
+        paused = lorafleet("pause", "later", env=fleet_env)
+        assert paused.returncode == 0 and "its 4 queued job(s) will not start" in paused.stdout, paused.stdout
 
     assert lorafleet("wait", "busy", "--timeout", "120", env=fleet_env).returncode == 0  # finished though paused
     wait_for(lambda: set(statuses(fleet_env, "later").values()) == {"paused"}, what="the jobs were not set aside")
@@ -89,15 +107,16 @@ def test_a_paused_batch_starts_nothing_until_resumed_and_running_jobs_finish(fle
 
 def test_cancel_one_job_by_id_or_by_key_and_the_rest_render(fleet_env, start_worker, tmp_path):
     worker = busy_worker(fleet_env, start_worker, tmp_path)
-    three = write_jobs(
-        tmp_path / "three.jsonl", [{"id": name, "prompt": "a cat", "seed": i} for i, name in enumerate("abc")]
-    )
-    assert lorafleet("submit", three, "--batch", "three", env=fleet_env).returncode == 0
-    queued = lorafleet("cancel", "three", "--job", "b", env=fleet_env)
-    assert queued.returncode == 0 and "job b: cancelled 1 queued job(s)" in queued.stdout
-    busy_key = json.loads(lorafleet("status", "busy", "--json", env=fleet_env).stdout)["entries"][0]["key"]
-    running = lorafleet("cancel", "busy", "--job", busy_key[:10], env=fleet_env)  # the running one, by its key
-    assert running.returncode == 0 and "1 running job(s) stop at their next step" in running.stdout
+    with frozen(worker):
+        three = write_jobs(
+            tmp_path / "three.jsonl", [{"id": name, "prompt": "a cat", "seed": i} for i, name in enumerate("abc")]
+        )
+        assert lorafleet("submit", three, "--batch", "three", env=fleet_env).returncode == 0
+        queued = lorafleet("cancel", "three", "--job", "b", env=fleet_env)
+        assert queued.returncode == 0 and "job b: cancelled 1 queued job(s)" in queued.stdout
+        busy_key = json.loads(lorafleet("status", "busy", "--json", env=fleet_env).stdout)["entries"][0]["key"]
+        running = lorafleet("cancel", "busy", "--job", busy_key[:10], env=fleet_env)  # the running one, by its key
+        assert running.returncode == 0 and "1 running job(s) stop at their next step" in running.stdout
     assert lorafleet("wait", "three", "--timeout", "120", env=fleet_env).returncode == 1  # one was cancelled
     assert statuses(fleet_env, "three") == {"a": "done", "b": "cancelled", "c": "done"}
     assert statuses(fleet_env, "busy") == {"busy": "cancelled"}
