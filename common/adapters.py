@@ -16,7 +16,6 @@ import numpy as np
 from common import reading
 from common.errors import AdapterError
 from common.reading import ReadPolicy, read_bounded
-from common.store import Store
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -97,16 +96,16 @@ def hub_urls(uri: str) -> list[str]:
     return []
 
 
-def candidate_urls(uri: str, store: Store | None) -> list[str]:
+def candidate_urls(uri: str, store: str | None) -> list[str]:
     """The file URLs an adapter URI may mean, in the order they are tried: the weights file in a
     folder (local, the store's, or a URL), a .safetensors file itself, then a hub repo id."""
     return reading.candidate_urls(uri, store, weights_in) + hub_urls(uri)
 
 
-def read_adapter(uri: str, store: Store | None, policy: ReadPolicy) -> tuple[AdapterFile, bytes]:
+def read_adapter(uri: str, policy: ReadPolicy) -> tuple[AdapterFile, bytes]:
     """Find an adapter's file where the policy allows, read it (bounded), check it is a sound
     safetensors file of finite factors; returns it with its bytes."""
-    url, data = reading.read_first(uri, store, policy, "adapter", weights_in, also=hub_urls(uri))
+    url, data = reading.read_first(uri, policy, "adapter", weights_in, also=hub_urls(uri))
     return parse_adapter(url, data, policy), data
 
 

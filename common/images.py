@@ -12,7 +12,6 @@ from PIL import Image, ImageOps
 
 from common.errors import AdapterError, ImageError
 from common.reading import ReadPolicy, read_first, read_unchanged
-from common.store import Store
 
 MAX_IMAGE_BYTES = 64 * 2**20
 MAX_IMAGE_PIXELS = 8192 * 8192  # PIL refuses more: a decompression bomb is not decoded
@@ -29,11 +28,11 @@ class ImageFile:
     height: int
 
 
-def read_image(uri: str, store: Store | None, policy: ReadPolicy) -> tuple[ImageFile, bytes]:
+def read_image(uri: str, policy: ReadPolicy) -> tuple[ImageFile, bytes]:
     """Find an image where the policy allows, read it (bounded) and check that it decodes;
     returns it with its bytes."""
     try:
-        url, data = read_first(uri, store, policy, "image", max_bytes=max_image_bytes(policy))
+        url, data = read_first(uri, policy, "image", max_bytes=max_image_bytes(policy))
     except ImageError:
         raise
     except AdapterError as exc:
@@ -77,11 +76,11 @@ def to_rgb8(image: Image.Image, url: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image_url(url: str, sha256: str, policy: ReadPolicy, store: Store | None) -> Image.Image:
+def read_image_url(url: str, sha256: str, policy: ReadPolicy) -> Image.Image:
     """The image a finished job names, read from its resolved URL and checked against its content
     hash (a worker never trusts a path to hold what was submitted)."""
     try:
-        data = read_unchanged(url, sha256, store, policy, "image", max_image_bytes(policy))
+        data = read_unchanged(url, sha256, policy, "image", max_image_bytes(policy))
     except ImageError:
         raise
     except AdapterError as exc:

@@ -44,8 +44,7 @@ class AdapterResolver:
     """Resolves adapter and image URIs to files under a read policy, reading each distinct URI once
     per resolver: one per submitted file, one per worker message (a worker never caches by path)."""
 
-    def __init__(self, store: Store | None, policy: ReadPolicy):
-        self.store = store
+    def __init__(self, policy: ReadPolicy):
         self.policy = policy
         self._seen: dict[str, AdapterFile | AdapterError] = {}
         self._images: dict[str, ImageFile | AdapterError] = {}
@@ -53,16 +52,16 @@ class AdapterResolver:
 
     @classmethod
     def from_settings(cls, settings, store: Store | None) -> "AdapterResolver":
-        """A resolver under the settings' read policy."""
-        return cls(store, ReadPolicy.from_settings(settings))
+        """A resolver under the settings' read policy, the store (if any) always allowed."""
+        return cls(ReadPolicy.from_settings(settings, store.location if store is not None else None))
 
     def resolve(self, uri: str) -> AdapterFile:
         """The adapter file a URI means; raises AdapterError naming what was checked."""
-        return self._once(self._seen, uri, lambda: read_adapter(uri, self.store, self.policy)[0])
+        return self._once(self._seen, uri, lambda: read_adapter(uri, self.policy)[0])
 
     def image(self, uri: str) -> ImageFile:
         """The image a URI means, read and decoded; raises ImageError naming what was checked."""
-        return self._once(self._images, uri, lambda: read_image(uri, self.store, self.policy)[0])
+        return self._once(self._images, uri, lambda: read_image(uri, self.policy)[0])
 
     def adapter(self, adapter, model: ModelInfo, given: bool = False) -> ResolvedAdapter:
         """A job's adapter term resolved: its file found and read (and checked against the model's
@@ -92,7 +91,7 @@ class AdapterResolver:
 
     def allowed(self, url: str, what: str = "adapter") -> str:
         """A resolved URL, if the read policy allows it; raises AdapterError if not."""
-        if not self.policy.allows(url, self.store):
+        if not self.policy.allows(url):
             raise self.policy.refusal(url, what)
         return url
 

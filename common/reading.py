@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 import fsspec
 
 from common.errors import AdapterError
-from common.store import Store
 
 
 @dataclass(frozen=True)
@@ -29,18 +28,23 @@ class ReadPolicy:
     roots: tuple[str, ...]  # local folders adapters may be read from; none: any local path
     max_bytes: int
     timeout_s: float
+    # The shared store's location (Store.location), if reads may use it: always allowed, and where
+    # a relative path that names no local file is looked for.
+    store: str | None = None
 
     @classmethod
-    def from_settings(cls, settings) -> "ReadPolicy":
-        """The policy the settings describe (LORAFLEET_ADAPTER_SCHEMES, _ROOTS, _MAX_ADAPTER_MB, _READ_TIMEOUT_S)."""
+    def from_settings(cls, settings, store: str | None = None) -> "ReadPolicy":
+        """The policy the settings describe (LORAFLEET_ADAPTER_SCHEMES, _ROOTS, _MAX_ADAPTER_MB,
+        _READ_TIMEOUT_S), with the store at `store` (Store.location) always allowed."""
         return cls(
             tuple(settings.adapter_schemes),
             tuple(os.path.realpath(os.path.expanduser(root)) for root in settings.adapter_roots),
             settings.max_adapter_mb * 2**20,
             settings.read_timeout_s,
+            store,
         )
 
-    def allows(self, url: str, store: Store | None = None) -> bool:
+    def allows(self, url: str) -> bool:
         """Whether a URL may be read: the store always; else an allowed scheme and, for a local
         file, a path under an allowed root (symbolic links followed first). It decides on the URL
         as fsspec opens it: schemes in any case (`FILE://` is a local file), and never a chained
@@ -48,7 +52,7 @@ class ReadPolicy:
         if "::" in url:
             return False
         url = normalized(url)
-        if store is not None and store.contains(url):
+        if self.store is not None and in_store(url, self.store):
             return True
         path = local_path(url)
         if path is None:
@@ -69,7 +73,6 @@ class ReadPolicy:
 
 def read_first(
     uri: str,
-    store: Store | None,
     policy: ReadPolicy,
     what: str,
     files_in: Callable[[str], list[str]] = lambda at: [at],
@@ -81,7 +84,7 @@ def read_first(
     and its bytes, read bounded (`max_bytes`, else the policy's). Raises AdapterError for a URI
     whose every candidate is refused, and for one whose allowed candidates hold no file, naming
     every URL checked. `what` names the file in errors ("adapter", "image")."""
-    candidates = [url for url in [*candidate_urls(uri, store, files_in), *also] if policy.allows(url, store)]
+    candidates = [url for url in [*candidate_urls(uri, policy.store, files_in), *also] if policy.allows(url)]
     if not candidates:
         raise policy.refusal(uri, what)
     for url in candidates:
@@ -91,11 +94,11 @@ def read_first(
     raise AdapterError(f'{what} "{uri}" not found (checked {", ".join(candidates)})')
 
 
-def read_unchanged(url: str, sha256: str, store: Store | None, policy: ReadPolicy, what: str, max_bytes: int) -> bytes:
+def read_unchanged(url: str, sha256: str, policy: ReadPolicy, what: str, max_bytes: int) -> bytes:
     """The bytes at a resolved URL, read again where a finished job says its file is: refused
     outside the policy, and unless its content hash is still the one the job was submitted with
     (a path is never trusted to hold what was submitted)."""
-    if not policy.allows(url, store):
+    if not policy.allows(url):
         raise policy.refusal(url, what)
     data = read_bounded(url, max_bytes, policy.timeout_s, what)
     if data is None:
@@ -104,21 +107,30 @@ def read_unchanged(url: str, sha256: str, store: Store | None, policy: ReadPolic
     return data
 
 
-def candidate_urls(uri: str, store: Store | None, files_in: Callable[[str], list[str]] = lambda at: [at]) -> list[str]:
+def candidate_urls(uri: str, store: str | None, files_in: Callable[[str], list[str]] = lambda at: [at]) -> list[str]:
     """The URLs a URI a user wrote may mean, in the order they are tried: a URL as it is, a local
-    path, a path inside the store; `files_in(location)` names the files a location stands for (an
-    adapter's folder holds its weights file). A local file (or a FIFO or device, refused when
-    read) stands for itself."""
+    path, a path inside the store at `store` (Store.location); `files_in(location)` names the files
+    a location stands for (an adapter's folder holds its weights file). A local file (or a FIFO or
+    device, refused when read) stands for itself."""
     if "://" in uri:
         return files_in(normalized(uri))
     local = os.path.abspath(os.path.expanduser(uri))
     candidates = [local] if os.path.exists(local) and not os.path.isdir(local) else files_in(local)
     if store is not None and not uri.startswith(("/", "~")):
-        try:
-            candidates.extend(files_in(store.uri(uri)))
-        except Exception:
-            pass  # not a valid store path: the other candidates still apply
+        inside = os.path.join(store, uri) if "://" not in store else f"{store}/{uri}"
+        if in_store(inside, store):  # `../x` names no file of the store
+            candidates.extend(files_in(inside))
     return candidates
+
+
+def in_store(url: str, store: str) -> bool:
+    """Whether a URL names a file inside the store at `store` (Store.location); for a local store,
+    symbolic links followed."""
+    if "://" not in store:
+        path = url.removeprefix("file://")
+        return "://" not in path and os.path.realpath(path).startswith(os.path.realpath(store) + os.sep)
+    prefix = store.rstrip("/") + "/"
+    return url.startswith(prefix) and ".." not in url[len(prefix) :].split("/")
 
 
 def check_unchanged(what: str, url: str, found: str, wanted: str) -> None:

@@ -31,13 +31,11 @@ class Store:
             return os.path.join(self.root, relpath)
         return self.fs.unstrip_protocol(self._path(relpath))
 
-    def contains(self, url: str) -> bool:
-        """Whether a URL names a file inside this store (symbolic links followed, for a local store)."""
-        if self._local:
-            path = url.removeprefix("file://")
-            return "://" not in path and os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep)
-        prefix = self.fs.unstrip_protocol(self.root).rstrip("/") + "/"
-        return url.startswith(prefix) and ".." not in url[len(prefix) :].split("/")
+    @property
+    def location(self) -> str:
+        """Where the store is, as the URIs of its files begin: a local folder's absolute path, or
+        a URL such as s3://bucket/prefix (what a read policy allows, common/reading.py)."""
+        return self.root if self._local else self.fs.unstrip_protocol(self.root).rstrip("/")
 
     def _path(self, relpath: str) -> str:
         parts = relpath.split("/")

@@ -163,14 +163,14 @@ def build_report(
         store.write_bytes(f"{base_dir}/plots/{s['section']}.png", _plot(cells_of_section, s["set"]))
     images = {c["image"]["sha256"]: c["image"] for c in report_cells if c.get("image")}
     for sha256, image in images.items():
-        store.write_bytes(f"{base_dir}/images/{sha256}.png", _thumbnail(image, store, policy))
+        store.write_bytes(f"{base_dir}/images/{sha256}.png", _thumbnail(image, policy))
     store.write_bytes(f"{base_dir}/report.html", _html(report).encode())
     return report
 
 
-def _thumbnail(image: dict, store: Store, policy: ReadPolicy) -> bytes:
+def _thumbnail(image: dict, policy: ReadPolicy) -> bytes:
     """An input image at most 160 pixels wide, as PNG, checked against the hash its jobs were keyed by."""
-    picture = read_image_url(image["url"], image["sha256"], policy, store)
+    picture = read_image_url(image["url"], image["sha256"], policy)
     picture.thumbnail((160, 160))
     out = io.BytesIO()
     picture.save(out, format="PNG")

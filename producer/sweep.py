@@ -64,7 +64,7 @@ def run_sweep(
         evaluations.update(evaluate(keys, settings, store, console, queue_for(new_jobs[0].model), left()))
         return build_report(
             batch, store, jobs, cells, prompts, evaluations, options, previous,
-            max_video_pixels=settings.max_video_pixels, policy=ReadPolicy.from_settings(settings),
+            max_video_pixels=settings.max_video_pixels, policy=ReadPolicy.from_settings(settings, store.location),
         )  # fmt: skip
 
     def another_round(new_jobs: list[Job], new_cells: list[dict], said: str) -> dict | None:

@@ -101,11 +101,10 @@ class AdapterFiles:
     A local file is used where it is; its hash is checked in a thread while it loads.
     """
 
-    def __init__(self, directory: str, budget_bytes: int, policy: ReadPolicy, store=None):
+    def __init__(self, directory: str, budget_bytes: int, policy: ReadPolicy):
         self.directory = os.path.expanduser(directory)
         self.budget_bytes = budget_bytes
-        self.policy = policy
-        self.store = store  # always readable, whatever the policy
+        self.policy = policy  # its store always readable
         self.hits = self.misses = 0
 
     def fetch(self, url: str, sha256: str) -> tuple[str, dict | None, Future]:
@@ -117,7 +116,7 @@ class AdapterFiles:
             os.utime(cached)  # recently used: evicted last
             return cached, _read_json(config), _done()
         self.misses += 1
-        if not self.policy.allows(url, self.store):
+        if not self.policy.allows(url):
             raise self.policy.refusal(url)
         path = local_path(url)
         if path is not None and os.path.isfile(path):  # read in place, through mmap: bounded like any read

@@ -56,8 +56,8 @@ class Renderer(PipelineHost):
             device=self.device,
             originals=self.originals,
         )
-        self.policy = ReadPolicy.from_settings(settings)
-        files = AdapterFiles(settings.adapter_cache_dir, settings.adapter_disk_cache_mb * 2**20, self.policy, self.store)
+        self.policy = ReadPolicy.from_settings(settings, self.store.location)
+        files = AdapterFiles(settings.adapter_cache_dir, settings.adapter_disk_cache_mb * 2**20, self.policy)
         self.adapters = AdapterCache(files, settings.adapter_host_cache_mb * 2**20, self.variants.layer_sizes())
         # decoded input images by content hash, by their bytes (an 8192² image is 200 MB): a sweep reuses its few
         self.images = LRU(IMAGE_CACHE_BYTES, size=decoded_bytes)
@@ -153,7 +153,7 @@ class Renderer(PipelineHost):
         """A job's input image (PIL, RGB), read once per content hash; the pipeline resizes it."""
         found = self.images.get(image.sha256)
         if found is None:  # images are read under the adapters' policy
-            found = read_image_url(image.url, image.sha256, self.policy, self.store)
+            found = read_image_url(image.url, image.sha256, self.policy)
             self.images.put(image.sha256, found)
         return found
 

@@ -94,5 +94,5 @@ def test_variants_are_exact_on_the_gpu(tiny):
 
 
 def _url_and_hash(folder: str, read_adapter) -> tuple[str, str]:
-    found, _ = read_adapter(folder, None, default_policy())
+    found, _ = read_adapter(folder, default_policy())
     return found.url, found.sha256

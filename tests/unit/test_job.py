@@ -257,7 +257,7 @@ def test_a_message_key_is_always_derived_from_its_content(tmp_path, adapter_file
 
 
 def test_a_message_naming_a_file_outside_the_policy_is_refused(tmp_path):
-    resolver = AdapterResolver(None, default_policy(schemes=("s3",)))
+    resolver = AdapterResolver(default_policy(schemes=("s3",)))
     adapter = {"uri": "x", "url": "/etc/passwd", "sha256": "a" * 64}
     with pytest.raises(JobError, match="outside the allowed locations"):
         job_from_message({"prompt": "x", "seed": 1, "adapters": [adapter]}, MODEL, resolver, PIXELS)

@@ -145,13 +145,13 @@ def test_a_worker_refuses_an_image_changed_since_submit(tiny_kinds, tmp_path):
 
     path = str(tmp_path / "input.png")
     shutil.copy(tiny_kinds["i2v"]["sunset"], path)
-    found, _ = read_image(path, None, default_policy())
-    assert read_image_url(found.url, found.sha256, default_policy(), None).size == (16, 16)
+    found, _ = read_image(path, default_policy())
+    assert read_image_url(found.url, found.sha256, default_policy()).size == (16, 16)
     shutil.copy(tiny_kinds["i2v"]["tiles"], path)
     with pytest.raises(
         ImageError, match=rf"^image {path} changed since it was submitted \(sha256 [0-9a-f]{{12}}, job wants "
     ):
-        read_image_url(found.url, found.sha256, default_policy(), None)
+        read_image_url(found.url, found.sha256, default_policy())
     outside = default_policy(roots=(str(tmp_path / "elsewhere"),))
     with pytest.raises(ImageError, match=r"^image .* is outside the allowed locations"):
-        read_image_url(found.url, found.sha256, outside, None)
+        read_image_url(found.url, found.sha256, outside)
