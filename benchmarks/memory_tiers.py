@@ -112,7 +112,8 @@ PROMPTS = ("a paper boat floats down a stream", "neon lights flicker in the rain
 
 def finished_job(fields: dict, info):
     """A Job checked, expanded and resolved as submit does."""
-    from common.jobs_file import AdapterResolver, check_job, expand_job, resolve_job
+    from common.job_spec import check_job, expand_job
+    from common.resolver import AdapterResolver, resolve_job
     from common.settings import Settings
 
     settings = Settings()

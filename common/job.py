@@ -4,7 +4,7 @@ GPU that renders it: `Job`, frozen. Its key, the SHA-256 of everything that deci
 
 A job becomes a dict only at the wire: `Job.message()` for a Celery message, the batch's jobs.jsonl
 and a video's metadata; `Job.model_validate` reads one back. How a jobs file or a message becomes
-jobs is common/jobs_file.py.
+jobs is common/jobs_file.py, with common/job_spec.py and common/resolver.py.
 """
 
 import hashlib

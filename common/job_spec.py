@@ -1,19 +1,22 @@
 """The job as one typed model (pydantic): every field a user may write, its type, default and
-bounds, and the model's JSON Schema for other Celery clients (`lorafleet schema`).
+bounds, and the model's JSON Schema for other Celery clients (`lorafleet schema`); then what
+depends on the model being rendered (its default size, its frame and size rules, `check_job`) and
+the jobs a spec's lists stand for (`expand_job`).
 
-What depends on the model being rendered (its default size, its frame and size rules) is checked
-after this, in common/job.py. Errors come out as `(location, message)`, with locations in the form
-users write them: `adapters[1].weight`, `lora_scale[2]`.
+Errors come out as `(location, message)`, with locations in the form users write them:
+`adapters[1].weight`, `lora_scale[2]`.
 """
 
 import difflib
 import json
 import math
+import secrets
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from common.model import ModelInfo
 from common.protocol import BATCH_NAME, BATCH_NAME_RULE
 
 MAX_SEED = 2**63 - 1
@@ -234,3 +237,55 @@ def describe(exc: ValidationError, given: dict, model=JobSpec) -> list[tuple[str
                 message += f", got {json.dumps(value, default=str)[:80]}"  # YAML can hold dates
         found.append((where, message))
     return found
+
+
+def check_job(obj, where: str, model: ModelInfo | None, max_video_pixels: int) -> tuple[JobSpec | None, list[str]]:
+    """Check one job against the schema (JobSpec) and the model's rules (None: the schema alone);
+    returns it with the model's defaults filled in and its seed drawn if it had none, and the list
+    of errors, each starting with `where` (e.g. "line 3") and naming the field ("adapters[1].weight")."""
+    if not isinstance(obj, dict):
+        return None, [f"{where}: a job must be a JSON object, got {type(obj).__name__}"]
+    try:
+        spec = JobSpec.model_validate(obj)
+    except ValidationError as exc:
+        return None, [
+            f"{where}: {field}: {message}" if field else f"{where}: {message}" for field, message in describe(exc, obj)
+        ]
+    if spec.seed is None:
+        spec = spec.model_copy(update={"seed": [secrets.randbelow(2**32)]})  # drawn once, then written into the job
+    if model is None:
+        return spec, []
+    size, problems = render_size(spec.num_frames, spec.height, spec.width, model, max_video_pixels)
+    spec = spec.model_copy(update=dict(zip(("num_frames", "height", "width"), size, strict=True)))
+    if model.takes_image and spec.image is None:
+        problems.append(("image", "required: this model turns an image into a video"))
+    elif spec.image is not None and not model.takes_image:
+        problems.append(("image", "this model is text-to-video and takes no image (name an image-to-video model)"))
+    if model.precision == "fp8" and not spec.fuse:
+        problems.append(("fuse", "must be true on an fp8 model: its adapters are fused into the fp8 weights"))
+    return spec, [f"{where}: {field}: {problem}" for field, problem in problems]
+
+
+def render_size(
+    num_frames: int | None, height: int | None, width: int | None, model: ModelInfo, max_video_pixels: int
+) -> tuple[tuple[int, int, int], list[tuple[str, str]]]:
+    """A job's frames, height and width with the model's own where it leaves them out, and the
+    (field, problem) pairs of the model's rules and the pixel limit."""
+    size = (num_frames or model.num_frames, height or model.height, width or model.width)
+    named = dict(zip(("num_frames", "height", "width"), size, strict=True))
+    problems = [(field, f"{problem}, got {named[field]}") for field, problem in model.check_size(*size)]
+    pixels = size[0] * size[1] * size[2]
+    if pixels > max_video_pixels:
+        problems.append(
+            (
+                "num_frames × height × width",
+                f"{size[0]}×{size[1]}×{size[2]} is {pixels:,} pixels, "
+                f"more than {max_video_pixels:,} (LORAFLEET_MAX_VIDEO_PIXELS)",
+            )
+        )
+    return size, problems
+
+
+def expand_job(spec: JobSpec) -> list[tuple[float, int]]:
+    """The (lora_scale, seed) of each job a checked job's lists stand for."""
+    return [(scale, seed) for scale in spec.lora_scale for seed in spec.seed]

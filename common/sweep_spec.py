@@ -31,9 +31,21 @@ from pydantic import TypeAdapter, ValidationError
 
 from common.errors import AdapterError, JobFileError, ModelError
 from common.job import Job
-from common.job_spec import RENDER_FIELDS, SWEPT_FIELDS, AdapterItem, AdapterSpec, RenderFields, describe, unknown_field
-from common.jobs_file import AdapterResolver, JobLimits, check_job, expand_job, render_size, resolve_job
+from common.job_spec import (
+    RENDER_FIELDS,
+    SWEPT_FIELDS,
+    AdapterItem,
+    AdapterSpec,
+    RenderFields,
+    check_job,
+    describe,
+    expand_job,
+    render_size,
+    unknown_field,
+)
+from common.jobs_file import JobLimits
 from common.model import ModelInfo
+from common.resolver import AdapterResolver, resolve_job
 
 SPEC_FIELDS = {
     "name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model", "suggest", "moved",

@@ -11,11 +11,12 @@ from rich.console import Console
 from common.broker import make_app, send_evaluation
 from common.evaluation import eval_path, evaluator_identity
 from common.job import Job
-from common.jobs_file import AdapterResolver, JobLimits
+from common.jobs_file import JobLimits
 from common.leases import Ledger
 from common.manifest import Batch, JobStatus, check_batch_name
 from common.model import model_resolver
 from common.reading import ReadPolicy
+from common.resolver import AdapterResolver
 from common.settings import Settings, queue_for
 from common.store import Store, videos_present
 from common.sweep_spec import load_sweep, more_cells

@@ -49,7 +49,7 @@ def render_records(log_paths) -> dict[str, int]:
 
 def resolver_for(store=None):
     """An AdapterResolver under the default settings' read policy."""
-    from common.jobs_file import AdapterResolver
+    from common.resolver import AdapterResolver
     from common.settings import Settings
 
     return AdapterResolver.from_settings(Settings(), store)
@@ -76,7 +76,8 @@ def default_limits():
 def prepare_job(obj: dict, where: str, model, resolver=None) -> list:
     """Check, expand and resolve one job object as submit does (its Jobs); raises JobError with every problem."""
     from common.errors import AdapterError, JobError
-    from common.jobs_file import check_job, expand_job, resolve_job
+    from common.job_spec import check_job, expand_job
+    from common.resolver import resolve_job
 
     spec, errors = check_job(obj, where, model, default_limits().max_video_pixels)
     if errors:

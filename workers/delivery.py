@@ -58,7 +58,7 @@ class Outcome:
     """How a delivery is going, for `accounting`: its job's key once known, and whether its
     frames went to the background upload (which then reports the job's end)."""
 
-    key: str = "?" * 12
+    key: str  # the job's, once known; until then the message's task id
     handed_off: bool = False
 
 
@@ -68,7 +68,7 @@ def accounting(task, task_id: str) -> Iterator[Outcome]:
     a lost lease is ignored (the delivery that took the job over reports it), store and network
     trouble is retried by Celery with the project's back-off, anything else fails the job (a
     known failure as one line, an unknown one with its traceback)."""
-    outcome = Outcome()
+    outcome = Outcome(task_id)
     try:
         yield outcome
     except Ignore:

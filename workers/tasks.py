@@ -17,27 +17,19 @@ from celery import Celery, Task
 from celery.exceptions import Ignore
 
 from common.broker import send_job
-from common.errors import EvaluationError, LeaseLost, LorafleetError
-from common.job import Job
-from common.jobs_file import AdapterResolver, job_from_message
-from common.leases import Lease, Ledger, RunningEntry
+from common.errors import EvaluationError, LorafleetError
+from common.jobs_file import job_from_message
+from common.leases import Ledger, RunningEntry
 from common.protocol import EVAL_TASK_NAME, TASK_NAME
-from common.retry import backoff, retrying
+from common.resolver import AdapterResolver
+from common.retry import backoff
 from common.settings import Settings
 from common.store import Store, render_result, video_exists
-from workers.delivery import (
-    RETRYABLE,
-    accounting,
-    admit,
-    count_delivery,
-    progress_reporter,
-    report_failure,
-)
+from workers.delivery import RETRYABLE, accounting, admit, count_delivery, progress_reporter
 from workers.evaluator import Evaluator
 from workers.metrics import EVALUATIONS, JOBS, Health
-from workers.outputs import upload
-from workers.renderer import Rendered, Renderer, render_frames
-from workers.uploads import Uploads
+from workers.renderer import Renderer, render_frames
+from workers.uploads import Uploads, upload_then_report
 
 log = logging.getLogger("lorafleet.worker")
 
@@ -82,12 +74,16 @@ class RenderTask(LorafleetTask):
         self.uploads = Uploads()
 
     def run(self, message):
-        """Render one job (a JSON object, docs/design.md's task contract) and return its outputs."""
+        """Render one job (a JSON object, docs/design.md's task contract); the background upload
+        reports its result."""
         task_id = self.request.id
         with accounting(self, task_id) as outcome, ExitStack() as held:
             lease = held.enter_context(self.ledger.running(task_id, message, self.queue, self.worker))
             deliveries = count_delivery(self.ledger, task_id, self.settings.max_deliveries)
-            job = self.check(message)
+            # A fresh resolver per message: a file replaced in place, or one that appeared since,
+            # is read anew (a worker caches adapters by content hash, never by path).
+            resolver = AdapterResolver.from_settings(self.settings, self.store)
+            job = job_from_message(message, self.renderer.info, resolver, self.settings.max_video_pixels)
             outcome.key = job.key
             admit(self, lease, job, task_id, message, self.queue)
             # One look at the store per job, once the lock is ours: on S3 each look is a request
@@ -96,74 +92,14 @@ class RenderTask(LorafleetTask):
             if not held.enter_context(self.ledger.key_lock(job.key, lease, done)) or done():
                 JOBS.labels("exists").inc()
                 return render_result(self.store, job.key, self.worker, "exists")
-            rendered = self.render(job, lease, deliveries, task_id)
+            log.info("%s: %s started (%s), delivery %d", self.worker, job.key[:12], job.id or job.prompt[:40], deliveries)
+            self.health.set_job({"key": job.key, "task_id": task_id, "since": time.time(), "batch": job.batch})
+            rendered = render_frames(self.renderer, job, progress_reporter(lease, self.health))
+            self.health.pace = rendered.pace  # said with the job's end: what `sweep --estimate` prices from
             # The lease and the key lock go with the frames: released once they are stored.
-            self.upload_later(rendered, lease, held.pop_all(), task_id)
+            upload_then_report(self, rendered, lease, held.pop_all(), task_id)
             outcome.handed_off = True
             raise Ignore()  # the upload reports the result
-
-    def check(self, message) -> Job:
-        """The job a message asks for, its key derived from its content; raises JobError if bad."""
-        try:
-            # A fresh resolver per message: a file replaced in place, or one that appeared since,
-            # is read anew (a worker caches adapters by content hash, never by path).
-            resolver = AdapterResolver.from_settings(self.settings, self.store)
-            return job_from_message(message, self.renderer.info, resolver, self.settings.max_video_pixels)
-        except LorafleetError as exc:
-            log.error("%s: rejected a malformed message %s: %s", self.worker, self.request.id, exc)
-            raise
-
-    def render(self, job: Job, lease: Lease, deliveries: int, task_id: str) -> Rendered:
-        """Render a checked job whose key lock is ours."""
-        log.info("%s: %s started (%s), delivery %d", self.worker, job.key[:12], job.id or job.prompt[:40], deliveries)
-        self.health.set_job({"key": job.key, "task_id": task_id, "since": time.time(), "batch": job.batch})
-        rendered = render_frames(self.renderer, job, progress_reporter(lease, self.health))
-        self.health.pace = rendered.pace  # said with the job's end: what `sweep --estimate` prices from
-        return rendered
-
-    def upload_later(self, rendered: Rendered, lease: Lease, held: ExitStack, task_id: str) -> None:
-        """Encode and upload in the background (after the upload before it) while this worker takes
-        its next job; then report the result, and release the key lock and the lease. Store and
-        network trouble is retried with back-off; a failed upload fails the job.
-
-        The task's own thread has returned by then, so its end is reported as Celery would have:
-        the result through the task's backend, the task event through its dispatcher (Flower)."""
-        key = rendered.job.key
-
-        def on_retry(exc: Exception, attempt: int) -> None:
-            attempts = self.max_retries + 1
-            log.warning("%s: %s: %s (upload attempt %d of %d)", self.worker, key[:12], exc, attempt, attempts)
-            if attempt < attempts:
-                JOBS.labels("retried").inc()
-
-        def finish():
-            with held:
-                try:
-                    attempts = self.max_retries + 1
-                    result = retrying(lambda: upload(rendered, self.store, lease.confirm), RETRYABLE, attempts, on_retry)
-                except LeaseLost as exc:  # the delivery that took the job over reports it
-                    JOBS.labels("lease_lost").inc()
-                    log.warning("%s: %s: %s", self.worker, key[:12], exc)
-                except Exception as exc:
-                    report_failure(self.worker, key, exc, " while uploading")
-                    self.backend.mark_as_failure(task_id, exc)
-                    self.tell_monitors("task-failed", task_id, exception=repr(exc))
-                else:
-                    JOBS.labels(result["status"]).inc()
-                    self.backend.mark_as_done(task_id, result)
-                    self.tell_monitors("task-succeeded", task_id, result=repr(result), runtime=result["seconds"])
-                finally:
-                    self.ledger.delivered_cleanly(task_id)
-
-        self.uploads.start(finish)
-
-    def tell_monitors(self, event: str, task_id: str, **fields) -> None:
-        """The task event Celery would have sent had the task ended in its own thread (Flower)."""
-        try:
-            with self.app.events.default_dispatcher(hostname=self.worker) as dispatcher:
-                dispatcher.send(event, uuid=task_id, **fields)
-        except Exception as exc:  # monitoring never fails a job
-            log.warning("%s: cannot send %s for %s: %s", self.worker, event, task_id, exc)
 
 
 class EvaluateTask(LorafleetTask):

@@ -56,7 +56,8 @@ def test_the_fa4_processor_computes_what_diffusers_computes(tiny, stand_in_for_f
 
 
 def test_the_kernel_is_in_the_key_only_when_it_is_not_sdpa(tiny):
-    from common.jobs_file import check_job, expand_job, resolve_job
+    from common.job_spec import check_job, expand_job
+    from common.resolver import resolve_job
 
     keys = {}
     for kernel in ("sdpa", "fa4"):

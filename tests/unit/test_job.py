@@ -11,8 +11,10 @@ import pytest
 
 from common.errors import JobError, JobFileError
 from common.job import Job, JobContent, ResolvedAdapter, ResolvedImage, job_key
-from common.jobs_file import AdapterResolver, check_job, expand_job, job_from_message, load_jobs
+from common.job_spec import check_job, expand_job
+from common.jobs_file import job_from_message, load_jobs
 from common.model import ModelInfo
+from common.resolver import AdapterResolver
 from common.settings import DraftCache, Settings
 from common.store import Store
 from tests.helpers import default_limits, default_policy, prepare_job, resolver_for, write_lora
