@@ -54,14 +54,15 @@ workers: install
 	$(BIN)/lorafleet workers --gpus $(GPUS)
 
 # Everything: first the unit tier on a producer-only install (no torch, as a producer host has;
-# about 15 s once installed), then the whole suite on the full install. PYTEST_WORKERS=N runs N
-# tests at a time (pytest-xdist) on a machine with cores to spare; on 2 cores it gains little
-# (29 min with 3 against 33 serial: the tests render on the CPU) and timing checks suffer.
-PYTEST_WORKERS ?= 1
+# about 25 s once installed), then the whole suite on the full install, PYTEST_WORKERS tests at a
+# time (pytest-xdist; each takes the next test when it is free). Two on 2 cores: 22 min against 37
+# serially (the tests' processes run one torch thread each and wait on workers, Redis and pip);
+# three gained nothing more there (the cores were busy), and timing checks suffer. 1: serially.
+PYTEST_WORKERS ?= 2
 test: install browser test-producer
 	@# byte-compiled once: the suite starts hundreds of lorafleet processes (PYTHONDONTWRITEBYTECODE or not)
 	$(BIN)/python -m compileall -q common producer workers lorafleet >/dev/null
-	$(BIN)/python -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS)) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 PRODUCER_VENV := .venv-producer
 $(PRODUCER_VENV)/.installed: pyproject.toml docker/constraints.txt

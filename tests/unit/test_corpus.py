@@ -47,8 +47,8 @@ def test_a_million_lines_stop_at_the_limit_with_one_error(tiny, tmp_path):
     path = tmp_path / "million.jsonl"
     line = json.dumps({"prompt": "a cat", "seed": 1}) + "\n"
     path.write_text(line * 1_000_000)
-    errors = errors_for(str(path), tiny, tmp_path)
-    assert errors == ["line 100001: more than 100000 jobs in one file (LORAFLEET_MAX_JOBS): split it"]
+    errors = errors_for(str(path), tiny, tmp_path, max_jobs=1000)  # read as a stream: stopped at line 1001
+    assert errors == ["line 1001: more than 1000 jobs in one file (LORAFLEET_MAX_JOBS): split it"]
 
 
 def test_lists_that_expand_past_the_limit_are_refused(tiny, tmp_path):
