@@ -5,6 +5,6 @@ from tests.conftest import HAS_TORCH
 
 TORCH_MODULES = [
     "test_attention.py", "test_draft.py", "test_formats.py", "test_memory.py", "test_model.py", "test_model_kinds.py",
-    "test_speed_tiers.py", "test_variants.py",
+    "test_speed_tiers.py", "test_uploads.py", "test_variants.py",
 ]  # fmt: skip
 collect_ignore = [] if HAS_TORCH else TORCH_MODULES
