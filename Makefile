@@ -55,7 +55,7 @@ workers: install
 
 # Everything: first the unit tier on a producer-only install (no torch, as a producer host has;
 # about 25 s once installed), then the whole suite on the full install, PYTEST_WORKERS tests at a
-# time (pytest-xdist; each takes the next test when it is free). Two on 2 cores: 22 min against 37
+# time (pytest-xdist; each takes the next test when it is free). Two on 2 cores: 15 min against 37
 # serially (the tests' processes run one torch thread each and wait on workers, Redis and pip);
 # three gained nothing more there (the cores were busy), and timing checks suffer. 1: serially.
 PYTEST_WORKERS ?= 2
