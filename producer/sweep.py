@@ -15,7 +15,6 @@ from common.jobs_file import JobLimits
 from common.leases import Ledger
 from common.manifest import Batch, JobStatus, check_batch_name
 from common.model import model_resolver
-from common.reading import ReadPolicy
 from common.resolver import AdapterResolver
 from common.settings import Settings, queue_for
 from common.store import Store, videos_present
@@ -65,7 +64,7 @@ def run_sweep(
         evaluations.update(evaluate(keys, settings, store, console, queue_for(new_jobs[0].model), left()))
         return build_report(
             batch, store, jobs, cells, prompts, evaluations, options, previous,
-            max_video_pixels=settings.max_video_pixels, policy=ReadPolicy.from_settings(settings, store.location),
+            max_video_pixels=settings.max_video_pixels, policy=resolver.policy,
         )  # fmt: skip
 
     def another_round(new_jobs: list[Job], new_cells: list[dict], said: str) -> dict | None:
