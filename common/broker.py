@@ -7,7 +7,16 @@ from celery import Celery
 from kombu import serialization
 from kombu.utils import json
 
-from common.protocol import EVAL_TASK_NAME, PRIORITIES, PRIORITY_SEPARATOR, PRIORITY_STEPS, TASK_NAME, queue_lists
+from common.errors import SendConflict
+from common.protocol import (
+    EVAL_TASK_NAME,
+    PRIORITIES,
+    PRIORITY_SEPARATOR,
+    PRIORITY_STEPS,
+    TASK_NAME,
+    queue_lists,
+    sent_key,
+)
 from common.settings import Settings, queue_for
 
 SEND_CHUNK = 1000  # messages a Redis round trip when sending many
@@ -66,21 +75,50 @@ def send_job(app: Celery, message: dict, task_id: str, queue: str | None = None)
     send_jobs(app, [(message, task_id, queue)])
 
 
-def send_jobs(app: Celery, sends: Iterable[tuple[dict, str, str | None]], chunk: int = SEND_CHUNK) -> int:
+class SendFence:
+    """Sends that must happen once: a counter in Redis (protocol's `sent_key`) says how many of a
+    batch's unsent tasks were sent, in their manifest order. Each chunk of messages is pushed only if
+    the counter still says what this sender expects, and moves it on in the same step (one script):
+    a sender cut off mid-way leaves a counter that says exactly what went, and a second sender
+    (`lorafleet retry` beside a submit that was only slow) cannot send what the first one sent."""
+
+    def __init__(self, key: str, sent: int, ttl_s: int):
+        self.key = key
+        self.sent = sent  # what the counter says, as this sender last saw it
+        self.ttl_s = ttl_s
+
+
+# KEYS: the counter, then the lists pushed to; ARGV: the count expected, the counter's time to live,
+# then (index of a list in KEYS, message) pairs. Returns the counter after the call.
+_SEND_ONCE = """
+local sent = tonumber(redis.call('get', KEYS[1]) or '0') or -1
+if sent ~= tonumber(ARGV[1]) then return sent end
+for i = 3, #ARGV, 2 do redis.call('lpush', KEYS[tonumber(ARGV[i])], ARGV[i + 1]) end
+sent = sent + (#ARGV - 2) / 2
+redis.call('set', KEYS[1], sent, 'EX', ARGV[2])
+return sent
+"""
+
+
+def send_jobs(
+    app: Celery, sends: Iterable[tuple[dict, str, str | None]], chunk: int = SEND_CHUNK, fence: SendFence | None = None
+) -> int:
     """Enqueue `lorafleet.render` messages, each (message, task id, queue or None for its model's),
     at the priority the message names: the one way every part of lorafleet sends a job. Returns how
-    many were sent.
+    many were sent. With a `fence`, each chunk goes only while its counter agrees (SendFence);
+    raises SendConflict when it does not.
 
     Each message is what Celery's `send_task` publishes, built from the same parts (Celery's task
-    headers, kombu's envelope and its Redis transport's list per priority), and pushed in
-    pipelines of `chunk`: `send_task` cost half a millisecond a job in Celery's own layers (retry
+    headers, kombu's envelope and its Redis transport's list per priority), and pushed `chunk` at a
+    time in one round trip: `send_task` cost half a millisecond a job in Celery's own layers (retry
     wrappers, routing, signals), most of a 100,000-job submit. What it skips: a task-sent event
     (Flower sees a job once a worker receives it) and the result channel subscription of a caller
     that waits on a result (lorafleet's `wait` polls results in bulk)."""
     sent = 0
     with app.connection_for_write() as connection:
         channel = connection.default_channel
-        pipe = channel.client.pipeline(transaction=False)
+        push = _pusher(channel.client, fence)
+        pushes: list[tuple[str, str]] = []  # (Redis list, envelope)
         for message, task_id, queue in sends:
             queue = queue or queue_for(message.get("model"))
             priority = PRIORITIES[message.get("priority") or "normal"]
@@ -94,12 +132,52 @@ def send_jobs(app: Celery, sends: Iterable[tuple[dict, str, str | None]], chunk:
             properties.update(delivery_mode=PERSISTENT, **reprs)  # as send_task passes its options on
             envelope = channel.prepare_message(data, priority, content_type, content_encoding, headers, properties)
             channel._inplace_augment_message(envelope, "", queue)  # direct to the queue: its own list per priority
-            pipe.lpush(channel._q_for_pri(queue, channel.priority(priority)), json.dumps(envelope))
-            sent += 1
-            if sent % chunk == 0:
-                pipe.execute()
-        pipe.execute()
+            pushes.append((channel._q_for_pri(queue, channel.priority(priority)), json.dumps(envelope)))
+            if len(pushes) == chunk:
+                push(pushes)
+                sent, pushes = sent + len(pushes), []
+        if pushes:
+            push(pushes)
+            sent += len(pushes)
     return sent
+
+
+def _pusher(client, fence: SendFence | None):
+    """How a chunk of (list, envelope) pushes goes to Redis: a pipeline, or under a fence, one script."""
+    if fence is None:
+
+        def push(pushes: list[tuple[str, str]]) -> None:
+            pipe = client.pipeline(transaction=False)
+            for name, envelope in pushes:
+                pipe.lpush(name, envelope)
+            pipe.execute()
+
+        return push
+    script = client.register_script(_SEND_ONCE)
+
+    def push_once(pushes: list[tuple[str, str]]) -> None:
+        lists = list(dict.fromkeys(name for name, _ in pushes))
+        where = {name: i for i, name in enumerate(lists, start=2)}  # KEYS[1] is the counter
+        args = [fence.sent, fence.ttl_s, *(part for name, envelope in pushes for part in (where[name], envelope))]
+        now = int(script(keys=[fence.key, *lists], args=args))
+        if now != fence.sent + len(pushes):
+            raise SendConflict(
+                f"another sender moved {fence.key} to {now} while this one expected {fence.sent}: "
+                "stopped, sending nothing twice"
+            )
+        fence.sent = now
+
+    return push_once
+
+
+def sent_so_far(app: Celery, batch: str) -> int:
+    """How many of a batch's tasks (in its send order) went to the queue, as its SendFence counter
+    says: 0 when Redis keeps none (none sent, or the whole send ended and the manifest says so)."""
+    raw = app.backend.client.get(sent_key(batch))
+    try:
+        return max(0, int(raw or 0))
+    except ValueError:  # anyone can write Redis: a counter that is not one counts nothing
+        return 0
 
 
 def send_evaluation(app: Celery, key: str, queue: str | None = None):

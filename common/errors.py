@@ -76,6 +76,11 @@ class LeaseLost(LorafleetError):
     past its lease): it stops without writing, and the other delivery's result stands."""
 
 
+class StoreLockLost(LorafleetError):
+    """Raised when a prune or a submit finds that its hold on the store lock lapsed (it paused past
+    the lock's time to live): it stops before its next write."""
+
+
 class RenderError(LorafleetError):
     """Raised when a render produced something that must not be stored (NaN or infinite values)."""
 
@@ -83,6 +88,20 @@ class RenderError(LorafleetError):
 class MemoryBudgetError(LorafleetError):
     """Raised when a render cannot fit its worker's GPU memory budget (LORAFLEET_GPU_MEMORY_GB): at
     start for the model's default size, or before rendering a job of a larger size."""
+
+
+class SendConflict(LorafleetError):
+    """Raised when another process sent some of a batch's unsent jobs while this one was sending
+    them (common/broker.py: SendFence): this one stops, and no job is sent twice."""
+
+
+class SendInterrupted(LorafleetError):
+    """Raised when a submit (or retry) stops while it sends a batch's jobs (Ctrl-C, Redis gone): the
+    batch records what went, and `lorafleet retry BATCH` sends the rest."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class WaitTimeout(LorafleetError):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from common.bulk import paused_gc
-from common.errors import InputError
+from common.errors import InputError, StoreError
 from common.job import Job
 from common.protocol import BATCH_NAME, BATCH_NAME_RULE
 from common.store import Store, jobs_path, manifest_path, output_uris
@@ -17,6 +17,7 @@ from common.store import Store, jobs_path, manifest_path, output_uris
 class JobStatus(StrEnum):
     """A job's state in its batch's manifest (written as its plain value: "queued", ...)."""
 
+    UNSENT = "unsent"  # recorded before its message is sent: a submit cut off mid-way leaves the rest so
     QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"  # set aside by a worker while its batch is paused; `lorafleet resume` queues it again
@@ -62,7 +63,8 @@ class Batch:
         if store.exists(manifest_path(check_batch_name(name))):
             raise InputError(
                 f'batch "{name}" already exists in {store.url}: give a new --batch name '
-                f"(or `lorafleet retry {name}` to run its failed and cancelled jobs again)"
+                f"(or `lorafleet retry {name}` to send the jobs an interrupted submit left unsent and run its "
+                "failed and cancelled jobs again)"
             )
         return cls(name)
 
@@ -75,6 +77,25 @@ class Batch:
             candidate = f"{name}-{number}"
         return cls(check_batch_name(candidate))
 
+    def send_order(self) -> list[tuple[str, str]]:
+        """The batch's tasks in the order they are sent: (task id, key) of each distinct task, in
+        manifest order. What a batch's sent counter (common/protocol.py: `sent_key`) counts along."""
+        order: dict[str, str] = {}
+        for entry in self.entries:
+            if entry["task_id"] and entry["task_id"] not in order:
+                order[entry["task_id"]] = entry["key"]
+        return list(order.items())
+
+    def settle_sent(self, sent: int) -> list[tuple[str, str]]:
+        """Record as queued the unsent entries of the first `sent` tasks in send order (the ones a
+        sent counter says went); returns the tasks after them, still to send."""
+        order = self.send_order()
+        went = {task_id for task_id, _ in order[:sent]}
+        for entry in self.entries:
+            if entry["status"] == JobStatus.UNSENT and entry["task_id"] in went:
+                entry["status"] = JobStatus.QUEUED
+        return order[sent:]
+
     @property
     def enqueued(self) -> int:
         """How many distinct jobs went to the queue (a job listed twice is enqueued once)."""
@@ -82,18 +103,23 @@ class Batch:
 
     @classmethod
     def load(cls, store: Store, name: str) -> "Batch":
-        """A batch from its manifest in the store; raises LorafleetError if there is none."""
+        """A batch from its manifest in the store; raises InputError if there is none, StoreError if
+        a line of it is not a manifest entry (anyone who can write the store can write one)."""
         try:
-            lines = store.read_bytes(manifest_path(check_batch_name(name))).decode().splitlines()
+            lines = store.read_bytes(manifest_path(check_batch_name(name))).decode(errors="replace").splitlines()
         except FileNotFoundError:
             raise InputError(f'no batch "{name}" in {store.url} (no {manifest_path(name)})') from None
         with paused_gc():
-            return cls(name, [json.loads(line) for line in lines if line.strip()])
+            return cls(
+                name, [read_entry(line, store, name, number) for number, line in enumerate(lines, 1) if line.strip()]
+            )
 
     def write_jobs(self, store: Store, jobs: list[Job]) -> None:
         """Write the batch's expanded jobs, one per key, for `lorafleet retry` and re-sends."""
         unique = {job.key: job for job in jobs}
-        store.write_bytes(jobs_path(self.name), "".join(job.model_dump_json() + "\n" for job in unique.values()).encode())
+        store.write_bytes(
+            jobs_path(self.name), "".join(job.model_dump_json() + "\n" for job in unique.values()).encode()
+        )
 
     def read_jobs(self, store: Store) -> dict[str, Job]:
         """The batch's expanded jobs by key, as `write_jobs` wrote them."""
@@ -108,6 +134,23 @@ class Batch:
         """Write batches/<name>/manifest.jsonl (one line per job); returns its URI."""
         lines = "".join(json.dumps(entry) + "\n" for entry in self.entries)
         return store.write_bytes(manifest_path(self.name), lines.encode())
+
+
+STATES = {state.value for state in JobStatus}
+
+
+def read_entry(line: str, store: Store, batch: str, number: int) -> dict:
+    """One manifest line as its entry; raises StoreError, naming the file and line, if it is not one."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        entry = None
+    if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and entry.get("status") in STATES):
+        raise StoreError(
+            f"{store.uri(manifest_path(batch))} line {number}: not a manifest entry (a JSON object with a key and a status)"
+        )
+    entry.setdefault("task_id", None)
+    return entry
 
 
 def new_batch_name() -> str:

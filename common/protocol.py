@@ -56,6 +56,8 @@ def cancelled_task_key(task_id: str) -> str:
     return f"{PREFIX}:cancelled-task:{task_id}"
 
 
+PRUNING = f"{PREFIX}:store-lock:prune"  # the token of the prune that holds the store lock (common/store_lock.py)
+SUBMITTING = f"{PREFIX}:store-lock:submits"  # sorted set: token -> expiry (ms) of each submit inside the lock
 CANCELS = f"{PREFIX}:cancels"  # pub/sub channel: a CancelNotice each time a batch or some of its jobs are cancelled
 
 PAUSED_PREFIX = f"{PREFIX}:paused:"  # + a batch's name: set while it is paused
@@ -71,9 +73,16 @@ def set_aside_key(batch: str) -> str:
     return f"{PREFIX}:set-aside:{batch}"
 
 
+def sent_key(batch: str) -> str:
+    """How many of a batch's unsent tasks its submit has sent (in manifest order), moved on with
+    each chunk of messages in the same step (common/broker.py: SendFence)."""
+    return f"{PREFIX}:sent:{batch}"
+
+
 def batch_keys(batch: str) -> list[str]:
-    """Everything Redis keeps of a batch by name (cancel and pause flags, jobs set aside)."""
-    return [cancelled_key(batch), paused_key(batch), set_aside_key(batch)]
+    """Everything Redis keeps of a batch by name (cancel and pause flags, jobs set aside, what its
+    submit sent)."""
+    return [cancelled_key(batch), paused_key(batch), set_aside_key(batch), sent_key(batch)]
 
 
 # A job's priority as kombu's Redis transport takes it: one Redis list per step, and a worker

@@ -88,25 +88,25 @@ class Store:
     def delete(self, relpath: str) -> None:
         """Remove a file (gone already: nothing to do)."""
         try:
-            self._call(self.fs.rm_file, relpath)
+            self._call(self.fs.rm_file, relpath, "delete")
         except FileNotFoundError:
             pass
 
     def delete_folder(self, relpath: str) -> None:
         """Remove a folder and all it holds (gone already: nothing to do)."""
         try:
-            self._call(lambda path: self.fs.rm(path, recursive=True), relpath)
+            self._call(lambda path: self.fs.rm(path, recursive=True), relpath, "delete")
         except FileNotFoundError:
             pass
 
-    def _call(self, fn, relpath: str):
+    def _call(self, fn, relpath: str, verb: str = "read"):
         path = self._path(relpath)
         try:
             return fn(path)
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise StoreError(f"cannot read {self.uri(relpath)}: {exc}") from exc
+            raise StoreError(f"cannot {verb} {self.uri(relpath)}: {exc}") from exc
 
 
 def write_atomically(path: str, data: bytes) -> None:

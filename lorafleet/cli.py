@@ -472,26 +472,25 @@ def top(settings: Settings, console: Console, once: bool, as_json: bool, interva
 @shared_options
 def prune(settings: Settings, console: Console, older_than: str | None, before: str | None, dry_run: bool):
     """Remove batches submitted before the cutoff and the stored files no remaining batch references."""
+    from common.broker import check_redis
+    from common.leases import Ledger
     from common.store import Store
+    from common.store_lock import StoreLock
     from producer.prune import cutoff_before, parse_duration, parse_time
     from producer.prune import prune as prune_store
 
     if (older_than is None) == (before is None):
         raise click.BadParameter("give --older-than DURATION or --before TIME (one of them)")
     cutoff = cutoff_before(parse_duration(older_than)) if older_than else parse_time(before)
-    removed = prune_store(Store(settings.store_url), cutoff, console, dry_run)
-    if removed.batches and not dry_run:
-        from common.broker import check_redis
-        from common.leases import Ledger
-
-        try:  # the batches' cancel and pause flags go with them; Redis away: a new batch clears them anyway
-            check_redis(settings.redis_url)
-            ledger = Ledger.from_settings(settings)
-            for name in removed.batches:
-                ledger.forget_batch(name)
-        except RedisError:
-            console.print("note: Redis is unreachable: the pruned batches' flags stay until their names are reused")
-    return ExitCode.OK
+    if not dry_run:  # the store lock lives in Redis: without it a submit could call a deleted video done
+        check_redis(settings.redis_url)
+    lock = None if dry_run else StoreLock(settings.redis_url)
+    removed = prune_store(Store(settings.store_url), cutoff, console, lock)
+    if not dry_run:  # the batches' cancel and pause flags and sent counters go with them
+        ledger = Ledger.from_settings(settings)
+        for name in removed.batches if not removed.failed else []:
+            ledger.forget_batch(name)
+    return ExitCode.FAILED if removed.failed else ExitCode.OK
 
 
 @cli.command(name="redis")

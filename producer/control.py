@@ -12,6 +12,7 @@ from common.manifest import FAILED_OR_CANCELLED, Batch, JobStatus
 from common.settings import Settings
 from common.store import Store
 from producer.follow import refresh
+from producer.submit import send_unsent
 
 
 def cancel(settings: Settings, name: str, console: Console, job: str | None = None) -> Batch:
@@ -77,12 +78,16 @@ def resume(settings: Settings, name: str, console: Console) -> Batch:
 
 
 def retry(settings: Settings, name: str, console: Console) -> Batch:
-    """Enqueue the batch's failed and cancelled jobs again."""
+    """Send the batch's jobs that never went (a submit cut off while sending), each once, and
+    enqueue its failed and cancelled jobs again."""
     store = Store(settings.store_url)
     batch = Batch.load(store, name)
     app = make_app(settings)
     refresh(batch, app)
     jobs = batch.read_jobs(store)
+    if batch.count(JobStatus.UNSENT):
+        sent = send_unsent(batch, jobs, store, settings)
+        console.print(f"batch {name}: {sent} job(s) never sent are sent now")
     Ledger.from_settings(settings).uncancel(name)
     again: dict[str, str] = {}
     for entry in batch.entries:

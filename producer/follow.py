@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from common.broker import check_redis, make_app, queue_length, send_job, task_metas
+from common.broker import check_redis, make_app, queue_length, send_job, sent_so_far, task_metas
 from common.bulk import paused_gc
 from common.errors import InputError, JobCancelled, StoreError, WaitTimeout
 from common.leases import Ledger, WorkerRecord
@@ -41,6 +41,8 @@ def refresh(batch: Batch, app, store: Store | None = None) -> None:
     truth: a worker killed after its upload but before its result reached Redis leaves a video
     and no result)."""
     with paused_gc():  # a big batch: many small objects; a full collection would cost more than the poll
+        if batch.count(JobStatus.UNSENT):  # a submit cut off while sending: its counter says what went
+            batch.settle_sent(sent_so_far(app, batch.name))
         tasks: dict[str, list[dict]] = {}
         for entry in batch.entries:
             if entry["status"] in UNFINISHED:
@@ -118,6 +120,7 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
     workers, outage = 0, 0  # outage: failed polls in a row
     interval, seen = POLL_INTERVAL_S, None
     live: list[WorkerRecord] = []
+    said_unsent = False
     with view:
         while True:
             now = time.monotonic()
@@ -138,6 +141,9 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
                 time.sleep(POLL_INTERVAL_S + backoff(outage, base=POLL_INTERVAL_S, cap=10))
                 continue
             outage = 0
+            if batch.count(JobStatus.UNSENT) and not said_unsent:
+                said_unsent = True
+                console.print(f"warning: {never_sent(batch)}; waiting for the rest", style="yellow", markup=False)
             view.update(running, eta_s(batch, workers))
             if not any(entry["status"] in UNFINISHED for entry in batch.entries):
                 break
@@ -204,7 +210,8 @@ def format_duration(seconds: float) -> str:
 
 def summary(batch: Batch) -> str:
     """`3 done, 1 failed, 2 running, 4 queued of 10 jobs`: the counts that are not zero."""
-    counts = [(batch.count(state), state.value) for state in (JobStatus.DONE, *FAILED_OR_CANCELLED, *UNFINISHED[::-1])]
+    states = (JobStatus.DONE, *FAILED_OR_CANCELLED, *UNFINISHED[::-1], JobStatus.UNSENT)
+    counts = [(batch.count(state), state.value) for state in states]
     return ", ".join(f"{n} {state}" for n, state in counts if n) + f" of {len(batch.entries)} jobs"
 
 
@@ -360,21 +367,35 @@ def status(settings: Settings, name: str, console: Console, as_json: bool = Fals
         unreachable = None
         refresh(batch, make_app(settings), store)
         write_manifest_or_warn(batch, store, console)
-    counts = {state.value: batch.count(state) for state in (JobStatus.DONE, *UNFINISHED[::-1], *FAILED_OR_CANCELLED)}
+    shown = (JobStatus.DONE, *UNFINISHED[::-1], *FAILED_OR_CANCELLED, JobStatus.UNSENT)
+    counts = {state.value: batch.count(state) for state in shown}
     if as_json:
         print(json.dumps({"batch": name, "counts": counts, "jobs": len(batch.entries), "entries": batch.entries}))
     else:
         console.print(
             f"batch {name}: "
-            + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state != JobStatus.PAUSED)
+            + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state not in OPTIONAL_COUNTS)
             + f" of {len(batch.entries)} jobs"
         )
+        if batch.count(JobStatus.UNSENT):
+            console.print(never_sent(batch), markup=False, soft_wrap=True)
         for entry in batch.entries:
             if entry["status"] in FAILED_OR_CANCELLED:
                 console.print(f"  {job_line(entry)}", markup=False, highlight=False, soft_wrap=True)
     if unreachable is not None:
         raise unreachable
     return batch
+
+
+OPTIONAL_COUNTS = (JobStatus.PAUSED, JobStatus.UNSENT)  # said only when a batch has some
+
+
+def never_sent(batch: Batch) -> str:
+    """What to do about a batch's unsent jobs."""
+    return (
+        f"{batch.count(JobStatus.UNSENT)} job(s) of batch {batch.name} were never sent (its submit was cut off "
+        f"while sending): `lorafleet retry {batch.name}` sends them, none twice"
+    )
 
 
 def list_batches(store: Store) -> list[dict]:
@@ -386,6 +407,9 @@ def list_batches(store: Store) -> list[dict]:
             batch = Batch.load(store, name)
         except InputError:
             continue  # a folder without a manifest (or with a name lorafleet never makes)
+        except StoreError as exc:  # a malformed manifest: the other batches are still listed
+            log.warning("skipped batch %s: %s", name, exc)
+            continue
         found.append(
             {
                 "name": name,

@@ -1,15 +1,31 @@
-"""`lorafleet submit`: validate a whole jobs file, enqueue what is not already rendered, write the manifest."""
+"""`lorafleet submit`: validate a whole jobs file, enqueue what is not already rendered, write the manifest.
 
+A batch's manifest is written before any of its messages is sent, each job recorded `unsent`; each
+chunk of messages moves the batch's sent counter on in the same step (common/broker.py:
+SendFence), and once every message went the manifest says `queued`. A submit cut off while it sends
+(killed, Ctrl-C, Redis gone) leaves a batch that knows what went: `lorafleet retry BATCH` sends the
+rest, none twice.
+"""
+
+import logging
 import uuid
 
-from common.broker import check_redis, make_app, send_jobs
+import redis
+from kombu.exceptions import OperationalError
+
+from common.broker import SendFence, check_redis, make_app, send_jobs, sent_so_far
 from common.bulk import paused_gc
+from common.errors import ExitCode, InputError, SendInterrupted
 from common.job import Job
 from common.jobs_file import load_jobs_for
 from common.leases import Ledger
 from common.manifest import Batch, JobStatus
+from common.protocol import sent_key
 from common.settings import Settings
 from common.store import Store, videos_present
+from common.store_lock import StoreLock
+
+log = logging.getLogger("lorafleet.producer")
 
 
 def submit(path: str, settings: Settings, batch_name: str | None = None, priority: str = "normal") -> Batch:
@@ -32,24 +48,58 @@ def enqueue(jobs: list[Job], batch: Batch, store: Store, settings: Settings) -> 
     """Enqueue checked, keyed jobs in their order as one batch, skipping keys already in the store,
     and write the batch's manifest and jobs. A batch that already holds jobs (a sweep's second
     round) gets these added to them."""
+    if batch.count(JobStatus.UNSENT):
+        raise InputError(f"batch {batch.name} has jobs never sent: `lorafleet retry {batch.name}` sends them first")
     earlier = list(batch.read_jobs(store).values()) if batch.entries else []
-    task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
-    to_send = []
-    present = videos_present(store, [job.key for job in jobs])
-    for job in jobs:
-        if job.key in present:
-            batch.add(store, job, JobStatus.DONE)
-            continue
-        if job.key not in task_ids:
-            task_ids[job.key] = str(uuid.uuid4())
-            to_send.append((job, task_ids[job.key]))
-        batch.add(store, job, JobStatus.QUEUED, task_ids[job.key])
+    sent_before = len(batch.send_order())  # an earlier round's tasks, all sent
     check_redis(settings.redis_url)
-    if not earlier:
-        # A new batch owes nothing to an earlier one of the same name (gone from the store): its
-        # cancel and pause flags would capture this batch's jobs.
-        Ledger.from_settings(settings).forget_batch(batch.name)
-    batch.write_jobs(store, [*earlier, *jobs])
-    batch.write_manifest(store)
-    send_jobs(make_app(settings), ((job.message(batch.name), task_id, None) for job, task_id in to_send))
+    ledger = Ledger.from_settings(settings)
+    waiting = lambda: log.info("waiting for a prune of the store to finish before looking for finished videos")  # noqa: E731
+    # From the look in the store until the manifest names what it found: no prune deletes meanwhile.
+    with StoreLock(settings.redis_url).shared(on_wait=waiting) as hold:
+        task_ids: dict[str, str] = {}  # key -> task id: a job listed twice is rendered once
+        present = videos_present(store, [job.key for job in jobs])
+        for job in jobs:
+            if job.key in present:
+                batch.add(store, job, JobStatus.DONE)
+                continue
+            task_ids.setdefault(job.key, str(uuid.uuid4()))
+            batch.add(store, job, JobStatus.UNSENT, task_ids[job.key])
+        if not earlier:
+            # A new batch owes nothing to an earlier one of the same name (gone from the store): its
+            # cancel and pause flags would capture this batch's jobs.
+            ledger.forget_batch(batch.name)
+        ledger.redis.set(sent_key(batch.name), sent_before, ex=settings.result_expires_s)
+        batch.write_jobs(store, [*earlier, *jobs])
+        hold.confirm()
+        batch.write_manifest(store)
+    send_unsent(batch, {job.key: job for job in jobs}, store, settings)
     return batch
+
+
+def send_unsent(batch: Batch, jobs: dict[str, Job], store: Store, settings: Settings) -> int:
+    """Send the batch's jobs that never went (`jobs`: its jobs by key), each task once, in send
+    order, then record them queued in the manifest; returns how many went now. Raises
+    SendInterrupted, saying how to go on, if the send stops part of the way (Ctrl-C, Redis gone)."""
+    app = make_app(settings)
+    fence = SendFence(sent_key(batch.name), sent_so_far(app, batch.name), settings.result_expires_s)
+    started = fence.sent
+    left = batch.settle_sent(started)
+    try:
+        send_jobs(app, ((jobs[key].message(batch.name), task_id, None) for task_id, key in left), fence=fence)
+    except (KeyboardInterrupt, redis.RedisError, OperationalError) as exc:
+        why, code = (
+            ("interrupted", ExitCode.INTERRUPTED)
+            if isinstance(exc, KeyboardInterrupt)
+            else (f"Redis: {exc}", ExitCode.REDIS_UNREACHABLE)
+        )
+        # The manifest keeps saying `unsent`: the counter in Redis says which of them went.
+        raise SendInterrupted(
+            f"batch {batch.name}: sending stopped ({why}) after {fence.sent} of {started + len(left)} job(s); "
+            f"`lorafleet retry {batch.name}` sends the rest, none twice",
+            code,
+        ) from None
+    batch.settle_sent(fence.sent)
+    batch.write_manifest(store)
+    app.backend.client.delete(fence.key)  # the manifest says it all now
+    return fence.sent - started

@@ -1,8 +1,11 @@
 """What tests check the way a user would: decoding videos, reading manifests, counting the queue."""
 
+import contextlib
 import functools
 import json
+import os
 import re
+import signal
 import time
 
 import imageio.v3 as iio
@@ -182,3 +185,15 @@ def progress_of(result, env: dict) -> dict | None:
 def long_job(seed: int, steps: int = 700) -> dict:
     """A job of many small denoising steps: seconds of rendering on the tiny model."""
     return {"prompt": "a paper boat floats down a stream", "seed": seed, "steps": steps, "height": 32, "width": 32}
+
+
+@contextlib.contextmanager
+def frozen(worker):
+    """The worker stopped (SIGSTOP) mid-render while the operator acts, well inside its lease: its
+    job is still running when the commands land, however fast this machine renders 1000 steps
+    (about 3 s here: a race the commands lost on a busy CI machine)."""
+    os.killpg(worker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)

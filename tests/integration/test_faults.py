@@ -18,6 +18,7 @@ from tests.conftest import REPO, lorafleet
 from tests.helpers import (
     app_for,
     decode_video,
+    frozen,
     long_job,
     progress_of,
     queued_messages,
@@ -142,7 +143,7 @@ def test_the_same_file_submitted_twice_at_once_renders_each_key_once(fleet_env, 
 
 
 def test_cancel_stops_a_batch_and_retry_finishes_it(fleet_env, start_worker, tmp_path):
-    start_worker(fleet_env)
+    worker = start_worker(fleet_env)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(long_job(seed, steps=600)) + "\n" for seed in range(3)))
     submitted = lorafleet("submit", str(jobs), "--batch", "stop-me", env=fleet_env)
@@ -150,7 +151,8 @@ def test_cancel_stops_a_batch_and_retry_finishes_it(fleet_env, start_worker, tmp
     (first, *_) = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "stop-me", "manifest.jsonl"))
     running = AsyncResult(first["task_id"], app=app_for(fleet_env))
     wait_for(lambda: progress_of(running, fleet_env), 60, "the first job to start")
-    assert lorafleet("cancel", "stop-me", env=fleet_env).returncode == 0
+    with frozen(worker):  # 600 steps take 1.6 s here: the cancel lands while the first job runs
+        assert lorafleet("cancel", "stop-me", env=fleet_env).returncode == 0
     wait_for(
         lambda: lorafleet("status", "stop-me", env=fleet_env).stdout.count("cancelled") >= 4, 60, "all cancelled", 1
     )

@@ -1,15 +1,13 @@
 """Priorities, pausing and cancelling one job, with a real worker and Redis."""
 
 import json
-import os
 import re
-import signal
 import time
-from contextlib import contextmanager
 
 import pytest
 
 from tests.conftest import lorafleet
+from tests.helpers import frozen
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +27,6 @@ def wait_for(condition, timeout_s: float = 60, what: str = "") -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
-
-
-@contextmanager
-def frozen(worker):
-    """The worker stopped (SIGSTOP) mid-render while the operator acts, well inside its lease: its
-    job is still running when the commands land, however fast this machine renders 1000 steps
-    (about 3 s here: a race the commands lost on a busy CI machine)."""
-    os.killpg(worker.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.killpg(worker.pid, signal.SIGCONT)
 
 
 def busy_worker(fleet_env, start_worker, tmp_path):

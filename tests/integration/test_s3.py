@@ -1,10 +1,12 @@
 """The same flow with the store, and an adapter, in S3: moto's real S3 server on loopback."""
 
+import contextlib
 import json
 import os
 
 import boto3
 import pytest
+import s3fs
 
 from common.adapters import WEIGHTS_NAME
 from lorafleet.redis_server import free_port
@@ -73,7 +75,9 @@ def test_submit_wait_with_an_s3_store(s3_env, start_worker, tmp_path, tiny):
 
     # The S3 adapter was downloaded once for this host, into the adapter cache, by content hash.
     cached = os.listdir(env["LORAFLEET_ADAPTER_CACHE_DIR"])  # <sha256>.safetensors: kept by content, not path
-    assert len(cached) == 2 and all(len(name.removesuffix(".safetensors")) == 64 for name in cached)  # style (S3), subject (store)
+    assert len(cached) == 2 and all(
+        len(name.removesuffix(".safetensors")) == 64 for name in cached
+    )  # style (S3), subject (store)
 
     manifest = s3.get_object(Bucket=BUCKET, Key="runs/batches/s3/manifest.jsonl")["Body"].read().decode()
     entries = [json.loads(line) for line in manifest.splitlines()]
@@ -100,3 +104,72 @@ def test_prune_on_an_s3_store(s3_env):
     finally:
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
             os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def delete_denied(env: dict, resource: str):
+    """Credentials of an IAM user of moto's that may do anything in S3 but delete `resource` (an
+    ARN), with moto checking every request's rights meanwhile: AccessDenied, as a bucket policy or
+    an IAM role gives it on AWS."""
+    import moto.settings
+
+    iam = boto3.client(
+        "iam", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    iam.create_user(UserName="pruner")
+    statements = [
+        {"Effect": "Allow", "Action": ["s3:*", "iam:*"], "Resource": "*"},
+        {"Effect": "Deny", "Action": "s3:DeleteObject", "Resource": resource},
+    ]
+    iam.put_user_policy(
+        UserName="pruner",
+        PolicyName="no-delete",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": statements}),
+    )
+    key = iam.create_access_key(UserName="pruner")["AccessKey"]
+    checking = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # moto checks rights from now on (the server runs in this process)
+    try:
+        yield {**env, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    finally:
+        moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = checking
+
+
+def test_a_prune_whose_delete_is_refused_keeps_the_batch_and_a_second_prune_finishes(s3_env):
+    import time
+
+    from common.store import Store
+    from tests.helpers import plant_batch
+
+    env, s3 = s3_env
+    env = {**env, "LORAFLEET_STORE_URL": f"s3://{BUCKET}/refused"}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # this process's s3fs too
+    s3fs.S3FileSystem.clear_instance_cache()  # not an earlier test's, on its server's port
+    try:
+        store = Store(env["LORAFLEET_STORE_URL"])
+        kept, old = "e" * 64, "f" * 64
+        plant_batch(store, "old", [old, kept])
+        time.sleep(1.1)  # the store's times are in whole seconds
+        cutoff = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with delete_denied(env, f"arn:aws:s3:::{BUCKET}/refused/videos/{kept}.mp4") as denied:
+            refused = lorafleet("prune", "--before", cutoff, env=denied)
+        assert refused.returncode == 6, refused.stdout + refused.stderr
+        assert f"cannot delete s3://{BUCKET}/refused/videos/{kept}.mp4" in refused.stdout, refused.stdout
+        assert "AccessDenied" in refused.stdout or "Access Denied" in refused.stdout, refused.stdout
+        assert "the 1 batch(es) that named them are kept" in refused.stdout and "Traceback" not in refused.stderr
+        assert not s3_exists(s3, f"refused/videos/{old}.mp4")  # what could go went
+        assert s3_exists(s3, "refused/batches/old/manifest.jsonl")  # the batch stays: a second prune finds it
+
+        again = lorafleet("prune", "--before", cutoff, env=env)  # the rights fixed
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert not s3_exists(s3, f"refused/videos/{kept}.mp4") and not s3_exists(
+            s3, "refused/batches/old/manifest.jsonl"
+        )
+    finally:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+            os.environ.pop(name, None)
+
+
+def s3_exists(s3, key: str) -> bool:
+    """Whether an object is in the test's bucket, as S3 itself says."""
+    return s3.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount", 0) > 0
