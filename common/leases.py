@@ -153,9 +153,10 @@ class WorkerRecord(Record):
 
 
 class CancelNotice(Record):
-    """What `lorafleet cancel` publishes on CANCELS: a batch, or only these jobs (task ids) of it."""
+    """What `lorafleet cancel` publishes on CANCELS: a batch, or only these jobs (task ids) of it
+    (of whatever batch, when a revoke names them)."""
 
-    batch: str
+    batch: str | None = None
     tasks: list[str] = []
 
 
@@ -316,9 +317,9 @@ class Ledger:
         found = (parse_record(WorkerRecord, name.decode(errors="replace"), raw) for name, raw in records if raw)
         return [record for record in found if record is not None]
 
-    def cancel(self, batch: str, task_ids: list[str] | None = None) -> None:
-        """Mark a batch (or only these tasks of it) cancelled: queued jobs never start, and running
-        ones, told by a notice, stop at their next step."""
+    def cancel(self, batch: str | None, task_ids: list[str] | None = None) -> None:
+        """Mark a batch (or only these tasks, of it or of any batch) cancelled: queued jobs never
+        start, and running ones, told by a notice, stop at their next step."""
         names = [cancelled_task_key(t) for t in task_ids] if task_ids else [cancelled_key(batch)]
         for name in names:
             self.redis.set(name, 1, ex=self.ttl_s)
@@ -331,7 +332,7 @@ class Ledger:
         for lease in list(self.leases.values()) if notice else []:
             if lease.task_id in notice.tasks:
                 lease.cancel("the job")
-            elif not notice.tasks and lease.batch == notice.batch:
+            elif not notice.tasks and notice.batch is not None and lease.batch == notice.batch:
                 lease.cancel(f"batch {notice.batch}")
 
     def uncancel(self, batch: str, task_ids: list[str] = ()) -> None:

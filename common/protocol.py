@@ -109,10 +109,11 @@ class TaskState(StrEnum):
     PAUSED = "PAUSED"  # set aside while its batch is paused; `lorafleet resume` sends it again
     SUCCESS = "SUCCESS"  # its result is a RenderResult
     FAILURE = "FAILURE"  # its result is the exception
+    REVOKED = "REVOKED"  # revoked through Celery (Flower, `celery control revoke`) before it started
     RETRY = "RETRY"
 
 
-ENDED = (TaskState.SUCCESS, TaskState.FAILURE)
+ENDED = (TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED)
 RUNNING_STATES = (TaskState.STARTED, TaskState.PROGRESS)
 
 

@@ -93,14 +93,13 @@ def _record(entries: list[dict], state: str, outcome) -> None:
             if result is not None and result.seconds is not None:
                 entry["seconds"] = result.seconds  # the job's own time on its worker: what ETAs are made of
         return
-    cancelled = isinstance(outcome, JobCancelled)
-    reason = (
-        str(outcome)
-        if cancelled
-        else f"{type(outcome).__name__}: {outcome}"
-        if isinstance(outcome, BaseException)
-        else str(outcome)
-    )
+    cancelled = state == TaskState.REVOKED or isinstance(outcome, JobCancelled)
+    if state == TaskState.REVOKED:
+        reason = "revoked through Celery (Flower's Revoke or Terminate, `celery control revoke`) before it started"
+    elif isinstance(outcome, BaseException) and not cancelled:
+        reason = f"{type(outcome).__name__}: {outcome}"
+    else:
+        reason = str(outcome)
     for entry in entries:
         entry.update(status=JobStatus.CANCELLED if cancelled else JobStatus.FAILED, error=reason)
 

@@ -21,6 +21,7 @@ from common.model import model_info
 from common.settings import Settings, queue_for
 from common.store import Store
 from workers.metrics import Health, serve
+from workers.remote_control import answer_revoke_as_cancel
 
 log = logging.getLogger("lorafleet.worker")
 
@@ -174,6 +175,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
         {"worker": name, "model": model_ref, "device": renderer.device_name(), "dtype": str(renderer.dtype)}
         | {f"{package}_version": version for package, version in versions().items()}
     )
+    answer_revoke_as_cancel(ledger)
     store = Store(settings.store_url)
     render_task = RenderTask(renderer, store, ledger, settings, queue, health)
     app.register_task(render_task)

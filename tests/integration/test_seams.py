@@ -2,6 +2,7 @@
 sends, prune beside a submit, a revoke from Flower beside a render."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -148,8 +149,6 @@ def test_prune_and_a_submit_never_race_a_job_called_done_has_its_video(fleet_env
     "bad", ['{"status": "done", "task_id": null}', "not json", '["a", "list"]'], ids=["no key", "not json", "a list"]
 )
 def test_prune_keeps_a_batch_whose_manifest_is_malformed_names_it_and_prunes_the_rest(redis_url, tmp_path, bad):
-    import os
-
     from common.store import Store
     from tests.helpers import plant_batch
 
@@ -170,3 +169,40 @@ def test_prune_keeps_a_batch_whose_manifest_is_malformed_names_it_and_prunes_the
     )
     assert not store.exists(f"videos/{gone}.mp4") and "old" not in store.list_folder("batches")
     assert store.exists(f"videos/{named}.mp4") and manifest.exists()
+
+
+def test_a_revoke_from_flower_cancels_as_lorafleet_cancel_does(fleet_env, start_worker, tmp_path):
+    """Flower's Terminate and Revoke buttons are Celery's `revoke` (terminate or not): a running job
+    stops at its next step and a queued one never starts, both recorded cancelled."""
+    from celery.result import AsyncResult
+
+    from tests.helpers import app_for, frozen, long_job, progress_of, read_manifest
+
+    worker = start_worker(fleet_env)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(long_job(1, steps=1000)) + "\n" + json.dumps(long_job(2, steps=1000)) + "\n")
+    assert lorafleet("submit", str(jobs), "--batch", "revoked", env=fleet_env).returncode == 0
+    busy, waiting = read_manifest(f"{fleet_env['LORAFLEET_STORE_URL']}/batches/revoked/manifest.jsonl")
+    app = app_for(fleet_env)
+    wait_for(lambda: progress_of(AsyncResult(busy["task_id"], app=app), fleet_env), 60, "the first job to start")
+    with frozen(worker):  # 1000 steps take 3 s here: the revokes land while the first job runs
+        app.control.revoke(busy["task_id"], terminate=True)  # Flower's Terminate
+        app.control.revoke(waiting["task_id"])  # Flower's Revoke
+    status = wait_for(
+        lambda: (
+            (s := json.loads(lorafleet("status", "revoked", "--json", env=fleet_env).stdout))["counts"]["cancelled"]
+            == 2
+            and s
+        ),
+        60,
+        "both jobs cancelled",
+        interval=1,
+    )
+    first, second = status["entries"]
+    assert "stopped at step" in first["error"], first
+    assert "revoked" in second["error"], second
+    assert "NotImplementedError" not in open(worker.log_path).read()
+    replies = app.control.revoke(busy["task_id"], terminate=True, reply=True, timeout=5)
+    (reply,) = [answer for reply in replies for answer in reply.values()]
+    assert "stop at their next denoising step" in reply["ok"], reply
+    assert not any(os.path.exists(entry["video"]) for entry in (busy, waiting))
