@@ -28,9 +28,10 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from enum import IntEnum
+from typing import Annotated
 
 import redis
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.broker import queue_length
 from common.errors import JobCancelled, LeaseLost
@@ -111,21 +112,25 @@ class Admission(IntEnum):
 
 class Record(BaseModel):
     """A record lorafleet keeps in Redis as JSON. Whoever can write to Redis can write one, so each
-    is read through its model: a malformed one is skipped (and logged once), never trusted."""
+    is read through its model: a malformed one is skipped (and logged once), never trusted. Every
+    number in one is finite and in its range (a NaN time or a pace of 0 pixels is malformed)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+
+
+Seconds = Annotated[float, Field(ge=0)]  # a duration, or a Unix time
 
 
 class RunningJob(Record):
     """What a worker's heartbeat says it runs: the job, since when, and how far its denoising got."""
 
     key: str
-    since: float
+    since: Seconds
     task_id: str | None = None
     batch: str | None = None
-    step: int | None = None
-    steps: int | None = None
-    step_s: float | None = None  # seconds per denoising step so far
+    step: Annotated[int, Field(ge=0)] | None = None
+    steps: Annotated[int, Field(ge=1)] | None = None
+    step_s: Seconds | None = None  # seconds per denoising step so far
 
 
 class Pace(Record):
@@ -133,9 +138,9 @@ class Pace(Record):
     size in pixels (frames × height × width), its seconds per denoising step, and the rest of its
     render (the prompt, the variant, the decode) in seconds. The upload runs beside the next job."""
 
-    pixels: int
-    step_s: float
-    other_s: float
+    pixels: Annotated[int, Field(gt=0)]
+    step_s: Seconds
+    other_s: Seconds
 
 
 class WorkerRecord(Record):
@@ -143,8 +148,8 @@ class WorkerRecord(Record):
 
     worker: str
     queue: str
-    since: float
-    beat: float
+    since: Seconds
+    beat: Seconds
     job: RunningJob | None = None
     device: str | None = None  # "NVIDIA H200", "cpu"
     model: str | None = None  # the model it serves (alias or reference)

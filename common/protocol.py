@@ -8,8 +8,9 @@ Anyone who can write to Redis can write these; readers parse them through their 
 
 import re
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 TASK_NAME = "lorafleet.render"  # one positional argument: the job as a JSON object (docs/design.md)
 EVAL_TASK_NAME = "lorafleet.evaluate"  # one positional argument: {"key": KEY}
@@ -120,7 +121,7 @@ RUNNING_STATES = (TaskState.STARTED, TaskState.PROGRESS)
 class Report(BaseModel):
     """A report a worker writes for others to read."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
 
 class ProgressReport(Report):
@@ -148,4 +149,4 @@ class RenderResult(Report):
     video: str
     poster: str
     metadata: str
-    seconds: float | None = None  # the job's own time on its worker: what ETAs are made of
+    seconds: Annotated[float, Field(ge=0)] | None = None  # the job's own time on its worker: what ETAs are made of

@@ -206,3 +206,27 @@ def test_a_revoke_from_flower_cancels_as_lorafleet_cancel_does(fleet_env, start_
     (reply,) = [answer for reply in replies for answer in reply.values()]
     assert "stop at their next denoising step" in reply["ok"], reply
     assert not any(os.path.exists(entry["video"]) for entry in (busy, waiting))
+
+
+def test_heartbeats_holding_nan_or_zero_are_skipped_by_top_health_and_the_estimate(fleet_env, tiny, tmp_path):
+    from common.protocol import worker_key
+
+    beat = {"queue": "render", "since": time.time(), "beat": time.time()}
+    pace = {"pixels": 0, "step_s": 0.5, "other_s": 1.0}
+    client = redis.Redis.from_url(fleet_env["LORAFLEET_REDIS_URL"])
+    client.set(worker_key("nan@host"), json.dumps({**beat, "worker": "nan@host", "since": float("nan")}), ex=60)
+    client.set(worker_key("zero@host"), json.dumps({**beat, "worker": "zero@host", "pace": pace}), ex=60)
+    client.close()
+
+    top = lorafleet("top", "--once", "--json", env=fleet_env)
+    assert top.returncode == 0, top.stdout + top.stderr
+    assert json.loads(top.stdout)["workers"] == []
+    health = lorafleet("health", env=fleet_env)
+    assert health.returncode == 1 and "nan" not in health.stdout and "no worker has a fresh heartbeat" in health.stdout
+    spec = tmp_path / "sweep.json"
+    spec.write_text(
+        json.dumps({"name": "n", "prompts": ["a cat"], "adapter_sets": [[tiny["style"]]], "lora_scales": [0, 1]})
+    )
+    estimate = lorafleet("sweep", str(spec), "--estimate", env=fleet_env)
+    assert estimate.returncode == 0, estimate.stdout + estimate.stderr
+    assert "no live worker serves it: no pace to estimate from" in estimate.stdout

@@ -1,5 +1,6 @@
 """A nightly sweep on the tiny model with real Redis and workers, and its report in a real browser."""
 
+import io
 import json
 import os
 import re
@@ -171,7 +172,13 @@ def test_cells_rendered_before_clip_was_configured_are_evaluated_by_the_next_swe
         )
 
 
-def test_an_estimate_counts_what_is_left_and_prices_it_at_the_fleets_pace(fleet_env, start_worker, sweep_spec, tmp_path):
+def test_an_estimate_counts_what_is_left_and_prices_it_at_the_fleets_pace(fleet_env, start_worker, sweep_spec, tmp_path, tiny):
+    from rich.console import Console
+
+    from common.leases import Ledger
+    from common.settings import Settings
+    from producer.sweep import estimate_sweep
+
     start_worker(fleet_env)
     before = lorafleet("sweep", sweep_spec, "--estimate", env=fleet_env)
     assert before.returncode == 0, before.stdout + before.stderr
@@ -185,6 +192,14 @@ def test_an_estimate_counts_what_is_left_and_prices_it_at_the_fleets_pace(fleet_
     assert "10 renders (cells that share a key share one), 1 already in the store, 9 to render" in after.stdout
     priced = re.search(r"queue render: 9 renders, about (\d+) s of GPU time: (\d+) s on its 1 live worker", after.stdout)
     assert priced and int(priced[1]) == int(priced[2]) > 0, after.stdout
+    # Priced by hand from the worker's pace: each of the 9 renders has the base job's steps and
+    # pixels (20 steps of 9 × 32 × 32), so each costs 20 steps at its seconds a step plus the rest.
+    settings = Settings(redis_url=fleet_env["LORAFLEET_REDIS_URL"], store_url=fleet_env["LORAFLEET_STORE_URL"], model=tiny["model"])
+    (pace,) = [worker.pace for worker in Ledger.from_settings(settings).live_workers()]
+    assert pace.pixels == 9 * 32 * 32 and pace.step_s > 0
+    figures = estimate_sweep(sweep_spec, settings, Console(file=io.StringIO()))
+    assert figures["queues"]["render"]["gpu_s"] == pytest.approx(9 * (20 * pace.step_s + pace.other_s))
+    assert int(priced[1]) == round(figures["queues"]["render"]["gpu_s"])
     assert after.stdout.rstrip().endswith("nothing enqueued (--estimate)")
     batches = os.listdir(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches"))
     assert len(batches) == 1  # the one submitted: no estimate made a batch

@@ -44,6 +44,38 @@ def test_a_malformed_heartbeat_is_skipped(ledger):
     assert live.worker == "gpu0@host" and live.job.key == "ab" * 32
 
 
+GOOD_BEAT = {"worker": "w", "queue": "render", "since": 1.0, "beat": 2.0}
+GOOD_JOB = {"key": "ab" * 32, "since": 2.0, "step": 3, "steps": 10, "step_s": 0.5}
+GOOD_PACE = {"pixels": 9 * 16 * 16, "step_s": 0.5, "other_s": 1.0}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {**GOOD_BEAT, "since": float("nan")},
+        {**GOOD_BEAT, "beat": float("inf")},
+        {**GOOD_BEAT, "since": -1.0},
+        {**GOOD_BEAT, "job": {**GOOD_JOB, "since": float("nan")}},
+        {**GOOD_BEAT, "job": {**GOOD_JOB, "step": -1}},
+        {**GOOD_BEAT, "job": {**GOOD_JOB, "steps": 0}},
+        {**GOOD_BEAT, "job": {**GOOD_JOB, "step_s": float("nan")}},
+        {**GOOD_BEAT, "pace": {**GOOD_PACE, "pixels": 0}},
+        {**GOOD_BEAT, "pace": {**GOOD_PACE, "step_s": float("inf")}},
+        {**GOOD_BEAT, "pace": {**GOOD_PACE, "other_s": -2.0}},
+    ],
+    ids=[
+        "since NaN", "beat infinite", "since negative", "job since NaN", "step negative", "no steps",
+        "step_s NaN", "pace of 0 pixels", "pace step_s infinite", "pace other_s negative",
+    ],
+)  # fmt: skip
+def test_a_heartbeat_with_a_number_out_of_range_is_skipped_as_malformed(ledger, record):
+    """Every number read back from Redis is finite and in range, or its record is skipped: a NaN
+    `since` made `top --json` exit 1, a pace of 0 pixels divided `sweep --estimate` by zero."""
+    ledger.redis.set(worker_key("good"), json.dumps({**GOOD_BEAT, "worker": "good", "job": GOOD_JOB, "pace": GOOD_PACE}))
+    ledger.redis.set(worker_key("bad"), json.dumps(record))  # json writes NaN and Infinity as JavaScript does
+    assert [record.worker for record in ledger.live_workers()] == ["good"]
+
+
 def test_the_sweeper_survives_a_failing_round_and_requeues_on_the_next(ledger):
     entry = {"message": {"prompt": "a cat"}, "queue": "render", "worker": "gone@host"}
     requeued, stop = [], threading.Event()
