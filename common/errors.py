@@ -112,3 +112,12 @@ class WaitTimeout(LorafleetError):
 
 class EvaluationError(LorafleetError):
     """A key cannot be evaluated: no video or metadata in the store, or the CLIP model does not load."""
+
+
+def quoted(value, limit: int = 80) -> str:
+    """A value as an error message shows it: JSON, cut to `limit` characters ("…" where cut), so
+    that an error never echoes a huge input whole."""
+    import json
+
+    shown = json.dumps(value, default=str, ensure_ascii=False)
+    return shown if len(shown) <= limit else shown[:limit] + "…"

@@ -8,7 +8,6 @@ Errors come out as `(location, message)`, with locations in the form users write
 """
 
 import difflib
-import json
 import math
 import secrets
 from typing import Annotated, Literal
@@ -16,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from common.errors import quoted
 from common.model import ModelInfo
 from common.protocol import BATCH_NAME, BATCH_NAME_RULE
 
@@ -234,7 +234,7 @@ def describe(exc: ValidationError, given: dict, model=JobSpec) -> list[tuple[str
             if kind in ("finite_number", "between") and isinstance(value, float) and not math.isfinite(value):
                 message += f", got {value}"
             elif kind not in ("missing", "too_short", "model_type", "surrogate", "label", "blank", "batch_name"):
-                message += f", got {json.dumps(value, default=str)[:80]}"  # YAML can hold dates
+                message += f", got {quoted(value)}"  # YAML can hold dates
         found.append((where, message))
     return found
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from common.bulk import paused_gc
-from common.errors import InputError, StoreError
+from common.errors import InputError, StoreError, quoted
 from common.job import Job
 from common.protocol import BATCH_NAME, BATCH_NAME_RULE
 from common.store import Store, jobs_path, manifest_path, output_uris
@@ -161,7 +161,5 @@ def new_batch_name() -> str:
 def check_batch_name(name) -> str:
     """A batch name as common/protocol.py's BATCH_NAME allows it; raises InputError otherwise."""
     if not (isinstance(name, str) and BATCH_NAME.fullmatch(name)):
-        shown = json.dumps(name)
-        shown = shown if len(shown) <= 60 else shown[:60] + "…"  # never echo a huge name whole
-        raise InputError(f"batch name {shown} {BATCH_NAME_RULE}")
+        raise InputError(f"batch name {quoted(name, 60)} {BATCH_NAME_RULE}")
     return name

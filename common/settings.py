@@ -27,6 +27,9 @@ CACHE_PARAMS: dict[str, dict[str, int | float]] = {
     "pab": {"spatial_attention_block_skip_range": 2},
     "first-block": {"threshold": 0.2},
 }
+# The parameters diffusers' hooks divide by (a step number modulo each): 0 would fail every job of
+# the tier with ZeroDivisionError, so a tier is refused as its settings are read.
+CACHE_PARAM_MINIMUMS = {"cache_interval": 1, "spatial_attention_block_skip_range": 1, "unconditional_batch_skip_range": 1}
 
 
 class DraftCache(BaseModel):
@@ -58,6 +61,8 @@ class DraftCache(BaseModel):
         for name, value in self.params.items():
             if isinstance(defaults[name], int) and value != int(value):
                 raise ValueError(f"{name}: must be a whole number, got {value}")
+            if value < CACHE_PARAM_MINIMUMS.get(name, 0):
+                raise ValueError(f"{name}: must be at least {CACHE_PARAM_MINIMUMS[name]} ({self.hook} divides by it), got {value:g}")
         filled = {name: type(default)(self.params.get(name, default)) for name, default in defaults.items()}
         object.__setattr__(self, "params", filled)
         return self

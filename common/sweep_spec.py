@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from common.errors import AdapterError, JobFileError, ModelError
+from common.errors import AdapterError, JobFileError, ModelError, quoted
 from common.job import Job
 from common.job_spec import (
     RENDER_FIELDS,
@@ -67,10 +67,10 @@ def parse_scales(value, errors: list) -> list[float]:
     if isinstance(value, str):
         try:
             start, stop, step = (float(part) for part in value.split(":"))
-            if step <= 0 or stop < start or (stop - start) / step > 1000:
+            if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start or (stop - start) / step > 1000:
                 raise ValueError
         except ValueError:
-            errors.append(f'lora_scales: "{value}" is not start:stop:step with 0 < step and start ≤ stop')
+            errors.append(f"lora_scales: {quoted(value)} is not start:stop:step with 0 < step and start ≤ stop")
             return []
         count = int(math.floor((stop - start) / step + 1e-9)) + 1
         return [round(start + i * step, 10) for i in range(count)]
@@ -80,7 +80,7 @@ def parse_scales(value, errors: list) -> list[float]:
     scales = []
     for i, scale in enumerate(value):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            errors.append(f"lora_scales[{i}]: must be a finite number, got {json.dumps(scale)}")
+            errors.append(f"lora_scales[{i}]: must be a finite number, got {quoted(scale)}")
         else:
             scales.append(float(scale))
     return scales
@@ -293,10 +293,10 @@ def _refine(spec: dict, errors: list) -> dict | None:
         return None
     resolution, rounds = given.get("resolution", 0.05), given.get("rounds", 4)
     if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution < math.inf:
-        errors.append(f"refine.resolution: must be a number > 0, got {json.dumps(resolution, default=str)}")
+        errors.append(f"refine.resolution: must be a number > 0, got {quoted(resolution)}")
         return None
     if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 10:
-        errors.append(f"refine.rounds: must be a whole number from 1 to 10, got {json.dumps(rounds, default=str)}")
+        errors.append(f"refine.rounds: must be a whole number from 1 to 10, got {quoted(rounds)}")
         return None
     return {"resolution": float(resolution), "rounds": rounds}
 
@@ -338,21 +338,56 @@ def _thresholds(spec: dict, field: str, defaults: dict, errors: list) -> dict:
         if name not in defaults:
             errors.append(f"{field}: {unknown_field(str(name), defaults)}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            errors.append(f"{field}.{name}: must be a finite number ≥ 0, got {json.dumps(value, default=str)}")
+            errors.append(f"{field}.{name}: must be a finite number ≥ 0, got {quoted(value)}")
         else:
             checked[name] = float(value)
     return checked
 
 
+MAX_SPEC_VALUES = 100_000  # a spec's values once its YAML aliases are expanded: a real one has hundreds
+
+
 def _read_spec(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)  # JSON is YAML too
+            spec = load_bounded_yaml(f)  # JSON is YAML too
+    except RecursionError:
+        raise JobFileError(path, ["not a readable YAML or JSON sweep spec: nested too deeply"]) from None
     except (OSError, yaml.YAMLError) as exc:
         raise JobFileError(path, [f"not a readable YAML or JSON sweep spec: {exc}"]) from None
     if not isinstance(spec, dict):
         raise JobFileError(path, ["a sweep spec must be a mapping with prompts, adapter_sets, lora_scales, seeds"])
     return spec
+
+
+def load_bounded_yaml(stream):
+    """yaml.safe_load, refusing a document whose aliases expand to more than MAX_SPEC_VALUES values
+    (a few hundred bytes of nested aliases make 10⁸: every later step would walk them all). The
+    size is counted on the composed nodes, where an alias is a reference, before any is expanded."""
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is not None and expanded_size(node, {}) > MAX_SPEC_VALUES:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_SPEC_VALUES} values")
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values a node holds once every alias in it is expanded (memoized by node: an alias
+    is the same node again); a node that holds itself counts as too many."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_SPEC_VALUES + 1  # while counting: a node met again inside itself is a cycle
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(expanded_size(key, sizes) + expanded_size(value, sizes) for key, value in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(expanded_size(item, sizes) for item in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
 
 
 def _seeds(seeds, errors: list) -> list[int]:

@@ -70,9 +70,8 @@ def shared_options(command):
             print(exc, file=sys.stderr)  # plain lines, never wrapped: one error a line, easy to grep
             return ExitCode.BAD_INPUT
         except ValidationError as exc:  # a setting in the environment
-            for error in exc.errors():
-                name = "LORAFLEET_" + "_".join(map(str, error["loc"])).upper()
-                print(f"lorafleet: {name}: {error['msg']}, got {error['input']!r}"[:300], file=sys.stderr)
+            for line in setting_errors(exc):
+                print(line, file=sys.stderr)
             return ExitCode.BAD_INPUT
         except (LorafleetError, click.BadParameter) as exc:
             print(f"lorafleet {click.get_current_context().info_name}: {exc}", file=sys.stderr)
@@ -92,6 +91,23 @@ def shared_options(command):
             return ExitCode.INTERRUPTED
 
     return run
+
+
+def setting_errors(exc: ValidationError) -> list[str]:
+    """A settings error as lines naming the variable and the place in it: `lorafleet:
+    LORAFLEET_MODELS: draft.cache: …` (a union's failed alternatives are left out where another
+    one came further)."""
+    lines = []
+    errors = exc.errors()
+    for error in errors:
+        name, *place = error["loc"]
+        place = [str(part) for part in place if part not in ("str", "ModelTier")]  # LORAFLEET_MODELS' union
+        if error["type"] == "string_type" and len(errors) > 1:
+            continue  # the union's "a plain string" alternative, beside the error that matters
+        where = f"{'.'.join(place)}: " if place else ""
+        line = f"lorafleet: LORAFLEET_{str(name).upper()}: {where}{error['msg'].removeprefix('Value error, ')}"
+        lines.append((line if place else f"{line}, got {error['input']!r}")[:300])
+    return lines
 
 
 def device_options(command):

@@ -283,3 +283,25 @@ def test_settings_reach_a_supervisors_workers_and_unset_ones_stay_unset(monkeypa
     env = settings_env(Settings(model="/models/x", metrics_port=None, eval_clip=None))
     assert env["LORAFLEET_MODEL"] == "/models/x"
     assert "LORAFLEET_METRICS_PORT" not in env and "LORAFLEET_EVAL_CLIP" not in env  # not the string "None"
+
+
+@pytest.mark.parametrize(
+    "hook, parameter",
+    [
+        ("taylorseer", "cache_interval"),
+        ("pab", "spatial_attention_block_skip_range"),
+        ("fastercache", "spatial_attention_block_skip_range"),
+        ("fastercache", "unconditional_batch_skip_range"),
+    ],
+)
+def test_a_draft_parameter_that_diffusers_divides_by_is_refused_at_0_naming_the_alias(hook, parameter, tmp_path):
+    """Accepted at 0 once, every job of the tier then failed with ZeroDivisionError."""
+    import subprocess
+    import sys
+
+    models = {"draft": {"ref": "/models/tiny", "cache": {"hook": hook, "params": {parameter: 0}}}}
+    env = {**os.environ, "LORAFLEET_MODELS": json.dumps(models), "LORAFLEET_STORE_URL": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "lorafleet", "batches"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("lorafleet: LORAFLEET_MODELS: draft.cache: ") and f"{parameter}: must be at least 1" in line

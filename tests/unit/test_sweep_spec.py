@@ -74,3 +74,36 @@ def test_axes_do_not_combine_with_refinement_yet(tmp_path):
     with pytest.raises(JobFileError) as raised:
         load(tmp_path, {**OLD, "render": {}, "axes": {"steps": [10, 20]}, "refine": {"resolution": 0.1}})
     assert "refine: not with axes yet (it follows each adapter set's one suggestion)" in raised.value.errors
+
+
+@pytest.mark.parametrize("scales", ["nan:1:0.1", "0:inf:0.5", "0:1:nan", "-inf:0:1"])
+def test_a_range_of_scales_that_is_not_finite_is_named(tmp_path, scales):
+    with pytest.raises(JobFileError, match=f'lora_scales: "{scales}" is not start:stop:step'):
+        load(tmp_path, {**OLD, "lora_scales": scales})
+
+
+def yaml_bomb(levels: int = 8) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 10**levels leaves."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nname: bomb\nprompts: *l{levels - 1}\nadapter_sets: [[]]\nlora_scales: *l{levels - 1}\n"
+
+
+def test_a_spec_whose_aliases_expand_past_the_bound_is_refused_at_once(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml_bomb())
+    assert path.stat().st_size < 700
+    started = time.monotonic()
+    with pytest.raises(JobFileError, match="its aliases expand to more than 100000 values") as refused:
+        load_sweep(str(path), lambda alias: MODEL, resolver_for(), default_limits())
+    assert time.monotonic() - started < 2
+    assert len(str(refused.value)) < 500
+
+
+def test_an_error_quotes_at_most_a_line_of_a_long_value(tmp_path):
+    with pytest.raises(JobFileError) as refused:
+        load(tmp_path, {**OLD, "refine": {"resolution": 0.1, "rounds": list(range(50_000))}})
+    (line,) = [line for line in str(refused.value).splitlines() if "refine.rounds" in line]
+    assert len(line) < 200 and line.endswith("…"), line
