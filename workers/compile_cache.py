@@ -97,15 +97,16 @@ def load_artifacts(data: bytes) -> None:
     refusing any whose key would place a file outside torch's cache folder (torch joins keys onto
     it: an absolute key or `..` writes anywhere). Reading them runs nothing; torch's caches load
     their content later, when compiling."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
     from torch.compiler._cache import CacheArtifactManager
 
     artifacts = CacheArtifactManager.deserialize(data)
     if artifacts is None:
         raise ValueError("torch cannot read it")
-    root = os.path.join(os.sep, "cache")
+    root = os.path.realpath(cache_dir())  # the folder torch joins keys onto, as it resolves it
     for artifact in chain(*artifacts.values()):
         key = str(artifact.key)
-        if "\0" in key or not os.path.normpath(os.path.join(root, key)).startswith(root + os.sep):
+        if "\0" in key or os.path.isabs(key) or not os.path.realpath(os.path.join(root, key)).startswith(root + os.sep):
             raise ValueError(f"its {artifact.type()} artifact {key[:80]!r} would write outside torch's cache folder")
     CacheArtifactManager.populate_caches(artifacts)
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,15 +135,19 @@ def test_a_compile_cache_entry_that_lies_about_itself_is_not_loaded(tmp_path, ca
     assert "not used (torch cannot read it)" in caplog.text
 
 
-def test_an_artifact_that_would_write_outside_torchs_cache_is_refused_even_when_signed(tmp_path, caplog):
+@pytest.mark.parametrize("where", ["site-packages", "/cache"])
+def test_an_artifact_that_would_write_outside_torchs_cache_is_refused_even_when_signed(tmp_path, caplog, where):
     """torch joins an artifact's key onto its cache folder: an absolute key writes anywhere (a
-    `.pth` in site-packages runs at the next Python start). Refused before torch sees it."""
+    `.pth` in site-packages runs at the next Python start). Refused before torch sees it, checked
+    against the folder torch resolves (a key under "/cache" once passed a check against that name)."""
+    import uuid
+
     from torch.compiler._cache import CacheArtifactManager
 
     from common.store import Store
 
-    planted = tmp_path / "site-packages" / "planted.pth"
-    planted.parent.mkdir()
+    planted = tmp_path / "site-packages" / "planted.pth" if where == "site-packages" else Path(f"/cache/planted-{uuid.uuid4().hex}.pth")
+    planted.parent.mkdir(exist_ok=True)
     CacheArtifactManager._ensure_cache_artifacts_registered()  # as torch does before reading artifacts
     CacheArtifactManager.clear()
     CacheArtifactManager.record_artifact("autotune", str(planted), {"import os": 1})
@@ -154,6 +159,7 @@ def test_an_artifact_that_would_write_outside_torchs_cache_is_refused_even_when_
     assert "would write outside torch's cache folder" in caplog.text
     torch.compiler.load_cache_artifacts(data)  # what torch alone does with it: the attack is real
     assert planted.exists()
+    planted.unlink()
 
 
 def test_an_empty_compile_cache_secret_is_refused_at_start(tmp_path):
@@ -166,7 +172,7 @@ def test_an_empty_compile_cache_secret_is_refused_at_start(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "lorafleet", "worker", "--device", "cpu"], env=env, capture_output=True, text=True
     )
-    assert done.returncode == 2 and "LORAFLEET_COMPILE_CACHE_SECRET: Value error, set but empty" in done.stderr
+    assert done.returncode == 2 and "lorafleet: LORAFLEET_COMPILE_CACHE_SECRET: set but empty" in done.stderr
 
 
 GRAPH_RUNS: list[int] = []  # one entry per call of a graph compiled by the counting backend
