@@ -190,13 +190,15 @@ def parse_record(model: type[Record], name: str, raw) -> Record | None:
 class Ledger:
     """The fleet's delivery bookkeeping in Redis."""
 
-    def __init__(self, redis_url: str, lease_s: float, ttl_s: int):
-        # Ride out a Redis restart: each command retries with back-off for about a minute.
+    def __init__(self, redis_url: str, lease_s: float, ttl_s: int, attempts: int = 40):
+        # Ride out a Redis restart: each command retries with back-off, `attempts` times (about a
+        # minute); a reader that must answer at once (the exporter's /scale) takes fewer.
         self.redis = redis.Redis.from_url(
             redis_url,
             socket_timeout=10,
+            socket_connect_timeout=10,
             health_check_interval=30,
-            retry=redis_retry(),
+            retry=redis_retry(attempts),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.lease_ms = int(lease_s * 1000)

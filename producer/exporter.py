@@ -9,13 +9,16 @@ thousands of batches is not read on every scrape).
 `/scale` answers KEDA's metrics-api scaler (deploy/k8s/keda.yaml) with what each queue owes, as
 JSON: `{"queues": {"render": {"queued": 3, "running": 2, "owed": 5}}}`. `owed` counts the jobs
 waiting at every priority plus the ones running now, so a fleet is never scaled below the jobs it
-is rendering.
+is rendering. A model alias's queue is `render.ALIAS`: its GJSON path escapes the dot
+(`value_location`). With Redis unreachable both routes answer 503 within seconds, and KEDA's
+`fallback` keeps the fleet as it is.
 """
 
 import json
 import logging
 import time
 
+import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -33,7 +36,8 @@ log = logging.getLogger("lorafleet.exporter")
 class FleetCollector:
     def __init__(self, settings: Settings, batches: int, refresh_s: float):
         self.settings = settings
-        self.ledger = Ledger.from_settings(settings)
+        # Two tries, not a minute of them: KEDA and Prometheus wait seconds for an answer.
+        self.ledger = Ledger(settings.redis_url, settings.lease_s, settings.result_expires_s, attempts=2)
         self.store = Store(settings.store_url)
         self.batches, self.refresh_s = batches, refresh_s
         self._batch_counts: list[dict] = []
@@ -86,14 +90,33 @@ class FleetCollector:
         return self._batch_counts
 
 
+def value_location(alias: str | None = None) -> str:
+    """The GJSON path of what a model's queue owes in /scale's answer, as KEDA's metrics-api
+    trigger takes it (`valueLocation`): a dot in a key is escaped, so `render.2b` is `render\\.2b`."""
+    queue = queue_for(alias).replace("\\", "\\\\").replace(".", "\\.")
+    return f"queues.{queue}.owed"
+
+
+def unless_redis_is_down(route: http_server.Route) -> http_server.Route:
+    """A route that answers 503 and why when Redis cannot be asked, instead of a 500."""
+
+    def answer():
+        try:
+            return route()
+        except redis.RedisError as exc:
+            return 503, f"redis unreachable: {type(exc).__name__}: {exc}\n".encode(), http_server.TEXT
+
+    return answer
+
+
 def serve_exporter(settings: Settings, port: int, batches: int = 20, refresh_s: float = 30):
     """Serve /metrics and /scale on LORAFLEET_METRICS_HOST:`port` in a daemon thread; returns the server."""
     registry = CollectorRegistry()
     collector = FleetCollector(settings, batches, refresh_s)
     registry.register(collector)
     routes = {
-        "/metrics": lambda: (200, generate_latest(registry), CONTENT_TYPE_LATEST),
-        "/scale": lambda: (200, json.dumps({"queues": collector.owed()}).encode(), "application/json"),
+        "/metrics": unless_redis_is_down(lambda: (200, generate_latest(registry), CONTENT_TYPE_LATEST)),
+        "/scale": unless_redis_is_down(lambda: (200, json.dumps({"queues": collector.owed()}).encode(), "application/json")),
     }
     log.info("fleet numbers for queues %s", ", ".join(collector.queues()))
     return http_server.serve(settings.metrics_host, port, routes, "exporter")

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -9,14 +10,16 @@ import time
 import urllib.error
 import urllib.request
 
+import pygjson
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.broker import make_app
 from common.protocol import TASK_NAME
 from common.settings import Settings
 from lorafleet.redis_server import free_port
-from tests.conftest import lorafleet
+from tests.conftest import REPO, lorafleet
 from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
 
 pytestmark = pytest.mark.integration
@@ -145,8 +148,6 @@ def test_the_exporter_tells_keda_what_the_fleet_owes_queued_at_every_priority_pl
     every priority plus the ones running, so a fleet is not shrunk under its renders."""
     import yaml
 
-    from tests.conftest import REPO
-
     start_worker(fleet_env)
     long = tmp_path / "long.jsonl"
     long.write_text('{"prompt": "a long cat", "seed": 1, "steps": 1000, "height": 256, "width": 256}\n')
@@ -169,7 +170,30 @@ def test_the_exporter_tells_keda_what_the_fleet_owes_queued_at_every_priority_pl
     assert answer["queues"]["render"] == {"queued": 3, "running": 1, "owed": 4}
     keda = yaml.safe_load(open(f"{REPO}/deploy/k8s/keda.yaml"))
     (trigger,) = keda["spec"]["triggers"]
-    value = answer
-    for part in trigger["metadata"]["valueLocation"].split("."):  # a plain GJSON path: keys joined by dots
-        value = value[part]
-    assert value == 4
+    assert pygjson.get(body, trigger["metadata"]["valueLocation"]).to_int() == 4  # as KEDA's GJSON reads it
+
+
+def test_scale_names_a_model_alias_queue_by_an_escaped_gjson_path_and_says_503_when_redis_is_down(redis_url):
+    """A model alias's queue, `render.2b`, holds a dot: GJSON reads `queues.render.2b.owed` as four
+    steps and finds nothing; keda.yaml documents the escaped path. And with Redis gone, /scale says
+    so with a 503 within seconds (KEDA's fallback then keeps the fleet as it is)."""
+    from producer.exporter import value_location
+
+    env = {**os.environ, "LORAFLEET_REDIS_URL": redis_url, "LORAFLEET_MODELS": '{"2b": "/models/CogVideoX-2b"}'}
+    client = redis.Redis.from_url(redis_url)
+    client.lpush("render.2b", "a message", "another")
+    client.close()
+    with exporter(env) as port:
+        code, body = get(port, "/scale")
+    assert code == 200, body
+    assert value_location("2b") == "queues.render\\.2b.owed" and "queues.render\\.A.owed" in open(f"{REPO}/deploy/k8s/keda.yaml").read()
+    assert pygjson.get(body, value_location("2b")).to_int() == 2
+    assert not pygjson.get(body, "queues.render.2b.owed").exists()  # four steps: nothing there
+    assert pygjson.get(body, value_location()).to_int() == 0
+
+    down = {**env, "LORAFLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    with exporter(down) as port:
+        started = time.monotonic()
+        code, body = get(port, "/scale")
+    assert code == 503 and body.startswith("redis unreachable: ConnectionError"), (code, body)
+    assert time.monotonic() - started < 5

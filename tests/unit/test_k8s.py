@@ -131,6 +131,9 @@ def test_keda_scales_the_workers_on_what_the_exporter_says_the_render_queue_owes
     assert trigger["type"] == "metrics-api" and trigger["metadata"]["format"] == "json"
     assert trigger["metadata"]["valueLocation"] == "queues.render.owed"  # tests/integration/test_operator.py
     assert trigger["metadata"]["targetValue"] == "1"  # one worker per job queued or running
+    assert trigger["metricType"] == "AverageValue"  # KEDA's fallback works for this type only
+    # /scale answering 503 (Redis down) three times: the fleet stays as it is.
+    assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 1, "behavior": "currentReplicas"}
     # KEDA's operator calls from its own namespace: a bare service name would not resolve there.
     url = re.fullmatch(
         r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)/scale", trigger["metadata"]["url"]
