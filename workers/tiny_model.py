@@ -207,4 +207,16 @@ def write_tiny_model(directory: str, seed: int = 0, kind: str = "t2v") -> dict[s
         paths[name] = adapter_dir
     if kind.startswith("i2v"):
         paths |= write_images(os.path.join(directory, "images"))
+    readable_as_umask_allows(directory)
     return paths
+
+
+def readable_as_umask_allows(directory: str) -> None:
+    """Give every file under `directory` the mode the umask allows (0644 under the usual 022):
+    transformers writes its weights 0600 (a temporary file moved into place), and a worker of
+    another uid (10001, the images' user) could not read a tiny model built by root."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)

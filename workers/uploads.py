@@ -7,6 +7,7 @@ the worker down rather than piling frames up in host memory. The job's delivery 
 key lock until its upload ended; its result is reported only then.
 """
 
+import contextvars
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -33,7 +34,8 @@ class Uploads:
     def start(self, upload: Callable[[], None]) -> None:
         """Run `upload()` in the background once the previous upload ended (it handles its own errors)."""
         self.wait()
-        self._last = self._pool.submit(upload)
+        # In the context it was started in: its log records name the job it uploads.
+        self._last = self._pool.submit(contextvars.copy_context().run, upload)
 
     def wait(self) -> None:
         """Until the upload in flight, if any, ended."""

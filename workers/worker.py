@@ -17,6 +17,7 @@ from celery import signals as celery_signals
 from common.broker import make_app
 from common.errors import ExitCode, LorafleetError
 from common.leases import Ledger, run_cancel_listener, run_heartbeat, run_sweeper
+from common.logs import set_process_fields
 from common.model import model_info
 from common.settings import Settings, queue_for
 from common.store import Store
@@ -73,11 +74,18 @@ class OncePerMessage(logging.Filter):
         return True
 
 
-def quiet_per_job_noise() -> None:
-    """One line per job is lorafleet's own; Celery's result dicts and repeated library warnings go."""
+def quiet_per_job_noise(json_logs: bool = False) -> None:
+    """One line per job is lorafleet's own; Celery's result dicts and repeated library warnings go.
+    With JSON logs, the libraries' progress bars go too: every line of the log is one object."""
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)  # "succeeded in 1.2s: {…whole result…}"
     for pipeline in ("cogvideox", "cogvideox_image2video"):
         logging.getLogger(f"diffusers.pipelines.cogvideo.pipeline_{pipeline}").addFilter(OncePerMessage())
+    if json_logs:
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components..."
+        transformers.utils.logging.disable_progress_bar()
 
 
 def keep_torchao_out() -> None:
@@ -129,6 +137,7 @@ def prefetch_weights(model_ref: str) -> None:
 
 def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
     """Serve jobs until told to stop; returns the process exit code."""
+    set_process_fields(worker=name)
     health = Health()
     if settings.metrics_port is not None:  # first: probes get "starting" while the model loads
         serve(settings.metrics_host, settings.metrics_port, health)
@@ -148,7 +157,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     from workers.renderer import Renderer, versions
     from workers.tasks import EvaluateTask, RenderTask, requeue
 
-    quiet_per_job_noise()
+    quiet_per_job_noise(settings.log_format == "json")
     queue = queue_for(alias)
     try:
         model_ref = tier.ref
@@ -214,6 +223,7 @@ def run_worker(settings: Settings, device: str, name: str, alias: str | None) ->
     try:
         app.worker_main(
             [
+                *(["--quiet"] if settings.log_format == "json" else []),  # no banner: every line is one JSON object
                 "worker",
                 # One job at a time in a thread of this process: never a fork after CUDA starts,
                 # and the consumer's own loop stays free to send heartbeats and events and to

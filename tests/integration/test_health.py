@@ -195,5 +195,7 @@ def test_scale_names_a_model_alias_queue_by_an_escaped_gjson_path_and_says_503_w
     with exporter(down) as port:
         started = time.monotonic()
         code, body = get(port, "/scale")
+        alive = get(port, "/healthz")
     assert code == 503 and body.startswith("redis unreachable: ConnectionError"), (code, body)
     assert time.monotonic() - started < 5
+    assert alive == (200, "ok\n")  # the liveness probe's: the exporter lives on through the outage

@@ -225,3 +225,22 @@ def test_a_rendering_worker_stays_visible_to_flower_and_celery_inspect(fleet_env
     with pytest.raises(JobCancelled, match="stopped at step"):  # the worker stopped it when told: still responsive
         result.get(timeout=60)
     print(f"heartbeat gaps during the render: {[round(g, 2) for g in gaps]}; watched for {rendering_until - rendering_from:.1f}s")
+
+
+def test_json_logs_are_one_object_a_line_with_the_worker_the_job_and_its_batch(fleet_env, start_worker, tmp_path):
+    """LORAFLEET_LOG_FORMAT=json, as a cluster's log pipeline reads it: every line of the worker's
+    output one JSON object (no banner, no progress bar, warnings as records), and the records of a
+    job carry its key and batch (the upload's too, logged from another thread)."""
+    env = {**fleet_env, "LORAFLEET_LOG_FORMAT": "json"}
+    worker = start_worker(env)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat in json", "seed": 5}\n')
+    assert lorafleet("submit", str(jobs), "--batch", "json-logs", "--wait", env=env).returncode == 0
+    (entry,) = read_manifest(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "batches", "json-logs", "manifest.jsonl"))
+    lines = [line for line in open(worker.log_path).read().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # each line parses: nothing else was printed
+    assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
+    assert all(record["worker"] == worker.worker for record in records)
+    (rendered,) = [r for r in records if " rendered in " in r["message"]]
+    assert rendered["key"] == entry["key"] and rendered["batch"] == "json-logs" and rendered["level"] == "INFO"
+    assert any("READY" in r["message"] and "key" not in r for r in records)  # no job: no job fields

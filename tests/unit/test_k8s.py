@@ -8,7 +8,9 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 
 import jsonschema
 import kubernetes_validate
@@ -22,7 +24,8 @@ pytestmark = pytest.mark.unit
 K8S = os.path.join(REPO, "deploy", "k8s")
 KUBERNETES_VERSION = "1.30"
 EXAMPLES = os.path.join(K8S, "examples")
-CUSTOM = {"ScaledObject", "ServiceMonitor"}
+MODELS = os.path.join(K8S, "models")
+CUSTOM = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
 
 
 def documents(folder: str = K8S) -> list[dict]:
@@ -36,7 +39,7 @@ def documents(folder: str = K8S) -> list[dict]:
 def pod_specs() -> list[tuple[str, dict]]:
     """Every pod template of the base and the examples: (kind/name, pod spec)."""
     pods = []
-    for doc in documents() + documents(EXAMPLES):
+    for doc in documents() + documents(EXAMPLES) + documents(MODELS):
         spec = doc.get("spec", {})
         template = spec.get("jobTemplate", {}).get("spec", spec).get("template")
         if template:
@@ -49,7 +52,7 @@ def by_kind(kind: str) -> list[dict]:
 
 
 def test_the_kustomizations_list_every_manifest_and_the_examples_are_opt_in():
-    for folder, data in ((K8S, set()), (EXAMPLES, {"nightly.yaml"})):
+    for folder, data in ((K8S, set()), (EXAMPLES, {"nightly.yaml"}), (MODELS, set())):
         kustomization = yaml.safe_load(open(os.path.join(folder, "kustomization.yaml")))
         files = {os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.yaml"))} - {"kustomization.yaml"}
         assert sorted(kustomization["resources"]) == sorted(files - data)
@@ -75,7 +78,9 @@ def test_the_examples_create_every_configmap_their_pods_mount():
 
 
 @pytest.mark.parametrize(
-    "doc", documents() + documents(EXAMPLES), ids=lambda doc: f"{doc['kind']}/{doc['metadata']['name']}"
+    "doc",
+    documents() + documents(EXAMPLES) + documents(MODELS),
+    ids=lambda doc: f"{doc['kind']}/{doc['metadata']['name']}",
 )
 def test_every_manifest_validates(doc):
     if doc["kind"] in CUSTOM:
@@ -92,7 +97,7 @@ def test_the_scaled_object_validates_against_kedas_own_crd():
     jsonschema.validate(scaled, version["schema"]["openAPIV3Schema"])
 
 
-@pytest.mark.parametrize("folder", [K8S, EXAMPLES], ids=["base", "examples"])
+@pytest.mark.parametrize("folder", [K8S, EXAMPLES, MODELS], ids=["base", "examples", "models"])
 def test_kustomize_builds(folder):
     """The real tool builds what `kubectl apply -k` would apply (where kubectl is installed)."""
     kubectl = subprocess.run(["which", "kubectl"], capture_output=True, text=True).stdout.strip()
@@ -270,3 +275,138 @@ def test_the_examples_jobs_file_and_sweep_spec_load_as_lorafleet_loads_them(tiny
     assert [job.id for job in jobs] == ["beach", "city"] and all(len(job.key) == 64 for job in jobs)
     name, swept, cells, _ = load_sweep(os.path.join(EXAMPLES, "nightly.yaml"), model_for, resolver_for(store), default_limits())
     assert name == "nightly" and len(swept) == len(cells) == 2 * 5 * 2  # prompts × scales 0..1 by 0.25 × seeds
+
+
+def test_the_worker_deployment_leaves_its_replicas_to_keda():
+    """A `replicas` in the Deployment resets the fleet at every `kubectl apply -k`, as the HPA docs warn."""
+    (worker,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "lorafleet-worker"]
+    assert "replicas" not in worker["spec"]
+
+
+def test_no_pod_gets_an_api_token_and_only_lorafleet_pods_reach_redis():
+    (account,) = by_kind("ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    for name, pod in pod_specs():
+        assert pod.get("serviceAccountName") == account["metadata"]["name"], name
+        assert pod.get("automountServiceAccountToken") is False, name
+    (policy,) = by_kind("NetworkPolicy")
+    (redis,) = by_kind("StatefulSet")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "lorafleet"}}}
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    for name, pod in pod_specs():  # every pod that talks to Redis passes the policy
+        uses_redis = any("LORAFLEET_REDIS_URL" in json.dumps(c.get("env", [])) for c in pod["containers"])
+        labels = pod_labels(name)
+        assert not uses_redis or labels.get("app.kubernetes.io/part-of") == "lorafleet", name
+
+
+def pod_labels(name: str) -> dict:
+    """The labels of the pod template of `kind/name` (the Job's and CronJob's pods' too)."""
+    for doc in documents() + documents(EXAMPLES) + documents(MODELS):
+        if f"{doc['kind']}/{doc['metadata']['name']}" == name:
+            spec = doc["spec"]
+            template = spec.get("jobTemplate", {}).get("spec", spec)["template"]
+            return template.get("metadata", {}).get("labels", {})
+    raise KeyError(name)
+
+
+def test_long_running_pods_have_liveness_probes_and_cpu_limits_where_they_belong():
+    for name, pod in pod_specs():
+        (container,) = pod["containers"]
+        if name.split("/")[0] in ("Deployment", "StatefulSet"):
+            assert "livenessProbe" in container, name
+        limits = container["resources"]["limits"]
+        # A GPU worker has none: CFS throttling of its host threads would idle the GPU (worker.yaml says why).
+        assert ("cpu" in limits) == ("nvidia.com/gpu" not in limits) or name.startswith(("Job/", "CronJob/")), name
+    (exporter,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "lorafleet-exporter"]
+    (container,) = exporter["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"  # alive while Redis is down (/metrics: 503)
+
+
+def test_every_pod_that_checks_jobs_mounts_the_models_volume_where_the_config_points():
+    """submit and sweep check each job against LORAFLEET_MODEL (its config, frames, sizes): the
+    example Job and CronJob once exited 2 without the volume; the download Job fills that folder."""
+    model = config()["LORAFLEET_MODEL"]
+    for name, pod in pod_specs():
+        if name.startswith(("Job/", "CronJob/", "Deployment/lorafleet-worker")):
+            (container,) = pod["containers"]
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
+            volume = next(v for v in pod["volumes"] if v["name"] == "models")
+            assert model.startswith(mount["mountPath"] + "/") and volume["persistentVolumeClaim"]["claimName"] == "lorafleet-models"
+            downloads = name == "Job/lorafleet-model-download"
+            assert mount.get("readOnly", False) is not downloads, name
+    (download,) = [pod for name, pod in pod_specs() if name == "Job/lorafleet-model-download"]
+    (container,) = download["containers"]
+    assert container["command"][-2:] == ["--local-dir", model]
+    assert download["securityContext"]["runAsUser"] == 10001  # the workers' uid: the files are theirs
+
+
+def config() -> dict:
+    (configmap,) = [d for d in by_kind("ConfigMap") if d["metadata"]["name"] == "lorafleet-config"]
+    return configmap["data"]
+
+
+def tool(name: str) -> str:
+    """A checking tool the suite installs (`make k8s-tools`): skipped here without it, failed in CI."""
+    path = shutil.which(name) or os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing: `make k8s-tools` installs it")
+        pytest.skip(f"{name} is not installed (make k8s-tools)")
+    return path
+
+
+def test_the_alerts_fire_as_their_unit_tests_say(tmp_path):
+    """deploy/k8s/alerts.yaml's rules, checked and unit-tested by Prometheus' own promtool."""
+    promtool = tool("promtool")
+    (rule,) = by_kind("PrometheusRule")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    shutil.copy(os.path.join(REPO, "tests", "k8s_alerts", "alerts_test.yaml"), tmp_path)
+    checked = subprocess.run([promtool, "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run([promtool, "test", "rules", "alerts_test.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+    alerts = {r["alert"] for r in rule["spec"]["groups"][0]["rules"]}
+    tests = open(os.path.join(REPO, "tests", "k8s_alerts", "alerts_test.yaml")).read()
+    assert all(f"alertname: {alert}" in tests for alert in alerts)  # every alert has a test
+
+
+# checkov's checks that do not fit this deployment, each with why (the README's Kubernetes section
+# lists them too); everything else it checks must pass.
+CHECKOV_SKIPPED = {
+    "CKV_K8S_43": "images by digest: the admin pins their own registry's digest in kustomization.yaml's images",
+    "CKV_K8S_15": "imagePullPolicy Always: a pinned tag or digest does not change; IfNotPresent spares GPU nodes a pull",
+    "CKV_K8S_35": "secrets as files: lorafleet reads its settings from the environment (the password never in argv)",
+    "CKV_K8S_11": "a GPU worker's CPU limit: CFS throttling of its host threads idles the GPU (worker.yaml)",
+}
+
+
+def test_checkov_finds_nothing_but_the_checks_skipped_with_a_reason(tmp_path):
+    """checkov over what `kubectl apply -k` applies: the base, the examples and the model download."""
+    checkov = shutil.which("checkov") or checkov_of_make()
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("no kubectl here (Debian: kubernetes-client)")
+    for name, folder in (("base", K8S), ("examples", EXAMPLES), ("models", MODELS)):
+        built = subprocess.run([kubectl, "kustomize", folder], capture_output=True, text=True, check=True).stdout
+        (tmp_path / f"{name}.yaml").write_text(built)
+    done = subprocess.run(
+        [checkov, "-d", str(tmp_path), "--framework", "kubernetes", "--quiet", "--compact",
+         "--skip-check", ",".join(CHECKOV_SKIPPED)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert all(check in readme for check in CHECKOV_SKIPPED)
+
+
+def checkov_of_make() -> str:
+    """checkov where `make k8s-tools` puts it (a virtual environment of its own)."""
+    path = os.path.join(REPO, ".venv-checkov", "bin", "checkov")
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail("checkov is missing: `make k8s-tools` installs it")
+        pytest.skip("checkov is not installed (make k8s-tools)")
+    return path

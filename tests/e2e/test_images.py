@@ -1,0 +1,277 @@
+"""Both images, built with buildah as `make images` builds them (docker/build-images.sh), and run as
+Kubernetes runs them (deploy/k8s/worker.yaml): as uid 10001, the image's root filesystem read-only
+but for the pod's emptyDirs, the model volume read-only and the store's volume, and no network but
+a Redis on loopback. In there a worker renders a job (and a compiled worker another: the compiler
+that inductor and Triton need is in the image), the producer image submits, and pip finds nothing
+broken. The default build takes PyPI's CUDA torch; the suite's takes the CPU wheel of the same
+version (`TORCH_WHEELS`), which is the only difference."""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import decode_video, read_manifest, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+WORKER, PRODUCER = "localhost/lorafleet-test-worker:latest", "localhost/lorafleet-test-producer:latest"
+TORCH_WHEELS = "/opt/wheels"  # this machine's CPU build of the pinned torch
+UID = "10001"
+
+
+def pinned_torch() -> str:
+    return re.search(r"^torch==(\S+)$", open(os.path.join(REPO, "docker", "constraints.txt")).read(), re.M)[1]
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict:
+    """Both images, built once a session by docker/build-images.sh; skipped where buildah cannot
+    run (not root), failed in CI."""
+    if os.geteuid() != 0 or not glob_wheel():
+        if os.environ.get("CI"):
+            pytest.fail("the image tests need root and the CPU torch wheel in /opt/wheels")
+        pytest.skip("building images here needs root (buildah) and the CPU torch wheel in /opt/wheels")
+    env = {**os.environ, "WORKER_IMAGE": WORKER, "PRODUCER_IMAGE": PRODUCER, "TORCH_WHEELS": TORCH_WHEELS}
+    started = time.monotonic()
+    built = subprocess.run(
+        [os.path.join(REPO, "docker", "build-images.sh")], env=env, capture_output=True, text=True, timeout=1500
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    sizes = built.stderr.strip().splitlines()[-2:]
+    print(f"images built in {time.monotonic() - started:.0f} s: {sizes}")
+    return {"worker": WORKER, "producer": PRODUCER, "log": built.stderr}
+
+
+def glob_wheel() -> bool:
+    return os.path.isdir(TORCH_WHEELS) and any(
+        name.startswith(f"torch-{pinned_torch()}+cpu") for name in os.listdir(TORCH_WHEELS)
+    )
+
+
+def image_config(image: str) -> dict:
+    """The image's OCI configuration: User, Env, Entrypoint, ..."""
+    inspected = subprocess.run(
+        ["buildah", "inspect", "--type", "image", image], capture_output=True, text=True, check=True
+    )
+    return json.loads(inspected.stdout)["OCIv1"]["config"]
+
+
+@contextmanager
+def loopback_only():
+    """A network namespace whose only interface is loopback, and a Redis in it: yields its name."""
+    name = f"lorafleet-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    redis = None
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        from lorafleet.redis_server import find_redis_server
+
+        redis = subprocess.Popen(
+            ["ip", "netns", "exec", name, find_redis_server(), "--port", "6379", "--bind", "127.0.0.1", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(lambda: b"PONG" in in_netns(name, ["redis-cli", "ping"]), 10, "Redis in the namespace")
+        yield name
+    finally:
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def in_netns(name: str, argv: list[str]) -> bytes:
+    redis_cli = shutil.which("redis-cli")
+    argv = [redis_cli or argv[0], *argv[1:]] if argv[0] == "redis-cli" else argv
+    return subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True).stdout
+
+
+class Pod:
+    """One container of an image, run as a pod's container runs: a mount namespace of its own with
+    the image's root filesystem read-only, tmpfs at the writable paths (the pod's emptyDirs), the
+    volumes bound (read-only where the pod mounts them so), uid 10001 (the image's USER), and the
+    image's environment under the pod's; in a network namespace with loopback only."""
+
+    def __init__(self, image: str, netns: str, writable: list[str], volumes: dict[str, tuple[str, bool]], env: dict):
+        self.image, self.netns, self.writable, self.volumes, self.env = image, netns, writable, volumes, env
+        self.container = subprocess.run(
+            ["buildah", "from", image], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        self.root = subprocess.run(
+            ["buildah", "mount", self.container], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        config = image_config(image)
+        self.user = config.get("User", "")
+        self.image_env = dict(item.split("=", 1) for item in config.get("Env", []))
+
+    def argv(self, command: list[str]) -> list[str]:
+        """The host command that runs `command` inside the pod."""
+        mounts = [f'mkdir -p "$r{path}"' for path in [*self.writable, *self.volumes]]
+        mounts += [
+            'mount --bind "$r" "$r"',
+            'mount -o remount,bind,ro "$r"',
+            'mount -t proc proc "$r/proc"',
+            'mount --rbind /dev "$r/dev"',
+        ]
+        mounts += [f'mount -t tmpfs -o mode=1777 tmpfs "$r{path}"' for path in self.writable]
+        for path, (source, read_only) in self.volumes.items():
+            mounts.append(f'mount --bind "{source}" "$r{path}"')
+            if read_only:
+                mounts.append(f'mount -o remount,bind,ro "$r{path}"')
+        env = {**self.image_env, **self.env}
+        script = (
+            "set -e; r=$0; "
+            + "; ".join(mounts)
+            + "; shift; exec chroot --userspec="
+            + self.user
+            + ' "$r" /usr/bin/env -i "$@"'
+        )
+        return [
+            "ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "--fork",
+            "sh", "-c", script, self.root, "-", *(f"{k}={v}" for k, v in env.items()), *command,
+        ]  # fmt: skip
+
+    def run(self, command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(command), capture_output=True, text=True, timeout=timeout)
+
+    def start(self, command: list[str], log_path: str) -> subprocess.Popen:
+        with open(log_path, "w") as log:
+            return subprocess.Popen(self.argv(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def remove(self) -> None:
+        subprocess.run(["buildah", "umount", self.container], capture_output=True)
+        subprocess.run(["buildah", "rm", self.container], capture_output=True)
+
+
+@pytest.fixture
+def pods(images, tiny, tmp_path):
+    """Pods of both images in one loopback-only network with its Redis, sharing a store volume;
+    the worker's writable paths are deploy/k8s/worker.yaml's emptyDirs."""
+    store = tmp_path / "store"
+    store.mkdir()
+    os.chmod(store, 0o777)  # the store's volume, writable by the pods' uid
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    made = []
+    with loopback_only() as netns:
+        fleet = {
+            "LORAFLEET_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "LORAFLEET_MODEL": "/models/tiny",
+            "OMP_NUM_THREADS": "1",
+        }
+        model = {"/models/tiny": (tiny["model"], True)}
+
+        def pod(kind: str, **env) -> Pod:
+            if kind == "worker":
+                made.append(
+                    Pod(
+                        images["worker"],
+                        netns,
+                        ["/tmp", "/home/lorafleet/.cache"],
+                        {**model, "/store": (str(store), False)},
+                        {**fleet, **env},
+                    )
+                )
+            else:
+                made.append(
+                    Pod(
+                        images["producer"],
+                        netns,
+                        ["/tmp"],
+                        {**model, "/store": (str(store), False), "/jobs": (str(jobs), True)},
+                        {**fleet, **env},
+                    )
+                )
+            return made[-1]
+
+        try:
+            yield {"pod": pod, "store": store, "jobs": jobs}
+        finally:
+            for made_pod in made:
+                made_pod.remove()
+
+
+def test_the_worker_image_runs_as_uid_10001_with_its_pinned_torch_and_pip_finds_nothing_broken(images, pods):
+    assert image_config(images["worker"])["User"] == f"{UID}:{UID}"
+    worker = pods["pod"]("worker")
+    found = worker.run(
+        ["sh", "-c", "id -u; lorafleet --version; pip check; python -c 'import torch; print(torch.__version__)'"]
+    )
+    assert found.returncode == 0, found.stdout + found.stderr
+    uid, version, checked, torch_version = found.stdout.strip().splitlines()
+    assert uid == UID and version.startswith("lorafleet") and "No broken requirements" in checked
+    assert torch_version.split("+")[0] == pinned_torch()
+    wrote = worker.run(["sh", "-c", "touch /app/x"])  # the root filesystem is read-only
+    assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr
+
+
+def test_a_worker_in_its_image_renders_a_job_and_a_compiled_one_too(images, pods, tmp_path):
+    """The worker image's entrypoint command with `--device cpu` (no GPU here), then the same with
+    `--compile`: inductor compiles C++ with the image's compiler (a build without one failed here)."""
+    for compiled, seed in ((False, 1), (True, 2)):
+        worker = pods["pod"]("worker", LORAFLEET_METRICS_PORT="0")
+        log_path = str(tmp_path / f"worker-{seed}.log")
+        process = worker.start(
+            ["lorafleet", "worker", "--device", "cpu", *(["--compile"] if compiled else [])], log_path
+        )
+        try:
+            wait_for(
+                lambda log_path=log_path, process=process: (
+                    "READY" in open(log_path).read() or process.poll() is not None
+                ),
+                300,
+                "READY",
+            )
+            assert process.poll() is None, open(log_path).read()[-3000:]
+            (pods["jobs"] / "jobs.jsonl").write_text(json.dumps({"prompt": "a cat in the image", "seed": seed}) + "\n")
+            producer = pods["pod"]("producer")
+            done = producer.run(
+                ["lorafleet", "submit", "/jobs/jobs.jsonl", "--batch", f"image-{seed}", "--wait", "--timeout", "600"],
+                timeout=660,
+            )
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + open(log_path).read()[-3000:]
+        finally:
+            process.terminate()
+            process.wait(60)
+        (entry,) = read_manifest(str(pods["store"] / "batches" / f"image-{seed}" / "manifest.jsonl"))
+        video = pods["store"] / "videos" / f"{entry['key']}.mp4"
+        assert entry["status"] == "done" and decode_video(str(video)).shape[0] == 9
+        assert entry["video"] == f"/store/videos/{entry['key']}.mp4"  # as the pods see the store
+        if compiled:
+            assert "compiled" in open(log_path).read()
+
+
+def test_the_producer_image_has_no_torch(images, pods):
+    producer = pods["pod"]("producer")
+    found = producer.run(["python", "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"])
+    assert found.returncode == 0 and found.stdout.strip() == "True", found.stderr
+
+
+def test_the_default_build_resolves_the_cuda_build_of_the_pinned_torch(images):
+    """What a user's build installs (no TORCH_WHEELS): pip's own resolution, in the worker image,
+    of the constraints file's torch against PyPI alone. A metadata check: nothing is downloaded
+    beyond the wheels' metadata."""
+    container = subprocess.run(
+        ["buildah", "from", images["worker"]], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    volumes = ["--volume", f"{os.environ['PIP_CERT']}:/run/ca.crt:ro"] if os.environ.get("PIP_CERT") else []
+    try:
+        resolved = subprocess.run(
+            ["buildah", "run", "--isolation", "chroot", "--user", "root", *volumes, container, "--", "sh", "-c",
+             f"{'PIP_CERT=/run/ca.crt ' if volumes else ''}pip install --dry-run --ignore-installed --quiet --report - "
+             "-c docker/constraints.txt torch"],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True)
+    assert resolved.returncode == 0, resolved.stderr[-3000:]
+    report = json.loads(resolved.stdout)
+    installs = {item["metadata"]["name"].lower(): item for item in report["install"]}
+    assert installs["torch"]["metadata"]["version"] == pinned_torch()  # no "+cpu"
+    assert any(name.startswith("nvidia-cuda-runtime") for name in installs), sorted(installs)
