@@ -73,7 +73,8 @@ def enqueue(jobs: list[Job], batch: Batch, store: Store, settings: Settings) -> 
         batch.write_jobs(store, [*earlier, *jobs])
         hold.confirm()
         batch.write_manifest(store)
-    send_unsent(batch, {job.key: job for job in jobs}, store, settings)
+    first_of_key = {job.key: job for job in reversed(jobs)}  # a key listed twice is sent as its first line
+    send_unsent(batch, first_of_key, store, settings)
     return batch
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
@@ -108,6 +109,7 @@ class Pod:
         ).stdout.strip()
         config = image_config(image)
         self.user = config.get("User", "")
+        self.workdir = config.get("WorkingDir") or "/"
         self.image_env = dict(item.split("=", 1) for item in config.get("Env", []))
 
     def argv(self, command: list[str]) -> list[str]:
@@ -130,10 +132,10 @@ class Pod:
             + "; ".join(mounts)
             + "; shift; exec chroot --userspec="
             + self.user
-            + ' "$r" /usr/bin/env -i "$@"'
+            + ' "$r" /usr/bin/env -i -C ' + self.workdir + ' "$@"'
         )
         return [
-            "ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "--fork",
+            "ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "--fork", "--kill-child",
             "sh", "-c", script, self.root, "-", *(f"{k}={v}" for k, v in env.items()), *command,
         ]  # fmt: skip
 
@@ -143,6 +145,16 @@ class Pod:
     def start(self, command: list[str], log_path: str) -> subprocess.Popen:
         with open(log_path, "w") as log:
             return subprocess.Popen(self.argv(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @staticmethod
+    def stop(process: subprocess.Popen) -> None:
+        """SIGTERM to the container's processes, as kubelet sends it; SIGKILL past the grace period."""
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
     def remove(self) -> None:
         subprocess.run(["buildah", "umount", self.container], capture_output=True)
@@ -160,8 +172,10 @@ def pods(images, tiny, tmp_path):
     jobs.mkdir()
     made = []
     with loopback_only() as netns:
+        # What deploy/k8s/config.yaml gives every pod, with the test's Redis and model.
         fleet = {
             "LORAFLEET_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "LORAFLEET_STORE_URL": "/store",
             "LORAFLEET_MODEL": "/models/tiny",
             "OMP_NUM_THREADS": "1",
         }
@@ -237,8 +251,7 @@ def test_a_worker_in_its_image_renders_a_job_and_a_compiled_one_too(images, pods
             )
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + open(log_path).read()[-3000:]
         finally:
-            process.terminate()
-            process.wait(60)
+            Pod.stop(process)
         (entry,) = read_manifest(str(pods["store"] / "batches" / f"image-{seed}" / "manifest.jsonl"))
         video = pods["store"] / "videos" / f"{entry['key']}.mp4"
         assert entry["status"] == "done" and decode_video(str(video)).shape[0] == 9

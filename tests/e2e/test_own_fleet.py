@@ -69,7 +69,7 @@ def test_from_the_demo_to_your_own_fleet(tmp_path):
         )
         assert setup.returncode == 0, setup.stderr
         env = dict(item.split("=", 1) for item in setup.stdout.decode().split("\0") if "=" in item)
-        assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", env["LORAFLEET_REDIS_URL"])
+        assert re.fullmatch(r"redis://:[\w-]{20,}@127\.0\.0\.1:\d+/0", env["LORAFLEET_REDIS_URL"])  # a generated password
         assert not env["LORAFLEET_REDIS_URL"].endswith(":6379/0")  # not someone else's Redis
         stack.callback(run, "lorafleet redis --stop", env, tmp_path)  # whatever happens below
 
