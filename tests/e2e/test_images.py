@@ -6,6 +6,7 @@ that inductor and Triton need is in the image), the producer image submits, and 
 broken. The default build takes PyPI's CUDA torch; the suite's takes the CPU wheel of the same
 version (`TORCH_WHEELS`), which is the only difference."""
 
+import contextlib
 import json
 import os
 import re
@@ -13,8 +14,8 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -64,33 +65,30 @@ def image_config(image: str) -> dict:
     return json.loads(inspected.stdout)["OCIv1"]["config"]
 
 
-@contextmanager
-def loopback_only():
-    """A network namespace whose only interface is loopback, and a Redis in it: yields its name."""
+@contextlib.contextmanager
+def loopback_only(password: str | None = None):
+    """A network namespace whose only interface is loopback, and a Redis in it (with `password`, as
+    deploy/k8s/redis.yaml's): yields its name."""
+    from lorafleet.redis_server import find_redis_server
+
     name = f"lorafleet-{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     redis = None
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        from lorafleet.redis_server import find_redis_server
-
+        auth = ["--requirepass", password] if password else []
         redis = subprocess.Popen(
-            ["ip", "netns", "exec", name, find_redis_server(), "--port", "6379", "--bind", "127.0.0.1", "--save", ""],
+            ["ip", "netns", "exec", name, find_redis_server(), "--port", "6379", "--bind", "127.0.0.1", "--save", "", *auth],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_for(lambda: b"PONG" in in_netns(name, ["redis-cli", "ping"]), 10, "Redis in the namespace")
+        ping = f"import redis; redis.Redis(port=6379, password={password!r}).ping()"
+        wait_for(lambda: subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", ping], capture_output=True).returncode == 0, 10, "Redis in the namespace")
         yield name
     finally:
         if redis is not None:
             redis.terminate()
             redis.wait(10)
         subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
-def in_netns(name: str, argv: list[str]) -> bytes:
-    redis_cli = shutil.which("redis-cli")
-    argv = [redis_cli or argv[0], *argv[1:]] if argv[0] == "redis-cli" else argv
-    return subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True).stdout
 
 
 class Pod:
@@ -114,7 +112,7 @@ class Pod:
 
     def argv(self, command: list[str]) -> list[str]:
         """The host command that runs `command` inside the pod."""
-        mounts = [f'mkdir -p "$r{path}"' for path in [*self.writable, *self.volumes]]
+        mounts = [f'[ -e "$r{path}" ] || mkdir -p "$r{path}"' for path in [*self.writable, *self.volumes]]
         mounts += [
             'mount --bind "$r" "$r"',
             'mount -o remount,bind,ro "$r"',
@@ -149,12 +147,13 @@ class Pod:
     @staticmethod
     def stop(process: subprocess.Popen) -> None:
         """SIGTERM to the container's processes, as kubelet sends it; SIGKILL past the grace period."""
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
     def remove(self) -> None:
         subprocess.run(["buildah", "umount", self.container], capture_output=True)
@@ -288,3 +287,85 @@ def test_the_default_build_resolves_the_cuda_build_of_the_pinned_torch(images):
     installs = {item["metadata"]["name"].lower(): item for item in report["install"]}
     assert installs["torch"]["metadata"]["version"] == pinned_torch()  # no "+cpu"
     assert any(name.startswith("nvidia-cuda-runtime") for name in installs), sorted(installs)
+
+
+def manifest_pod(image: str, netns: str, manifest: str, sources: dict, config: dict, secrets: dict, more: dict) -> tuple[Pod, list[str]]:
+    """The pod of a manifest in deploy/k8s (its Deployment's, Job's or CronJob's template), as
+    kubelet would run it: its emptyDirs writable, its other volumes bound from `sources` (volume
+    name -> host folder; a ConfigMap's read-only), `more` volumes besides (path -> (host path,
+    read-only)), its environment from the ConfigMap `config` and the Secrets `secrets` (name ->
+    value), `$(VAR)` expanded. Returns the pod and its container's command (command + args, or the
+    image's entrypoint + args)."""
+    import yaml
+
+    (doc,) = [d for d in yaml.safe_load_all(open(os.path.join(REPO, "deploy", "k8s", manifest))) if d and d["kind"] in ("Deployment", "Job", "CronJob")]
+    spec = doc["spec"]
+    pod = spec.get("jobTemplate", {}).get("spec", spec)["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    writable, bound = [], dict(more)
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        if "emptyDir" in volume:
+            writable.append(mount["mountPath"])
+        else:
+            bound[mount["mountPath"]] = (sources[mount["name"]], mount.get("readOnly", False) or "configMap" in volume)
+    env = dict(config) if container.get("envFrom") else {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda found: env.get(found[1], found[0]), item["value"])
+        else:
+            env[item["name"]] = secrets[item["valueFrom"]["secretKeyRef"]["name"]]
+    assert pod["securityContext"]["runAsUser"] == int(UID) and container["securityContext"]["readOnlyRootFilesystem"]
+    config_of_image = image_config(image)
+    if "command" in container:
+        command = [*container["command"], *container.get("args", [])]
+    else:
+        command = [*config_of_image.get("Entrypoint", []), *container.get("args", config_of_image.get("Cmd") or [])]
+    return Pod(image, netns, writable, bound, env), command
+
+
+def test_the_example_job_and_cronjob_run_as_their_manifests_say(images, tiny, tmp_path):
+    """deploy/k8s/examples' Job and CronJob, their commands, mounts and environment as written, beside
+    a worker of deploy/k8s/worker.yaml (its command with the CPU for the GPU), against a Redis with
+    the Secret's password under its service name: without the models volume they once exited 2 on
+    the model check. The store is a volume here (the README's alternative to a bucket)."""
+    import yaml
+
+    (configmap,) = [d for d in yaml.safe_load_all(open(os.path.join(REPO, "deploy", "k8s", "config.yaml"))) if d]
+    config = {**configmap["data"], "LORAFLEET_STORE_URL": "/store", "OMP_NUM_THREADS": "1"}
+    password = secrets.token_hex(16)
+    store, models, jobs, sweeps = (tmp_path / name for name in ("store", "models", "jobs", "sweeps"))
+    shutil.copytree(tiny["model"], models / os.path.basename(config["LORAFLEET_MODEL"]))  # where config.yaml points
+    shutil.copytree(tiny["style"], store / "adapters" / "style")  # nightly.yaml's store-relative adapter
+    os.chmod(store, 0o777)
+    for folder, name in ((jobs, "prompts.jsonl"), (sweeps, "nightly.yaml")):  # the ConfigMaps' files
+        folder.mkdir()
+        shutil.copy(os.path.join(REPO, "deploy", "k8s", "examples", name), folder)
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost redis\n")  # the Service's name, as cluster DNS gives it
+    more = {"/store": (str(store), False), "/etc/hosts": (str(tmp_path / "hosts"), True)}
+    sources = {"models": str(models), "jobs": str(jobs), "sweeps": str(sweeps)}
+    keys = {"lorafleet-redis": password, "lorafleet-compile-cache": secrets.token_hex(16)}
+    made = []
+    with loopback_only(password) as netns:
+        worker, command = manifest_pod(images["worker"], netns, "worker.yaml", sources, config, keys, more)
+        made.append(worker)
+        assert command == ["lorafleet", "worker", "--device", "cuda"]
+        log_path = str(tmp_path / "worker.log")
+        process = worker.start([*command, "--device", "cpu"], log_path)  # no GPU here: the last --device wins
+        try:
+            wait_for(lambda: "READY" in open(log_path).read() or process.poll() is not None, 300, "READY")
+            assert process.poll() is None, open(log_path).read()[-3000:]
+            for manifest, image in (("examples/producer-job.yaml", images["producer"]), ("examples/nightly-cronjob.yaml", images["producer"])):
+                pod, command = manifest_pod(image, netns, manifest, sources, config, keys, more)
+                made.append(pod)
+                done = pod.run(command, timeout=900)
+                assert done.returncode == 0, (manifest, done.stdout[-2000:], done.stderr[-3000:], open(log_path).read()[-2000:])
+        finally:
+            Pod.stop(process)
+            for pod in made:
+                pod.remove()
+    submitted = {entry["id"] for entry in read_manifest(str(next((store / "batches").glob("2*")) / "manifest.jsonl"))}
+    assert submitted == {"beach", "city"}
+    (night,) = (store / "batches").glob("nightly-*")
+    assert (night / "report.html").exists() and json.loads((night / "report.json").read_text())["sets"]
