@@ -369,3 +369,14 @@ def test_the_example_job_and_cronjob_run_as_their_manifests_say(images, tiny, tm
     assert submitted == {"beach", "city"}
     (night,) = (store / "batches").glob("nightly-*")
     assert (night / "report.html").exists() and json.loads((night / "report.json").read_text())["sets"]
+
+
+def test_lorafleet_demo_runs_from_the_installed_package(images, pods):
+    """The worker image holds lorafleet as pip installed it from a wheel, not a checkout: the demo
+    finds its jobs in the package (they once were only in the checkout's examples/)."""
+    worker = pods["pod"]("worker", LORAFLEET_METRICS_PORT="0", LORAFLEET_STORE_URL="./results")
+    done = worker.run(["sh", "-c", "cd /tmp && lorafleet demo"], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "demo done" in done.stdout
+    where = worker.run(["sh", "-c", "cd /tmp && python -c 'import lorafleet.demo as d; print(d.EXAMPLES)'"])
+    assert where.stdout.strip() == "/usr/local/lib/python3.11/site-packages/lorafleet/examples", where.stdout

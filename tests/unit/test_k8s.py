@@ -289,13 +289,19 @@ def test_no_pod_gets_an_api_token_and_only_lorafleet_pods_reach_redis():
     for name, pod in pod_specs():
         assert pod.get("serviceAccountName") == account["metadata"]["name"], name
         assert pod.get("automountServiceAccountToken") is False, name
-    (policy,) = by_kind("NetworkPolicy")
+    policies = {policy["metadata"]["name"]: policy["spec"] for policy in by_kind("NetworkPolicy")}
+    policy = {"spec": policies["redis-from-lorafleet-only"]}
     (redis,) = by_kind("StatefulSet")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
     (rule,) = policy["spec"]["ingress"]
     (peer,) = rule["from"]
     assert peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "lorafleet"}}}
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    # Every other lorafleet pod: connections to its metrics port only (probes and scrapes), Redis' not widened.
+    others = policies["lorafleet-metrics-only"]
+    assert others["podSelector"]["matchExpressions"] == [{"key": "app.kubernetes.io/name", "operator": "NotIn", "values": ["redis"]}]
+    (metrics,) = others["ingress"]
+    assert "from" not in metrics and sorted(p["port"] for p in metrics["ports"]) == [9400, 9401]
     for name, pod in pod_specs():  # every pod that talks to Redis passes the policy
         uses_redis = any("LORAFLEET_REDIS_URL" in json.dumps(c.get("env", [])) for c in pod["containers"])
         labels = pod_labels(name)
