@@ -67,8 +67,8 @@ def resume(settings: Settings, name: str, console: Console) -> Batch:
     app = make_app(settings)
     set_aside = Ledger.from_settings(settings).resume(name)
     for entry in set_aside:
-        send_job(app, entry["message"], entry["task_id"], entry["queue"])
-    again = {entry["task_id"] for entry in set_aside}
+        send_job(app, entry.message, entry.task_id, entry.queue)
+    again = {entry.task_id for entry in set_aside}
     for entry in batch.entries:
         if entry["task_id"] in again:
             entry["status"] = JobStatus.QUEUED

@@ -116,7 +116,7 @@ def test_admission_sets_a_paused_batchs_job_aside_and_refuses_a_cancelled_one(le
     assert ledger.admit(None, "t1", message, "render") == Admission.GO
     ledger.pause("b1")
     assert ledger.admit("b1", "t2", message, "render") == Admission.SET_ASIDE
-    assert [job["task_id"] for job in ledger.resume("b1")] == ["t2"]  # sent again on resume
+    assert [job.task_id for job in ledger.resume("b1")] == ["t2"]  # sent again on resume
     assert ledger.admit("b1", "t3", message, "render") == Admission.GO  # resumed: nothing set aside any more
     ledger.cancel("b1", ["t4"])
     assert ledger.admit("b1", "t4", message, "render") == Admission.JOB_CANCELLED
@@ -173,3 +173,20 @@ def wait_until(predicate, timeout: float = 5) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_a_malformed_set_aside_entry_is_skipped_on_resume_and_the_rest_come_back(ledger, caplog):
+    """Anyone who can write to Redis can push to a paused batch's set-aside list: `resume` once
+    indexed each entry as it found it, and one malformed entry crashed it."""
+    from common.protocol import set_aside_key
+
+    message = {"prompt": "a cat", "seed": 1}
+    ledger.pause("b2")
+    assert ledger.admit("b2", "t1", message, "render") == Admission.SET_ASIDE
+    ledger.redis.rpush(set_aside_key("b2"), b"{oops", json.dumps({"task_id": "t9"}), "[]")
+    assert ledger.admit("b2", "t2", message, "render") == Admission.SET_ASIDE
+    with caplog.at_level(logging.WARNING):
+        assert [(job.task_id, job.queue, job.message) for job in ledger.resume("b2")] == [
+            ("t1", "render", message), ("t2", "render", message),
+        ]  # fmt: skip
+    assert caplog.text.count("skipped a malformed SetAside record") == 3
