@@ -381,9 +381,9 @@ def retry(settings: Settings, console: Console, batch: str, wait: bool, timeout_
 def worker(settings: Settings, console: Console, gpu, device, alias, compile_):
     """One Celery worker pinned to one device, serving one model's queue."""
     where, index = _pick_device(gpu, device)
-    from workers.worker import run_worker, worker_name
+    from workers.worker import Worker, worker_name
 
-    return run_worker(_with_compile(settings, compile_), where, worker_name(index), alias)
+    return Worker(_with_compile(settings, compile_), where, worker_name(index), alias).run()
 
 
 @cli.command()

@@ -27,7 +27,7 @@ from common.errors import AdapterError
 from common.lora_formats import ALPHA, A, B, check_factors, detect_layout
 from common.reading import ReadPolicy, check_regular_file, check_unchanged, file_chunks, local_path, read_bounded
 from common.store import write_atomically
-from workers.lru import LRU
+from workers.lru import LRU, CacheCounts
 
 log = logging.getLogger("lorafleet.variants")
 
@@ -168,9 +168,9 @@ class AdapterFiles:
                     os.remove(gone)
             total -= size
 
-    def stats(self) -> dict:
+    def stats(self) -> CacheCounts:
         """Hits and misses since the worker started."""
-        return {"hits": self.hits, "misses": self.misses}
+        return CacheCounts(self.hits, self.misses)
 
 
 _HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")

@@ -2,6 +2,23 @@
 (adapters in host memory, prompt embeddings, decoded input images)."""
 
 from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class CacheCounts:
+    """One cache's counters since the worker started, as its metrics, the job metadata and the
+    upload's log line read them (workers/renderer.py: CacheStats)."""
+
+    hits: int
+    misses: int
+    evictions: int | None = None  # a cache that never evicts (the adapter files' on disk) has none
+    entries: int | None = None
+    bytes: int | None = None
+
+    def as_dict(self) -> dict:
+        """As the job metadata holds it: the counters this cache has."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
 
 
 class LRU:
@@ -35,12 +52,6 @@ class LRU:
         """Bytes the cached values take."""
         return sum(self.size(value) for value in self.items.values())
 
-    def stats(self) -> dict:
+    def stats(self) -> CacheCounts:
         """Hits, misses, evictions, entries and bytes, for logs and job metadata."""
-        return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "evictions": self.evictions,
-            "entries": len(self.items),
-            "bytes": self.nbytes,
-        }
+        return CacheCounts(self.hits, self.misses, self.evictions, len(self.items), self.nbytes)

@@ -104,9 +104,9 @@ class RendererCollector:
         if renderer is None:
             return
         stats = renderer.cache_stats()
-        tiers = {"disk": stats["adapter_files"], "host": stats["adapter_host"], "device": stats["device_factors"]}
-        if "fused_variants" in stats:
-            tiers["variants"] = stats["fused_variants"]
+        tiers = {"disk": stats.adapter_files, "host": stats.adapter_host, "device": stats.device_factors}
+        if stats.fused_variants is not None:
+            tiers["variants"] = stats.fused_variants
         for event, name in (
             ("hits", "lorafleet_cache_hits"),
             ("misses", "lorafleet_cache_misses"),
@@ -114,10 +114,10 @@ class RendererCollector:
         ):
             family = CounterMetricFamily(name, f"Cache {event} by tier", labels=["tier"])
             for tier, counts in tiers.items():
-                if event in counts:
-                    family.add_metric([tier], counts[event])
+                if getattr(counts, event) is not None:
+                    family.add_metric([tier], getattr(counts, event))
             yield family
-        yield CounterMetricFamily("lorafleet_variant_switches", "Variant switches", value=stats["switches"])
+        yield CounterMetricFamily("lorafleet_variant_switches", "Variant switches", value=stats.switches)
         memory = renderer.gpu_memory()
         if memory is not None:
             family = GaugeMetricFamily("lorafleet_gpu_memory_bytes", "GPU memory allocated by torch", labels=["kind"])

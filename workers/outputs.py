@@ -49,15 +49,15 @@ def upload(rendered: Rendered, store: Store, fence: Callable[[], None] | None = 
     store.write_bytes(video_path(key, "mp4"), mp4)
     timings["export_upload"] = time.perf_counter() - upload_started
     observe_render(timings)
-    caches = metadata["caches"]
+    caches = rendered.caches
     log.info(
         "%s: %s rendered in %.2fs (%s frames %sx%s, %s steps; variant %.1f ms), uploaded in %.2fs; "
         "adapter cache hits/misses: disk %d/%d, host %d/%d, device %d/%d",
         worker, key[:12], timings["total"], metadata["frames"], job.width, job.height, job.steps,
         timings["variant"] * 1e3, timings["export_upload"],
-        caches["adapter_files"]["hits"], caches["adapter_files"]["misses"],
-        caches["adapter_host"]["hits"], caches["adapter_host"]["misses"],
-        caches["device_factors"]["hits"], caches["device_factors"]["misses"],
+        caches.adapter_files.hits, caches.adapter_files.misses,
+        caches.adapter_host.hits, caches.adapter_host.misses,
+        caches.device_factors.hits, caches.device_factors.misses,
     )  # fmt: skip
     seconds = round(timings["total"] + timings["export_upload"], 3)
     return render_result(store, key, worker, "done", seconds)

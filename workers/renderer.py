@@ -22,7 +22,7 @@ from common.settings import DraftCache, Settings
 from workers.adapter_cache import AdapterCache, AdapterFiles
 from workers.draft import reset_draft_cache
 from workers.host import PipelineHost, compiled_graphs
-from workers.lru import LRU
+from workers.lru import LRU, CacheCounts
 from workers.memory import fit_problem
 from workers.variants import Term, VariantEngine
 
@@ -195,17 +195,40 @@ class Renderer(PipelineHost):
         finally:
             self.pipe.unload_lora_weights()
 
-    def cache_stats(self) -> dict:
+    def cache_stats(self) -> "CacheStats":
         """The caches' hits, misses and sizes, and variant switches, since the worker started."""
-        stats = {
-            "adapter_files": self.adapters.files.stats(),
-            "adapter_host": self.adapters.lru.stats(),
-            "prompt_embeddings": self.prompts.lru.stats(),
-            **self.variants.stats(),
-        }
-        if self.compiled:
-            stats["compiled_graphs"] = compiled_graphs()
-        return stats
+        variants = self.variants
+        return CacheStats(
+            adapter_files=self.adapters.files.stats(),
+            adapter_host=self.adapters.lru.stats(),
+            prompt_embeddings=self.prompts.lru.stats(),
+            device_factors=variants.factors.stats(),
+            fused_variants=variants.variants.stats() if variants.variants is not None else None,
+            switches=variants.switches,
+            pristine_bytes=variants.pristine_bytes,
+            compiled_graphs=compiled_graphs() if self.compiled else None,
+        )
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A renderer's caches and variant switches since its worker started: one typed shape for the
+    worker's metrics, each job's metadata ("caches") and the upload's log line."""
+
+    adapter_files: CacheCounts  # adapter files on disk, by content hash
+    adapter_host: CacheCounts  # parsed adapter tensors in host memory
+    prompt_embeddings: CacheCounts
+    device_factors: CacheCounts  # adapters' stacked factors on the device
+    fused_variants: CacheCounts | None  # whole fused variants kept (LORAFLEET_VARIANT_CACHE_SIZE), if any
+    switches: int
+    pristine_bytes: int
+    compiled_graphs: int | None  # the graphs compiled so far, for a compiled renderer
+
+    def as_dict(self) -> dict:
+        """As the job metadata holds it."""
+        counts = {name: value.as_dict() for name, value in vars(self).items() if isinstance(value, CacheCounts)}
+        plain = {name: value for name, value in vars(self).items() if isinstance(value, int) and value is not None}
+        return counts | plain
 
 
 class PromptEmbeddings:
@@ -249,6 +272,7 @@ class Rendered:
     frames: list
     timings: dict
     metadata: dict
+    caches: CacheStats  # as they stood after this render (the metadata holds them as a dict)
 
     @property
     def pace(self) -> dict:
@@ -265,6 +289,7 @@ def render_frames(renderer: Renderer, job: Job, progress: Progress | None = None
     key = job.key
     started_at = time.time()
     frames, timings = renderer.render(job, progress)
+    caches = renderer.cache_stats()
     metadata = {
         "key": key,
         "job": job.message(),
@@ -287,14 +312,14 @@ def render_frames(renderer: Renderer, job: Job, progress: Progress | None = None
         "timings_s": timings,
         # When the render held the device (Unix seconds): the device's idle time between jobs.
         "rendering": {"started": started_at, "ended": started_at + timings["total"]},
-        "caches": renderer.cache_stats(),
+        "caches": caches.as_dict(),
         "variant_switched": renderer.last_switched,
         "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if job.image is not None:
         picture = renderer.input_image(job.image)
         metadata["image"] = {**job.image.model_dump(), "width": picture.width, "height": picture.height}
-    return Rendered(job, frames, timings, metadata)
+    return Rendered(job, frames, timings, metadata, caches)
 
 
 def versions() -> dict:

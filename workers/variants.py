@@ -192,10 +192,7 @@ class VariantEngine:
         """The model's linear layers, name -> (out_features, in_features): what adapters may target."""
         return {name: (m.out_features, m.in_features) for name, m in self.linears.items()}
 
-    def stats(self) -> dict:
-        """Switches and the device caches' counts and bytes, for logs and job metadata."""
-        out = {"switches": self.switches, "device_factors": self.factors.stats()}
-        if self.variants is not None:
-            out["fused_variants"] = self.variants.stats()
-        out["pristine_bytes"] = sum(stack.nbytes for stack in self.groups.values())
-        return out
+    @property
+    def pristine_bytes(self) -> int:
+        """Bytes of the pristine copy of the targeted weights."""
+        return sum(stack.nbytes for stack in self.groups.values())

@@ -20,7 +20,6 @@ from common.leases import Ledger, run_cancel_listener, run_heartbeat, run_sweepe
 from common.logs import set_process_fields
 from common.model import model_info
 from common.settings import Settings, queue_for
-from common.store import Store
 from workers.metrics import Health, serve
 from workers.remote_control import answer_revoke_as_cancel
 
@@ -135,118 +134,144 @@ def prefetch_weights(model_ref: str) -> None:
     threading.Thread(target=read_all, daemon=True, name="prefetch").start()
 
 
-def run_worker(settings: Settings, device: str, name: str, alias: str | None) -> int:
-    """Serve jobs until told to stop; returns the process exit code."""
-    set_process_fields(worker=name)
-    health = Health()
-    if settings.metrics_port is not None:  # first: probes get "starting" while the model loads
-        serve(settings.metrics_host, settings.metrics_port, health)
-    try:  # a wrong model path or alias says so now, not after torch's seconds of imports
-        tier = settings.model_tier(alias)
+class Worker:
+    """One worker's life, start to stop: its probes (first, so they answer while it starts), its
+    model, its Celery app and tasks, the threads that keep its duties to the fleet (the lease
+    sweeper, the cancel listener, the heartbeat once READY), and its shutdown (the last upload
+    first, then the threads, then its heartbeat). `lorafleet worker` makes one and runs it."""
+
+    def __init__(self, settings: Settings, device: str, name: str, alias: str | None):
+        self.settings, self.device, self.name, self.alias = settings, device, name, alias
+        self.queue = queue_for(alias)
+        self.health = Health()
+        self.stop = threading.Event()  # every background thread of this worker ends when it is set
+
+    def run(self) -> int:
+        """Serve jobs until told to stop; returns the process exit code."""
+        set_process_fields(worker=self.name)
+        if self.settings.metrics_port is not None:  # first: probes get "starting" while the model loads
+            serve(self.settings.metrics_host, self.settings.metrics_port, self.health)
+        try:
+            self.load()
+        except LorafleetError as exc:
+            log.error("%s: cannot start: %s", self.name, exc)
+            return ExitCode.MODEL_LOAD_FAILED
+        except Exception:
+            log.exception("%s: cannot start: the model failed to load", self.name)
+            return ExitCode.MODEL_LOAD_FAILED
+        self.start_fleet_duties()
+        code = self.consume()
+        self.shut_down()
+        return code
+
+    def load(self) -> None:
+        """Check the model (a wrong path or alias says so before torch's seconds of imports), import
+        what a worker runs while its weights are read ahead, and load the model into a Renderer."""
+        self.tier = tier = self.settings.model_tier(self.alias)
         model_info(tier.ref)
-    except LorafleetError as exc:
-        log.error("%s: cannot start: %s", name, exc)
-        return ExitCode.MODEL_LOAD_FAILED
-    if tier.precision != "fp8":
-        keep_torchao_out()
-    if settings.prefetch_weights:
-        prefetch_weights(tier.ref)
-    log.info("%s: starting on %s (importing torch and diffusers)", name, device)
-    from workers.evaluator import Evaluator
-    from workers.metrics import INFO, RENDERER
-    from workers.renderer import Renderer, versions
-    from workers.tasks import EvaluateTask, RenderTask, requeue
+        if tier.precision != "fp8":
+            keep_torchao_out()
+        if self.settings.prefetch_weights:
+            prefetch_weights(tier.ref)
+        log.info("%s: starting on %s (importing torch and diffusers)", self.name, self.device)
+        from workers.metrics import INFO, RENDERER
+        from workers.renderer import Renderer, versions
 
-    quiet_per_job_noise(settings.log_format == "json")
-    queue = queue_for(alias)
-    try:
-        model_ref = tier.ref
-        log.info("%s: %.1fs after start, imports done; loading %s", name, seconds_since_start(), model_ref)
-        renderer = Renderer(model_ref, device, settings, name, tier.precision, tier.compile, tier.attention, tier.cache)
-    except LorafleetError as exc:
-        log.error("%s: cannot start: %s", name, exc)
-        return ExitCode.MODEL_LOAD_FAILED
-    except Exception:
-        log.exception("%s: cannot start: the model failed to load", name)
-        return ExitCode.MODEL_LOAD_FAILED
-    app = make_app(settings)
-    ledger = Ledger.from_settings(settings)
-    RENDERER.renderer = renderer
-    health.about = {
-        "device": renderer.device_name(),
-        "model": alias or model_ref,
-        "tier": ("fp8" if renderer.precision == "fp8" else str(renderer.dtype).removeprefix("torch."))
-        + (", compiled" if renderer.compiled else "")
-        + (f", {renderer.attention}" if renderer.attention != "sdpa" else "")
-        + (f", draft ({tier.cache.hook})" if tier.cache else ""),
-    }
-    INFO.info(
-        {"worker": name, "model": model_ref, "device": renderer.device_name(), "dtype": str(renderer.dtype)}
-        | {f"{package}_version": version for package, version in versions().items()}
-    )
-    answer_revoke_as_cancel(ledger)
-    store = Store(settings.store_url)
-    render_task = RenderTask(renderer, store, ledger, settings, queue, health)
-    app.register_task(render_task)
-    app.register_task(EvaluateTask(Evaluator(settings, device), store, settings, name))
-    stop = threading.Event()
-    sweeper = threading.Thread(
-        target=run_sweeper,
-        # A worker without its sweeper would serve on while dead workers' jobs wait for hours: stop it.
-        args=(ledger, lambda task_id, entry: requeue(app, task_id, entry), stop, name),
-        kwargs={"on_death": lambda: os.kill(os.getpid(), signal.SIGTERM)},
-        daemon=True,
-        name="sweeper",
-    )
-    sweeper.start()
-    threading.Thread(target=run_cancel_listener, args=(ledger, stop, name), daemon=True, name="cancels").start()
+        quiet_per_job_noise(self.settings.log_format == "json")
+        log.info("%s: %.1fs after start, imports done; loading %s", self.name, seconds_since_start(), tier.ref)
+        self.renderer = renderer = Renderer(
+            tier.ref, self.device, self.settings, self.name, tier.precision, tier.compile, tier.attention, tier.cache
+        )
+        RENDERER.renderer = renderer
+        self.health.about = {
+            "device": renderer.device_name(),
+            "model": self.alias or tier.ref,
+            "tier": ("fp8" if renderer.precision == "fp8" else str(renderer.dtype).removeprefix("torch."))
+            + (", compiled" if renderer.compiled else "")
+            + (f", {renderer.attention}" if renderer.attention != "sdpa" else "")
+            + (f", draft ({tier.cache.hook})" if tier.cache else ""),
+        }
+        INFO.info(
+            {"worker": self.name, "model": tier.ref, "device": renderer.device_name(), "dtype": str(renderer.dtype)}
+            | {f"{package}_version": version for package, version in versions().items()}
+        )
 
-    def on_ready(**_):
-        # Celery says ready once it consumes from the broker: only now is this worker READY.
-        escalate_sigterm(name, settings.shutdown_timeout_s)
-        health.ready = True
-        threading.Thread(
-            target=run_heartbeat, args=(ledger, name, queue, stop, health), daemon=True, name="heartbeat"
-        ).start()
+    def start_fleet_duties(self) -> None:
+        """The Celery app and its tasks on the renderer's store, and the threads every worker runs
+        for the fleet: the sweeper (dead workers' jobs enqueued again) and the cancel listener; the
+        heartbeat starts once Celery consumes (`on_ready`)."""
+        from workers.evaluator import Evaluator
+        from workers.tasks import EvaluateTask, RenderTask, requeue
+
+        settings, name = self.settings, self.name
+        self.app = app = make_app(settings)
+        self.ledger = ledger = Ledger.from_settings(settings)
+        answer_revoke_as_cancel(ledger)
+        store = self.renderer.store  # the one store of this worker: adapters, images, outputs
+        self.render_task = RenderTask(self.renderer, store, ledger, settings, self.queue, self.health)
+        app.register_task(self.render_task)
+        app.register_task(EvaluateTask(Evaluator(settings, self.device), store, settings, name))
+        self.thread(
+            run_sweeper,
+            ledger,
+            lambda task_id, entry: requeue(app, task_id, entry),
+            self.stop,
+            name,
+            # A worker without its sweeper would serve on while dead workers' jobs wait for hours: stop it.
+            on_death=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        )
+        self.thread(run_cancel_listener, ledger, self.stop, name)
+        celery_signals.worker_ready.connect(self.on_ready, weak=False)
+        log.info("%s: model loaded in %.1fs; connecting to the broker", name, self.renderer.load_seconds)
+
+    def thread(self, target, *args, **kwargs) -> None:
+        """A daemon thread of this worker's, named after what it runs."""
+        threading.Thread(target=target, args=args, kwargs=kwargs, daemon=True, name=target.__name__).start()
+
+    def on_ready(self, **_) -> None:
+        """Celery consumes from the broker: only now is this worker READY, and it starts beating."""
+        escalate_sigterm(self.name, self.settings.shutdown_timeout_s)
+        self.health.ready = True
+        self.thread(run_heartbeat, self.ledger, self.name, self.queue, self.stop, self.health)
         log.info(
             "%s: READY %.1fs after start: %s (%s) loaded in %.1fs, broker connected, serving queue %s",
-            name,
-            seconds_since_start(),
-            model_ref,
-            health.about["tier"],
-            renderer.load_seconds,
-            queue,
-        )
+            self.name, seconds_since_start(), self.tier.ref, self.health.about["tier"], self.renderer.load_seconds,
+            self.queue,
+        )  # fmt: skip
 
-    celery_signals.worker_ready.connect(on_ready, weak=False)
-    log.info("%s: model loaded in %.1fs; connecting to the broker", name, renderer.load_seconds)
-    try:
-        app.worker_main(
-            [
-                *(["--quiet"] if settings.log_format == "json" else []),  # no banner: every line is one JSON object
-                "worker",
-                # One job at a time in a thread of this process: never a fork after CUDA starts,
-                # and the consumer's own loop stays free to send heartbeats and events and to
-                # answer `celery inspect` while a job renders (the solo pool runs the job inside
-                # that loop: Flower showed every rendering worker offline).
-                "--pool=threads",
-                "--concurrency=1",
-                f"--hostname={name}",
-                f"--queues={queue}",
-                "--loglevel=INFO",
-                "--without-mingle",
-            ]
+    def consume(self) -> int:
+        """Run Celery's consumer until a warm shutdown; returns its exit code."""
+        try:
+            self.app.worker_main(
+                [
+                    *(["--quiet"] if self.settings.log_format == "json" else []),  # no banner: one JSON object a line
+                    "worker",
+                    # One job at a time in a thread of this process: never a fork after CUDA starts,
+                    # and the consumer's own loop stays free to send heartbeats and events and to
+                    # answer `celery inspect` while a job renders (the solo pool runs the job inside
+                    # that loop: Flower showed every rendering worker offline).
+                    "--pool=threads",
+                    "--concurrency=1",
+                    f"--hostname={self.name}",
+                    f"--queues={self.queue}",
+                    "--loglevel=INFO",
+                    "--without-mingle",
+                ]
+            )
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 0
+        return 0
+
+    def shut_down(self) -> None:
+        """The last job's video into the store before its lease goes, then the threads, then the
+        heartbeat's record, and a one-line tally."""
+        self.render_task.uploads.wait()
+        self.stop.set()
+        self.health.wake.set()  # the heartbeat, waiting for its next beat, sees the stop now
+        self.ledger.forget_worker(self.name)
+        log.info(
+            "%s: stopped after %d render(s); %s", self.name, self.renderer.rendered, self.renderer.cache_stats().as_dict()
         )
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    else:
-        code = 0
-    render_task.uploads.wait()  # the last job's video into the store before its lease goes
-    stop.set()
-    health.wake.set()  # the heartbeat, waiting for its next beat, sees the stop now
-    ledger.forget_worker(name)
-    log.info("%s: stopped after %d render(s); %s", name, renderer.rendered, renderer.cache_stats())
-    return code
 
 
 if __name__ == "__main__":  # pragma: no cover - started through `lorafleet worker`

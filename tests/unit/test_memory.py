@@ -111,7 +111,7 @@ def test_prompt_embeddings_are_cached_and_render_what_diffusers_does(tiny, budge
     ours = np.stack(budgeted.render(job)[0])
     again = np.stack(budgeted.render(make_job(budgeted, height=16, width=16, seed=8))[0])
     stats = budgeted.prompts.lru.stats()
-    assert (stats["misses"], stats["hits"]) == (1, 1)  # T5 ran once for the two jobs
+    assert (stats.misses, stats.hits) == (1, 1)  # T5 ran once for the two jobs
     assert not np.array_equal(ours, again)
 
     pipe = DiffusionPipeline.from_pretrained(tiny["model"])

@@ -151,8 +151,8 @@ def test_caches_too_small_for_two_adapters_still_render_every_job_right(renderer
     for fields in jobs:
         assert np.array_equal(frames(tight, **fields), frames(renderer, **fields))
     stats = tight.cache_stats()
-    assert stats["adapter_host"]["entries"] == 1 and stats["adapter_host"]["evictions"] >= 3
-    assert stats["device_factors"]["entries"] == 1
+    assert stats.adapter_host.entries == 1 and stats.adapter_host.evictions >= 3
+    assert stats.device_factors.entries == 1
 
 
 def test_compiled_transformer_switches_without_recompiling(tiny, tmp_path):
