@@ -38,3 +38,17 @@ def test_the_layer_table_is_the_module_tree(kind):
         name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }
     assert cogvideox_linear_layers(dict(model.config)) == real
+
+
+def test_the_committed_tiny_config_is_the_tiny_model_tiny_model_builds(tiny):
+    """tests/tiny_config holds the tiny model's config files, for the torch-free tests that check
+    jobs against it (tests/unit/test_corpus.py): what model_info reads of it stays what it reads of
+    the model `lorafleet tiny-model` writes."""
+    import dataclasses
+    import os
+
+    from common.model import model_info
+    from tests.conftest import REPO
+
+    committed = model_info(os.path.join(REPO, "tests", "tiny_config"))
+    assert dataclasses.replace(committed, ref=tiny["model"]) == model_info(tiny["model"])
