@@ -121,7 +121,9 @@ def send_jobs(
         pushes: list[tuple[str, str]] = []  # (Redis list, envelope)
         for message, task_id, queue in sends:
             queue = queue or queue_for(message.get("model"))
-            priority = PRIORITIES[message.get("priority") or "normal"]
+            # A message without a priority (another client's) goes where kombu sends one: step 0,
+            # served first; sent again (a lapsed lease, a resume), it stays there.
+            priority = PRIORITIES[message.get("priority") or "high"]
             # What Flower shows of a job: its key and batch, not the repr of the whole job.
             label = f"[job {str(message.get('key', '?'))[:12]} of batch {message.get('batch')}]"
             reprs = {"argsrepr": label, "kwargsrepr": "{}"}

@@ -3,7 +3,7 @@ Redis key lorafleet writes beside Celery's, the states a job's task passes throu
 of what a worker reports (its progress and its result). Nothing else builds a key name.
 
 Anyone who can write to Redis can write these; readers parse them through their models
-(common/leases.py: `parse_record`) and never trust them further.
+(common/leases/records.py: `parse_record`) and never trust them further.
 """
 
 import re
@@ -102,7 +102,7 @@ def queue_lists(queue: str) -> list[str]:
 class TaskState(StrEnum):
     """The states of a `lorafleet.render` task in Celery's result backend: Celery's own, and
     PAUSED, which lorafleet adds once a job is set aside. A running job stays STARTED: its progress
-    is in its worker's heartbeat (common/leases.py: WorkerRecord), not rewritten here at each step."""
+    is in its worker's heartbeat (common/leases/records.py: WorkerRecord), not rewritten here at each step."""
 
     PENDING = "PENDING"
     STARTED = "STARTED"

@@ -103,7 +103,7 @@ def estimate_sweep(path: str, settings: Settings, console: Console) -> dict:
     """What a sweep would cost, enqueueing nothing: its cells, the renders they need (cells that
     share a key share a render), how many are in the store already, and the GPU time of the rest on
     the live fleet. Each job's time is scaled from the pace of its queue's workers' last jobs (a
-    worker's heartbeat: common/leases.py's Pace): its steps × seconds a step, in proportion to its
+    worker's heartbeat: common/leases/records.py's Pace): its steps × seconds a step, in proportion to its
     pixels, plus the rest of a job's time; averaged over the workers that have a pace. Returns the
     figures it printed."""
     store = Store(settings.store_url)

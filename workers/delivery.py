@@ -1,6 +1,6 @@
 """One delivery of a `lorafleet.render` message, as small steps the task takes in order
 (workers/tasks.py), each a function or a context manager over the ledger in Redis
-(common/leases.py):
+(common/leases/):
 
     lease → count the delivery → check the message → admit (pause, cancel) → key lock → render → fence
 

@@ -69,7 +69,7 @@ class Health:
         self.last_beat: float | None = None  # monotonic time of the last heartbeat written to Redis
         self.job: dict | None = None  # the job running now: RunningJob's fields ("since": a Unix time)
         self.about: dict = {}  # what the worker is: {"device", "model", "tier"}
-        self.pace: dict | None = None  # its last rendered job's Pace (common/leases.py)
+        self.pace: dict | None = None  # its last rendered job's Pace (common/leases/records.py)
         self.wake = threading.Event()  # set: the heartbeat beats now instead of at its next interval
 
     def set_job(self, job: dict | None) -> None:

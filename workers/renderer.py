@@ -276,7 +276,7 @@ class Rendered:
 
     @property
     def pace(self) -> dict:
-        """Its Pace (common/leases.py), for the worker's heartbeat: the GPU's time, which the
+        """Its Pace (common/leases/records.py), for the worker's heartbeat: the GPU's time, which the
         background upload does not take."""
         job, timings = self.job, self.timings
         pixels = job.num_frames * job.height * job.width

@@ -3,6 +3,7 @@
 needs a Hopper GPU, where tests/gpu runs the real one), it enters the job key only when it is not
 sdpa, and a worker that cannot run it says why before loading anything."""
 
+import inspect
 import sys
 import types
 
@@ -78,3 +79,64 @@ def test_an_alias_names_its_kernel_and_a_worker_that_cannot_run_it_says_why(tiny
 
     with pytest.raises(ModelError, match="needs a Hopper or Blackwell GPU"):
         Renderer(tiny["model"], "cpu", Settings(adapter_cache_dir=str(tmp_path)), "x", attention="fa4")
+
+
+def statements(function) -> list[str]:
+    """A function's lines as code: stripped, without its docstring, comments and blank lines."""
+    found, in_docstring = [], False
+    for line in (line.strip() for line in inspect.getsource(function).splitlines()):
+        if line.startswith('"""'):
+            in_docstring = in_docstring != (line.count('"""') == 1)
+        elif line and not line.startswith("#") and not in_docstring:
+            found.append(line)
+    return found
+
+
+# What workers/attention.py's copy of diffusers' CogVideoXAttnProcessor2_0 says it changed: the mask
+# left out (CogVideoX passes none: refused instead), FA4's call in place of SDPA's (FA4 returns the
+# tokens-first layout), an absolute import, and the annotation of what both return.
+REPLACED = [
+    ") -> torch.Tensor:",
+    "batch_size, sequence_length, _ = hidden_states.shape",
+    "if attention_mask is not None:",  # preparing the mask; the copy refuses one at its start
+    "attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)",
+    "attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])",
+    "inner_dim = key.shape[-1]",
+    "head_dim = inner_dim // attn.heads",
+    "from .embeddings import apply_rotary_emb",
+    "hidden_states = F.scaled_dot_product_attention(",
+    "query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False",
+    ")",  # the end of that call
+    "hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)",
+]
+ADDED = [
+    ") -> tuple[torch.Tensor, torch.Tensor]:",
+    "if attention_mask is not None:",
+    'raise ValueError("FlashAttention4Processor takes no attention mask (CogVideoX passes none)")',
+    "batch_size = hidden_states.shape[0]",
+    "head_dim = key.shape[-1] // attn.heads",
+    "from diffusers.models.embeddings import apply_rotary_emb",
+    "hidden_states = flash_attention_4(query, key, value).reshape(batch_size, -1, attn.heads * head_dim)",
+]
+
+
+def test_the_fa4_processor_is_still_a_copy_of_diffusers_own():
+    """workers/attention.py says it is copied from diffusers' CogVideoXAttnProcessor2_0 with these
+    changes: checked against the installed diffusers' source, as diffusers' own `make fix-copies`
+    does, so a change upstream (a new norm, another rotary path) fails here instead of silently
+    leaving the FA4 tier behind."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    from workers.attention import FlashAttention4Processor
+
+    assert without(statements(CogVideoXAttnProcessor2_0.__call__), REPLACED) == without(
+        statements(FlashAttention4Processor.__call__), ADDED
+    )
+
+
+def without(lines: list[str], taken: list[str]) -> list[str]:
+    """`lines` less one occurrence of each line in `taken` (each must be there)."""
+    left = list(lines)
+    for line in taken:
+        left.remove(line)
+    return left
