@@ -30,26 +30,67 @@ UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 FAILED_OR_CANCELLED = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+@dataclass(slots=True)
+class ManifestEntry:
+    """One job's line in its batch's manifest: which job (its id, key, model, scale, seed), where it
+    stands (status, task id, error), where its outputs are, and once rendered, which worker and how
+    long it took. A line is read by `read_entry` and written by `as_dict` alone."""
+
+    key: str
+    status: JobStatus
+    id: str | None = None
+    task_id: str | None = None
+    model: str | None = None
+    lora_scale: float | None = None
+    seed: int | None = None
+    video: str | None = None
+    poster: str | None = None
+    metadata: str | None = None
+    error: str | None = None
+    worker: str | None = None  # once done: the worker that rendered it
+    seconds: float | None = None  # once done: the job's own time on its worker, what ETAs are made of
+
+    def record(self, status: JobStatus, error: str | None = None) -> None:
+        """Its state now, with the reason where it failed or was cancelled (none otherwise)."""
+        self.status, self.error = status, error
+
+    def as_dict(self) -> dict:
+        """The manifest line's object: every field a submitted job has, and a done job's worker
+        and seconds once known."""
+        line = {name: getattr(self, name) for name in ALWAYS_WRITTEN}
+        for name in ("worker", "seconds"):
+            if getattr(self, name) is not None:
+                line[name] = getattr(self, name)
+        return line
+
+
+ALWAYS_WRITTEN = ("id", "key", "status", "task_id", "model", "lora_scale", "seed", "video", "poster", "metadata", "error")
+# The type each field of a line must have, or null (anyone who can write the store can write a line).
+FIELD_TYPES = {
+    "id": str, "task_id": str, "model": str, "lora_scale": (int, float), "seed": int, "video": str, "poster": str,
+    "metadata": str, "error": str, "worker": str, "seconds": (int, float),
+}  # fmt: skip
+
+
 @dataclass
 class Batch:
     """A submitted batch: its name and one manifest entry per job, in file order."""
 
     name: str
-    entries: list[dict] = field(default_factory=list)
+    entries: list[ManifestEntry] = field(default_factory=list)
 
-    def add(self, store: Store, job: Job, status: JobStatus, task_id: str | None = None) -> dict:
-        """Add a job's manifest entry: id, key, status, task id, output URIs, error."""
-        entry = {
-            "id": job.id,
-            "key": job.key,
-            "status": status,
-            "task_id": task_id,
-            "model": job.model,
-            "lora_scale": job.lora_scale,
-            "seed": job.seed,
+    def add(self, store: Store, job: Job, status: JobStatus, task_id: str | None = None) -> ManifestEntry:
+        """Add a job's manifest entry: id, key, status, task id, output URIs, no error."""
+        entry = ManifestEntry(
+            key=job.key,
+            status=status,
+            id=job.id,
+            task_id=task_id,
+            model=job.model,
+            lora_scale=job.lora_scale,
+            seed=job.seed,
             **output_uris(store, job.key),
-            "error": None,
-        }
+        )
         self.entries.append(entry)
         return entry
 
@@ -82,8 +123,8 @@ class Batch:
         manifest order. What a batch's sent counter (common/protocol.py: `sent_key`) counts along."""
         order: dict[str, str] = {}
         for entry in self.entries:
-            if entry["task_id"] and entry["task_id"] not in order:
-                order[entry["task_id"]] = entry["key"]
+            if entry.task_id and entry.task_id not in order:
+                order[entry.task_id] = entry.key
         return list(order.items())
 
     def settle_sent(self, sent: int) -> list[tuple[str, str]]:
@@ -92,14 +133,14 @@ class Batch:
         order = self.send_order()
         went = {task_id for task_id, _ in order[:sent]}
         for entry in self.entries:
-            if entry["status"] == JobStatus.UNSENT and entry["task_id"] in went:
-                entry["status"] = JobStatus.QUEUED
+            if entry.status == JobStatus.UNSENT and entry.task_id in went:
+                entry.status = JobStatus.QUEUED
         return order[sent:]
 
     @property
     def enqueued(self) -> int:
         """How many distinct jobs went to the queue (a job listed twice is enqueued once)."""
-        return len({entry["task_id"] for entry in self.entries if entry["task_id"]})
+        return len({entry.task_id for entry in self.entries if entry.task_id})
 
     @classmethod
     def load(cls, store: Store, name: str) -> "Batch":
@@ -128,29 +169,35 @@ class Batch:
 
     def count(self, status: JobStatus) -> int:
         """How many jobs have this status."""
-        return sum(entry["status"] == status for entry in self.entries)
+        return sum(entry.status == status for entry in self.entries)
 
     def write_manifest(self, store: Store) -> str:
         """Write batches/<name>/manifest.jsonl (one line per job); returns its URI."""
-        lines = "".join(json.dumps(entry) + "\n" for entry in self.entries)
+        lines = "".join(json.dumps(entry.as_dict()) + "\n" for entry in self.entries)
         return store.write_bytes(manifest_path(self.name), lines.encode())
 
 
 STATES = {state.value for state in JobStatus}
 
 
-def read_entry(line: str, store: Store, batch: str, number: int) -> dict:
-    """One manifest line as its entry; raises StoreError, naming the file and line, if it is not one."""
+def read_entry(line: str, store: Store, batch: str, number: int) -> ManifestEntry:
+    """One manifest line as its entry; raises StoreError, naming the file and line, if it is not one:
+    a JSON object with a key, a known status, and each other field of its type or null."""
     try:
-        entry = json.loads(line)
+        found = json.loads(line)
     except ValueError:
-        entry = None
-    if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and entry.get("status") in STATES):
+        found = None
+    if not (
+        isinstance(found, dict)
+        and isinstance(found.get("key"), str)
+        and found.get("status") in STATES
+        and all(found.get(name) is None or isinstance(found[name], kind) for name, kind in FIELD_TYPES.items())
+    ):
         raise StoreError(
             f"{store.uri(manifest_path(batch))} line {number}: not a manifest entry (a JSON object with a key and a status)"
         )
-    entry.setdefault("task_id", None)
-    return entry
+    fields = {name: found.get(name) for name in FIELD_TYPES}
+    return ManifestEntry(key=found["key"], status=JobStatus(found["status"]), **fields)
 
 
 def new_batch_name() -> str:

@@ -241,7 +241,8 @@ def submit(settings: Settings, console: Console, file: str, wait: bool, batch, p
     if wait or timeout_s is not None:
         ok = follow(submitted, settings, console, timeout_s)
     if as_json:
-        print(json.dumps({"batch": submitted.name, "enqueued": queued, "entries": submitted.entries}))
+        entries = [entry.as_dict() for entry in submitted.entries]
+        print(json.dumps({"batch": submitted.name, "enqueued": queued, "entries": entries}))
     return ExitCode.OK if ok else ExitCode.JOBS_FAILED
 
 

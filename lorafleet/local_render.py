@@ -33,12 +33,12 @@ def render_file(path: str, settings: Settings, device: str, console: Console, ba
         console.print(f"[{number}/{len(jobs)}] {job.key[:12]} {job.id or job.prompt[:50]}", markup=False)
         try:
             render_job(renderers[alias], store, job)
-            entry["status"] = JobStatus.DONE
+            entry.record(JobStatus.DONE)
         except LorafleetError as exc:
-            entry.update(status=JobStatus.FAILED, error=str(exc))
+            entry.record(JobStatus.FAILED, str(exc))
         except Exception as exc:
             log.exception("%s failed", job.key[:12])
-            entry.update(status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+            entry.record(JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
     batch.write_manifest(store)
     print_summary(batch, console)
     return batch

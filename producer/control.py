@@ -8,7 +8,7 @@ from rich.console import Console
 from common.broker import make_app, send_job
 from common.errors import InputError
 from common.leases import Ledger
-from common.manifest import FAILED_OR_CANCELLED, Batch, JobStatus
+from common.manifest import FAILED_OR_CANCELLED, Batch, JobStatus, ManifestEntry
 from common.settings import Settings
 from common.store import Store
 from producer.follow import refresh
@@ -23,13 +23,13 @@ def cancel(settings: Settings, name: str, console: Console, job: str | None = No
     batch = Batch.load(store, name)
     refresh(batch, make_app(settings))
     chosen = batch.entries if job is None else find_jobs(batch, job)
-    Ledger.from_settings(settings).cancel(name, None if job is None else sorted({e["task_id"] for e in chosen}))
+    Ledger.from_settings(settings).cancel(name, None if job is None else sorted({e.task_id for e in chosen}))
     what = f"batch {name}" if job is None else f"job {job}"
-    queued = [entry for entry in chosen if entry["status"] in (JobStatus.QUEUED, JobStatus.PAUSED)]
+    queued = [entry for entry in chosen if entry.status in (JobStatus.QUEUED, JobStatus.PAUSED)]
     for entry in queued:
-        entry.update(status=JobStatus.CANCELLED, error=f"{what} was cancelled before the job started")
+        entry.record(JobStatus.CANCELLED, f"{what} was cancelled before the job started")
     batch.write_manifest(store)
-    running = sum(entry["status"] == JobStatus.RUNNING for entry in chosen)
+    running = sum(entry.status == JobStatus.RUNNING for entry in chosen)
     console.print(
         f"{what}: cancelled {len(queued)} queued job(s); {running} running job(s) stop at their next step "
         f"(see `lorafleet status {name}`)"
@@ -37,11 +37,11 @@ def cancel(settings: Settings, name: str, console: Console, job: str | None = No
     return batch
 
 
-def find_jobs(batch: Batch, job: str) -> list[dict]:
+def find_jobs(batch: Batch, job: str) -> list[ManifestEntry]:
     """A batch's entries whose id is `job`, or whose key is or starts with it (8 hex digits at least)."""
-    found = [e for e in batch.entries if e.get("id") == job]
+    found = [e for e in batch.entries if e.id == job]
     if not found and len(job) >= 8 and all(c in "0123456789abcdef" for c in job):
-        found = [e for e in batch.entries if e["key"].startswith(job)]
+        found = [e for e in batch.entries if e.key.startswith(job)]
     if not found:
         raise InputError(f"batch {batch.name} has no job with id {job} or a key starting with it")
     return found
@@ -70,8 +70,8 @@ def resume(settings: Settings, name: str, console: Console) -> Batch:
         send_job(app, entry.message, entry.task_id, entry.queue)
     again = {entry.task_id for entry in set_aside}
     for entry in batch.entries:
-        if entry["task_id"] in again:
-            entry["status"] = JobStatus.QUEUED
+        if entry.task_id in again:
+            entry.status = JobStatus.QUEUED
     batch.write_manifest(store)
     console.print(f"batch {name} resumed: {len(set_aside)} job(s) set aside while paused are queued again")
     return batch
@@ -91,12 +91,13 @@ def retry(settings: Settings, name: str, console: Console) -> Batch:
     Ledger.from_settings(settings).uncancel(name)
     again: dict[str, str] = {}
     for entry in batch.entries:
-        if entry["status"] in FAILED_OR_CANCELLED:
-            key = entry["key"]
+        if entry.status in FAILED_OR_CANCELLED:
+            key = entry.key
             if key not in again:
                 again[key] = str(uuid.uuid4())
                 send_job(app, jobs[key].message(name), again[key])
-            entry.update(status=JobStatus.QUEUED, task_id=again[key], error=None)
+            entry.task_id = again[key]
+            entry.record(JobStatus.QUEUED)
     batch.write_manifest(store)
     console.print(f"batch {name}: {len(again)} job(s) enqueued again")
     return batch

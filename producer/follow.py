@@ -17,7 +17,7 @@ from common.broker import check_redis, make_app, queue_length, send_job, sent_so
 from common.bulk import paused_gc
 from common.errors import InputError, JobCancelled, StoreError, WaitTimeout
 from common.leases import Ledger, WorkerRecord
-from common.manifest import FAILED_OR_CANCELLED, UNFINISHED, Batch, JobStatus
+from common.manifest import FAILED_OR_CANCELLED, UNFINISHED, Batch, JobStatus, ManifestEntry
 from common.protocol import ENDED, RUNNING_STATES, ProgressReport, RenderResult, TaskState
 from common.retry import backoff
 from common.settings import Settings, queue_for
@@ -43,26 +43,26 @@ def refresh(batch: Batch, app, store: Store | None = None) -> None:
     with paused_gc():  # a big batch: many small objects; a full collection would cost more than the poll
         if batch.count(JobStatus.UNSENT):  # a submit cut off while sending: its counter says what went
             batch.settle_sent(sent_so_far(app, batch.name))
-        tasks: dict[str, list[dict]] = {}
+        tasks: dict[str, list[ManifestEntry]] = {}
         for entry in batch.entries:
-            if entry["status"] in UNFINISHED:
-                tasks.setdefault(entry["task_id"], []).append(entry)
+            if entry.status in UNFINISHED:
+                tasks.setdefault(entry.task_id, []).append(entry)
         for task_id, meta in task_metas(app, list(tasks)).items():
             state, entries = meta["status"], tasks[task_id]
             if state in ENDED:
                 _record(entries, state, meta["result"])
             elif state == TaskState.PAUSED:
                 for entry in entries:
-                    entry["status"] = JobStatus.PAUSED
+                    entry.status = JobStatus.PAUSED
             elif state in RUNNING_STATES:
                 for entry in entries:
-                    entry["status"] = JobStatus.RUNNING
+                    entry.status = JobStatus.RUNNING
     if store is not None:
-        unfinished = [entry for entry in batch.entries if entry["status"] in UNFINISHED]
-        present = videos_present(store, [entry["key"] for entry in unfinished])
+        unfinished = [entry for entry in batch.entries if entry.status in UNFINISHED]
+        present = videos_present(store, [entry.key for entry in unfinished])
         for entry in unfinished:
-            if entry["key"] in present:
-                entry.update(status=JobStatus.DONE, error=None)
+            if entry.key in present:
+                entry.record(JobStatus.DONE)
 
 
 def progress_of(batch: Batch, live: list[WorkerRecord]) -> dict[str, ProgressReport]:
@@ -70,9 +70,9 @@ def progress_of(batch: Batch, live: list[WorkerRecord]) -> dict[str, ProgressRep
     heartbeat last said it (every HEARTBEAT_S): progress costs Redis nothing per step."""
     rendering = {w.job.key: w for w in live if w.job is not None and w.job.step is not None and w.job.steps}
     return {
-        entry["task_id"]: ProgressReport(key=entry["key"], step=w.job.step, steps=w.job.steps, worker=w.worker)
+        entry.task_id: ProgressReport(key=entry.key, step=w.job.step, steps=w.job.steps, worker=w.worker)
         for entry in batch.entries
-        if entry["status"] == JobStatus.RUNNING and (w := rendering.get(entry["key"])) is not None
+        if entry.status == JobStatus.RUNNING and (w := rendering.get(entry.key)) is not None
     }
 
 
@@ -85,13 +85,14 @@ def parse_report(model, raw):
         return None
 
 
-def _record(entries: list[dict], state: str, outcome) -> None:
+def _record(entries: list[ManifestEntry], state: str, outcome) -> None:
     if state == TaskState.SUCCESS:
         result = parse_report(RenderResult, outcome)
         for entry in entries:
-            entry.update(status=JobStatus.DONE, worker=result and result.worker, error=None)
+            entry.record(JobStatus.DONE)
+            entry.worker = result.worker if result is not None else None
             if result is not None and result.seconds is not None:
-                entry["seconds"] = result.seconds  # the job's own time on its worker: what ETAs are made of
+                entry.seconds = result.seconds  # the job's own time on its worker: what ETAs are made of
         return
     cancelled = state == TaskState.REVOKED or isinstance(outcome, JobCancelled)
     if state == TaskState.REVOKED:
@@ -101,7 +102,7 @@ def _record(entries: list[dict], state: str, outcome) -> None:
     else:
         reason = str(outcome)
     for entry in entries:
-        entry.update(status=JobStatus.CANCELLED if cancelled else JobStatus.FAILED, error=reason)
+        entry.record(JobStatus.CANCELLED if cancelled else JobStatus.FAILED, reason)
 
 
 def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s: float | None = None) -> bool:
@@ -144,9 +145,9 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
                 said_unsent = True
                 console.print(f"warning: {never_sent(batch)}; waiting for the rest", style="yellow", markup=False)
             view.update(running, eta_s(batch, workers))
-            if not any(entry["status"] in UNFINISHED for entry in batch.entries):
+            if not any(entry.status in UNFINISHED for entry in batch.entries):
                 break
-            standing = (Counter(entry["status"] for entry in batch.entries), running)
+            standing = (Counter(entry.status for entry in batch.entries), running)
             interval = POLL_INTERVAL_S if standing != seen else min(2 * interval, MAX_POLL_INTERVAL_S)
             seen = standing
             if timeout_s is not None and time.monotonic() - started > timeout_s:
@@ -164,7 +165,7 @@ def wait_for_batch(batch: Batch, settings: Settings, console: Console, timeout_s
 def warn_of_unserved_queues(batch: Batch, live: list[WorkerRecord], warned: dict[str, float], console: Console) -> int:
     """Say which queues the batch waits on that no live worker (`live`) serves (each again every
     30 s); returns how many live workers serve the queues it waits on."""
-    aliases = {queue_for(e["model"]): e["model"] for e in batch.entries if e["status"] in UNFINISHED}
+    aliases = {queue_for(e.model): e.model for e in batch.entries if e.status in UNFINISHED}
     served = {worker.queue for worker in live}
     now = time.monotonic()
     for queue, alias in aliases.items():
@@ -188,10 +189,10 @@ def eta_s(batch: Batch, workers: int) -> float | None:
     far (each as its worker measured it: adapters to upload), times its unfinished jobs, divided by
     the live workers serving its queue. 0 when nothing is left; None before its first render ends
     or while no worker serves it. Jobs of other batches sharing the workers make it optimistic."""
-    left = sum(entry["status"] in UNFINISHED for entry in batch.entries)
+    left = sum(entry.status in UNFINISHED for entry in batch.entries)
     if not left:
         return 0.0
-    times = sorted(entry["seconds"] for entry in batch.entries if entry.get("seconds"))
+    times = sorted(entry.seconds for entry in batch.entries if entry.seconds)
     if not times or workers <= 0:
         return None
     return times[len(times) // 2] * left / workers
@@ -249,7 +250,7 @@ class LiveView:
             if task_id not in self.rows:
                 self.rows[task_id] = self.progress.add_task(label, total=info.steps)
             self.progress.update(self.rows[task_id], description=label, completed=info.step)
-        ended = sum(entry["status"] not in UNFINISHED for entry in self.batch.entries)
+        ended = sum(entry.status not in UNFINISHED for entry in self.batch.entries)
         done, failed = self.batch.count(JobStatus.DONE), self.batch.count(JobStatus.FAILED)
         description = (
             f"batch {self.batch.name}: [green]{done} done[/] · [red]{failed} failed[/] · {len(self.batch.entries)} jobs"
@@ -264,12 +265,12 @@ class PlainView:
     def __init__(self, batch: Batch, console: Console):
         self.batch = batch
         self.console = console
-        self.seen = [entry["status"] for entry in batch.entries]
+        self.seen = [entry.status for entry in batch.entries]
         self.said_at = time.monotonic()
 
     def __enter__(self):
         for entry in self.batch.entries:  # the jobs that had ended before the wait began
-            if entry["status"] not in UNFINISHED:
+            if entry.status not in UNFINISHED:
                 self.say(job_line(entry))
         return self
 
@@ -292,9 +293,9 @@ class PlainView:
     def update(self, running: dict[str, ProgressReport], eta: float | None = None) -> None:
         """Say each job that ended since the last update, and the counts (with the ETA) every 30 s."""
         for i, entry in enumerate(self.batch.entries):
-            if entry["status"] != self.seen[i] and entry["status"] not in UNFINISHED:
+            if entry.status != self.seen[i] and entry.status not in UNFINISHED:
                 self.say(job_line(entry))
-            self.seen[i] = entry["status"]
+            self.seen[i] = entry.status
         if time.monotonic() - self.said_at >= PLAIN_SUMMARY_S:
             self.said_at = time.monotonic()
             self.say(
@@ -302,13 +303,13 @@ class PlainView:
             )
 
 
-def job_line(entry: dict) -> str:
+def job_line(entry: ManifestEntry) -> str:
     """One job as one line: status, key, id, scale, seed, then its video or its error."""
-    detail = entry["error"] if entry["status"] in FAILED_OR_CANCELLED else entry["video"]
-    label = f" {entry['id']}" if entry.get("id") else ""
+    detail = entry.error if entry.status in FAILED_OR_CANCELLED else entry.video
+    label = f" {entry.id}" if entry.id else ""
     return (
-        f"{entry['status']:<9} {entry['key'][:12]}{label} "
-        f"scale={entry.get('lora_scale', '?')} seed={entry.get('seed', '?')} {detail}"
+        f"{entry.status:<9} {entry.key[:12]}{label} "
+        f"scale={entry.lora_scale} seed={entry.seed} {detail}"
     )
 
 
@@ -326,19 +327,19 @@ def resend_orphans(batch: Batch, app, store: Store, ledger: Ledger, orphans: dic
     `checks` checks in a row. A job sent twice is rendered once: its key is in the store or locked."""
     # A running job is orphaned too when Redis restarted without its data: its lease is gone, and
     # its worker, unable to prove it holds the job, stopped without writing.
-    pending = {e["task_id"]: e for e in batch.entries if e["status"] in UNFINISHED}
+    pending = {e.task_id: e for e in batch.entries if e.status in UNFINISHED}
     # While a queue holds jobs none of its jobs is orphaned: one length per queue spares a
     # 100,000-job batch 100,000 lookups. Only the jobs of empty queues are looked at one by one.
     lengths: dict[str, int] = {}
     for entry in pending.values():
-        queue = queue_for(entry.get("model"))
+        queue = queue_for(entry.model)
         if queue not in lengths:
             lengths[queue] = queue_length(ledger.redis, queue)
-    candidates = [t for t, e in pending.items() if lengths[queue_for(e.get("model"))] == 0]
+    candidates = [t for t, e in pending.items() if lengths[queue_for(e.model)] == 0]
     with_result = task_metas(app, candidates)
     jobs = None
     for task_id, entry in pending.items():
-        queue = queue_for(entry.get("model"))
+        queue = queue_for(entry.model)
         if lengths[queue] or task_id in with_result or not ledger.orphaned(task_id, queue):
             orphans.pop(task_id, None)
             continue
@@ -346,8 +347,8 @@ def resend_orphans(batch: Batch, app, store: Store, ledger: Ledger, orphans: dic
         if orphans[task_id] >= checks:
             if jobs is None:
                 jobs = batch.read_jobs(store)
-            log.warning("%s (%s) was found nowhere %d times: sending it again", entry["key"][:12], task_id, checks)
-            send_job(app, jobs[entry["key"]].message(batch.name), task_id)
+            log.warning("%s (%s) was found nowhere %d times: sending it again", entry.key[:12], task_id, checks)
+            send_job(app, jobs[entry.key].message(batch.name), task_id)
             orphans.pop(task_id)
 
 
@@ -369,7 +370,8 @@ def status(settings: Settings, name: str, console: Console, as_json: bool = Fals
     shown = (JobStatus.DONE, *UNFINISHED[::-1], *FAILED_OR_CANCELLED, JobStatus.UNSENT)
     counts = {state.value: batch.count(state) for state in shown}
     if as_json:
-        print(json.dumps({"batch": name, "counts": counts, "jobs": len(batch.entries), "entries": batch.entries}))
+        entries = [entry.as_dict() for entry in batch.entries]
+        print(json.dumps({"batch": name, "counts": counts, "jobs": len(batch.entries), "entries": entries}))
     else:
         console.print(
             f"batch {name}: "
@@ -379,7 +381,7 @@ def status(settings: Settings, name: str, console: Console, as_json: bool = Fals
         if batch.count(JobStatus.UNSENT):
             console.print(never_sent(batch), markup=False, soft_wrap=True)
         for entry in batch.entries:
-            if entry["status"] in FAILED_OR_CANCELLED:
+            if entry.status in FAILED_OR_CANCELLED:
                 console.print(f"  {job_line(entry)}", markup=False, highlight=False, soft_wrap=True)
     if unreachable is not None:
         raise unreachable
@@ -434,15 +436,15 @@ def print_summary(batch: Batch, console: Console) -> None:
     for column in ("id", "key", "scale", "seed", "status", "video / error"):
         table.add_column(column, overflow="fold")
     for entry in batch.entries:
-        style = {JobStatus.DONE: "green", JobStatus.FAILED: "red", JobStatus.CANCELLED: "yellow"}.get(entry["status"])
-        detail = entry["error"] if entry["status"] in FAILED_OR_CANCELLED else entry["video"]
+        style = {JobStatus.DONE: "green", JobStatus.FAILED: "red", JobStatus.CANCELLED: "yellow"}.get(entry.status)
+        detail = entry.error if entry.status in FAILED_OR_CANCELLED else entry.video
         # Ids and errors are the user's or a worker's text: shown as text, never read as markup.
         table.add_row(
-            Text(entry["id"] or ""),
-            entry["key"][:12],
-            str(entry.get("lora_scale", "")),
-            str(entry.get("seed", "")),
-            Text(str(entry["status"]), style=style or "white"),
+            Text(entry.id or ""),
+            entry.key[:12],
+            str(entry.lora_scale) if entry.lora_scale is not None else "",
+            str(entry.seed) if entry.seed is not None else "",
+            Text(str(entry.status), style=style or "white"),
             Text(str(detail or "")),
         )
     console.print(table)

@@ -81,10 +81,10 @@ def plan_prune(store: Store, cutoff: str) -> Plan:
             plan.unreadable[name] = str(exc)
             kept_keys |= keys_named(store, name)
             continue
-        keys = {entry["key"] for entry in batch.entries}
+        keys = {entry.key for entry in batch.entries}
         submitted = store.modified(jobs_path(name))
         old = submitted is not None and submitted < cutoff
-        if old and any(entry["status"] in UNFINISHED for entry in batch.entries):
+        if old and any(entry.status in UNFINISHED for entry in batch.entries):
             plan.busy.append(name)
             old = False
         if old:

@@ -86,7 +86,7 @@ def build_report(
     """Compute every cell's numbers and write report.json, report.html and the plots; returns the
     report. Videos are read up to `max_video_pixels`, input images under `policy` (the settings')."""
     options = options or {"suggest": SUGGEST, "moved": MOVED}
-    entries = {entry["key"]: entry for entry in batch.entries}
+    entries = {entry.key: entry for entry in batch.entries}
     metadata = {job.key: json.loads(store.read_bytes(video_path(job.key, "json"))) for job in jobs}
     videos: dict[str, np.ndarray] = {}
 
@@ -120,7 +120,7 @@ def build_report(
                 ],
                 "prompt_text": prompts[cell["prompt"]],
                 "image": job.image and job.image.model_dump(),  # image-to-video: the input, shown beside its rows
-                "status": entries[key]["status"],
+                "status": entries[key].status,
                 "worker": metadata[key]["worker"],
                 "evaluated": evaluation is not None,
                 "numbers": numbers,

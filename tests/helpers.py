@@ -95,12 +95,12 @@ def prepare_job(obj: dict, where: str, model, resolver=None) -> list:
 def plant_batch(store, name: str, keys: list[str], status: str = "done") -> None:
     """A batch as `submit` and the workers leave it in a store (manifest, jobs, each key's outputs),
     without rendering: for tests of what reads or removes stored batches."""
-    from common.manifest import Batch
+    from common.manifest import Batch, JobStatus, ManifestEntry
     from common.store import video_path
 
     entries = []
     for key in keys:
-        entries.append({"id": None, "key": key, "status": status, "task_id": key[:8], "error": None})
+        entries.append(ManifestEntry(key=key, status=JobStatus(status), task_id=key[:8]))
         for suffix in ("mp4", "png", "json"):
             store.write_bytes(video_path(key, suffix), b"\0" * 1000)
     batch = Batch(name, entries)

@@ -5,7 +5,7 @@ import io
 import pytest
 from rich.console import Console
 
-from common.manifest import Batch, JobStatus
+from common.manifest import Batch, JobStatus, ManifestEntry
 from producer.follow import print_summary
 
 pytestmark = pytest.mark.unit
@@ -14,7 +14,8 @@ pytestmark = pytest.mark.unit
 def test_markup_in_a_job_id_or_error_is_printed_as_written_in_a_terminal_table():
     entry = {"id": "[reverse]X[/reverse]", "key": "ab" * 32, "lora_scale": 1.0, "seed": 1, "video": None}
     failed = entry | {"id": "[link=file:///etc]y", "status": JobStatus.FAILED, "error": "[bold red]boom"}
-    batch = Batch("b", [entry | {"status": JobStatus.DONE, "error": None, "video": "/v/[x].mp4"}, failed])
+    done = entry | {"status": JobStatus.DONE, "error": None, "video": "/v/[x].mp4"}
+    batch = Batch("b", [ManifestEntry(**done), ManifestEntry(**failed)])
     out = io.StringIO()
     print_summary(batch, Console(file=out, force_terminal=True, width=200, color_system=None))
     text = out.getvalue()
@@ -25,7 +26,7 @@ def test_the_eta_is_the_median_job_time_times_the_jobs_left_over_the_workers():
     from producer.follow import eta_s, format_duration
 
     def entry(status, seconds=None):
-        return {"key": "k", "status": status, **({"seconds": seconds} if seconds is not None else {})}
+        return ManifestEntry(key="k", status=status, seconds=seconds)
 
     done = [entry(JobStatus.DONE, s) for s in (10.0, 20.0, 30.0, 100.0)] + [
         entry(JobStatus.DONE)
