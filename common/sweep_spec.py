@@ -43,7 +43,7 @@ from common.job_spec import (
     render_size,
     unknown_field,
 )
-from common.jobs_file import JobLimits
+from common.jobs_file import JobLimits, read_job_lines
 from common.model import ModelInfo
 from common.resolver import AdapterResolver, resolve_job
 
@@ -86,7 +86,7 @@ def parse_scales(value, errors: list) -> list[float]:
     return scales
 
 
-def _prompts(spec: dict, model: ModelInfo, resolver: AdapterResolver, errors: list) -> list[dict]:
+def _prompts(spec: dict, model: ModelInfo, resolver: AdapterResolver, max_jobs: int, errors: list) -> list[dict]:
     if ("prompts" in spec) == ("prompts_file" in spec):
         errors.append("prompts: give either prompts (a list) or prompts_file (a .jsonl), not both or neither")
         return []
@@ -97,11 +97,19 @@ def _prompts(spec: dict, model: ModelInfo, resolver: AdapterResolver, errors: li
             return []
     else:
         where = spec["prompts_file"]
+        if not isinstance(where, str):
+            errors.append(f"prompts_file: must be the path of a .jsonl file, got {quoted(where)}")
+            return []
+        # As a jobs file is read: a regular file only, as a stream, at most max_jobs lines, each named.
+        items = []
         try:
-            with open(where, encoding="utf-8") as f:
-                items = [json.loads(line) for line in f if line.strip()]
-        except (OSError, ValueError) as exc:
-            errors.append(f"prompts_file: cannot read {where}: {exc}")
+            for _, item, problem in read_job_lines(where, max_jobs):
+                if problem is not None:
+                    errors.append(f"prompts_file: {where}: {problem}")
+                else:
+                    items.append(item)
+        except JobFileError as exc:
+            errors.extend(f"prompts_file: cannot read {where}: {error}" for error in exc.errors)
             return []
     prompts = []
     for i, item in enumerate(items):
@@ -185,7 +193,7 @@ def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimi
         model: ModelInfo = model_for(spec.get("model"))
     except ModelError as exc:
         raise JobFileError(path, [f"model: {exc}"]) from None
-    prompts = _prompts(spec, model, resolver, errors)
+    prompts = _prompts(spec, model, resolver, limits.max_jobs, errors)
     scales = parse_scales(spec.get("lora_scales", [1.0]), errors)
     if 0.0 not in scales:
         scales = [0.0, *scales]  # the reference every cell is compared with

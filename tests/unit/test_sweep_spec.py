@@ -107,3 +107,21 @@ def test_an_error_quotes_at_most_a_line_of_a_long_value(tmp_path):
         load(tmp_path, {**OLD, "refine": {"resolution": 0.1, "rounds": list(range(50_000))}})
     (line,) = [line for line in str(refused.value).splitlines() if "refine.rounds" in line]
     assert len(line) < 200 and line.endswith("…"), line
+
+
+def test_a_prompts_file_is_read_as_a_jobs_file_is(tmp_path):
+    """prompts_file once went through a plain open: a FIFO hung the sweep, a bad line had no number."""
+    import os
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(JobFileError, match="not a regular file"):
+        load(tmp_path, {**{k: v for k, v in OLD.items() if k != "prompts"}, "prompts_file": str(fifo)})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"a cat walks"\n{not json\n{"prompt": "a dog runs"}\n')
+    with pytest.raises(JobFileError) as refused:
+        load(tmp_path, {**{k: v for k, v in OLD.items() if k != "prompts"}, "prompts_file": str(prompts)})
+    assert f"prompts_file: {prompts}: line 2: not valid JSON (Expecting property name enclosed in double quotes)" in str(refused.value)
+    prompts.write_text('"a cat walks"\n{"prompt": "a dog runs"}\n')
+    _, jobs, _, _ = load(tmp_path, {**{k: v for k, v in OLD.items() if k != "prompts"}, "prompts_file": str(prompts)})
+    assert {job.prompt for job in jobs} == {"a cat walks", "a dog runs"}
