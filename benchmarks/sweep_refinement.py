@@ -1,6 +1,6 @@
 """Renders a refining sweep needs against the full grid, on a planted metric curve.
 
-A sweep's suggestion is decided by the report's own rule (producer/report.py: `_summarise`, the
+A sweep's suggestion is decided by the report's own rule (producer/report/rules.py: `summarise`, the
 paired rule, `refine_scale`); this script feeds that code a planted curve instead of videos, so it
 counts renders without rendering: CLIPScore falls as 10·scale² below scale 0's (so the rule's
 1.0 tolerance is crossed at scale 0.316), plus a per prompt × seed offset (which a paired comparison
@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.sweep_spec import SUGGEST, parse_scales  # noqa: E402
-from producer.report import _summarise, refine_scale  # noqa: E402
+from producer.report import refine_scale, summarise  # noqa: E402
 
 
 def planted(scale: float, pair: int, rng: random.Random) -> dict:
@@ -36,7 +36,7 @@ def cells_at(scales, pairs: int, rng: random.Random) -> list[dict]:
 
 
 def summary_of(cells: list[dict]) -> dict:
-    return _summarise(0, cells, SUGGEST, clip=True)
+    return summarise(0, cells, SUGGEST, clip=True)
 
 
 def main() -> int:

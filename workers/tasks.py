@@ -78,7 +78,8 @@ class RenderTask(LorafleetTask):
         """Render one job (a JSON object, docs/design.md's task contract); the background upload
         reports its result."""
         task_id = self.request.id
-        with accounting(self, task_id) as outcome, ExitStack() as held:
+        # `held` goes to the background upload with the frames; `logged` (the job's log fields) stays here.
+        with accounting(self, task_id) as outcome, ExitStack() as held, ExitStack() as logged:
             lease = held.enter_context(self.ledger.running(task_id, message, self.queue, self.worker))
             deliveries = count_delivery(self.ledger, task_id, self.settings.max_deliveries)
             # A fresh resolver per message: a file replaced in place, or one that appeared since,
@@ -86,7 +87,7 @@ class RenderTask(LorafleetTask):
             resolver = AdapterResolver.from_settings(self.settings, self.store)
             job = job_from_message(message, self.renderer.info, resolver, self.settings.max_video_pixels)
             outcome.key = job.key
-            held.enter_context(job_fields(key=job.key, batch=job.batch))  # on every record of this delivery
+            logged.enter_context(job_fields(key=job.key, batch=job.batch))  # on every record of this delivery
             admit(self, lease, job, task_id, message, self.queue)
             # One look at the store per job, once the lock is ours: on S3 each look is a request
             # while the GPU waits.

@@ -36,11 +36,20 @@ class Uploads:
         self.wait()
         # In the context it was started in: its log records name the job it uploads.
         self._last = self._pool.submit(contextvars.copy_context().run, upload)
+        self._last.add_done_callback(_log_escaped)
 
     def wait(self) -> None:
         """Until the upload in flight, if any, ended."""
         if self._last is not None:
             wait([self._last])
+
+
+def _log_escaped(upload: Future) -> None:
+    """An error the upload did not handle, logged with its traceback: a thread pool keeps it
+    silently in the future otherwise, and the job would end without a word."""
+    error = upload.exception()
+    if error is not None:
+        log.error("an upload failed unexpectedly", exc_info=error)
 
 
 def upload_then_report(task, rendered: Rendered, lease: Lease, held: ExitStack, task_id: str) -> None:

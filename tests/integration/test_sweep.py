@@ -228,7 +228,7 @@ def test_a_draft_night_is_confirmed_by_exact_renders_of_its_pick(fleet_env, star
         exact_meta = json.load(open(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "videos", f"{cell['key']}.json")))
         draft_meta = json.load(open(os.path.join(fleet_env["LORAFLEET_STORE_URL"], "videos", f"{drafts[scale]['key']}.json")))
         assert exact_meta["cache"] is None and draft_meta["cache"]["hook"] == "taylorseer"
-    assert "id='confirmed0'>Confirmed exactly (the fleet&#x27;s default model)" in html and "class='confirmed-scale'" in html
+    assert "id='confirmed0'>Confirmed exactly (the fleet&#39;s default model)" in html and "class='confirmed-scale'" in html
     assert html.count("<video class='cell'") == 5 + 2 * len(expected)  # the draft grid, then draft beside exact
 
 

@@ -1,10 +1,10 @@
 """The sweep report's rules, as tables: which scale is suggested, and which cells moved since a
-baseline night (producer/report.py). Plain data in, no videos, no torch."""
+baseline night (producer/report/rules.py). Plain data in, no videos, no torch."""
 
 import pytest
 
 from common.sweep_spec import MOVED, SUGGEST
-from producer.report import MIN_PAIRS, _mark_moved, _summarise, confirm_scales, distinguishable, refine_scale
+from producer.report import MIN_PAIRS, confirm_scales, distinguishable, mark_moved, refine_scale, summarise
 
 pytestmark = pytest.mark.unit
 ADAPTERS = [{"sha256": "ab" * 32, "weight": 1.0, "alpha": None, "uri": "style"}]
@@ -40,7 +40,7 @@ def clip(score: float, consistency: float) -> dict:
     ids=["all-hold", "clip-drops", "consistency-dips", "none-holds", "mean-over-prompts"],
 )
 def test_the_suggested_scale_is_the_largest_within_both_tolerances(scales, suggested):
-    assert _summarise(0, cells(scales), SUGGEST, clip=True)["suggested"] == suggested
+    assert summarise(0, cells(scales), SUGGEST, clip=True)["suggested"] == suggested
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_two_scales_are_told_apart_by_a_paired_comparison(a, b, told_apart):
 
 
 def notices(scales: dict, clip_on: bool = True) -> dict[str, str]:
-    return {n["kind"]: n["text"] for n in _summarise(0, cells(scales), SUGGEST, clip=clip_on)["notices"]}
+    return {n["kind"]: n["text"] for n in summarise(0, cells(scales), SUGGEST, clip=clip_on)["notices"]}
 
 
 def steady(score: float, consistency: float, prompts: int = 4) -> list[dict]:
@@ -123,17 +123,17 @@ def test_a_draft_is_confirmed_at_its_pick_its_neighbours_and_scale_0(suggested, 
     ids=["between", "below-smallest", "resolved", "top-edge", "indistinguishable"],
 )
 def test_refinement_halves_the_gap_the_rule_decided_in(scales, added):
-    assert refine_scale(_summarise(0, cells(scales), SUGGEST, clip=True), 0.05) == added
+    assert refine_scale(summarise(0, cells(scales), SUGGEST, clip=True), 0.05) == added
 
 
 def test_the_spread_is_the_sample_standard_deviation_over_prompts_and_seeds():
-    summary = _summarise(0, cells({0.0: [clip(30, 0.9), clip(32, 0.9)]}), SUGGEST, clip=True)["summary"]
+    summary = summarise(0, cells({0.0: [clip(30, 0.9), clip(32, 0.9)]}), SUGGEST, clip=True)["summary"]
     assert summary["0.0"]["clip_score"] == {"mean": 31.0, "sd": pytest.approx(2**0.5), "n": 2}
 
 
 def test_without_clip_the_suggestion_rests_on_temporal_ssim():
     scales = {0.0: [{"temporal_ssim": 0.90}], 0.5: [{"temporal_ssim": 0.89}], 1.0: [{"temporal_ssim": 0.80}]}
-    summary = _summarise(0, cells(scales), SUGGEST, clip=False)
+    summary = summarise(0, cells(scales), SUGGEST, clip=False)
     assert summary["suggested"] == 0.5
     assert summary["summary"]["0.5"]["temporal_ssim"] == {"mean": 0.89, "sd": 0.0, "n": 1}
 
@@ -154,5 +154,5 @@ def test_a_cell_moved_when_a_number_changed_past_its_threshold(before, now, move
     for cell in tonight:
         cell.update(moved=[], prompt_text="a cat")
     baseline = {"cells": [{**tonight[0], "numbers": before}]}
-    _mark_moved(tonight, baseline, MOVED)
+    mark_moved(tonight, baseline, MOVED)
     assert tonight[0]["moved"] == moved

@@ -1,0 +1,170 @@
+"""A sweep's report, written for the person who picks the lora_scale to ship for an adapter set.
+
+batches/<batch>/report.html (with report.json holding every number, and plots/set<N>.png):
+what each number measures and which way is better; the sweep's settings and provenance; per
+adapter set a suggested scale by the rule the page states, with notices where it sits at an edge of
+the swept range or cannot be told from the scale the rule turned down (PAIRED_RULE), the mean and
+standard deviation of each number across prompts × seeds at each scale, plots, and the grid of
+videos (rows prompt × seed, columns lora_scale), each cell a muted looping video; with `axes:`, the
+further axes against lora_scale first and a section per combination; a draft night's exact
+confirmation beside its draft cells; the adapter sets side by side at each scale; render
+time per worker. The per-key numbers come from the workers' evaluations (eval.json,
+common/evaluation.py); the ones between a cell and its scale-0 cell are computed here.
+
+In three parts: the numbers and rules (rules.py: no HTML, table-tested), the plots (plots.py) and
+the page (page.py and its Jinja2 template, page.html, autoescaped); here, what reads the store and
+writes the report.
+"""
+
+import io
+import json
+import time
+
+import numpy as np
+
+from common.evaluation import read_video, vs_base
+from common.images import read_image_url
+from common.job import Job
+from common.manifest import Batch
+from common.reading import ReadPolicy
+from common.store import Store, video_path
+from common.sweep_spec import MOVED, SUGGEST
+from producer.report.page import render_page
+from producer.report.plots import plot
+from producer.report.rules import (
+    CLIP_METRICS,
+    METRICS,
+    MIN_PAIRS,
+    PAIRED_RULE,
+    axes_id,
+    confirm_scales,
+    distinguishable,
+    group_of,
+    groups,
+    mark_moved,
+    provenance,
+    refine_scale,
+    render_times,
+    rule_text,
+    section,
+    sets_of,
+    summarise,
+    switches,
+)
+
+__all__ = [
+    "CLIP_METRICS", "METRICS", "MIN_PAIRS", "PAIRED_RULE", "build_report", "confirm_scales", "distinguishable",
+    "load_report", "mark_moved", "refine_scale", "summarise",
+]  # fmt: skip
+
+
+def build_report(
+    batch: Batch,
+    store: Store,
+    jobs: list[Job],
+    cells: list[dict],
+    prompts: list[str],
+    evaluations: dict[str, dict],
+    options: dict | None = None,
+    compare: dict | None = None,
+    *,
+    max_video_pixels: int,
+    policy: ReadPolicy,
+) -> dict:
+    """Compute every cell's numbers and write report.json, report.html and the plots; returns the
+    report. Videos are read up to `max_video_pixels`, input images under `policy` (the settings')."""
+    options = options or {"suggest": SUGGEST, "moved": MOVED}
+    entries = {entry.key: entry for entry in batch.entries}
+    metadata = {job.key: json.loads(store.read_bytes(video_path(job.key, "json"))) for job in jobs}
+    videos: dict[str, np.ndarray] = {}
+
+    def video(key: str) -> np.ndarray:
+        if key not in videos:
+            videos[key] = read_video(store, key, max_video_pixels)
+        return videos[key]
+
+    # each tier against its own scale 0: a draft's cells against the draft base, exact ones the exact base
+    base_keys = {
+        (c.get("tier"), axes_id(c), c["prompt"], c["seed"]): j.key
+        for j, c in zip(jobs, cells, strict=True)
+        if c["lora_scale"] == 0
+    }
+    report_cells = []
+    for job, cell in zip(jobs, cells, strict=True):
+        key = job.key
+        evaluation = evaluations.get(key)
+        numbers = {
+            **vs_base(video(key), video(base_keys[(cell.get("tier"), axes_id(cell), cell["prompt"], cell["seed"])])),
+            **(evaluation["numbers"] if evaluation else {}),
+            "render_s": metadata[key]["timings_s"]["total"],
+        }
+        report_cells.append(
+            {
+                **cell,
+                "key": key,
+                "adapters": [
+                    a.model_dump(include={"sha256", "weight", "alpha", "uri"} | ({"name"} if a.name else set()))
+                    for a in job.adapters
+                ],
+                "prompt_text": prompts[cell["prompt"]],
+                "image": job.image and job.image.model_dump(),  # image-to-video: the input, shown beside its rows
+                "status": entries[key].status,
+                "worker": metadata[key]["worker"],
+                "evaluated": evaluation is not None,
+                "numbers": numbers,
+                "moved": [],
+            }
+        )
+    if compare:
+        mark_moved(report_cells, compare, options["moved"])
+    clip = any(name in c["numbers"] for c in report_cells for name in CLIP_METRICS)
+    swept = [c for c in report_cells if c.get("tier") is None]  # a draft sweep's confirmation aside
+    sets = [section(group, swept, options["suggest"], clip) for group in groups(swept)]
+    exact = [c for c in report_cells if c.get("tier") == "exact"]
+    confirmed = [summarise(s, [c for c in exact if c["set"] == s], options["suggest"], clip) for s in sets_of(exact)]
+    if compare:
+        same = lambda s: json.dumps([s["combination"], s.get("axes")])  # noqa: E731
+        before = {same(s): s["suggested"] for s in compare.get("sets", [])}
+        for s in sets:  # the baseline night's suggestion, where it swept the same adapter set (and axes)
+            if same(s) in before:
+                s["baseline_suggested"] = before[same(s)]
+    report = {
+        "batch": batch.name,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "provenance": provenance(jobs, metadata, evaluations),
+        "clip": clip,
+        "rule": rule_text(options["suggest"], clip),
+        "options": options,
+        "sets": sets,
+        # a draft sweep's suggestion and neighbours rendered exactly, per set: the night's decision
+        "confirmed": confirmed,
+        "confirm_model": (options.get("confirm") or {}).get("model"),
+        "cells": report_cells,
+        "render_time_per_worker": render_times(metadata),
+        "switches": switches(metadata),
+        "compared_with": (compare or {}).get("batch"),
+    }
+    base_dir = f"batches/{batch.name}"
+    store.write_bytes(f"{base_dir}/report.json", json.dumps(report, indent=1).encode())
+    for s in sets:
+        cells_of_section = [c for c in swept if group_of(c) == (s["set"], axes_id(s))]
+        store.write_bytes(f"{base_dir}/plots/{s['section']}.png", plot(cells_of_section, s["set"]))
+    images = {c["image"]["sha256"]: c["image"] for c in report_cells if c.get("image")}
+    for sha256, image in images.items():
+        store.write_bytes(f"{base_dir}/images/{sha256}.png", thumbnail(image, policy))
+    store.write_bytes(f"{base_dir}/report.html", render_page(report).encode())
+    return report
+
+
+def thumbnail(image: dict, policy: ReadPolicy) -> bytes:
+    """An input image at most 160 pixels wide, as PNG, checked against the hash its jobs were keyed by."""
+    picture = read_image_url(image["url"], image["sha256"], policy)
+    picture.thumbnail((160, 160))
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
+
+
+def load_report(store: Store, batch: str) -> dict:
+    """A previous batch's report.json, for --compare."""
+    return json.loads(store.read_bytes(f"batches/{batch}/report.json"))
