@@ -30,6 +30,7 @@ from common.settings import Settings, settings_env
 WORKER_EXTRA = {
     "torch", "diffusers", "transformers", "peft", "safetensors", "imageio", "imageio_ffmpeg", "sentencepiece", "PIL",
 }  # fmt: skip
+JSON_COMMANDS = "submit, batches, status and top"  # what takes --json, before or after its name
 # A shared flag -> the setting it sets.
 SHARED_FLAGS = {"redis_url": "redis_url", "store_url": "store_url", "default_model": "model"}
 
@@ -60,6 +61,12 @@ def shared_options(command):
         overrides = {SHARED_FLAGS[k]: v for k, v in given.items() if k in SHARED_FLAGS and v is not None}
         for name in (*SHARED_FLAGS, "verbose"):
             flags.pop(name, None)
+        if click.get_current_context().find_root().params.get("as_json"):  # `lorafleet --json status B`
+            if "as_json" not in flags:
+                name = click.get_current_context().info_name
+                print(f"lorafleet {name}: --json: this command prints no JSON ({JSON_COMMANDS} do)", file=sys.stderr)
+                return ExitCode.BAD_INPUT
+            flags["as_json"] = True
         try:
             settings = Settings(**overrides)
             configure_logging(settings.log_format, "DEBUG" if given.get("verbose") else settings.log_level)
@@ -158,11 +165,13 @@ def _pick_device(gpu: int | None, device: str | None, cpu_fallback: bool = False
 @click.option("--store-url", hidden=True)
 @click.option("--default-model", hidden=True)
 @click.option("-v", "--verbose", is_flag=True, default=None, hidden=True)
+@click.option("--json", "as_json", is_flag=True, default=None, hidden=True)
 def cli(**_):
     """Render CogVideoX + LoRA videos on a GPU fleet.
 
     Settings come from the environment (LORAFLEET_*); the shared flags (--redis-url, --store-url,
-    --default-model, -v) override them, before or after the command's name.
+    --default-model, -v) override them, before or after the command's name, as does --json (for
+    submit, batches, status and top).
     """
 
 
@@ -213,7 +222,7 @@ def json_option(command):
     )
 
 
-@cli.command()
+@cli.command(short_help="Check a jobs file and enqueue it as one batch")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--wait", is_flag=True, help="show progress until every job ends")
 @click.option("--batch", help="batch name (default: the time and a random suffix)")
@@ -246,7 +255,7 @@ def submit(settings: Settings, console: Console, file: str, wait: bool, batch, p
     return ExitCode.OK if ok else ExitCode.JOBS_FAILED
 
 
-@cli.command()
+@cli.command(short_help="Follow a batch until every job ends")
 @click.argument("batch")
 @timeout_option
 @shared_options
@@ -260,7 +269,7 @@ def wait(settings: Settings, console: Console, batch: str, timeout_s):
     return ExitCode.OK if follow(followed, settings, console, timeout_s) else ExitCode.JOBS_FAILED
 
 
-@cli.command()
+@cli.command(short_help="List the batches in the store with their counts")
 @json_option
 @shared_options
 def batches(settings: Settings, console: Console, as_json: bool):
@@ -281,7 +290,7 @@ def batches(settings: Settings, console: Console, as_json: bool):
     return ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Run a sweep spec as one batch and write its report")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--batch", help="batch name (default: the spec's name and today's date)")
 @click.option(
@@ -297,6 +306,7 @@ def batches(settings: Settings, console: Console, as_json: bool):
 )
 @timeout_option
 @shared_options
+@needs_redis
 def sweep(
     settings: Settings, console: Console, file: str, batch: str | None, compare: str | None, estimate: bool, timeout_s
 ):
@@ -310,7 +320,7 @@ def sweep(
     return ExitCode.OK if ok else ExitCode.JOBS_FAILED
 
 
-@cli.command()
+@cli.command(short_help="Count a batch's jobs by state; name each failure")
 @click.argument("batch")
 @json_option
 @shared_options
@@ -323,7 +333,7 @@ def status(settings: Settings, console: Console, batch: str, as_json: bool):
     return ExitCode.JOBS_FAILED if shown.count(JobStatus.FAILED) + shown.count(JobStatus.CANCELLED) else ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Cancel a batch, or one job of it")
 @click.argument("batch")
 @click.option("--job", metavar="ID|KEY", help="only this job: its id, or its key (8 hex digits or more)")
 @shared_options
@@ -336,7 +346,7 @@ def cancel(settings: Settings, console: Console, batch: str, job: str | None):
     return ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Hold a batch's queued jobs until resume")
 @click.argument("batch")
 @shared_options
 @needs_redis
@@ -348,7 +358,7 @@ def pause(settings: Settings, console: Console, batch: str):
     return ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Send again the jobs of a paused batch")
 @click.argument("batch")
 @shared_options
 @needs_redis
@@ -360,14 +370,15 @@ def resume(settings: Settings, console: Console, batch: str):
     return ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Send a batch's unsent jobs; enqueue failed ones again")
 @click.argument("batch")
 @click.option("--wait", is_flag=True, help="show progress until every job ends")
 @timeout_option
 @shared_options
 @needs_redis
 def retry(settings: Settings, console: Console, batch: str, wait: bool, timeout_s):
-    """Enqueue the failed and cancelled jobs of BATCH again."""
+    """Send the jobs of BATCH that an interrupted submit left unsent (each once), and enqueue its
+    failed and cancelled jobs again."""
     from producer.control import retry as retry_batch
 
     again = retry_batch(settings, batch, console)
@@ -376,7 +387,7 @@ def retry(settings: Settings, console: Console, batch: str, wait: bool, timeout_
     return ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Run one worker on one GPU (or the CPU)")
 @device_options
 @shared_options
 def worker(settings: Settings, console: Console, gpu, device, alias, compile_):
@@ -387,7 +398,7 @@ def worker(settings: Settings, console: Console, gpu, device, alias, compile_):
     return Worker(_with_compile(settings, compile_), where, worker_name(index), alias).run()
 
 
-@cli.command()
+@cli.command(short_help="Run one supervised worker per GPU of this host")
 @click.option("--gpus", help='"all" (the default) or a list such as 0,2')
 @click.option("--cpus", type=click.IntRange(min=1), help="run N workers on the CPU instead (hosts without GPUs)")
 @click.option("--model", "alias", metavar="ALIAS", help="serve this model alias (LORAFLEET_MODELS)")
@@ -404,7 +415,7 @@ def workers(settings: Settings, console: Console, gpus: str | None, cpus: int | 
     return run_workers(slots, ["--model", alias] if alias else [], env)
 
 
-@cli.command()
+@cli.command(short_help="Render a jobs file in this process, without Redis")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--out", help="the store to write into (LORAFLEET_STORE_URL)")
 @click.option("--batch", help="batch name for the manifest")
@@ -424,7 +435,7 @@ def render(settings: Settings, console: Console, file, out, batch, gpu, device, 
     return ExitCode.JOBS_FAILED if rendered.count(JobStatus.FAILED) else ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Exit 0 if a worker's heartbeat is fresh")
 @click.option("--worker", "name", metavar="NAME", help="this worker (gpu0@host, as its log names it); default: any")
 @shared_options
 @needs_redis
@@ -455,7 +466,7 @@ def health(settings: Settings, console: Console, name: str | None):
     return ExitCode.OK if (name in live if name else live) else ExitCode.UNHEALTHY
 
 
-@cli.command()
+@cli.command(short_help="Serve the fleet's numbers to Prometheus and KEDA")
 @click.option("--port", type=int, default=9401, show_default=True, help="serve /metrics on this port")
 @click.option("--batches", type=click.IntRange(min=0), default=20, show_default=True, help="newest batches to count")
 @shared_options
@@ -466,10 +477,13 @@ def exporter(settings: Settings, console: Console, port: int, batches: int):
     run_exporter(settings, port, batches)
 
 
-@cli.command()
+@cli.command(short_help="The fleet at a glance, live")
 @click.option("--once", is_flag=True, help="print one snapshot and exit (as when the output is not a terminal)")
 @json_option
-@click.option("--interval", "interval_s", type=click.FloatRange(min=0.2), default=2.0, show_default=True)
+@click.option(
+    "--interval", "interval_s", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+    help="seconds between refreshes",
+)  # fmt: skip
 @shared_options
 @needs_redis
 def top(settings: Settings, console: Console, once: bool, as_json: bool, interval_s: float):
@@ -480,7 +494,7 @@ def top(settings: Settings, console: Console, once: bool, as_json: bool, interva
     return ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Remove old batches and the outputs no batch needs")
 @click.option("--older-than", "older_than", metavar="DURATION", help="batches submitted this long ago: 30d, 12h, 2w")
 @click.option("--before", metavar="TIME", help="batches submitted before this time: 2026-11-01, 2026-11-01T12:00:00Z")
 @click.option("--dry-run", is_flag=True, help="say what would go; remove nothing")
@@ -508,7 +522,7 @@ def prune(settings: Settings, console: Console, older_than: str | None, before: 
     return ExitCode.FAILED if removed.failed else ExitCode.OK
 
 
-@cli.command(name="redis")
+@cli.command(name="redis", short_help="Start a private redis-server in the background")
 @click.option("--dir", "directory", default="demo/redis", show_default=True, help="its data, pid and log")
 @click.option("--stop", is_flag=True, help="stop the one started from --dir")
 @shared_options
@@ -528,7 +542,7 @@ def redis_command(settings: Settings, console: Console, directory: str, stop: bo
     return ExitCode.OK
 
 
-@cli.command(name="tiny-model")
+@cli.command(name="tiny-model", short_help="Build the tiny random-weight model and adapters")
 @click.argument("directory", metavar="DIR")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")
 @click.option(
@@ -550,7 +564,7 @@ def tiny_model(settings: Settings, console: Console, directory: str, seed: int, 
     return ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Print the JSON Schema of a job")
 @shared_options
 def schema(settings: Settings, console: Console):
     """Print the JSON Schema of a job: one line of a jobs file, or a `lorafleet.render` message."""
@@ -560,7 +574,7 @@ def schema(settings: Settings, console: Console):
     return ExitCode.OK
 
 
-@cli.command()
+@cli.command(short_help="Run the whole flow on the tiny model, here")
 @click.option("--sweep", "spec", metavar="SPEC", type=click.Path(dir_okay=False), help="run this sweep spec instead")
 @click.option(
     "--kind",

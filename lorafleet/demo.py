@@ -54,7 +54,8 @@ def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> i
             redis = stack.enter_context(RedisServer())
             env["LORAFLEET_REDIS_URL"] = redis.url
             console.print(f"started a private redis-server at {redis.url}")
-        log_path = os.path.join(DEMO_DIR, "worker.log")
+        # Its own log: the README's own-fleet worker writes demo/worker.log, maybe at the same time.
+        log_path = os.path.join(DEMO_DIR, "demo-worker.log")
         console.print(f"starting one CPU worker (log: {log_path}) ...")
         worker = spawn_worker(["--device", "cpu"], env, log_path)
         stack.callback(stop_worker, worker)
@@ -68,5 +69,5 @@ def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> i
     if code == 0:
         console.print(f"[green]demo done:[/] videos in {store}/videos/, manifests in {store}/batches/")
     else:
-        console.print(f"[red]demo: some jobs failed[/] (exit {code}); see {DEMO_DIR}/worker.log")
+        console.print(f"[red]demo: some jobs failed[/] (exit {code}); see {log_path}")
     return code

@@ -24,8 +24,16 @@ from common.settings import Settings, queue_for
 from common.store import Store
 from producer.follow import eta_s, format_duration, refresh, summary
 
-# kombu's priority steps by name, as `submit --priority` names them (a message with none is "high")
-STEP_NAMES = {step: name for name, step in PRIORITIES.items()} | {9: "9"}
+# kombu's priority steps by name, as `submit --priority` names them (a message with none is "high");
+# lorafleet sends nothing to step 9: only another client's priority 7 to 9 lands there
+STEP_NAMES = {step: name for name, step in PRIORITIES.items()} | {9: "other"}
+# The worker table's columns at each width, as `kubectl get` and `htop` drop theirs: a running job's
+# worker, key, batch and step always, unbroken; the rest as the terminal has room.
+WORKER_COLUMNS = (
+    (150, ("worker", "queue", "device", "model", "tier", "job", "batch", "step", "s/step", "up")),
+    (110, ("worker", "queue", "job", "batch", "step", "s/step", "up")),
+    (0, ("worker", "job", "batch", "step")),
+)
 
 
 def snapshot(settings: Settings, ledger: Ledger, app, store: Store) -> dict:
@@ -61,25 +69,42 @@ def snapshot(settings: Settings, ledger: Ledger, app, store: Store) -> dict:
     return {"at": now, "queues": queues, "paused": paused, "workers": workers, "batches": batches}
 
 
-def render(fleet: dict) -> Group:
-    """A snapshot as rich tables. Names come from Redis, where any client may write: text, not markup."""
+def render(fleet: dict, width: int = 200) -> Group:
+    """A snapshot as rich tables for a terminal `width` columns wide. Names come from Redis, where
+    any client may write: text, not markup."""
     queues = Table(title="queues", title_justify="left")
-    for column in ("queue", "queued", *(name for name in STEP_NAMES.values())):
+    steps = [step for step, name in STEP_NAMES.items() if name != "other" or any(
+        found["by_priority"].get("other") for found in fleet["queues"].values()
+    )]  # fmt: skip
+    for column in ("queue", "queued", *(STEP_NAMES[step] for step in steps)):
         queues.add_column(column, justify="right" if column != "queue" else "left")
     for queue, found in fleet["queues"].items():
-        queues.add_row(Text(queue), str(found["queued"]), *(str(n) for n in found["by_priority"].values()))
-    workers = Table(title=f"workers ({len(fleet['workers'])} live)", title_justify="left")
-    for column in ("worker", "queue", "device", "model", "tier", "job", "batch", "step", "s/step", "up"):
-        workers.add_column(column)
+        counts = (str(found["by_priority"].get(STEP_NAMES[step], 0)) for step in steps)
+        queues.add_row(Text(queue), str(found["queued"]), *counts)
+    shown = next(columns for least, columns in WORKER_COLUMNS if width >= least)
+    rows = []
     for worker in fleet["workers"]:
         job = worker["job"] or {}
-        step = f"{job['step']}/{job['steps']}" if job.get("steps") else ("starting" if job else "idle")
-        pace = f"{job['step_s']:.2f}" if job.get("step_s") else ""
-        workers.add_row(
-            *(Text(str(worker.get(field) or "")) for field in ("worker", "queue", "device", "model", "tier")),
-            Text(job.get("key", "")[:12]), Text(str(job.get("batch") or "")), step, pace,
-            format_duration(worker["uptime_s"]),
-        )  # fmt: skip
+        rows.append({
+            **{field: str(worker.get(field) or "") for field in ("worker", "queue", "device", "model", "tier")},
+            "job": job.get("key", "")[:12],
+            "batch": str(job.get("batch") or ""),
+            "step": f"{job['step']}/{job['steps']}" if job.get("steps") else ("starting" if job else "idle"),
+            "s/step": f"{job['step_s']:.2f}" if job.get("step_s") else "",
+            "up": format_duration(worker["uptime_s"]),
+        })  # fmt: skip
+    workers = Table(title=f"workers ({len(fleet['workers'])} live)", title_justify="left")
+    # What a reader looks for (the job, its batch and step) keeps its whole width; the worker's name
+    # takes what is left, cut with "…"; the other columns are as wide as they need.
+    needs = {column: max([len(column), *(len(row[column]) for row in rows)]) for column in shown}
+    left = width - (3 * len(shown) + 1) - sum(n for column, n in needs.items() if column != "worker")
+    for column in shown:
+        if column == "worker":
+            workers.add_column(column, no_wrap=True, overflow="ellipsis", max_width=max(8, left))
+        else:
+            workers.add_column(column, no_wrap=True, overflow="ellipsis", min_width=needs[column])
+    for row in rows:
+        workers.add_row(*(Text(row[column]) for column in shown))
     batches = Table(title="running batches", title_justify="left")
     for column in ("batch", "jobs", "ETA"):
         batches.add_column(column)
@@ -129,9 +154,9 @@ def run_top(settings: Settings, console: Console, once: bool, as_json: bool, int
             console.print(line, markup=False, highlight=False, soft_wrap=True)
         return
     if once:
-        console.print(render(snapshot(settings, ledger, app, store)))
+        console.print(render(snapshot(settings, ledger, app, store), console.width))
         return
-    with Live(render(snapshot(settings, ledger, app, store)), console=console, auto_refresh=False) as live:
+    with Live(render(snapshot(settings, ledger, app, store), console.width), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(interval_s)
-            live.update(render(snapshot(settings, ledger, app, store)), refresh=True)
+            live.update(render(snapshot(settings, ledger, app, store), console.width), refresh=True)

@@ -94,9 +94,12 @@ def accounting(task, task_id: str) -> Iterator[Outcome]:
 
 
 def report_failure(worker: str, key: str, exc: BaseException, while_doing: str = "") -> None:
-    """A job's failure, counted and logged once: cancelled or failed; known (one line) or not (traceback)."""
+    """A job's end other than done, counted and logged once: cancelled (info), or failed, known (one
+    error line) or not (its traceback)."""
     JOBS.labels("cancelled" if isinstance(exc, JobCancelled) else "failed").inc()
-    if isinstance(exc, LorafleetError):
+    if isinstance(exc, JobCancelled):  # what someone asked for, not an error
+        log.info("%s: %s cancelled: %s", worker, key[:12], exc)
+    elif isinstance(exc, LorafleetError):
         log.error("%s: %s failed: %s", worker, key[:12], exc)
     elif isinstance(exc, Exception):
         log.exception("%s: %s failed with an unexpected error%s", worker, key[:12], while_doing)

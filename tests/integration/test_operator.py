@@ -167,6 +167,7 @@ def test_a_worker_without_device_on_a_host_without_gpu_refuses_to_start(fleet_en
         ["submit", "JOBS"],
         ["top", "--once"],
         ["prune", "--older-than", "1d"],
+        ["sweep", "examples/sweep.yaml", "--estimate"],
     ],  # fmt: skip
     ids=lambda command: command[0],
 )
@@ -251,9 +252,30 @@ def test_top_shows_the_running_job_its_step_and_its_batch(fleet_env, start_worke
     once = lorafleet("top", "--once", env=fleet_env)
     assert once.returncode == 0 and key[:12] in once.stdout and "watched" in once.stdout
     assert "paused batches: later" in once.stdout
+    check_top_fits(fleet, key, width=80)  # a laptop's terminal
+    check_top_fits(fleet, key, width=60)
+    as_before = lorafleet("--json", "top", "--once", env=fleet_env)  # --json before the name, as -v goes
+    assert as_before.returncode == 0 and json.loads(as_before.stdout)["paused"] == ["later"]
+    refused = lorafleet("--json", "pause", "watched", env=fleet_env)
+    assert refused.returncode == 2 and "this command prints no JSON" in refused.stderr
     assert lorafleet("cancel", "watched", env=fleet_env).returncode == 0
     log = open(worker.log_path).read()  # a bf16 worker imports no torchao, so it says nothing of it
     assert "torchao" not in log and "Failed to load" not in log
+
+
+def check_top_fits(fleet: dict, key: str, width: int) -> None:
+    """The table a terminal shows: within its width, the job, batch and step whole, nothing folded."""
+    from rich.console import Console
+
+    from producer.top import render
+
+    terminal = Console(width=width, record=True, file=open(os.devnull, "w"))
+    terminal.print(render(fleet, width))
+    shown = terminal.export_text().splitlines()
+    assert max(map(len, shown)) <= width, "\n".join(shown)
+    (row,) = [line for line in shown if key[:12] in line]
+    step = fleet["workers"][0]["job"]["step"]
+    assert "watched" in row and f"{step}/1000" in row, "\n".join(shown)
 
 
 def read_manifest_key(env: dict, batch: str) -> str:

@@ -93,7 +93,7 @@ def test_accounting_turns_each_ending_into_one_outcome(ledger, caplog, raised, s
     before = jobs_ended(outcome) if outcome else None
     ledger.count_delivery("t1")
     task.health.set_job({"key": "k", "since": 1.0})
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         if seen is None:
             with accounting(task, "t1") as ending:
                 ending.key = "ab" * 32
@@ -106,6 +106,8 @@ def test_accounting_turns_each_ending_into_one_outcome(ledger, caplog, raised, s
     assert task.health.job is None  # the heartbeat says the worker is free again
     assert not ledger.redis.exists(deliveries_key("t1"))  # however it ended, its worker was not lost
     assert ("Traceback" in caplog.text) == (outcome == "failed")  # only the unexpected with a traceback
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert bool(errors) == (outcome == "failed")  # a cancel is what someone asked for: logged, not an error
 
 
 def test_a_delivery_handed_to_the_upload_leaves_the_count_to_it(ledger):
