@@ -37,15 +37,23 @@ def fmt(name: str, value) -> str:
     return f"{value:.1f}" if name in ("psnr_vs_base", "clip_score") else f"{value:.3f}"
 
 
+def setting(value) -> str:
+    """A provenance setting as the page says it: a swept one (a list) is the sweep's values."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) + " (swept: see each section)"
+    return str(value)
+
+
 def suggested_text(summary: dict) -> str:
     """A section's suggestion as the page says it."""
     return "none above 0" if summary["suggested"] is None else f"{summary['suggested']:g}"
 
 
 def mean_and_spread(name: str, measured: dict | None) -> str:
-    """A number's mean ± standard deviation at one scale (∞ or — where there is none)."""
-    if measured is None:
-        return "∞" if name == "psnr_vs_base" else "—"
+    """A number's mean ± standard deviation at one scale (∞ or — where there is none; the mean alone
+    at n = 1, where there is no spread to show)."""
+    if measured is None or measured["n"] == 1:
+        return fmt(name, measured and measured["mean"])
     return f"{fmt(name, measured['mean'])} ± {fmt(name, measured['sd'])}"
 
 
@@ -55,6 +63,7 @@ def render_page(report: dict) -> str:
     swept = [c for c in cells if c.get("tier") is None]  # a draft sweep's confirmation aside
     confirmed = {c["set"]: c for c in report.get("confirmed", [])}
     sections = []
+    drafted = bool(confirmed)  # a draft sweep: its main grids hold the draft model's renders
     for s in report["sets"]:
         own = [c for c in swept if group_of(c) == (s["set"], axes_id(s))]
         exact = confirmed.get(s["set"])
@@ -76,10 +85,13 @@ def render_page(report: dict) -> str:
         metrics=METRICS,
         clip_metrics=CLIP_METRICS,
         confirmed=confirmed,
+        drafted=drafted,
+        set_count=len({s["set"] for s in report["sets"]}),
         sections=sections,
         axes_overview=axes_overview(report),
         side_by_side=side_by_side({**report, "cells": swept}),
         fmt=fmt,
+        setting=setting,
         suggested_text=suggested_text,
         mean_and_spread=mean_and_spread,
         axes_text=axes_text,
@@ -114,7 +126,7 @@ def confirmed_view(draft: dict, exact: dict, cells: list[dict]) -> dict:
     for name, (label, _, _) in METRICS.items():
         pairs = [tuple(s["summary"].get(str(x), {}).get(name) for s in (draft, exact)) for x in scales]
         if any(b is not None for _, b in pairs):
-            texts = [" → ".join("—" if m is None else fmt(name, m["mean"]) for m in pair) for pair in pairs]
+            texts = [" → ".join(fmt(name, m and m["mean"]) for m in pair) for pair in pairs]  # ∞: scale 0's PSNR
             numbers.append({"label": label, "texts": texts})
     by_place = {(c.get("tier"), c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
     columns = [{"scale": x, "tier": tier} for x in scales for tier in (None, "exact")]

@@ -6,6 +6,7 @@ provenance. Plain data in and out: table-tested without videos or torch (tests/u
 
 import json
 import statistics
+from collections.abc import Iterable
 
 import common
 from common.job import Job, adapter_combination
@@ -183,15 +184,16 @@ def rule_text(suggest: dict, clip: bool) -> str:
 
 
 def provenance(jobs: list[Job], metadata: dict, evaluations: dict) -> dict:
-    job, meta = jobs[0], metadata[jobs[0].key]
+    """The settings every cell shares; a setting the sweep varies (an axis) is the list of its values."""
+    meta = metadata[jobs[0].key]
     evaluator = next(iter(evaluations.values()), {}).get("evaluator")
     return {
         "model": meta["model"],
         "scheduler": meta.get("scheduler"),
-        "steps": job.steps,
-        "size": f"{job.num_frames} frames × {job.height} × {job.width}",
-        "guidance_scale": job.guidance_scale,
-        "fps": job.fps,
+        "steps": one_or_all(job.steps for job in jobs),
+        "size": one_or_all(f"{job.num_frames} frames × {job.height} × {job.width}" for job in jobs),
+        "guidance_scale": one_or_all(job.guidance_scale for job in jobs),
+        "fps": one_or_all(job.fps for job in jobs),
         "dtype": meta.get("dtype"),
         "lorafleet": common.__version__,
         "versions": meta.get("versions", {}),
@@ -200,6 +202,12 @@ def provenance(jobs: list[Job], metadata: dict, evaluations: dict) -> dict:
         "rendered": f"{min(m['rendered_at'] for m in metadata.values())} to {max(m['rendered_at'] for m in metadata.values())}",
         "evaluator": evaluator,
     }
+
+
+def one_or_all(values: Iterable):
+    """The one value all cells share, or every value the sweep took, in order."""
+    found = sorted(set(values))
+    return found[0] if len(found) == 1 else found
 
 
 def render_times(metadata: dict) -> dict[str, dict]:

@@ -230,6 +230,11 @@ def test_a_draft_night_is_confirmed_by_exact_renders_of_its_pick(fleet_env, star
         assert exact_meta["cache"] is None and draft_meta["cache"]["hook"] == "taylorseer"
     assert "id='confirmed0'>Confirmed exactly (the fleet&#39;s default model)" in html and "class='confirmed-scale'" in html
     assert html.count("<video class='cell'") == 5 + 2 * len(expected)  # the draft grid, then draft beside exact
+    assert html.index("class='notice draft'>A draft night: the grids below hold renders by the draft model") < html.index(
+        "<h2>Suggested lora_scale</h2>"
+    )  # said before anything is read as exact
+    assert "<td>∞ → ∞</td>" in html  # scale 0's PSNR against its own base, as every other table says it
+    assert "(n = 1: one prompt × seed, so no spread to show)" in html and " ± 0.000" not in html
 
 
 def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the_store(
@@ -294,6 +299,8 @@ def test_a_two_axis_sweep_renders_each_cell_once_and_lays_out_the_grid(fleet_env
     assert [(s["set"], s["axes"], s["section"]) for s in report["sets"]] == [
         (0, {"guidance_scale": 4}, "set0-a0"), (0, {"guidance_scale": 8}, "set0-a1")
     ]  # fmt: skip
+    assert "<p>8 cells in 1 adapter set(s), each at 2 combinations of guidance_scale;" in html
+    assert "<dt>guidance scale</dt><dd>4.0, 8.0 (swept: see each section)</dd>" in html
     grid = html[html.index("<h2 id='grid'>") :]
     assert grid.startswith("<h2 id='grid'>guidance_scale × lora_scale: mean temporal SSIM</h2>")
     assert "<a href='#set0-a0'>guidance_scale 4</a>" in grid and "<a href='#set0-a1'>guidance_scale 8</a>" in grid
