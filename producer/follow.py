@@ -432,12 +432,18 @@ def print_summary(batch: Batch, console: Console) -> None:
             console.print(job_line(entry), markup=False, highlight=False, soft_wrap=True)
         console.print(title, markup=False, highlight=False, soft_wrap=True)
         return
-    table = Table(title=title)
-    for column in ("id", "key", "scale", "seed", "status", "video / error"):
+    # A video's full URI folds over several lines of an 80-column table in every row: the table
+    # says once where the videos are and how they are named (a log, or --json, has every full path).
+    folders = {entry.video.rsplit("/", 1)[0] for entry in batch.entries if entry.video}
+    where = None
+    if batch.count(JobStatus.DONE) and len(folders) == 1:
+        where = f"videos: {folders.pop()}/KEY.mp4 (full keys: lorafleet status {batch.name} --json)"
+    table = Table(title=title, caption=where, caption_justify="left")
+    for column in ("id", "key", "scale", "seed", "status", "error" if where else "video / error"):
         table.add_column(column, overflow="fold")
     for entry in batch.entries:
         style = {JobStatus.DONE: "green", JobStatus.FAILED: "red", JobStatus.CANCELLED: "yellow"}.get(entry.status)
-        detail = entry.error if entry.status in FAILED_OR_CANCELLED else entry.video
+        detail = entry.error if entry.status in FAILED_OR_CANCELLED else None if where else entry.video
         # Ids and errors are the user's or a worker's text: shown as text, never read as markup.
         table.add_row(
             Text(entry.id or ""),

@@ -38,3 +38,18 @@ def test_the_eta_is_the_median_job_time_times_the_jobs_left_over_the_workers():
     assert eta_s(Batch("b", left), workers=2) is None  # nothing rendered yet: no pace to go by
     assert eta_s(Batch("b", done), workers=2) == 0.0
     assert [format_duration(s) for s in (45, 200, 7500)] == ["45s", "3m20s", "2h05m"]
+
+
+def test_the_final_table_fits_80_columns_and_says_once_where_the_videos_are():
+    entries = [
+        ManifestEntry(key=f"{n:x}" * 64, status=JobStatus.DONE, id=f"cat-{n}", lora_scale=0.5, seed=n,
+                      video=f"s3://team-bucket/lorafleet/videos/{f'{n:x}' * 64}.mp4")
+        for n in range(1, 4)
+    ] + [ManifestEntry(key="e" * 64, status=JobStatus.FAILED, id="dog", error="CUDA out of memory")]  # fmt: skip
+    out = io.StringIO()
+    print_summary(Batch("night", entries), Console(file=out, force_terminal=True, width=80, color_system=None))
+    lines = out.getvalue().splitlines()
+    assert len(lines) <= 4 + len(entries) + 3, "\n".join(lines)  # a row a job: nothing folded
+    assert "videos: s3://team-bucket/lorafleet/videos/KEY.mp4" in out.getvalue()
+    assert "lorafleet status night --json" in out.getvalue()
+    assert any("dog" in line and "CUDA out of memory" in line for line in lines)
