@@ -187,7 +187,7 @@ class _Sweep:
 
 
 def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimits) -> _Sweep:
-    spec = _read_spec(path)
+    spec = read_spec(path)
     errors = [f"spec: {unknown_field(field, SPEC_FIELDS)}" for field in spec if field not in SPEC_FIELDS]
     try:
         model: ModelInfo = model_for(spec.get("model"))
@@ -355,7 +355,7 @@ def _thresholds(spec: dict, field: str, defaults: dict, errors: list) -> dict:
 MAX_SPEC_VALUES = 100_000  # a spec's values once its YAML aliases are expanded: a real one has hundreds
 
 
-def _read_spec(path: str) -> dict:
+def read_spec(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             spec = load_bounded_yaml(f)  # JSON is YAML too

@@ -4,11 +4,14 @@ Builds the tiny model, its two adapters and a tiny CLIP into ./demo (once), star
 (unless LORAFLEET_REDIS_URL is set) and one CPU worker, submits examples/prompts.jsonl with
 --wait (the package's copy: `lorafleet demo` runs outside a checkout), prints where the videos are, then stops what it started. With a sweep spec
 (`lorafleet demo --sweep examples/sweep.yaml`, what `make sweep` runs when no fleet is configured),
-the same fleet runs that sweep instead, evaluated with the tiny CLIP, compared with the last one.
+the same fleet runs that sweep instead, evaluated with the tiny CLIP, compared with the last one;
+a model alias the spec names and LORAFLEET_MODELS does not define is served from the tiny model
+by a worker of its own (the draft of a spec with `confirm:` as a TaylorSeer draft tier).
 With `--kind i2v` (or another kind of `lorafleet tiny-model`), the fleet serves that tiny model
 (built into ./demo/<kind>, input images in ./demo/<kind>/images) and submits examples/<kind>.jsonl.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -54,12 +57,21 @@ def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> i
             redis = stack.enter_context(RedisServer())
             env["LORAFLEET_REDIS_URL"] = redis.url
             console.print(f"started a private redis-server at {redis.url}")
-        # Its own log: the README's own-fleet worker writes demo/worker.log, maybe at the same time.
+        aliases = sweep_aliases(sweep, env, os.path.abspath(model_dir)) if sweep else {}
+        if aliases:
+            env["LORAFLEET_MODELS"] = json.dumps({**json.loads(env.get("LORAFLEET_MODELS") or "{}"), **aliases})
+        # Each worker its own log: the README's own-fleet worker writes demo/worker.log, maybe at the same time.
         log_path = os.path.join(DEMO_DIR, "demo-worker.log")
-        console.print(f"starting one CPU worker (log: {log_path}) ...")
-        worker = spawn_worker(["--device", "cpu"], env, log_path)
-        stack.callback(stop_worker, worker)
-        wait_until_ready(worker, log_path)
+        started = [(["--device", "cpu"], log_path)] + [
+            (["--device", "cpu", "--model", alias], os.path.join(DEMO_DIR, f"demo-worker-{alias}.log"))
+            for alias in aliases
+        ]
+        for flags, log in started:
+            serves = f"model {flags[-1]}" if "--model" in flags else "the default model"
+            console.print(f"starting a CPU worker for {serves} (log: {log}) ...")
+            worker = spawn_worker(flags, env, log)
+            stack.callback(stop_worker, worker)
+            wait_until_ready(worker, log)
         examples = os.path.join(EXAMPLES, "prompts.jsonl" if kind == "t2v" else f"{kind}.jsonl")
         command = ["sweep", sweep, "--compare", "latest"] if sweep else ["submit", examples, "--wait"]
         code = subprocess.call([sys.executable, "-m", "lorafleet", *command], env=env)
@@ -71,3 +83,20 @@ def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> i
     else:
         console.print(f"[red]demo: some jobs failed[/] (exit {code}); see {log_path}")
     return code
+
+
+def sweep_aliases(spec_path: str, env: dict, model_dir: str) -> dict[str, dict]:
+    """The model aliases a sweep spec names that the environment does not define, as the demo
+    serves them from its tiny model: the sweep's own model a draft tier (TaylorSeer) when the spec
+    confirms on another, else exact. Each gets a worker of its own, as a fleet's would."""
+    from common.sweep_spec import read_spec
+
+    spec = read_spec(spec_path)
+    defined = json.loads(env.get("LORAFLEET_MODELS") or "{}")
+    confirm = spec.get("confirm") if isinstance(spec.get("confirm"), dict) else None
+    wanted = {spec.get("model"): confirm is not None, (confirm or {}).get("model"): False}
+    return {
+        alias: {"ref": model_dir, "cache": {"hook": "taylorseer"}} if draft else {"ref": model_dir}
+        for alias, draft in wanted.items()
+        if isinstance(alias, str) and alias not in defined
+    }

@@ -1,6 +1,7 @@
 """The README's quickstart, run as a user runs it."""
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -74,3 +75,26 @@ def test_the_image_to_video_demo_renders_examples_i2v(tmp_path):
     entries = read_manifest(manifest)
     assert [e["status"] for e in entries] == ["done"] * 3
     assert all(decode_video(e["video"]).shape == (9, 16, 16, 3) for e in entries)
+
+
+def test_the_demo_runs_a_draft_night_with_a_draft_worker_beside_the_exact_one(tmp_path):
+    """`lorafleet demo --sweep examples/sweep_draft.yaml` as the README shows it: the spec's `draft`
+    alias is defined by the demo (the tiny model with TaylorSeer) and served by a worker of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    env["LORAFLEET_STORE_URL"] = str(tmp_path / "results")
+    os.makedirs(tmp_path / "examples")
+    with open(os.path.join(REPO, "examples", "sweep_draft.yaml")) as f:
+        (tmp_path / "examples" / "sweep_draft.yaml").write_text(f.read())
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "demo", "--sweep", "examples/sweep_draft.yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "starting a CPU worker for model draft (log: demo/demo-worker-draft.log)" in result.stdout
+    (folder,) = glob.glob(str(tmp_path / "results" / "batches" / "draft-night-*"))
+    html = open(os.path.join(folder, "report.html")).read()
+    assert "Confirmed exactly" in html and "class='cell exact'" in html and "class='cell draft'" in html
+    report = json.load(open(os.path.join(folder, "report.json")))
+    for cell in report["cells"]:  # each rendered by the worker of its tier
+        meta = json.load(open(tmp_path / "results" / "videos" / f"{cell['key']}.json"))
+        assert (meta["cache"] or {}).get("hook") == (None if cell.get("tier") == "exact" else "taylorseer")
