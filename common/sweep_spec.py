@@ -145,7 +145,7 @@ def load_sweep(
     "confirm"}, defaults filled in); raises JobFileError naming every problem's place in the spec,
     before anything is enqueued."""
     sweep = _read_sweep(path, model_for, resolver, limits)
-    scales = {i: sweep.scales for i in range(len(sweep.sets))}
+    scales = {(i, axes_id(cell)): sweep.scales for i in range(len(sweep.sets)) for cell in sweep.combinations()}
     jobs, cells = _expand(sweep, sweep.spec.get("model"), sweep.model, scales, resolver, limits)
     return sweep.name, jobs, cells, sweep.report
 
@@ -155,11 +155,12 @@ def more_cells(
     model_for,
     resolver: AdapterResolver,
     limits: JobLimits,
-    scales: dict[int, list[float]],
+    scales: dict[tuple[int, str], list[float]],
     mark: dict,
     exact: bool = False,
 ) -> tuple[list[Job], list[dict]]:
-    """A sweep's further cells (a refining or confirming round): each adapter set at `scales[set]`,
+    """A sweep's further cells (a refining or confirming round): each adapter set, at each
+    combination of its further axes, at `scales[(set, axes_id)]` (a report section's own scales),
     every prompt and seed, each cell marked with `mark` ({"refined": round}, {"tier": "exact"}); in
     the sweep's own model, or, `exact`, in the exact model its `confirm:` names. The resolver reads
     each adapter once across rounds."""
@@ -184,6 +185,14 @@ class _Sweep:
     sets: list[list[dict]]
     axes: dict[str, list]
     report: dict
+
+    def combinations(self) -> list[dict]:
+        """Each combination of the further axes as a cell holds it ({"axes": {...}}; {} with none)."""
+        names = list(self.axes)
+        return [
+            {"axes": dict(zip(names, values, strict=True))} if names else {}
+            for values in itertools.product(*self.axes.values())
+        ]
 
 
 def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimits) -> _Sweep:
@@ -210,9 +219,6 @@ def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimi
     }
     report["confirm"] = _confirm(spec, model_for, errors)
     report["refine"] = _refine(spec, errors)
-    for field in ("refine", "confirm"):
-        if axes and report[field]:
-            errors.append(f"{field}: not with axes yet (it follows each adapter set's one suggestion)")
     name = spec.get("name", "sweep")
     if not isinstance(name, str) or not name or "/" in name:
         errors.append('name: must be a plain name (no "/")')
@@ -224,14 +230,17 @@ def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimi
 def _expand(
     sweep: _Sweep, alias, model: ModelInfo, scales: dict[int, list[float]], resolver: AdapterResolver, limits
 ) -> tuple[list[Job], list[dict]]:
-    """The jobs and cells of each adapter set at its scales, in model `alias`: grouped by adapter
-    combination and scale, so a worker switches variants rarely."""
+    """The jobs and cells of each adapter set, at each combination of the further axes, at its
+    scales `scales[(set, axes_id)]`, in model `alias`: grouped by adapter combination and scale, so a
+    worker switches variants rarely."""
     jobs, cells = [], []
-    names = list(sweep.axes)
-    combinations = [dict(zip(names, values, strict=True)) for values in itertools.product(*sweep.axes.values())]
+    combinations = [(a, cell.get("axes", {}), axes_id(cell)) for a, cell in enumerate(sweep.combinations())]
     for i, adapters in enumerate(sweep.sets):
-        for scale in scales.get(i, []):  # grouped by combination and scale: one variant switch per group
-            for (a, axes), (p, prompt) in itertools.product(enumerate(combinations), enumerate(sweep.prompts)):
+        at = {place: scales.get((i, place), []) for _, _, place in combinations}
+        for scale in dict.fromkeys(x for xs in at.values() for x in xs):  # one variant switch per group
+            for (a, axes, place), (p, prompt) in itertools.product(combinations, enumerate(sweep.prompts)):
+                if scale not in at[place]:
+                    continue
                 for seed in sweep.seeds:
                     fields = {**sweep.render, **axes, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
                     spec_of_cell, problems = check_job(
@@ -255,6 +264,11 @@ def _expand(
                         raise JobFileError(sweep.path, [f"adapter_sets[{i}]: {exc}"]) from None
                     cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale, **({"axes": axes} if axes else {})})
     return jobs, cells
+
+
+def axes_id(cell: dict) -> str:
+    """A cell's values on a spec's further axes (`axes:`), as one comparable string ("" for none)."""
+    return json.dumps(cell["axes"], sort_keys=True) if cell.get("axes") else ""
 
 
 AXIS_FIELDS = [*RENDER_FIELDS, "negative_prompt"]  # what `axes:` may sweep beside the spec's own axes

@@ -18,9 +18,10 @@ from common.model import model_resolver
 from common.resolver import AdapterResolver
 from common.settings import Settings, queue_for
 from common.store import Store, videos_present
-from common.sweep_spec import load_sweep, more_cells
+from common.sweep_spec import axes_id, load_sweep, more_cells
 from producer.follow import wait_for_batch
 from producer.report import build_report, confirm_scales, load_report, refine_scale
+from producer.report.rules import axes_text
 from producer.submit import enqueue
 
 
@@ -79,16 +80,16 @@ def run_sweep(
     refine = options["refine"]
     for round_ in range(1, refine["rounds"] + 1) if refine and report is not None else ():
         # the next scale of every set that is not yet done, with all its prompts and seeds
-        scales = {s["set"]: [x] for s in report["sets"] if (x := refine_scale(s, refine["resolution"])) is not None}
-        if not scales:
+        # each section's (an adapter set's, at one combination of the further axes) own next scale
+        chosen = [(s, [x]) for s in report["sets"] if (x := refine_scale(s, refine["resolution"])) is not None]
+        if not chosen:
             break
-        more = more_cells(path, model_for, resolver, limits, scales, {"refined": round_})
-        which = "; ".join(f"set {i}: lora_scale {xs[0]:g}" for i, xs in scales.items())
-        report = another_round(*more, f"refining, round {round_}: {which}")
+        more = more_cells(path, model_for, resolver, limits, by_section(chosen), {"refined": round_})
+        report = another_round(*more, f"refining, round {round_}: {scales_text(chosen)}")
     if report is not None and options["confirm"]:  # a draft night: its decision rests on exact renders
-        scales = {s["set"]: confirm_scales(s) for s in report["sets"]}
-        exact = more_cells(path, model_for, resolver, limits, scales, {"tier": "exact"}, exact=True)
-        which = "; ".join(f"set {i}: lora_scale {', '.join(f'{x:g}' for x in xs)}" for i, xs in scales.items())
+        chosen = [(s, confirm_scales(s)) for s in report["sets"]]
+        exact = more_cells(path, model_for, resolver, limits, by_section(chosen), {"tier": "exact"}, exact=True)
+        which = scales_text(chosen)
         model = options["confirm"]["model"] or "the default model"
         report = another_round(*exact, f"confirming {len(exact[0])} cells exactly ({model}): {which}")
     if report is None:
@@ -97,6 +98,20 @@ def run_sweep(
     compared = f" ({moved} cells moved since {previous['batch']})" if previous else ""
     console.print(f"report: {store.uri(f'batches/{batch.name}/report.html')}{compared}")
     return True
+
+
+def by_section(chosen: list[tuple[dict, list[float]]]) -> dict[tuple[int, str], list[float]]:
+    """Scales chosen per report section, as more_cells takes them: by adapter set and axes."""
+    return {(s["set"], axes_id(s)): scales for s, scales in chosen}
+
+
+def scales_text(chosen: list[tuple[dict, list[float]]]) -> str:
+    """"set 0: lora_scale 0.5; set 1 at guidance_scale 8: lora_scale 0.25, 0.5" """
+    return "; ".join(
+        f"set {s['set']}{' at ' + axes_text(s['axes']) if s.get('axes') else ''}: "
+        f"lora_scale {', '.join(f'{x:g}' for x in scales)}"
+        for s, scales in chosen
+    )
 
 
 def estimate_sweep(path: str, settings: Settings, console: Console) -> dict:

@@ -47,7 +47,6 @@ from producer.report.rules import (
     render_times,
     rule_text,
     section,
-    sets_of,
     summarise,
     switches,
 )
@@ -121,7 +120,7 @@ def build_report(
     swept = [c for c in report_cells if c.get("tier") is None]  # a draft sweep's confirmation aside
     sets = [section(group, swept, options["suggest"], clip) for group in groups(swept)]
     exact = [c for c in report_cells if c.get("tier") == "exact"]
-    confirmed = [summarise(s, [c for c in exact if c["set"] == s], options["suggest"], clip) for s in sets_of(exact)]
+    confirmed = [section(group, exact, options["suggest"], clip) for group in groups(exact)]  # named as the swept
     if compare:
         same = lambda s: json.dumps([s["combination"], s.get("axes")])  # noqa: E731
         before = {same(s): s["suggested"] for s in compare.get("sets", [])}
@@ -136,7 +135,7 @@ def build_report(
         "rule": rule_text(options["suggest"], clip),
         "options": options,
         "sets": sets,
-        # a draft sweep's suggestion and neighbours rendered exactly, per set: the night's decision
+        # a draft sweep's suggestion and neighbours rendered exactly, per section: the night's decision
         "confirmed": confirmed,
         "confirm_model": (options.get("confirm") or {}).get("model"),
         "cells": report_cells,

@@ -6,7 +6,8 @@ the formatted numbers."""
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from producer.report.rules import CLIP_METRICS, METRICS, axes_id, axes_text, group_of
+from common.sweep_spec import axes_id
+from producer.report.rules import CLIP_METRICS, METRICS, axes_text, group_of
 
 STYLE = (
     "body{font:14px sans-serif;margin:2em;max-width:1600px}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
@@ -61,12 +62,13 @@ def render_page(report: dict) -> str:
     """report.html for a report (what `build_report` writes to report.json)."""
     cells = report["cells"]
     swept = [c for c in cells if c.get("tier") is None]  # a draft sweep's confirmation aside
-    confirmed = {c["set"]: c for c in report.get("confirmed", [])}
+    # by section (a set, at one combination of the further axes); a report of before 2026-12-07 named none
+    confirmed = {c.get("section", f"set{c['set']}"): c for c in report.get("confirmed", [])}
     sections = []
     drafted = bool(confirmed)  # a draft sweep: its main grids hold the draft model's renders
     for s in report["sets"]:
         own = [c for c in swept if group_of(c) == (s["set"], axes_id(s))]
-        exact = confirmed.get(s["set"])
+        exact = confirmed.get(s["section"])
         sections.append(
             {
                 "set": s,
@@ -74,7 +76,7 @@ def render_page(report: dict) -> str:
                 # the numbers measured at some scale of the section: its table's rows
                 "metrics": [name for name in METRICS if any(name in s["summary"][str(x)] for x in s["scales"])],
                 "grid": scale_grid(s, own),
-                "confirmed": exact and confirmed_view(s, exact, [c for c in cells if c["set"] == s["set"]]),
+                "confirmed": exact and confirmed_view(s, exact, [c for c in cells if group_of(c) == group_of(s)]),
             }
         )
     template = _ENVIRONMENT.get_template("page.html")
@@ -161,6 +163,7 @@ def axes_overview(report: dict) -> dict | None:
     """With further axes: per adapter set, its combinations against lora_scale, each cell the mean
     of the number the rule reads first, ★ on the row's suggestion. None without further axes."""
     sections = [s for s in report["sets"] if s.get("axes")]
+    confirmed = {c["section"]: c for c in report.get("confirmed", []) if "section" in c}
     if not sections:
         return None
     name = "clip_score" if report["clip"] else "temporal_ssim"
@@ -171,14 +174,23 @@ def axes_overview(report: dict) -> dict | None:
         table = []
         for s in rows:
             means = [s["summary"].get(str(x), {}).get(name) for x in scales]
+            own = [c for c in report["cells"] if group_of(c) == group_of(s)]
+            refined = {c["lora_scale"] for c in own if c.get("refined")}
+            exact = {c["lora_scale"] for c in own if c.get("tier") == "exact"}
             table.append(
                 {
                     "section": s,
                     "cells": [
-                        {"text": "—" if m is None else fmt(name, m["mean"]), "suggested": x == s["suggested"]}
+                        {
+                            "text": "—" if m is None else fmt(name, m["mean"]),
+                            "suggested": x == s["suggested"],
+                            "refined": x in refined,
+                            "confirmed": x in exact,
+                        }
                         for x, m in zip(scales, means, strict=True)
                     ],
                 }
             )
+            table[-1]["exact"] = confirmed.get(s["section"])  # a draft night: the exact renders' suggestion
         sets.append({"index": index, "adapters": rows[0]["adapters"], "scales": scales, "rows": table})
     return {"axes": list(sections[0]["axes"]), "label": METRICS[name][0], "sets": sets}

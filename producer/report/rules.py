@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import common
 from common.job import Job, adapter_combination
+from common.sweep_spec import axes_id
 
 # name: (label, what it measures, which way is better)
 METRICS = {
@@ -49,15 +50,6 @@ PAIRED_RULE = (
     f"a paired comparison over the same prompts and seeds: the mean difference beyond two standard errors, "
     f"with at least {MIN_PAIRS} prompt × seed pairs"
 )
-
-
-def sets_of(cells: list[dict]) -> list[int]:
-    return sorted({c["set"] for c in cells})
-
-
-def axes_id(cell: dict) -> str:
-    """A cell's values on a spec's further axes (`axes:`), as one comparable string ("" for none)."""
-    return json.dumps(cell["axes"], sort_keys=True) if cell.get("axes") else ""
 
 
 def group_of(cell: dict) -> tuple[int, str]:

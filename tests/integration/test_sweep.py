@@ -284,6 +284,82 @@ def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the
     assert render_records([worker.log_path]) == rendered
 
 
+def test_a_two_axis_sweep_refines_each_combination_at_its_own_suggestion(
+    fleet_env, start_worker, tiny, tmp_path, monkeypatch
+):
+    """guidance_scale 4 and 8 against lora_scale, refined: planted CLIPScore curves fall as 10·scale²
+    at guidance 4 and 40·scale² at 8, so the rule's tolerance of 1.0 lies at 0.316 and at 0.158."""
+    from common.evaluation import eval_path, evaluator_identity
+    from common.model import model_info
+    from common.settings import Settings
+    from common.store import Store
+    from common.sweep_spec import load_sweep
+    from tests.helpers import default_limits, resolver_for
+
+    start_worker(fleet_env)
+    cwd = demo_folder(tmp_path, tiny)
+    spec = {
+        **yaml.safe_load(open(example("sweep_refine.yaml"))), "name": "axes-refined",
+        "axes": {"guidance_scale": [4, 8]},
+    }  # fmt: skip
+    every = tmp_path / "every-scale.json"
+    every.write_text(json.dumps({**spec, "lora_scales": [0, 0.25, 0.5, 0.75, 1]}))
+    store = Store(fleet_env["LORAFLEET_STORE_URL"])
+    monkeypatch.chdir(cwd)
+    _, jobs, cells, _ = load_sweep(str(every), lambda a: model_info(tiny["model"]), resolver_for(store), default_limits())
+    identity = evaluator_identity(Settings(_env_file=None))
+    for job, cell in zip(jobs, cells, strict=True):
+        fall = {4: 10, 8: 40}[cell["axes"]["guidance_scale"]] * cell["lora_scale"] ** 2
+        numbers = {"clip_score": 30 + cell["prompt"] - fall, "clip_consistency": 0.95, "temporal_ssim": 0.5}
+        store.write_bytes(eval_path(job.key), json.dumps({"key": job.key, "evaluator": identity, "numbers": numbers}).encode())
+    path = tmp_path / "axes-refined.json"
+    path.write_text(json.dumps(spec))
+    done = lorafleet("sweep", str(path), "--batch", "axes-refined", env=fleet_env, cwd=cwd)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # guidance 4: 1 fails, 0.5 fails, 0.25 passes; guidance 8: 1, 0.5 and 0.25 fail, and the gap
+    # from 0 to 0.25 is within the resolution: both refined twice, each at its own scales.
+    said = re.findall(r"refining, round \d: .*", done.stdout)
+    assert said == [
+        "refining, round 1: set 0 at guidance_scale 4: lora_scale 0.5; set 0 at guidance_scale 8: lora_scale 0.5",
+        "refining, round 2: set 0 at guidance_scale 4: lora_scale 0.25; set 0 at guidance_scale 8: lora_scale 0.25",
+    ], done.stdout
+    html, report = report_cells(fleet_env["LORAFLEET_STORE_URL"], "axes-refined")
+    assert [(s["axes"], s["scales"], s["suggested"]) for s in report["sets"]] == [
+        ({"guidance_scale": 4}, [0.0, 0.25, 0.5, 1.0], 0.25), ({"guidance_scale": 8}, [0.0, 0.25, 0.5, 1.0], None),
+    ]  # fmt: skip
+    grid = html[html.index("<h2 id='grid'>") : html.index("<h2 id='set0-a0'>")]
+    assert grid.count("<i class='refined'>refined</i>") == 4  # 0.25 and 0.5 in each row
+    assert html.count("refined, round 2") == 2  # each section's own grid marks its round
+
+
+def test_a_two_axis_draft_night_confirms_each_combinations_pick(fleet_env, start_worker, tiny, tmp_path):
+    draft = {"ref": tiny["model"], "cache": {"hook": "taylorseer"}}
+    env = {**fleet_env, "LORAFLEET_MODELS": json.dumps({"draft": draft})}
+    start_worker(env, "draft", flags=("--model", "draft"))
+    start_worker(env, "exact")
+    spec = {
+        **yaml.safe_load(open(example("sweep_draft.yaml"))), "name": "axes-draft", "lora_scales": [0.5, 1],
+        "axes": {"guidance_scale": [4, 8]},
+    }  # fmt: skip
+    path = tmp_path / "axes-draft.json"
+    path.write_text(json.dumps(spec))
+    done = lorafleet("sweep", str(path), "--batch", "axes-draft", env=env, cwd=demo_folder(tmp_path, tiny))
+    assert done.returncode == 0, done.stdout + done.stderr
+    html, report = report_cells(fleet_env["LORAFLEET_STORE_URL"], "axes-draft")
+    sections = {s["section"]: s for s in report["sets"]}
+    confirmed = {c["section"]: c for c in report["confirmed"]}
+    assert sorted(confirmed) == sorted(sections) == ["set0-a0", "set0-a1"]
+    for name, exact in confirmed.items():  # each combination's pick, its neighbours and 0, at its own axes
+        assert exact["axes"] == sections[name]["axes"] and exact["scales"] == confirm_scales(sections[name])
+        cells = [c for c in report["cells"] if c.get("tier") == "exact" and c["axes"] == exact["axes"]]
+        assert sorted({c["lora_scale"] for c in cells}) == exact["scales"]
+        assert f"id='confirmed{name.removeprefix('set')}'>Confirmed exactly" in html
+    assert "set 0 at guidance_scale 4: lora_scale" in done.stdout and "set 0 at guidance_scale 8: lora_scale" in done.stdout
+    grid = html[html.index("<h2 id='grid'>") : html.index("<h2 id='set0-a0'>")]
+    marked = sum(len(c["scales"]) for c in confirmed.values())
+    assert grid.count("<i class='confirmed'>confirmed exactly</i>") == marked and grid.count("; exactly: <b>") == 2
+
+
 def test_a_two_axis_sweep_renders_each_cell_once_and_lays_out_the_grid(fleet_env, start_worker, tiny, tmp_path):
     start_worker(fleet_env)
     spec, cwd = example("sweep_axes.yaml"), demo_folder(tmp_path, tiny)

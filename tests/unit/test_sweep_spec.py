@@ -70,10 +70,20 @@ def test_an_axis_is_given_in_one_place(tmp_path):
     assert any(problem in error for error in raised.value.errors), raised.value.errors
 
 
-def test_axes_do_not_combine_with_refinement_yet(tmp_path):
-    with pytest.raises(JobFileError) as raised:
-        load(tmp_path, {**OLD, "render": {}, "axes": {"steps": [10, 20]}, "refine": {"resolution": 0.1}})
-    assert "refine: not with axes yet (it follows each adapter set's one suggestion)" in raised.value.errors
+def test_a_refining_round_on_further_axes_adds_each_sections_own_scale(tmp_path):
+    """With axes, each section (a set at one combination) is refined at its own next scale: the
+    round's cells are those of that combination alone, every prompt and seed."""
+    from common.sweep_spec import axes_id, more_cells
+
+    spec = {**OLD, "render": {}, "axes": {"steps": [10, 20]}, "refine": {"resolution": 0.1}}
+    _, jobs, cells, report = load(tmp_path, spec)
+    assert report["refine"] == {"resolution": 0.1, "rounds": 4} and len(cells) == 2 * 3 * 2 * 2
+    path = tmp_path / "spec.json"
+    at = {(0, axes_id({"axes": {"steps": 10}})): [0.25], (0, axes_id({"axes": {"steps": 20}})): [0.75]}
+    more, added = more_cells(str(path), lambda alias: MODEL, resolver_for(), default_limits(), at, {"refined": 1})
+    assert sorted((c["axes"]["steps"], c["lora_scale"]) for c in added) == [(10, 0.25)] * 4 + [(20, 0.75)] * 4
+    assert all(job.steps == c["axes"]["steps"] and job.lora_scale == c["lora_scale"] for job, c in zip(more, added, strict=True))
+    assert {job.key for job in more}.isdisjoint(job.key for job in jobs) and all(c["refined"] == 1 for c in added)
 
 
 @pytest.mark.parametrize("scales", ["nan:1:0.1", "0:inf:0.5", "0:1:nan", "-inf:0:1"])
