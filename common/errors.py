@@ -1,5 +1,5 @@
 """lorafleet's errors: one base, and a subclass for each kind of failure a user can act on; and
-the exit codes every lorafleet process ends with (the README's table is this one)."""
+the exit codes every lorafleet process ends with (docs/reference/generated/exit-codes.md is generated from it)."""
 
 from enum import IntEnum
 

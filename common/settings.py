@@ -1,6 +1,6 @@
 """lorafleet's settings: read from the environment (prefix LORAFLEET_) here and nowhere else.
 
-Every CLI flag maps onto one of these fields; the README's configuration table lists them.
+Every CLI flag maps onto one of these fields; the site's settings page (docs/hooks.py) is generated from them.
 """
 
 import json

@@ -5,7 +5,7 @@
 # the versions in docker/constraints.txt (the versions `make test` passed with).
 #   docker/install-python.sh PIP PROJECT [PIP OPTIONS...]
 #   e.g. docker/install-python.sh pip ".[worker,s3]" --no-cache-dir   (worker.Dockerfile)
-#        docker/install-python.sh .venv/bin/pip -e ".[worker,s3,report,test]"   (make install)
+#        docker/install-python.sh .venv/bin/pip -e ".[worker,s3,report,test,docs]"   (make install)
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 pip=$1

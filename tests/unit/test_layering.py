@@ -1,7 +1,6 @@
 """The layout's promises: common/ imports neither side, and the producer never imports torch."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,15 +28,6 @@ def test_common_imports_neither_producer_nor_workers():
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert found.stdout == ""
-
-
-def test_the_readme_exit_code_table_is_the_code():
-    from common.errors import ExitCode
-
-    readme = open(f"{REPO}/README.md").read()
-    table = re.search(r"Every `lorafleet` process ends with one of these codes.*?\n\n(.*?)\n\n", readme, re.S).group(1)
-    rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", table, re.M))
-    assert sorted(map(int, rows)) == sorted(code.value for code in ExitCode)
 
 
 def test_the_job_schema_is_printed_for_other_clients():
