@@ -36,7 +36,8 @@ import sys, zipfile
 wheel = zipfile.ZipFile(sys.argv[1])
 wheel.extractall("/tmp/site", [name for name in wheel.namelist() if name.startswith("imageio_ffmpeg/")])
 PY
-xz -dc "$WHEELS/ffmpeg.xz" > /tmp/ffmpeg && chmod +x /tmp/ffmpeg
+# (a run that exports no video may leave ffmpeg.xz out: 19 MB of a run's 64 MiB)
+[ ! -f "$WHEELS/ffmpeg.xz" ] || { xz -dc "$WHEELS/ffmpeg.xz" > /tmp/ffmpeg && chmod +x /tmp/ffmpeg; }
 # Byte-compiled, as pip leaves an image: without it every worker compiles diffusers' sources at
 # start, and a READY figure measures that (16 s of "imports" on 2026-12-01) instead of the imports.
 python3 -m compileall -q -j 0 /tmp/site "$PWD/common" "$PWD/workers" "$PWD/producer" "$PWD/lorafleet" >/dev/null
