@@ -354,14 +354,20 @@ def config() -> dict:
     return configmap["data"]
 
 
+# Where `make k8s-tools` puts each checking tool: promtool beside the project's python, checkov in
+# a virtual environment of its own. Looked up there too because the producer tier runs the suite
+# from another virtual environment.
+K8S_TOOLS = {"promtool": os.path.join(REPO, ".venv", "bin", "promtool"), "checkov": os.path.join(REPO, ".venv-checkov", "bin", "checkov")}
+
+
 def tool(name: str) -> str:
     """A checking tool the suite installs (`make k8s-tools`): skipped here without it, failed in CI."""
-    path = shutil.which(name) or os.path.join(os.path.dirname(sys.executable), name)
-    if not os.path.exists(path):
+    found = [p for p in (shutil.which(name), os.path.join(os.path.dirname(sys.executable), name), K8S_TOOLS[name]) if p and os.path.exists(p)]
+    if not found:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is missing: `make k8s-tools` installs it")
         pytest.skip(f"{name} is not installed (make k8s-tools)")
-    return path
+    return found[0]
 
 
 def test_the_alerts_fire_as_their_unit_tests_say(tmp_path):
@@ -391,7 +397,7 @@ CHECKOV_SKIPPED = {
 
 def test_checkov_finds_nothing_but_the_checks_skipped_with_a_reason(tmp_path):
     """checkov over what `kubectl apply -k` applies: the base, the examples and the model download."""
-    checkov = shutil.which("checkov") or checkov_of_make()
+    checkov = tool("checkov")
     kubectl = shutil.which("kubectl")
     if not kubectl:
         pytest.skip("no kubectl here (Debian: kubernetes-client)")
@@ -406,13 +412,3 @@ def test_checkov_finds_nothing_but_the_checks_skipped_with_a_reason(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     howto = open(os.path.join(REPO, "docs", "how-to", "kubernetes.md")).read()
     assert all(check in howto for check in CHECKOV_SKIPPED)
-
-
-def checkov_of_make() -> str:
-    """checkov where `make k8s-tools` puts it (a virtual environment of its own)."""
-    path = os.path.join(REPO, ".venv-checkov", "bin", "checkov")
-    if not os.path.exists(path):
-        if os.environ.get("CI"):
-            pytest.fail("checkov is missing: `make k8s-tools` installs it")
-        pytest.skip("checkov is not installed (make k8s-tools)")
-    return path
