@@ -16,8 +16,10 @@ one (adapter a2, a new prompt: a variant switch and a T5 pass, as a fleet's next
                      default, or `-whole`: LORAFLEET_COMPILE_SCOPE); `-fa4`: with FlashAttention-4 as
                      its attention kernel (workers/attention.py); `-HOOK` (taylorseer, fastercache,
                      pab, first-block): a draft tier with that cache hook at lorafleet's defaults
-                     (workers/draft.py); with the compile artifacts in --store (shared by the runs
-                     before it); `:cold` with an empty store (what it compiles is then copied into --store)
+                     (workers/draft.py), each `+NAME=VALUE` after it setting one of the hook's
+                     parameters (`fp8-compiled-fa4-taylorseer+factors_bits=16`); with the compile
+                     artifacts in --store (shared by the runs before it); `:cold` with an empty
+                     store (what it compiles is then copied into --store)
 
 It prints, per run: start to ready (imports, load, compile: a worker's READY), the first job, the
 measured job and its seconds per denoising step, the ratio to diffusers, the variant switch (built,
@@ -136,7 +138,8 @@ def frames_psnr(got: str, expected: str) -> float:
 
 
 def run_lorafleet(
-    args, paths: dict, precision: str, compiled: bool, scope: str, attention: str = "sdpa", hook: str | None = None
+    args, paths: dict, precision: str, compiled: bool, scope: str, attention: str = "sdpa", hook: str | None = None,
+    params: dict | None = None,
 ) -> dict:
     """A worker's Renderer in one tier: the two jobs, the switches back, then its output on the probe."""
     from common.settings import DraftCache, Settings
@@ -150,7 +153,7 @@ def run_lorafleet(
         compile_scope=scope,
         compile_cache_secret="render-speed",  # the runs share signed artifacts, as a fleet with its secret does
     )
-    cache = DraftCache(hook=hook) if hook else None
+    cache = DraftCache(hook=hook, params=params or {}) if hook else None
     renderer = Renderer(paths["model"], "cuda", settings, "bench", precision, compiled, attention, cache)
     info = renderer.info
     row = {"start to ready s": time.time() - args.started, "compile s": renderer.compile_seconds}
@@ -206,7 +209,7 @@ def run_one(args) -> None:
     from benchmarks.full_size import pipeline_paths
 
     paths = pipeline_paths(args.folder)
-    name = args.one.removesuffix(":cold")
+    name, *given = args.one.removesuffix(":cold").split("+")
     if name == "diffusers":
         row = run_diffusers(args, paths)
     else:
@@ -215,7 +218,8 @@ def run_one(args) -> None:
         hook = next((hook for hook in CACHE_PARAMS if name.endswith("-" + hook)), None)
         tier = name.removesuffix("-" + hook if hook else "").split("-")
         scope, attention = "whole" if "whole" in tier else "blocks", "fa4" if "fa4" in tier else "sdpa"
-        row = run_lorafleet(args, paths, tier[0], "compiled" in tier, scope, attention, hook)
+        params = {key: float(value) for key, value in (p.split("=") for p in given)}
+        row = run_lorafleet(args, paths, tier[0], "compiled" in tier, scope, attention, hook, params)
     row["peak GB"] = torch.cuda.max_memory_allocated() / GB
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -263,7 +267,8 @@ def table(args) -> int:
         name = run.removesuffix(":cold")
         if run != "diffusers" and os.path.exists(frames):
             shutil.copy(frames, os.path.join(args.store, f"frames-{name}.npy"))
-        exact = next((name.removesuffix("-" + hook) for hook in CACHE_PARAMS if name.endswith("-" + hook)), None)
+        tier = name.split("+")[0]  # a draft's parameters follow its hook
+        exact = next((tier.removesuffix("-" + hook) for hook in CACHE_PARAMS if tier.endswith("-" + hook)), None)
         if exact and os.path.exists(os.path.join(args.store, f"frames-{exact}.npy")):  # a draft against its exact tier
             row["PSNR vs exact tier dB"] = frames_psnr(frames, os.path.join(args.store, f"frames-{exact}.npy"))
         rows.append(row)

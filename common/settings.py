@@ -22,7 +22,7 @@ CacheHook = Literal["taylorseer", "fastercache", "pab", "first-block"]
 # defaults, FasterCache's and PAB's the values diffusers documents for CogVideoX
 # (benchmarks/cache_hooks.py measured each on the H200).
 CACHE_PARAMS: dict[str, dict[str, int | float]] = {
-    "taylorseer": {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3},
+    "taylorseer": {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3, "factors_bits": 32},
     "fastercache": {"spatial_attention_block_skip_range": 2, "unconditional_batch_skip_range": 5, "attention_weight": 0.3},
     "pab": {"spatial_attention_block_skip_range": 2},
     "first-block": {"threshold": 0.2},
@@ -30,6 +30,12 @@ CACHE_PARAMS: dict[str, dict[str, int | float]] = {
 # The parameters diffusers' hooks divide by (a step number modulo each): 0 would fail every job of
 # the tier with ZeroDivisionError, so a tier is refused as its settings are read.
 CACHE_PARAM_MINIMUMS = {"cache_interval": 1, "spatial_attention_block_skip_range": 1, "unconditional_batch_skip_range": 1}
+# Parameters that take one of a few values: TaylorSeer keeps its predictors in fp32 or bf16 (half
+# the memory its factors take: two orders of each block's attention output).
+CACHE_PARAM_CHOICES = {"factors_bits": (16, 32)}
+# Parameters added after drafts were rendered, with the value those drafts had: left out of the
+# identity at that value, so the drafts already in the store keep their keys.
+CACHE_PARAM_SINCE = {"factors_bits": 32}
 
 
 class DraftCache(BaseModel):
@@ -61,6 +67,8 @@ class DraftCache(BaseModel):
         for name, value in self.params.items():
             if isinstance(defaults[name], int) and value != int(value):
                 raise ValueError(f"{name}: must be a whole number, got {value}")
+            if name in CACHE_PARAM_CHOICES and value not in CACHE_PARAM_CHOICES[name]:
+                raise ValueError(f"{name}: one of {', '.join(map(str, CACHE_PARAM_CHOICES[name]))}, got {value:g}")
             if value < CACHE_PARAM_MINIMUMS.get(name, 0):
                 raise ValueError(f"{name}: must be at least {CACHE_PARAM_MINIMUMS[name]} ({self.hook} divides by it), got {value:g}")
         filled = {name: type(default)(self.params.get(name, default)) for name, default in defaults.items()}
@@ -69,7 +77,8 @@ class DraftCache(BaseModel):
 
     def identity(self) -> str:
         """The hook and its parameters as canonical JSON: what enters the job key."""
-        return json.dumps({"hook": self.hook, "params": self.params}, sort_keys=True, separators=(",", ":"))
+        params = {name: v for name, v in self.params.items() if CACHE_PARAM_SINCE.get(name) != v}
+        return json.dumps({"hook": self.hook, "params": params}, sort_keys=True, separators=(",", ":"))
 
 
 class ModelTier(BaseModel):

@@ -30,7 +30,8 @@ def cache_config(cache: DraftCache, pipe):
         return TaylorSeerCacheConfig(
             cache_interval=int(p["cache_interval"]), max_order=int(p["max_order"]),
             disable_cache_before_step=int(p["disable_cache_before_step"]),
-            taylor_factors_dtype=torch.float32, cache_identifiers=[SELF_ATTENTION],
+            taylor_factors_dtype=torch.bfloat16 if p["factors_bits"] == 16 else torch.float32,
+            cache_identifiers=[SELF_ATTENTION],
         )  # fmt: skip
     if cache.hook == "fastercache":
         weight = p["attention_weight"]

@@ -3,7 +3,6 @@ its prompt's embeddings, a render with a CPU-seeded generator, checked for NaN, 
 the store keeps beside the video. Encoding and writing it is workers/outputs.py."""
 
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -305,7 +304,7 @@ def render_frames(renderer: Renderer, job: Job, progress: Progress | None = None
         "dtype": str(renderer.dtype).removeprefix("torch."),
         "precision": renderer.precision,
         "attention": renderer.attention,
-        "cache": json.loads(renderer.info.cache) if renderer.info.cache else None,  # a draft tier's hook
+        "cache": renderer.cache.model_dump() if renderer.cache else None,  # a draft tier's hook, every parameter
         "compiled": renderer.compiled,
         "memory_plan": renderer.plan.name,
         "versions": versions(),

@@ -181,10 +181,13 @@ def test_a_draft_tier_is_keyed_apart_by_its_hook_and_parameters():
     taylorseer = DraftCache(hook="taylorseer")
     drafts = [replace(MODEL, cache=cache.identity()) for cache in (taylorseer, DraftCache(hook="pab"))]
     drafts.append(replace(MODEL, cache=DraftCache(hook="taylorseer", params={"cache_interval": 3}).identity()))
-    assert len({job_key(job, model) for model in [MODEL, *drafts]}) == 4  # a draft never stands in for exact
+    drafts.append(replace(MODEL, cache=DraftCache(hook="taylorseer", params={"factors_bits": 16}).identity()))
+    assert len({job_key(job, model) for model in [MODEL, *drafts]}) == 5  # a draft never stands in for exact
     # Its defaults are written into the key: the same settings given or left out are one key.
     assert taylorseer.identity() == DraftCache(hook="taylorseer", params={"cache_interval": 5}).identity()
-    assert taylorseer.params == {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3}
+    assert taylorseer.params == {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3, "factors_bits": 32}
+    # factors_bits came after drafts were rendered: at their value (32) it leaves their keys as they were.
+    assert taylorseer.identity() == '{"hook":"taylorseer","params":{"cache_interval":5,"disable_cache_before_step":3,"max_order":1}}'
 
 
 @pytest.mark.parametrize(
@@ -193,6 +196,7 @@ def test_a_draft_tier_is_keyed_apart_by_its_hook_and_parameters():
         ({"hook": "teacache"}, "Input should be 'taylorseer'"),
         ({"hook": "pab", "params": {"cache_interval": 2}}, "pab has no parameter cache_interval"),
         ({"hook": "taylorseer", "params": {"cache_interval": 2.5}}, "must be a whole number, got 2.5"),
+        ({"hook": "taylorseer", "params": {"factors_bits": 8}}, "factors_bits: one of 16, 32, got 8"),
         ({"hook": "first-block", "params": {"threshold": math.nan}}, "must be a finite number ≥ 0, got NaN"),
     ],
 )
