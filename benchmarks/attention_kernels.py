@@ -14,7 +14,8 @@ at the model's default size (49×480×720: 17,776 tokens of text and video, batc
   cudnn-fp8          cuDNN's FP8 attention through its Python frontend (per-tensor scales; Hopper
                      returns FP8), and "+quant": with the quantizing of Q, K, V and the dequantizing
                      of the output that a bf16 model must add around it
-  sageattn           SageAttention 1 (PyPI, Triton: INT8 Q·K, bf16 P·V), if installed; not exact
+  sageattn           SageAttention, if installed: 1 (PyPI, Triton: INT8 Q·K, bf16 P·V) or 2 (built by
+                     benchmarks/device_sage2.sh: on SM90 INT8 Q·K, FP8 P·V); not exact
   qkv-separate       the three Q, K, V projections as three matrix products (as the model runs them)
   qkv-fused          one matrix product with the three weights stacked (diffusers' fuse_qkv_projections)
 
