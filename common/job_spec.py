@@ -256,7 +256,8 @@ def check_job(obj, where: str, model: ModelInfo | None, max_video_pixels: int) -
     if model is None:
         return spec, []
     size, problems = render_size(spec.num_frames, spec.height, spec.width, model, max_video_pixels)
-    spec = spec.model_copy(update=dict(zip(("num_frames", "height", "width"), size, strict=True)))
+    if size != (spec.num_frames, spec.height, spec.width):  # a copy a job only where the model fills one in
+        spec = spec.model_copy(update=dict(zip(("num_frames", "height", "width"), size, strict=True)))
     if model.takes_image and spec.image is None:
         problems.append(("image", "required: this model turns an image into a video"))
     elif spec.image is not None and not model.takes_image:

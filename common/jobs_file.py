@@ -68,8 +68,11 @@ def read_job_lines(path: str, max_jobs: int) -> Iterator[tuple[int, object, str 
                 yield number, None, f"line {number}: not valid JSON ({reason})"
 
 
-def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits) -> list[Job]:
-    """Every job of a .jsonl file, checked, expanded, resolved and keyed; raises JobFileError
+def load_jobs(
+    path: str, model_for, resolver: AdapterResolver, limits: JobLimits, priority: str | None = None
+) -> list[Job]:
+    """Every job of a .jsonl file, checked, expanded, resolved and keyed, at its line's priority or
+    `priority`; raises JobFileError
     listing every bad line in line order, so nothing is enqueued unless the whole file is good.
 
     `model_for(alias)` gives the ModelInfo of a model alias (None: the fleet's default model)
@@ -107,7 +110,9 @@ def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits
         if expands_to > limits.max_jobs:
             continue  # counted, never expanded: the file is refused anyway
         try:
-            jobs.extend(resolve_job(spec, scale, seed, model, resolver) for scale, seed in expand_job(spec))
+            jobs.extend(
+                resolve_job(spec, scale, seed, model, resolver, priority=priority) for scale, seed in expand_job(spec)
+            )
         except AdapterError as exc:
             errors.append(f"{where}: {exc}")
     if not lines:
@@ -121,13 +126,14 @@ def load_jobs(path: str, model_for, resolver: AdapterResolver, limits: JobLimits
     return jobs
 
 
-def load_jobs_for(path: str, settings, store: Store) -> list[Job]:
+def load_jobs_for(path: str, settings, store: Store, priority: str | None = None) -> list[Job]:
     """`load_jobs` as the settings say: the fleet's models, the adapter read policy, the limits."""
     return load_jobs(
         path,
         model_resolver(settings),
         AdapterResolver.from_settings(settings, store),
         JobLimits.from_settings(settings),
+        priority,
     )
 
 

@@ -86,14 +86,17 @@ class AdapterResolver:
 
 
 def resolve_job(
-    spec: JobSpec, scale: float, seed: int, model: ModelInfo, resolver: AdapterResolver, given: bool = False
+    spec: JobSpec, scale: float, seed: int, model: ModelInfo, resolver: AdapterResolver, given: bool = False,
+    priority: str | None = None,
 ) -> Job:
-    """One expanded job of a checked spec, its adapters and image resolved to content hashes, keyed.
+    """One expanded job of a checked spec, its adapters and image resolved to content hashes, keyed,
+    at the spec's priority or `priority`.
     `given`: use the URL and content hash each file carries (a producer's message), within the read
     policy, without reading it here: the worker checks the hash when it reads the file to render."""
     adapters = tuple(resolver.adapter(adapter, model, given) for adapter in spec.adapters)
     image = None if spec.image is None else resolver.input_image(spec.image, given)
     fields = {name: getattr(spec, name) for name in JobContent.model_fields if name not in _SET_HERE}
+    fields["priority"] = spec.priority or priority  # not part of the key
     return Job.keyed({**fields, "adapters": adapters, "image": image, "lora_scale": scale, "seed": seed}, model)
 
 

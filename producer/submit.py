@@ -37,11 +37,7 @@ def submit(path: str, settings: Settings, batch_name: str | None = None, priorit
     store = Store(settings.store_url)
     batch = Batch.new(store, batch_name)
     with paused_gc():  # a big file's jobs are many small objects that live until the end
-        jobs = [
-            job if job.priority else job.model_copy(update={"priority": priority})
-            for job in load_jobs_for(path, settings, store)
-        ]
-        return enqueue(jobs, batch, store, settings)
+        return enqueue(load_jobs_for(path, settings, store, priority), batch, store, settings)
 
 
 def enqueue(jobs: list[Job], batch: Batch, store: Store, settings: Settings) -> Batch:

@@ -59,3 +59,21 @@ def test_many_jobs_go_in_pipelines_and_in_order(redis_url):
     found = pushed(client, queue_lists(queue)[0])  # no priority: step 0, "high", where kombu itself sends one
     assert [envelope["headers"]["id"] for envelope in found] == [f"id-{i}" for i in range(25)]
     client.delete(*queue_lists(queue))
+
+
+def test_ids_and_batch_names_that_json_must_escape_arrive_whole(redis_url):
+    """A task id read back from a store anyone can write, a batch named in any script: the envelope
+    stays valid JSON and the worker gets them as they were sent."""
+    app = make_app(Settings(redis_url=redis_url))
+    client = redis.Redis.from_url(redis_url)
+    queue = "render.test-escapes"
+    client.delete(*queue_lists(queue))
+    odd = 'id "quoted" \\ é \x01'
+    message = {"prompt": "a cat", "seed": 1, "key": "ab" * 32, "batch": 'b"1\\é', "priority": "low"}
+    assert send_jobs(app, [(message, odd, queue), ({**message, "seed": 2}, "plain-id", queue)]) == 2
+    first, second = pushed(client, queue_lists(queue)[[0, 3, 6, 9].index(PRIORITIES["low"])])
+    assert first["headers"]["id"] == first["headers"]["root_id"] == first["properties"]["correlation_id"] == odd
+    assert first["headers"]["argsrepr"] == f"[job {'ab' * 6} of batch {message['batch']}]"
+    assert first["body"][0] == [message] and second["body"][0] == [{**message, "seed": 2}]
+    assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
+    client.delete(*queue_lists(queue))
