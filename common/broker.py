@@ -158,12 +158,9 @@ class _Envelopes:
         label = f"[job {str(message.get('key', '?'))[:12]} of batch {message.get('batch')}]"
         _, _, data = serialization.dumps(_task_body(message), serializer="json")
         body, _ = self.channel.encode_body(data, self.channel.body_encoding)
-        values = {
-            "lorafleet-placeholder-id": _json_text(task_id),  # ids come from anywhere: escaped where need be
-            "lorafleet-placeholder-label": _json_text(label),
-            "lorafleet-placeholder-body": body,
-            "lorafleet-placeholder-tag": self.channel._next_delivery_tag(),
-        }
+        # (task ids come from anywhere, a store or another client: escaped where JSON must)
+        filling = (_json_text(task_id), _json_text(label), body, self.channel._next_delivery_tag())
+        values = dict(zip(self.PLACEHOLDERS, filling, strict=True))
         parts = parts.copy()
         parts[1::2] = [values[placeholder] for placeholder in parts[1::2]]
         return name, "".join(parts)
