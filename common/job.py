@@ -140,5 +140,8 @@ def key_of(job: dict, model: ModelInfo) -> str:
         decisive["attention"] = model.attention
     if model.cache:  # a draft: its cache hook skips or predicts work the exact render does
         decisive["cache"] = json.loads(model.cache)
-    canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(decisive).encode()).hexdigest()
+
+
+# The key's canonical JSON (sorted keys, no spaces, UTF-8): one encoder, not one a job.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
