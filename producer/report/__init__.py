@@ -73,47 +73,8 @@ def build_report(
     """Compute every cell's numbers and write report.json, report.html and the plots; returns the
     report. Videos are read up to `max_video_pixels`, input images under `policy` (the settings')."""
     options = options or {"suggest": SUGGEST, "moved": MOVED}
-    entries = {entry.key: entry for entry in batch.entries}
     metadata = {job.key: json.loads(store.read_bytes(video_path(job.key, "json"))) for job in jobs}
-    videos: dict[str, np.ndarray] = {}
-
-    def video(key: str) -> np.ndarray:
-        if key not in videos:
-            videos[key] = read_video(store, key, max_video_pixels)
-        return videos[key]
-
-    # each tier against its own scale 0: a draft's cells against the draft base, exact ones the exact base
-    base_keys = {
-        (c.get("tier"), axes_id(c), c["prompt"], c["seed"]): j.key
-        for j, c in zip(jobs, cells, strict=True)
-        if c["lora_scale"] == 0
-    }
-    report_cells = []
-    for job, cell in zip(jobs, cells, strict=True):
-        key = job.key
-        evaluation = evaluations.get(key)
-        numbers = {
-            **vs_base(video(key), video(base_keys[(cell.get("tier"), axes_id(cell), cell["prompt"], cell["seed"])])),
-            **(evaluation["numbers"] if evaluation else {}),
-            "render_s": metadata[key]["timings_s"]["total"],
-        }
-        report_cells.append(
-            {
-                **cell,
-                "key": key,
-                "adapters": [
-                    a.model_dump(include={"sha256", "weight", "alpha", "uri"} | ({"name"} if a.name else set()))
-                    for a in job.adapters
-                ],
-                "prompt_text": prompts[cell["prompt"]],
-                "image": job.image and job.image.model_dump(),  # image-to-video: the input, shown beside its rows
-                "status": entries[key].status,
-                "worker": metadata[key]["worker"],
-                "evaluated": evaluation is not None,
-                "numbers": numbers,
-                "moved": [],
-            }
-        )
+    report_cells = measured_cells(batch, store, jobs, cells, prompts, evaluations, metadata, max_video_pixels)
     if compare:
         mark_moved(report_cells, compare, options["moved"])
     clip = any(name in c["numbers"] for c in report_cells for name in CLIP_METRICS)
@@ -143,16 +104,73 @@ def build_report(
         "switches": switches(metadata),
         "compared_with": (compare or {}).get("batch"),
     }
-    base_dir = f"batches/{batch.name}"
+    write_report(store, report, swept, policy)
+    return report
+
+
+def measured_cells(
+    batch: Batch,
+    store: Store,
+    jobs: list[Job],
+    cells: list[dict],
+    prompts: list[str],
+    evaluations: dict[str, dict],
+    metadata: dict[str, dict],
+    max_video_pixels: int,
+) -> list[dict]:
+    """Each sweep cell with its job's adapters, prompt, status and worker, and its numbers: those
+    between its video and its scale-0 cell's, its evaluation's, and its render time."""
+    entries = {entry.key: entry for entry in batch.entries}
+    videos: dict[str, np.ndarray] = {}
+
+    def video(key: str) -> np.ndarray:
+        if key not in videos:
+            videos[key] = read_video(store, key, max_video_pixels)
+        return videos[key]
+
+    # each tier against its own scale 0: a draft's cells against the draft base, exact ones the exact base
+    base_of = lambda c: (c.get("tier"), axes_id(c), c["prompt"], c["seed"])  # noqa: E731
+    base_keys = {base_of(c): j.key for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0}
+    measured = []
+    for job, cell in zip(jobs, cells, strict=True):
+        key = job.key
+        evaluation = evaluations.get(key)
+        numbers = {
+            **vs_base(video(key), video(base_keys[base_of(cell)])),
+            **(evaluation["numbers"] if evaluation else {}),
+            "render_s": metadata[key]["timings_s"]["total"],
+        }
+        measured.append(
+            {
+                **cell,
+                "key": key,
+                "adapters": [
+                    a.model_dump(include={"sha256", "weight", "alpha", "uri"} | ({"name"} if a.name else set()))
+                    for a in job.adapters
+                ],
+                "prompt_text": prompts[cell["prompt"]],
+                "image": job.image and job.image.model_dump(),  # image-to-video: the input, shown beside its rows
+                "status": entries[key].status,
+                "worker": metadata[key]["worker"],
+                "evaluated": evaluation is not None,
+                "numbers": numbers,
+                "moved": [],
+            }
+        )
+    return measured
+
+
+def write_report(store: Store, report: dict, swept: list[dict], policy: ReadPolicy) -> None:
+    """report.json, a plot per section of the swept cells, the input images' thumbnails, report.html."""
+    base_dir = f"batches/{report['batch']}"
     store.write_bytes(f"{base_dir}/report.json", json.dumps(report, indent=1).encode())
-    for s in sets:
+    for s in report["sets"]:
         cells_of_section = [c for c in swept if group_of(c) == (s["set"], axes_id(s))]
         store.write_bytes(f"{base_dir}/plots/{s['section']}.png", plot(cells_of_section, s["set"]))
-    images = {c["image"]["sha256"]: c["image"] for c in report_cells if c.get("image")}
+    images = {c["image"]["sha256"]: c["image"] for c in report["cells"] if c.get("image")}
     for sha256, image in images.items():
         store.write_bytes(f"{base_dir}/images/{sha256}.png", thumbnail(image, policy))
     store.write_bytes(f"{base_dir}/report.html", render_page(report).encode())
-    return report
 
 
 def thumbnail(image: dict, policy: ReadPolicy) -> bytes:
