@@ -72,8 +72,8 @@ def load_jobs(
     path: str, model_for, resolver: AdapterResolver, limits: JobLimits, priority: str | None = None
 ) -> list[Job]:
     """Every job of a .jsonl file, checked, expanded, resolved and keyed, at its line's priority or
-    `priority`; raises JobFileError
-    listing every bad line in line order, so nothing is enqueued unless the whole file is good.
+    `priority`; raises JobFileError listing every bad line in line order, so nothing is enqueued
+    unless the whole file is good.
 
     `model_for(alias)` gives the ModelInfo of a model alias (None: the fleet's default model)
     or raises ModelError; a model that cannot be read is one error for the whole file, and its
