@@ -85,7 +85,8 @@ def retry(settings: Settings, name: str, console: Console) -> Batch:
     app = make_app(settings)
     refresh(batch, app)
     jobs = batch.read_jobs(store)
-    if batch.count(JobStatus.UNSENT):
+    unsent = batch.count(JobStatus.UNSENT)
+    if unsent:
         sent = send_unsent(batch, jobs, store, settings)
         console.print(f"batch {name}: {sent} job(s) never sent are sent now")
     Ledger.from_settings(settings).uncancel(name)
@@ -99,5 +100,6 @@ def retry(settings: Settings, name: str, console: Console) -> Batch:
             entry.task_id = again[key]
             entry.record(JobStatus.QUEUED)
     batch.write_manifest(store)
-    console.print(f"batch {name}: {len(again)} job(s) enqueued again")
+    if again or not unsent:  # after an interrupted submit's rest, a line of none again says nothing
+        console.print(f"batch {name}: {len(again)} job(s) enqueued again")
     return batch

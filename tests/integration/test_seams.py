@@ -81,6 +81,7 @@ def test_a_submit_cut_off_while_sending_is_finished_by_retry_none_twice(fleet_en
     again = lorafleet("retry", "cut", env=fleet_env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"{total - sent} job(s) never sent are sent now" in again.stdout, again.stdout
+    assert "enqueued again" not in again.stdout, again.stdout  # no line of none failed or cancelled
     ids = queued_task_ids(url)
     assert len(ids) == total and len(set(ids)) == total  # every job once, none twice
     status = json.loads(lorafleet("status", "cut", "--json", env=fleet_env).stdout)
