@@ -59,16 +59,22 @@ def test_make_demo_ends_with_decodable_videos_from_a_fresh_install_without_apt(t
         assert frames.shape[0] in (9, 17) and frames.shape[-1] == 3
 
 
-def test_the_image_to_video_demo_renders_examples_i2v(tmp_path):
+def run_demo(tmp_path, example: str, *args: str) -> subprocess.CompletedProcess:
+    """`lorafleet demo ARGS` in a fresh folder holding examples/EXAMPLE, as a user runs it from a
+    checkout (no LORAFLEET_ setting of this environment; the store in ./results)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
     env["LORAFLEET_STORE_URL"] = str(tmp_path / "results")
     os.makedirs(tmp_path / "examples")
-    with open(os.path.join(REPO, "examples", "i2v.jsonl")) as f:
-        (tmp_path / "examples" / "i2v.jsonl").write_text(f.read())
-    result = subprocess.run(
-        [sys.executable, "-m", "lorafleet", "demo", "--kind", "i2v"],
+    with open(os.path.join(REPO, "examples", example)) as f:
+        (tmp_path / "examples" / example).write_text(f.read())
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet", "demo", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+
+
+def test_the_image_to_video_demo_renders_examples_i2v(tmp_path):
+    result = run_demo(tmp_path, "i2v.jsonl", "--kind", "i2v")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert os.path.isfile(tmp_path / "demo" / "i2v" / "images" / "sunset.png")  # the input images it wrote
     (manifest,) = glob.glob(str(tmp_path / "results" / "batches" / "*" / "manifest.jsonl"))
@@ -80,15 +86,7 @@ def test_the_image_to_video_demo_renders_examples_i2v(tmp_path):
 def test_the_demo_runs_a_draft_night_with_a_draft_worker_beside_the_exact_one(tmp_path):
     """`lorafleet demo --sweep examples/sweep_draft.yaml` as the README shows it: the spec's `draft`
     alias is defined by the demo (the tiny model with TaylorSeer) and served by a worker of its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-    env["LORAFLEET_STORE_URL"] = str(tmp_path / "results")
-    os.makedirs(tmp_path / "examples")
-    with open(os.path.join(REPO, "examples", "sweep_draft.yaml")) as f:
-        (tmp_path / "examples" / "sweep_draft.yaml").write_text(f.read())
-    result = subprocess.run(
-        [sys.executable, "-m", "lorafleet", "demo", "--sweep", "examples/sweep_draft.yaml"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_demo(tmp_path, "sweep_draft.yaml", "--sweep", "examples/sweep_draft.yaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "starting a CPU worker for model draft (log: demo/demo-worker-draft.log)" in result.stdout
     (folder,) = glob.glob(str(tmp_path / "results" / "batches" / "draft-night-*"))
