@@ -1,8 +1,12 @@
-"""Reading many small objects at once (100,000 results, a 100,000-line manifest) without Python's
-cyclic garbage collector running through the whole heap in the middle of it."""
+"""Many small objects at once (100,000 results, a 100,000-line manifest, a 100,000-job send): read
+without Python's cyclic garbage collector running through the whole heap in the middle of it, and
+written as JSON by pydantic's serializer rather than the json module's."""
 
 import gc
+import json
 from contextlib import contextmanager
+
+from pydantic_core import PydanticSerializationError, to_json
 
 
 @contextmanager
@@ -17,3 +21,13 @@ def paused_gc():
     finally:
         if enabled:
             gc.enable()
+
+
+def json_bytes(value) -> bytes:
+    """`value` as compact JSON in UTF-8, by pydantic's serializer (a third of json.dumps' time: a
+    100,000-job submit writes each job three times). A string UTF-8 cannot hold (a lone surrogate,
+    which a JSON escape from any client can carry) falls back to the json module, which escapes it."""
+    try:
+        return to_json(value)
+    except PydanticSerializationError:
+        return json.dumps(value, separators=(",", ":")).encode()

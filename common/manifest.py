@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from common.bulk import paused_gc
+from common.bulk import json_bytes, paused_gc
 from common.errors import InputError, StoreError, quoted
 from common.job import Job
 from common.protocol import BATCH_NAME, BATCH_NAME_RULE
@@ -173,8 +173,7 @@ class Batch:
 
     def write_manifest(self, store: Store) -> str:
         """Write batches/<name>/manifest.jsonl (one line per job); returns its URI."""
-        lines = "".join(json.dumps(entry.as_dict()) + "\n" for entry in self.entries)
-        return store.write_bytes(manifest_path(self.name), lines.encode())
+        return store.write_bytes(manifest_path(self.name), b"".join(json_bytes(e.as_dict()) + b"\n" for e in self.entries))
 
 
 STATES = {state.value for state in JobStatus}
