@@ -29,6 +29,7 @@ nvcc --version | tail -1
 python3 -m pip install -q --no-index --no-deps --target /tmp/sage2-tools "$SAGE2"/*.whl
 export PYTHONPATH="/tmp/sage2-tools:$PYTHONPATH" PATH="/tmp/sage2-tools/bin:$PATH"
 rm -rf /tmp/sage2 && mkdir -p /tmp/sage2 && tar -C /tmp/sage2 -xzf "$SAGE2/src.tar.gz"
+echo "SageAttention $(cat "$SAGE2/commit")" > /tmp/sage2/README.md  # setup.py reads it for the description
 python3 - /tmp/sage2 <<'PY'
 import re, sys
 root = sys.argv[1]

@@ -41,6 +41,10 @@ PY
 # Byte-compiled, as pip leaves an image: without it every worker compiles diffusers' sources at
 # start, and a READY figure measures that (16 s of "imports" on 2026-12-01) instead of the imports.
 python3 -m compileall -q -j 0 /tmp/site "$PWD/common" "$PWD/workers" "$PWD/producer" "$PWD/lorafleet" >/dev/null
+# The machine's own torch, sympy and networkx come without it, and PYTHONDONTWRITEBYTECODE=1 there
+# keeps every process compiling them from source again (about 5 s of a worker's 14 s of imports on
+# 2026-12-07): compiled once a machine, as pip compiles an image's packages (DEVICE_BYTECODE=0: not).
+[ "${DEVICE_BYTECODE:-1}" = 0 ] || python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1
 # LORAFLEET_REQUIRE_GPU: tests/gpu fail here rather than skip if the GPU is not seen.
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg HF_HUB_OFFLINE=1 LORAFLEET_REQUIRE_GPU=1
 echo "device_setup: lorafleet's packages in /tmp/site, ffmpeg at /tmp/ffmpeg ($(python3 -c "print(round($(date +%s.%N) - $started, 1))") s)"
