@@ -147,7 +147,9 @@ class Batch:
         """A batch from its manifest in the store; raises InputError if there is none, StoreError if
         a line of it is not a manifest entry (anyone who can write the store can write one)."""
         try:
-            lines = store.read_bytes(manifest_path(check_batch_name(name))).decode(errors="replace").splitlines()
+            # split at "\n" alone: a line's JSON holds text as it is, and splitlines() would also cut
+            # at U+2028, U+0085 and the like inside a job's id or error
+            lines = store.read_bytes(manifest_path(check_batch_name(name))).decode(errors="replace").split("\n")
         except FileNotFoundError:
             raise InputError(f'no batch "{name}" in {store.url} (no {manifest_path(name)})') from None
         with paused_gc():
@@ -164,7 +166,7 @@ class Batch:
 
     def read_jobs(self, store: Store) -> dict[str, Job]:
         """The batch's expanded jobs by key, as `write_jobs` wrote them."""
-        lines = store.read_bytes(jobs_path(self.name)).decode().splitlines()
+        lines = [line for line in store.read_bytes(jobs_path(self.name)).decode().split("\n") if line]
         return {job.key: job for job in map(Job.model_validate_json, lines)}
 
     def count(self, status: JobStatus) -> int:

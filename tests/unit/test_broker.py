@@ -77,3 +77,20 @@ def test_ids_and_batch_names_that_json_must_escape_arrive_whole(redis_url):
     assert first["body"][0] == [message] and second["body"][0] == [{**message, "seed": 2}]
     assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
     client.delete(*queue_lists(queue))
+
+
+def test_a_body_arrives_as_sent_whatever_its_text_holds(redis_url):
+    """Bodies are written by pydantic's serializer (UTF-8 as it is); a lone surrogate, which a JSON
+    escape from any client can carry and UTF-8 cannot, goes through the json module's escape."""
+    app = make_app(Settings(redis_url=redis_url))
+    client = redis.Redis.from_url(redis_url)
+    queue = "render.test-bodies"
+    client.delete(*queue_lists(queue))
+    messages = [
+        {"prompt": "un chat é 猫 \u2028", "seed": 2**70, "lora_scale": 1e-07, "key": "ab" * 32, "priority": "low"},
+        {"prompt": "half a pair \udc80", "seed": 1, "key": "cd" * 32, "priority": "low"},
+    ]
+    assert send_jobs(app, [(message, f"id-{i}", queue) for i, message in enumerate(messages)]) == 2
+    found = pushed(client, queue_lists(queue)[[0, 3, 6, 9].index(PRIORITIES["low"])])
+    assert [envelope["body"][0] for envelope in found] == [[message] for message in messages]
+    client.delete(*queue_lists(queue))

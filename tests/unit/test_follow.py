@@ -53,3 +53,24 @@ def test_the_final_table_fits_80_columns_and_says_once_where_the_videos_are():
     assert "videos: s3://team-bucket/lorafleet/videos/KEY.mp4" in out.getvalue()
     assert "lorafleet status night --json" in out.getvalue()
     assert any("dog" in line and "CUDA out of memory" in line for line in lines)
+
+
+def test_a_manifest_reads_back_as_written_whatever_its_text_holds(tmp_path):
+    """Lines are written by pydantic's serializer (UTF-8 as it is); an error with a lone surrogate
+    (a worker's message can carry one) goes through the json module's escape, and the line stays."""
+    from common.store import Store
+    from tests.helpers import planted_job
+
+    store = Store(str(tmp_path))
+    entries = [
+        ManifestEntry(key="ab" * 32, status=JobStatus.FAILED, id="chat é 猫", lora_scale=1e-07, seed=2**70, error="x\u2028y"),
+        ManifestEntry(key="cd" * 32, status=JobStatus.FAILED, id="j2", error="half a pair \udc80"),
+        ManifestEntry(key="ef" * 32, status=JobStatus.DONE, worker="w1", seconds=1.5),
+    ]
+    batch = Batch("b", entries)
+    batch.write_manifest(store)
+    assert Batch.load(store, "b").entries == entries
+    # and the batch's jobs, which `lorafleet retry` reads back
+    jobs = [planted_job("ab" * 32).model_copy(update={"prompt": "a cat\u2028a dog\x85"}), planted_job("cd" * 32)]
+    batch.write_jobs(store, jobs)
+    assert list(batch.read_jobs(store).values()) == jobs
