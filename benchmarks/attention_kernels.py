@@ -208,6 +208,13 @@ def attention(heads: int, blocks: int, repeats: int) -> tuple[list[tuple], dict]
         rows.append((name, ms, attention_flop / ms / 1e9, ms * blocks / 1e3, error))
         if name in kernels:
             working[name] = kernels[name]
+    # sdpa-fa4's first call put FA4 in place of torch's flash kernel, process-wide (and where it
+    # failed, left it failing): torch's own back for the whole step, or no sdpa-flash step to mislabel
+    restore = getattr(torch.nn.attention, "restore_flash_attention_impl", None)
+    if "sdpa-fa4" in kernels and restore is not None:
+        restore()
+    elif "sdpa-fa4" in kernels:
+        working.pop("sdpa-flash", None)
     return rows, working
 
 
