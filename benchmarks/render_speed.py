@@ -66,8 +66,10 @@ class Steps:
         self.times.append(time.perf_counter())
         return {}
 
-    def per_step(self) -> float:
-        return statistics.median(b - a for a, b in zip(self.times, self.times[1:], strict=False))
+    def per_step(self) -> float | None:
+        """The median time between steps; None for a job of one step (a `--first-steps 1` job)."""
+        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+        return statistics.median(gaps) if gaps else None
 
 
 def probe(pipe, size: tuple[int, int, int]) -> torch.Tensor:
