@@ -24,10 +24,12 @@ Jobs come out grouped by adapter combination and scale, so a worker switches var
 import itertools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_serializer
 
 from common.errors import AdapterError, JobFileError, ModelError, quoted
 from common.job import Job
@@ -60,6 +62,36 @@ MOVED = {
     "clip_score": 1.0, "clip_consistency": 0.02, "ssim_vs_base": 0.02, "psnr_vs_base": 1.0, "temporal_ssim": 0.02,
 }  # fmt: skip
 ADAPTER_LIST = TypeAdapter(list[AdapterItem])
+
+
+class Cell(BaseModel):
+    """Where a sweep's job sits: its adapter set and prompt (their places in the spec), seed and
+    lora_scale, its values on the further axes (`axes:`), the refining round that added it, and its
+    tier ("exact": a draft night's confirmation). Written as report.json has always held it: axes,
+    refined and tier only where they have a value."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    set: int
+    prompt: int
+    seed: int
+    lora_scale: float
+    axes: dict[str, Any] = {}
+    refined: int | None = None
+    tier: Literal["exact"] | None = None
+
+    @property
+    def section(self) -> tuple[int, str]:
+        """The report section it belongs to: its adapter set at its combination of the further axes."""
+        return self.set, axes_id(self.axes)
+
+    @model_serializer(mode="wrap")
+    def _written(self, write) -> dict:
+        data = write(self)
+        for name in ("axes", "refined", "tier"):
+            if not data.get(name):
+                data.pop(name, None)
+        return data
 
 
 def parse_scales(value, errors: list) -> list[float]:
@@ -139,13 +171,12 @@ def _prompts(spec: dict, model: ModelInfo, resolver: AdapterResolver, max_jobs: 
 
 def load_sweep(
     path: str, model_for, resolver: AdapterResolver, limits: JobLimits
-) -> tuple[str, list[Job], list[dict], dict]:
-    """The sweep's batch name prefix, its jobs (checked, resolved and keyed), each job's cell
-    ({"set", "prompt", "seed", "lora_scale"}) and the report's settings ({"suggest", "moved",
-    "confirm"}, defaults filled in); raises JobFileError naming every problem's place in the spec,
-    before anything is enqueued."""
+) -> tuple[str, list[Job], list[Cell], dict]:
+    """The sweep's batch name prefix, its jobs (checked, resolved and keyed), each job's cell and
+    the report's settings ({"suggest", "moved", "confirm"}, defaults filled in); raises
+    JobFileError naming every problem's place in the spec, before anything is enqueued."""
     sweep = _read_sweep(path, model_for, resolver, limits)
-    scales = {(i, axes_id(cell)): sweep.scales for i in range(len(sweep.sets)) for cell in sweep.combinations()}
+    scales = {(i, axes_id(axes)): sweep.scales for i in range(len(sweep.sets)) for axes in sweep.combinations()}
     jobs, cells = _expand(sweep, sweep.spec.get("model"), sweep.model, scales, resolver, limits)
     return sweep.name, jobs, cells, sweep.report
 
@@ -158,7 +189,7 @@ def more_cells(
     scales: dict[tuple[int, str], list[float]],
     mark: dict,
     exact: bool = False,
-) -> tuple[list[Job], list[dict]]:
+) -> tuple[list[Job], list[Cell]]:
     """A sweep's further cells (a refining or confirming round): each adapter set, at each
     combination of its further axes, at `scales[(set, axes_id)]` (a report section's own scales),
     every prompt and seed, each cell marked with `mark` ({"refined": round}, {"tier": "exact"}); in
@@ -167,7 +198,7 @@ def more_cells(
     sweep = _read_sweep(path, model_for, resolver, limits)
     alias = sweep.report["confirm"]["model"] if exact else sweep.spec.get("model")
     jobs, cells = _expand(sweep, alias, model_for(alias) if exact else sweep.model, scales, resolver, limits)
-    return jobs, [{**cell, **mark} for cell in cells]
+    return jobs, [cell.model_copy(update=mark) for cell in cells]
 
 
 @dataclass
@@ -187,12 +218,9 @@ class _Sweep:
     report: dict
 
     def combinations(self) -> list[dict]:
-        """Each combination of the further axes as a cell holds it ({"axes": {...}}; {} with none)."""
+        """Each combination of the further axes, as a cell's `axes` ({} with none)."""
         names = list(self.axes)
-        return [
-            {"axes": dict(zip(names, values, strict=True))} if names else {}
-            for values in itertools.product(*self.axes.values())
-        ]
+        return [dict(zip(names, values, strict=True)) for values in itertools.product(*self.axes.values())]
 
 
 def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimits) -> _Sweep:
@@ -229,12 +257,12 @@ def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimi
 
 def _expand(
     sweep: _Sweep, alias, model: ModelInfo, scales: dict[int, list[float]], resolver: AdapterResolver, limits
-) -> tuple[list[Job], list[dict]]:
+) -> tuple[list[Job], list[Cell]]:
     """The jobs and cells of each adapter set, at each combination of the further axes, at its
     scales `scales[(set, axes_id)]`, in model `alias`: grouped by adapter combination and scale, so a
     worker switches variants rarely."""
     jobs, cells = [], []
-    combinations = [(a, cell.get("axes", {}), axes_id(cell)) for a, cell in enumerate(sweep.combinations())]
+    combinations = [(a, axes, axes_id(axes)) for a, axes in enumerate(sweep.combinations())]
     for i, adapters in enumerate(sweep.sets):
         at = {place: scales.get((i, place), []) for _, _, place in combinations}
         for scale in dict.fromkeys(x for xs in at.values() for x in xs):  # one variant switch per group
@@ -262,13 +290,14 @@ def _expand(
                         jobs.append(resolve_job(spec_of_cell, scale_of_cell, seed_of_cell, model, resolver))
                     except AdapterError as exc:
                         raise JobFileError(sweep.path, [f"adapter_sets[{i}]: {exc}"]) from None
-                    cells.append({"set": i, "prompt": p, "seed": seed, "lora_scale": scale, **({"axes": axes} if axes else {})})
+                    cells.append(Cell(set=i, prompt=p, seed=seed, lora_scale=scale, axes=axes))
     return jobs, cells
 
 
-def axes_id(cell: dict) -> str:
-    """A cell's values on a spec's further axes (`axes:`), as one comparable string ("" for none)."""
-    return json.dumps(cell["axes"], sort_keys=True) if cell.get("axes") else ""
+def axes_id(axes: Mapping | None) -> str:
+    """Values on a spec's further axes (a cell's or a report section's `axes`), as one comparable
+    string ("" for none)."""
+    return json.dumps(axes, sort_keys=True) if axes else ""
 
 
 AXIS_FIELDS = [*RENDER_FIELDS, "negative_prompt"]  # what `axes:` may sweep beside the spec's own axes

@@ -18,10 +18,11 @@ from common.model import model_resolver
 from common.resolver import AdapterResolver
 from common.settings import Settings, queue_for
 from common.store import Store, videos_present
-from common.sweep_spec import axes_id, load_sweep, more_cells
+from common.sweep_spec import Cell, load_sweep, more_cells
 from producer.follow import wait_for_batch
 from producer.report import build_report, confirm_scales, load_report, refine_scale
-from producer.report.rules import axes_text
+from producer.report.cells import read_cells
+from producer.report.rules import axes_text, section_of
 from producer.submit import enqueue
 
 
@@ -52,7 +53,7 @@ def run_sweep(
     )
     started = time.monotonic()
     left = lambda: None if timeout_s is None else max(60.0, timeout_s - (time.monotonic() - started))  # noqa: E731
-    texts = {cell["prompt"]: job.prompt for job, cell in zip(jobs, cells, strict=True)}
+    texts = {cell.prompt: job.prompt for job, cell in zip(jobs, cells, strict=True)}
     prompts = [texts[i] for i in sorted(texts)]
     evaluations: dict[str, dict] = {}
 
@@ -68,7 +69,7 @@ def run_sweep(
             max_video_pixels=settings.max_video_pixels, policy=resolver.policy,
         )  # fmt: skip
 
-    def another_round(new_jobs: list[Job], new_cells: list[dict], said: str) -> dict | None:
+    def another_round(new_jobs: list[Job], new_cells: list[Cell], said: str) -> dict | None:
         """A further batch step of the same batch (refining, confirming): enqueued, rendered, reported."""
         nonlocal jobs, cells
         enqueue(new_jobs, batch, store, settings)
@@ -94,7 +95,7 @@ def run_sweep(
         report = another_round(*exact, f"confirming {len(exact[0])} cells exactly ({model}): {which}")
     if report is None:
         return False
-    moved = sum(bool(c["moved"]) for c in report["cells"])
+    moved = sum(bool(c.moved) for c in read_cells(report["cells"]))
     compared = f" ({moved} cells moved since {previous['batch']})" if previous else ""
     console.print(f"report: {store.uri(f'batches/{batch.name}/report.html')}{compared}")
     return True
@@ -102,7 +103,7 @@ def run_sweep(
 
 def by_section(chosen: list[tuple[dict, list[float]]]) -> dict[tuple[int, str], list[float]]:
     """Scales chosen per report section, as more_cells takes them: by adapter set and axes."""
-    return {(s["set"], axes_id(s)): scales for s, scales in chosen}
+    return {section_of(s): scales for s, scales in chosen}
 
 
 def scales_text(chosen: list[tuple[dict, list[float]]]) -> str:
@@ -258,6 +259,13 @@ def baseline(store: Store, compare: str, sweep: str, batch: str, console: Consol
     except FileNotFoundError:
         console.print(
             f"warning: batch {compare} has no report in the store: the report is written without comparison",
+            style="yellow",
+        )
+        return None
+    except ValueError as exc:  # not JSON, or a cell that is not one lorafleet wrote
+        console.print(
+            f"warning: batch {compare}'s report.json is not a report lorafleet reads ({str(exc).splitlines()[0]}): "
+            "the report is written without comparison",
             style="yellow",
         )
         return None

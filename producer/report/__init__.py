@@ -28,7 +28,8 @@ from common.job import Job
 from common.manifest import Batch
 from common.reading import ReadPolicy
 from common.store import Store, video_path
-from common.sweep_spec import MOVED, SUGGEST
+from common.sweep_spec import MOVED, SUGGEST, Cell
+from producer.report.cells import ReportCell, read_cells, written
 from producer.report.page import render_page
 from producer.report.plots import plot
 from producer.report.rules import (
@@ -39,7 +40,6 @@ from producer.report.rules import (
     axes_id,
     confirm_scales,
     distinguishable,
-    group_of,
     groups,
     mark_moved,
     provenance,
@@ -47,13 +47,14 @@ from producer.report.rules import (
     render_times,
     rule_text,
     section,
+    section_of,
     summarise,
     switches,
 )
 
 __all__ = [
-    "CLIP_METRICS", "METRICS", "MIN_PAIRS", "PAIRED_RULE", "build_report", "confirm_scales", "distinguishable",
-    "load_report", "mark_moved", "refine_scale", "summarise",
+    "CLIP_METRICS", "METRICS", "MIN_PAIRS", "PAIRED_RULE", "ReportCell", "build_report", "confirm_scales",
+    "distinguishable", "load_report", "mark_moved", "refine_scale", "summarise",
 ]  # fmt: skip
 
 
@@ -61,7 +62,7 @@ def build_report(
     batch: Batch,
     store: Store,
     jobs: list[Job],
-    cells: list[dict],
+    cells: list[Cell],
     prompts: list[str],
     evaluations: dict[str, dict],
     options: dict | None = None,
@@ -76,11 +77,11 @@ def build_report(
     metadata = {job.key: json.loads(store.read_bytes(video_path(job.key, "json"))) for job in jobs}
     report_cells = measured_cells(batch, store, jobs, cells, prompts, evaluations, metadata, max_video_pixels)
     if compare:
-        mark_moved(report_cells, compare, options["moved"])
-    clip = any(name in c["numbers"] for c in report_cells for name in CLIP_METRICS)
-    swept = [c for c in report_cells if c.get("tier") is None]  # a draft sweep's confirmation aside
+        report_cells = mark_moved(report_cells, read_cells(compare["cells"]), options["moved"])
+    clip = any(name in c.numbers for c in report_cells for name in CLIP_METRICS)
+    swept = [c for c in report_cells if c.tier is None]  # a draft sweep's confirmation aside
     sets = [section(group, swept, options["suggest"], clip) for group in groups(swept)]
-    exact = [c for c in report_cells if c.get("tier") == "exact"]
+    exact = [c for c in report_cells if c.tier == "exact"]
     confirmed = [section(group, exact, options["suggest"], clip) for group in groups(exact)]  # named as the swept
     if compare:
         same = lambda s: json.dumps([s["combination"], s.get("axes")])  # noqa: E731
@@ -99,12 +100,12 @@ def build_report(
         # a draft sweep's suggestion and neighbours rendered exactly, per section: the night's decision
         "confirmed": confirmed,
         "confirm_model": (options.get("confirm") or {}).get("model"),
-        "cells": report_cells,
+        "cells": written(report_cells),
         "render_time_per_worker": render_times(metadata),
         "switches": switches(metadata),
         "compared_with": (compare or {}).get("batch"),
     }
-    write_report(store, report, swept, policy)
+    write_report(store, report, report_cells, policy)
     return report
 
 
@@ -112,12 +113,12 @@ def measured_cells(
     batch: Batch,
     store: Store,
     jobs: list[Job],
-    cells: list[dict],
+    cells: list[Cell],
     prompts: list[str],
     evaluations: dict[str, dict],
     metadata: dict[str, dict],
     max_video_pixels: int,
-) -> list[dict]:
+) -> list[ReportCell]:
     """Each sweep cell with its job's adapters, prompt, status and worker, and its numbers: those
     between its video and its scale-0 cell's, its evaluation's, and its render time."""
     entries = {entry.key: entry for entry in batch.entries}
@@ -129,8 +130,8 @@ def measured_cells(
         return videos[key]
 
     # each tier against its own scale 0: a draft's cells against the draft base, exact ones the exact base
-    base_of = lambda c: (c.get("tier"), axes_id(c), c["prompt"], c["seed"])  # noqa: E731
-    base_keys = {base_of(c): j.key for j, c in zip(jobs, cells, strict=True) if c["lora_scale"] == 0}
+    base_of = lambda c: (c.tier, axes_id(c.axes), c.prompt, c.seed)  # noqa: E731
+    base_keys = {base_of(c): j.key for j, c in zip(jobs, cells, strict=True) if c.lora_scale == 0}
     measured = []
     for job, cell in zip(jobs, cells, strict=True):
         key = job.key
@@ -141,33 +142,33 @@ def measured_cells(
             "render_s": metadata[key]["timings_s"]["total"],
         }
         measured.append(
-            {
-                **cell,
-                "key": key,
-                "adapters": [
+            ReportCell(
+                **dict(cell),
+                key=key,
+                adapters=[
                     a.model_dump(include={"sha256", "weight", "alpha", "uri"} | ({"name"} if a.name else set()))
                     for a in job.adapters
                 ],
-                "prompt_text": prompts[cell["prompt"]],
-                "image": job.image and job.image.model_dump(),  # image-to-video: the input, shown beside its rows
-                "status": entries[key].status,
-                "worker": metadata[key]["worker"],
-                "evaluated": evaluation is not None,
-                "numbers": numbers,
-                "moved": [],
-            }
+                prompt_text=prompts[cell.prompt],
+                image=job.image and job.image.model_dump(),
+                status=entries[key].status,
+                worker=metadata[key]["worker"],
+                evaluated=evaluation is not None,
+                numbers=numbers,
+            )
         )
     return measured
 
 
-def write_report(store: Store, report: dict, swept: list[dict], policy: ReadPolicy) -> None:
+def write_report(store: Store, report: dict, cells: list[ReportCell], policy: ReadPolicy) -> None:
     """report.json, a plot per section of the swept cells, the input images' thumbnails, report.html."""
     base_dir = f"batches/{report['batch']}"
     store.write_bytes(f"{base_dir}/report.json", json.dumps(report, indent=1).encode())
+    swept = [c for c in cells if c.tier is None]
     for s in report["sets"]:
-        cells_of_section = [c for c in swept if group_of(c) == (s["set"], axes_id(s))]
+        cells_of_section = [c for c in swept if c.section == section_of(s)]
         store.write_bytes(f"{base_dir}/plots/{s['section']}.png", plot(cells_of_section, s["set"]))
-    images = {c["image"]["sha256"]: c["image"] for c in report["cells"] if c.get("image")}
+    images = {c.image["sha256"]: c.image for c in cells if c.image}
     for sha256, image in images.items():
         store.write_bytes(f"{base_dir}/images/{sha256}.png", thumbnail(image, policy))
     store.write_bytes(f"{base_dir}/report.html", render_page(report).encode())
@@ -183,5 +184,10 @@ def thumbnail(image: dict, policy: ReadPolicy) -> bytes:
 
 
 def load_report(store: Store, batch: str) -> dict:
-    """A previous batch's report.json, for --compare."""
-    return json.loads(store.read_bytes(f"batches/{batch}/report.json"))
+    """A previous batch's report.json, for --compare; ValueError where it is not JSON or a cell in it
+    is not one lorafleet wrote."""
+    report = json.loads(store.read_bytes(f"batches/{batch}/report.json"))
+    if not isinstance(report, dict) or not isinstance(report.get("cells"), list):
+        raise ValueError("no list of cells")
+    read_cells(report["cells"])
+    return report

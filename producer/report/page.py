@@ -7,7 +7,8 @@ the formatted numbers."""
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from common.sweep_spec import axes_id
-from producer.report.rules import CLIP_METRICS, METRICS, axes_text, group_of
+from producer.report.cells import ReportCell, read_cells
+from producer.report.rules import CLIP_METRICS, METRICS, axes_text, section_of
 
 STYLE = (
     "body{font:14px sans-serif;margin:2em;max-width:1600px}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
@@ -60,14 +61,14 @@ def mean_and_spread(name: str, measured: dict | None) -> str:
 
 def render_page(report: dict) -> str:
     """report.html for a report (what `build_report` writes to report.json)."""
-    cells = report["cells"]
-    swept = [c for c in cells if c.get("tier") is None]  # a draft sweep's confirmation aside
+    cells = read_cells(report["cells"])
+    swept = [c for c in cells if c.tier is None]  # a draft sweep's confirmation aside
     # by section (a set, at one combination of the further axes); a report of before 2026-12-07 named none
     confirmed = {c.get("section", f"set{c['set']}"): c for c in report.get("confirmed", [])}
     sections = []
     drafted = bool(confirmed)  # a draft sweep: its main grids hold the draft model's renders
     for s in report["sets"]:
-        own = [c for c in swept if group_of(c) == (s["set"], axes_id(s))]
+        own = [c for c in swept if c.section == section_of(s)]
         exact = confirmed.get(s["section"])
         sections.append(
             {
@@ -76,7 +77,7 @@ def render_page(report: dict) -> str:
                 # the numbers measured at some scale of the section: its table's rows
                 "metrics": [name for name in METRICS if any(name in s["summary"][str(x)] for x in s["scales"])],
                 "grid": scale_grid(s, own),
-                "confirmed": exact and confirmed_view(s, exact, [c for c in cells if group_of(c) == group_of(s)]),
+                "confirmed": exact and confirmed_view(s, exact, [c for c in cells if c.section == section_of(s)]),
             }
         )
     template = _ENVIRONMENT.get_template("page.html")
@@ -90,8 +91,8 @@ def render_page(report: dict) -> str:
         drafted=drafted,
         set_count=len({s["set"] for s in report["sets"]}),
         sections=sections,
-        axes_overview=axes_overview(report),
-        side_by_side=side_by_side({**report, "cells": swept}),
+        axes_overview=axes_overview(report, cells),
+        side_by_side=side_by_side(report["sets"], swept),
         fmt=fmt,
         setting=setting,
         suggested_text=suggested_text,
@@ -100,19 +101,19 @@ def render_page(report: dict) -> str:
     )
 
 
-def rows_of(cells: list[dict]) -> list[dict]:
+def rows_of(cells: list[ReportCell]) -> list[dict]:
     """A grid's rows: one per prompt × seed, with its prompt's text and input image."""
     rows = []
-    for prompt, seed in sorted({(c["prompt"], c["seed"]) for c in cells}):
-        first = next(c for c in cells if c["prompt"] == prompt)
-        rows.append({"prompt": prompt, "seed": seed, "text": first["prompt_text"], "image": first.get("image")})
+    for prompt, seed in sorted({(c.prompt, c.seed) for c in cells}):
+        first = next(c for c in cells if c.prompt == prompt)
+        rows.append({"prompt": prompt, "seed": seed, "text": first.prompt_text, "image": first.image})
     return rows
 
 
-def scale_grid(s: dict, cells: list[dict]) -> dict:
+def scale_grid(s: dict, cells: list[ReportCell]) -> dict:
     """A section's videos: a column per scale (★ on the suggestion, the refining round that added it)."""
-    by_place = {(c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
-    rounds = {c["lora_scale"]: c["refined"] for c in cells if c.get("refined")}
+    by_place = {(c.lora_scale, c.prompt, c.seed): c for c in cells}
+    rounds = {c.lora_scale: c.refined for c in cells if c.refined}
     columns = [{"scale": x, "suggested": x == s["suggested"], "refined": rounds.get(x)} for x in s["scales"]]
     rows = rows_of(cells)
     for row in rows:
@@ -120,7 +121,7 @@ def scale_grid(s: dict, cells: list[dict]) -> dict:
     return {"columns": columns, "rows": rows}
 
 
-def confirmed_view(draft: dict, exact: dict, cells: list[dict]) -> dict:
+def confirmed_view(draft: dict, exact: dict, cells: list[ReportCell]) -> dict:
     """A draft set's confirmation: each number's draft → exact means at the scales rendered exactly,
     and the videos draft beside exact."""
     scales = exact["scales"]
@@ -130,25 +131,24 @@ def confirmed_view(draft: dict, exact: dict, cells: list[dict]) -> dict:
         if any(b is not None for _, b in pairs):
             texts = [" → ".join(fmt(name, m and m["mean"]) for m in pair) for pair in pairs]  # ∞: scale 0's PSNR
             numbers.append({"label": label, "texts": texts})
-    by_place = {(c.get("tier"), c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
+    by_place = {(c.tier, c.lora_scale, c.prompt, c.seed): c for c in cells}
     columns = [{"scale": x, "tier": tier} for x in scales for tier in (None, "exact")]
-    rows = rows_of([c for c in cells if c.get("tier") == "exact"])
+    rows = rows_of([c for c in cells if c.tier == "exact"])
     for row in rows:
         row["cells"] = [by_place[(col["tier"], col["scale"], row["prompt"], row["seed"])] for col in columns]
     return {"scales": scales, "numbers": numbers, "grid": {"columns": columns, "rows": rows}}
 
 
-def side_by_side(report: dict) -> list[dict]:
+def side_by_side(sections: list[dict], cells: list[ReportCell]) -> list[dict]:
     """At each scale above 0 (and combination of further axes), the adapter sets as columns: the
     same prompt and seed, set against set. None with one set."""
-    cells = report["cells"]
-    if len({s["set"] for s in report["sets"]}) < 2:
+    if len({s["set"] for s in sections}) < 2:
         return []
-    by_place = {(c["set"], axes_id(c), c["lora_scale"], c["prompt"], c["seed"]): c for c in cells}
+    by_place = {(*c.section, c.lora_scale, c.prompt, c.seed): c for c in cells}
     grids = []
-    for axes in dict.fromkeys(map(axes_id, report["sets"])):
-        sets = [s for s in report["sets"] if axes_id(s) == axes]
-        for x in sorted({c["lora_scale"] for c in cells}):
+    for axes in dict.fromkeys(axes_id(s.get("axes")) for s in sections):
+        sets = [s for s in sections if axes_id(s.get("axes")) == axes]
+        for x in sorted({c.lora_scale for c in cells}):
             if x == 0:
                 continue  # every set's scale 0 is the base model
             rows = rows_of(cells)
@@ -159,7 +159,7 @@ def side_by_side(report: dict) -> list[dict]:
     return grids
 
 
-def axes_overview(report: dict) -> dict | None:
+def axes_overview(report: dict, cells: list[ReportCell]) -> dict | None:
     """With further axes: per adapter set, its combinations against lora_scale, each cell the mean
     of the number the rule reads first, ★ on the row's suggestion. None without further axes."""
     sections = [s for s in report["sets"] if s.get("axes")]
@@ -174,9 +174,9 @@ def axes_overview(report: dict) -> dict | None:
         table = []
         for s in rows:
             means = [s["summary"].get(str(x), {}).get(name) for x in scales]
-            own = [c for c in report["cells"] if group_of(c) == group_of(s)]
-            refined = {c["lora_scale"] for c in own if c.get("refined")}
-            exact = {c["lora_scale"] for c in own if c.get("tier") == "exact"}
+            own = [c for c in cells if c.section == section_of(s)]
+            refined = {c.lora_scale for c in own if c.refined}
+            exact = {c.lora_scale for c in own if c.tier == "exact"}
             table.append(
                 {
                     "section": s,

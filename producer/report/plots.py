@@ -5,6 +5,7 @@ import statistics
 
 import numpy as np
 
+from producer.report.cells import ReportCell
 from producer.report.rules import METRICS
 
 PSNR_CEILING = 60.0  # where the plots draw scale 0's infinite PSNR
@@ -14,7 +15,7 @@ def short(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def plot(cells: list[dict], set_index: int) -> bytes:
+def plot(cells: list[ReportCell], set_index: int) -> bytes:
     """Each number against lora_scale: a line per prompt × seed (the prompt in the legend), the mean
     in black; scale 0's infinite PSNR drawn at the ceiling and said so."""
     import matplotlib
@@ -22,27 +23,25 @@ def plot(cells: list[dict], set_index: int) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [name for name in METRICS if any(name in c["numbers"] for c in cells)]
+    names = [name for name in METRICS if any(name in c.numbers for c in cells)]
     figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), constrained_layout=True)
-    rows = sorted({(c["prompt"], c["seed"]) for c in cells})
-    scales = sorted({c["lora_scale"] for c in cells})
+    rows = sorted({(c.prompt, c.seed) for c in cells})
+    scales = sorted({c.lora_scale for c in cells})
     for axis, name in zip(np.atleast_1d(axes), names, strict=True):
 
         def value(cell, name=name):
-            number = cell["numbers"].get(name)
+            number = cell.numbers.get(name)
             return PSNR_CEILING if name == "psnr_vs_base" and number is None else number
 
         for prompt, seed in rows:
-            row = sorted(
-                (c for c in cells if (c["prompt"], c["seed"]) == (prompt, seed)), key=lambda c: c["lora_scale"]
-            )
-            points = [(c["lora_scale"], value(c)) for c in row if value(c) is not None]
-            text = short(row[0]["prompt_text"], 32)
+            row = sorted((c for c in cells if (c.prompt, c.seed) == (prompt, seed)), key=lambda c: c.lora_scale)
+            points = [(c.lora_scale, value(c)) for c in row if value(c) is not None]
+            text = short(row[0].prompt_text, 32)
             axis.plot(*zip(*points, strict=True), marker="o", alpha=0.6, label=f"{text} (seed {seed})")
         means = [
             (s, statistics.fmean(v))
             for s in scales
-            if (v := [value(c) for c in cells if c["lora_scale"] == s and value(c) is not None])
+            if (v := [value(c) for c in cells if c.lora_scale == s and value(c) is not None])
         ]
         axis.plot(*zip(*means, strict=True), color="black", linewidth=2.5, label="mean")
         axis.set_xlabel("lora_scale")

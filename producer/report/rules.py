@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import common
 from common.job import Job, adapter_combination
 from common.sweep_spec import axes_id
+from producer.report.cells import ReportCell
 
 # name: (label, what it measures, which way is better)
 METRICS = {
@@ -52,21 +53,22 @@ PAIRED_RULE = (
 )
 
 
-def group_of(cell: dict) -> tuple[int, str]:
-    return cell["set"], axes_id(cell)
+def section_of(summary: dict) -> tuple[int, str]:
+    """A section summary's place, as a cell's `section` says it: its adapter set and axes."""
+    return summary["set"], axes_id(summary.get("axes"))
 
 
-def groups(cells: list[dict]) -> list[tuple[int, str]]:
+def groups(cells: list[ReportCell]) -> list[tuple[int, str]]:
     """The report's sections: one per adapter set and combination of the further axes, in sweep order."""
-    return list(dict.fromkeys(sorted(map(group_of, cells), key=lambda g: g[0])))
+    return list(dict.fromkeys(sorted((c.section for c in cells), key=lambda g: g[0])))
 
 
-def section(group: tuple[int, str], cells: list[dict], suggest: dict, clip: bool) -> dict:
+def section(group: tuple[int, str], cells: list[ReportCell], suggest: dict, clip: bool) -> dict:
     """One section's summary: an adapter set's, or with further axes, the set's at one combination of
     them ({"axes": {...}}); `section` names its plot and its place in the page."""
     index, axes = group
     ordinal = [g for g in groups(cells) if g[0] == index].index(group)
-    summary = summarise(index, [c for c in cells if group_of(c) == group], suggest, clip)
+    summary = summarise(index, [c for c in cells if c.section == group], suggest, clip)
     if not axes:
         return {**summary, "section": f"set{index}"}
     return {**summary, "axes": json.loads(axes), "section": f"set{index}-a{ordinal}"}
@@ -85,13 +87,13 @@ def distinguishable(a: list[float], b: list[float]) -> bool:
     return abs(mean) > 2 * sd / len(differences) ** 0.5
 
 
-def summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict:
+def summarise(index: int, cells: list[ReportCell], suggest: dict, clip: bool) -> dict:
     """Mean and standard deviation of each number at each scale across prompts × seeds, the
     suggested scale, and what the page should say about it (`notices`)."""
-    scales = sorted({c["lora_scale"] for c in cells})
+    scales = sorted({c.lora_scale for c in cells})
     summary = {}
     for scale in scales:
-        at = [c["numbers"] for c in cells if c["lora_scale"] == scale]
+        at = [c.numbers for c in cells if c.lora_scale == scale]
         summary[str(scale)] = {}
         for name in METRICS:
             values = [n[name] for n in at if n.get(name) is not None]
@@ -113,16 +115,16 @@ def summarise(index: int, cells: list[dict], suggest: dict, clip: bool) -> dict:
     return {
         "notices": notices(cells, scales, suggested, rule_numbers),
         "set": index,
-        "adapters": cells[0]["adapters"],
+        "adapters": cells[0].adapters,
         # the set's identity across nights (at scale 0 every combination is empty: ask at scale 1)
-        "combination": [list(term) for term in adapter_combination(cells[0]["adapters"], 1.0)],
+        "combination": [list(term) for term in adapter_combination(cells[0].adapters, 1.0)],
         "scales": scales,
         "summary": summary,
         "suggested": suggested,
     }
 
 
-def notices(cells: list[dict], scales: list[float], suggested: float | None, numbers: list[str]) -> list[dict]:
+def notices(cells: list[ReportCell], scales: list[float], suggested: float | None, numbers: list[str]) -> list[dict]:
     """What to know before trusting a suggestion, each {"kind", "text"}: it sits at an edge of the
     swept range (extend the range that way), or the scale it passed and the next one up, which the
     rule turned down, cannot be told apart at this sample size (PAIRED_RULE on the rule's numbers)."""
@@ -145,7 +147,7 @@ def notices(cells: list[dict], scales: list[float], suggested: float | None, num
     if turned_down is not None and passed in scales:
 
         def paired(scale: float, name: str) -> dict:
-            return {(c["prompt"], c["seed"]): c["numbers"].get(name) for c in cells if c["lora_scale"] == scale}
+            return {(c.prompt, c.seed): c.numbers.get(name) for c in cells if c.lora_scale == scale}
 
         told_apart, pairs = False, 0
         for name in numbers:
@@ -213,10 +215,10 @@ def render_times(metadata: dict) -> dict[str, dict]:
     }
 
 
-def identity(cell: dict) -> tuple:
+def identity(cell: ReportCell) -> tuple:
     """What makes two nights' cells the same cell: the adapters' content, prompt, seed, scale, tier and axes."""
-    combination = adapter_combination(cell["adapters"], cell["lora_scale"])
-    return combination, cell["prompt_text"], cell["seed"], cell["lora_scale"], cell.get("tier"), axes_id(cell)
+    combination = adapter_combination(cell.adapters, cell.lora_scale)
+    return combination, cell.prompt_text, cell.seed, cell.lora_scale, cell.tier, axes_id(cell.axes)
 
 
 def refine_scale(summary: dict, resolution: float) -> float | None:
@@ -243,18 +245,23 @@ def confirm_scales(summary: dict) -> list[float]:
     return sorted({0.0, *scales[max(at - 1, 0) : at + 2]})
 
 
-def mark_moved(cells: list[dict], previous: dict, thresholds: dict) -> None:
-    before = {identity(c): c["numbers"] for c in previous["cells"]}
-    for cell in cells:
-        old = before.get(identity(cell))
-        if old is None:
-            continue
-        for name, threshold in thresholds.items():
-            if name not in cell["numbers"] or name not in old:
-                continue  # not measured on one of the nights (no CLIP then)
-            a, b = (100.0 if v is None else v for v in (cell["numbers"][name], old[name]))  # None: identical
-            if abs(a - b) > threshold:
-                cell["moved"].append(name)
+def mark_moved(cells: list[ReportCell], previous: list[ReportCell], thresholds: dict) -> list[ReportCell]:
+    """The cells, each with the numbers that moved by more than their threshold since the same cell
+    (`identity`) in a baseline night's report."""
+    before = {identity(c): c.numbers for c in previous}
+    return [cell.model_copy(update={"moved": moved(cell.numbers, before.get(identity(cell)), thresholds)}) for cell in cells]
+
+
+def moved(now: dict, old: dict | None, thresholds: dict) -> list[str]:
+    """The numbers that moved between two nights' measurements of one cell."""
+    found = []
+    for name, threshold in thresholds.items():
+        if old is None or name not in now or name not in old:
+            continue  # not measured on one of the nights (no CLIP then)
+        a, b = (100.0 if v is None else v for v in (now[name], old[name]))  # None: identical
+        if abs(a - b) > threshold:
+            found.append(name)
+    return found
 
 
 def switches(metadata: dict) -> dict[str, int]:

@@ -261,7 +261,7 @@ def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the
     every = load_sweep(str(path), lambda alias: model_info(tiny["model"]), resolver_for(store), default_limits())
     identity = evaluator_identity(Settings(_env_file=None))
     for job, cell in zip(every[1], every[2], strict=True):
-        numbers = {"clip_score": 30 + cell["prompt"] - 10 * cell["lora_scale"] ** 2, "clip_consistency": 0.95}
+        numbers = {"clip_score": 30 + cell.prompt - 10 * cell.lora_scale**2, "clip_consistency": 0.95}
         planted = {"key": job.key, "evaluator": identity, "numbers": {**numbers, "temporal_ssim": 0.5}}
         store.write_bytes(eval_path(job.key), json.dumps(planted).encode())
     path = example("sweep_refine.yaml")
@@ -310,8 +310,8 @@ def test_a_two_axis_sweep_refines_each_combination_at_its_own_suggestion(
     _, jobs, cells, _ = load_sweep(str(every), lambda a: model_info(tiny["model"]), resolver_for(store), default_limits())
     identity = evaluator_identity(Settings(_env_file=None))
     for job, cell in zip(jobs, cells, strict=True):
-        fall = {4: 10, 8: 40}[cell["axes"]["guidance_scale"]] * cell["lora_scale"] ** 2
-        numbers = {"clip_score": 30 + cell["prompt"] - fall, "clip_consistency": 0.95, "temporal_ssim": 0.5}
+        fall = {4: 10, 8: 40}[cell.axes["guidance_scale"]] * cell.lora_scale**2
+        numbers = {"clip_score": 30 + cell.prompt - fall, "clip_consistency": 0.95, "temporal_ssim": 0.5}
         store.write_bytes(eval_path(job.key), json.dumps({"key": job.key, "evaluator": identity, "numbers": numbers}).encode())
     path = tmp_path / "axes-refined.json"
     path.write_text(json.dumps(spec))

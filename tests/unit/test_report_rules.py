@@ -1,19 +1,24 @@
 """The sweep report's rules, as tables: which scale is suggested, and which cells moved since a
 baseline night (producer/report/rules.py). Plain data in, no videos, no torch."""
 
+import json
+
 import pytest
 
 from common.sweep_spec import MOVED, SUGGEST
-from producer.report import MIN_PAIRS, confirm_scales, distinguishable, mark_moved, refine_scale, summarise
+from producer.report import MIN_PAIRS, ReportCell, confirm_scales, distinguishable, mark_moved, refine_scale, summarise
 
 pytestmark = pytest.mark.unit
 ADAPTERS = [{"sha256": "ab" * 32, "weight": 1.0, "alpha": None, "uri": "style"}]
 
 
-def cells(numbers_by_scale: dict[float, list[dict]]) -> list[dict]:
+def cells(numbers_by_scale: dict[float, list[dict]]) -> list[ReportCell]:
     """One cell per (scale, prompt): `numbers_by_scale[scale][prompt]` are that cell's numbers."""
     return [
-        {"set": 0, "prompt": p, "seed": 1, "lora_scale": scale, "adapters": ADAPTERS, "numbers": numbers}
+        ReportCell(
+            set=0, prompt=p, seed=1, lora_scale=scale, adapters=ADAPTERS, numbers=numbers, key=f"{p}-{scale}",
+            prompt_text="a cat", status="done", worker="w1", evaluated=True,
+        )  # fmt: skip
         for scale, per_prompt in numbers_by_scale.items()
         for p, numbers in enumerate(per_prompt)
     ]
@@ -151,8 +156,25 @@ def test_without_clip_the_suggestion_rests_on_temporal_ssim():
 )
 def test_a_cell_moved_when_a_number_changed_past_its_threshold(before, now, moved):
     tonight = cells({1.0: [now]})
-    for cell in tonight:
-        cell.update(moved=[], prompt_text="a cat")
-    baseline = {"cells": [{**tonight[0], "numbers": before}]}
-    mark_moved(tonight, baseline, MOVED)
-    assert tonight[0]["moved"] == moved
+    baseline = [tonight[0].model_copy(update={"numbers": before})]
+    assert mark_moved(tonight, baseline, MOVED)[0].moved == moved
+
+
+def test_a_baseline_report_lorafleet_did_not_write_is_named_and_not_compared(tmp_path):
+    """--compare reads another night's report.json from the store: a cell that is not one lorafleet
+    wrote is a warning and a report without comparison, not a traceback halfway through the night."""
+    from rich.console import Console
+
+    from common.store import Store
+    from producer.report.cells import written
+    from producer.sweep import baseline
+
+    store = Store(str(tmp_path))
+    good = written(cells({0.0: [clip(30, 0.9)]}))
+    store.write_bytes("batches/night1/report.json", json.dumps({"batch": "night1", "cells": good}).encode())
+    store.write_bytes("batches/night2/report.json", json.dumps({"cells": [{**good[0], "lora_scale": "x"}]}).encode())
+    console = Console(record=True, width=200)
+    assert baseline(store, "night1", "nightly", "night3", console)["cells"] == good
+    assert baseline(store, "night2", "nightly", "night3", console) is None
+    said = console.export_text()
+    assert "batch night2's report.json is not a report lorafleet reads" in said and "without comparison" in said

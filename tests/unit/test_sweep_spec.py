@@ -36,7 +36,8 @@ def test_an_old_spec_keeps_its_keys_and_cells(tmp_path):
     assert hashlib.sha256("".join(keys).encode()).hexdigest() == (
         "34ede02e70fde05b961c7f0db5ce8b135e0b6563b5ca4bb1440a88d387c1b88f"
     )
-    assert cells[0] == {"set": 0, "prompt": 0, "seed": 1, "lora_scale": 0.0}  # no "axes" where none were given
+    # as report.json holds it: no "axes" where none were given
+    assert cells[0].model_dump() == {"set": 0, "prompt": 0, "seed": 1, "lora_scale": 0.0}
 
 
 def test_further_axes_multiply_the_cells_and_enter_each_job(tmp_path):
@@ -44,7 +45,7 @@ def test_further_axes_multiply_the_cells_and_enter_each_job(tmp_path):
     _, jobs, cells, _ = load(tmp_path, spec)
     assert len(jobs) == 12 * 4 and len({job.key for job in jobs}) == 12 * 4
     assert {(job.guidance_scale, job.negative_prompt) for job in jobs} == {(4, ""), (4, "blurry"), (8, ""), (8, "blurry")}
-    assert all(c["axes"] == {"guidance_scale": j.guidance_scale, "negative_prompt": j.negative_prompt}
+    assert all(c.axes == {"guidance_scale": j.guidance_scale, "negative_prompt": j.negative_prompt}
                for j, c in zip(jobs, cells, strict=True))  # fmt: skip
 
 
@@ -79,11 +80,11 @@ def test_a_refining_round_on_further_axes_adds_each_sections_own_scale(tmp_path)
     _, jobs, cells, report = load(tmp_path, spec)
     assert report["refine"] == {"resolution": 0.1, "rounds": 4} and len(cells) == 2 * 3 * 2 * 2
     path = tmp_path / "spec.json"
-    at = {(0, axes_id({"axes": {"steps": 10}})): [0.25], (0, axes_id({"axes": {"steps": 20}})): [0.75]}
+    at = {(0, axes_id({"steps": 10})): [0.25], (0, axes_id({"steps": 20})): [0.75]}
     more, added = more_cells(str(path), lambda alias: MODEL, resolver_for(), default_limits(), at, {"refined": 1})
-    assert sorted((c["axes"]["steps"], c["lora_scale"]) for c in added) == [(10, 0.25)] * 4 + [(20, 0.75)] * 4
-    assert all(job.steps == c["axes"]["steps"] and job.lora_scale == c["lora_scale"] for job, c in zip(more, added, strict=True))
-    assert {job.key for job in more}.isdisjoint(job.key for job in jobs) and all(c["refined"] == 1 for c in added)
+    assert sorted((c.axes["steps"], c.lora_scale) for c in added) == [(10, 0.25)] * 4 + [(20, 0.75)] * 4
+    assert all(job.steps == c.axes["steps"] and job.lora_scale == c.lora_scale for job, c in zip(more, added, strict=True))
+    assert {job.key for job in more}.isdisjoint(job.key for job in jobs) and all(c.refined == 1 for c in added)
 
 
 @pytest.mark.parametrize("scales", ["nan:1:0.1", "0:inf:0.5", "0:1:nan", "-inf:0:1"])
