@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.sweep_spec import SUGGEST, parse_scales  # noqa: E402
-from producer.report import refine_scale, summarise  # noqa: E402
+from producer.report import ReportCell, refine_scale, summarise  # noqa: E402
 
 
 def planted(scale: float, pair: int, rng: random.Random) -> dict:
@@ -27,15 +27,18 @@ def planted(scale: float, pair: int, rng: random.Random) -> dict:
     return {"clip_score": 30 + pair * 0.7 - drop + rng.gauss(0, 0.05), "clip_consistency": 0.95, "temporal_ssim": 0.9}
 
 
-def cells_at(scales, pairs: int, rng: random.Random) -> list[dict]:
+def cells_at(scales, pairs: int, rng: random.Random) -> list[ReportCell]:
     return [
-        {"set": 0, "prompt": pair, "seed": 1, "lora_scale": x, "adapters": [], "numbers": planted(x, pair, rng)}
+        ReportCell(
+            set=0, prompt=pair, seed=1, lora_scale=x, adapters=[], numbers=planted(x, pair, rng), key=f"{pair}-{x}",
+            prompt_text=f"prompt {pair}", status="done", worker="planted", evaluated=True,
+        )  # fmt: skip
         for x in scales
         for pair in range(pairs)
     ]
 
 
-def summary_of(cells: list[dict]) -> dict:
+def summary_of(cells: list[ReportCell]) -> dict:
     return summarise(0, cells, SUGGEST, clip=True)
 
 
