@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.sweep_spec import SUGGEST, parse_scales  # noqa: E402
+from common.sweep_spec import SUGGEST, scale_range  # noqa: E402
 from producer.report import ReportCell, refine_scale, summarise  # noqa: E402
 
 
@@ -49,14 +49,13 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=8, help="prompt × seed pairs per scale")
     args = parser.parse_args()
     rng = random.Random(0)
-    errors: list[str] = []
-    cells = cells_at(parse_scales(args.grid, errors), args.pairs, rng)
+    cells = cells_at(scale_range(args.grid), args.pairs, rng)
     rounds = 0
     while (x := refine_scale(summary_of(cells), args.resolution)) is not None:
         rounds += 1
         cells += cells_at([x], args.pairs, rng)
     refined = summary_of(cells)
-    full_scales = parse_scales(f"0:1:{args.resolution}", errors)
+    full_scales = scale_range(f"0:1:{args.resolution}")
     full = summary_of(cells_at(full_scales, args.pairs, random.Random(0)))
     print(f"planted: the rule's CLIPScore tolerance is crossed at lora_scale {0.1**0.5:.3f}; {args.pairs} pairs a scale")
     print("| sweep | scales | renders | rounds | suggested |\n|---|---|---|---|---|")

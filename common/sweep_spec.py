@@ -17,8 +17,11 @@
                                        # scale and its neighbours in this exact model, side by side
     refine: {resolution: 0.05}         # then add scales next to the suggestion, round by round
 
-Checked as strictly as a jobs file; errors name the place in the spec (`adapter_sets[1][0].uri`).
-Jobs come out grouped by adapter combination and scale, so a worker switches variants rarely.
+Checked as strictly as a jobs file, in two steps: the spec's shape as a pydantic model (SweepSpec,
+every field's problems at once), then what it asks of the model, the adapters and the limits (a
+render size, an adapter's URI, an input image, the confirming alias). Errors name the place in the
+spec (`adapter_sets[1][0].uri`). Jobs come out grouped by adapter combination and scale, so a
+worker switches variants rarely.
 """
 
 import itertools
@@ -26,10 +29,11 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError, model_serializer
+from pydantic_core import PydanticCustomError
 
 from common.errors import AdapterError, JobFileError, ModelError, quoted
 from common.job import Job
@@ -49,18 +53,221 @@ from common.jobs_file import JobLimits, read_job_lines
 from common.model import ModelInfo
 from common.resolver import AdapterResolver, resolve_job
 
-SPEC_FIELDS = {
-    "name", "prompts", "prompts_file", "adapter_sets", "lora_scales", "seeds", "render", "model", "suggest", "moved",
-    "priority", "confirm", "refine", "axes",
-}  # fmt: skip
-# The suggested scale of an adapter set is the largest whose mean CLIPScore is within
-# clip_score_drop of scale 0's and whose mean consistency (CLIP's, else temporal SSIM) is within
-# consistency_drop of scale 0's.
-SUGGEST = {"clip_score_drop": 1.0, "consistency_drop": 0.02}
-# --compare marks a cell whose number moved by more than this since the baseline night.
-MOVED = {
-    "clip_score": 1.0, "clip_consistency": 0.02, "ssim_vs_base": 0.02, "psnr_vs_base": 1.0, "temporal_ssim": 0.02,
-}  # fmt: skip
+
+def _refused(message: str) -> PydanticCustomError:
+    """A spec error whose text is the message itself (placed by `_placed`)."""
+    return PydanticCustomError("spec", message)
+
+
+def scale_range(text: str) -> list[float]:
+    """lora_scale values of a "start:stop:step" range (stop included); ValueError where it is not
+    one with finite ends, 0 < step and start ≤ stop, or has more than 1000 steps."""
+    start, stop, step = (float(part) for part in text.split(":"))
+    if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start or (stop - start) / step > 1000:
+        raise ValueError(text)
+    count = int(math.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 10) for i in range(count)]
+
+
+def _scales(value):
+    if isinstance(value, str):
+        try:
+            return scale_range(value)
+        except ValueError:
+            raise _refused(f"{quoted(value)} is not start:stop:step with 0 < step and start ≤ stop") from None
+    if not isinstance(value, list) or not value:
+        raise _refused("must be a non-empty list or a start:stop:step range")
+    return value
+
+
+def _finite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _refused(f"must be a finite number, got {quoted(value)}")
+    return float(value)
+
+
+def _seeds(value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+    ):
+        raise _refused("must be a non-empty list of integers ≥ 0")
+    return value
+
+
+def _prompt_list(value):
+    if not isinstance(value, list) or not value:
+        raise _refused("must be a non-empty list")
+    return value
+
+
+def _path(value):
+    if not isinstance(value, str):
+        raise _refused(f"must be the path of a .jsonl file, got {quoted(value)}")
+    return value
+
+
+def _sets(value):
+    if not isinstance(value, list) or not value or not all(isinstance(s, list) for s in value):
+        raise _refused("must be a non-empty list of adapter lists")
+    return value
+
+
+def _plain_name(value):
+    if not isinstance(value, str) or not value or "/" in value:
+        raise _refused('must be a plain name (no "/")')
+    return value
+
+
+def _mapping(message: str, fields: set | None = None) -> BeforeValidator:
+    """A mapping (of only `fields`, where given), or the error `message`."""
+
+    def check(value):
+        if not isinstance(value, dict) or (fields is not None and set(value) - fields):
+            raise _refused(message)
+        return value
+
+    return BeforeValidator(check)
+
+
+def _threshold(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise _refused(f"must be a finite number ≥ 0, got {quoted(value)}")
+    return float(value)
+
+
+def _resolution(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise _refused(f"must be a number > 0, got {quoted(value)}")
+    return float(value)
+
+
+def _rounds(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+        raise _refused(f"must be a whole number from 1 to 10, got {quoted(value)}")
+    return value
+
+
+Threshold = Annotated[float, BeforeValidator(_threshold)]
+
+
+class Suggest(BaseModel):
+    """The suggested scale of an adapter set is the largest whose mean CLIPScore is within
+    clip_score_drop of scale 0's and whose mean consistency (CLIP's, else temporal SSIM) is within
+    consistency_drop of scale 0's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clip_score_drop: Threshold = 1.0
+    consistency_drop: Threshold = 0.02
+
+
+class Moved(BaseModel):
+    """--compare marks a cell whose number moved by more than this since the baseline night."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clip_score: Threshold = 1.0
+    clip_consistency: Threshold = 0.02
+    ssim_vs_base: Threshold = 0.02
+    psnr_vs_base: Threshold = 1.0
+    temporal_ssim: Threshold = 0.02
+
+
+class Refine(BaseModel):
+    """`refine: {resolution: 0.05, rounds: 4}`: after the grid, add scales between each set's
+    suggestion and the scale above it that the rule turned down, halving the gap each round, until
+    it is at most `resolution`, the two cannot be told apart, or `rounds` rounds were made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resolution: Annotated[float, BeforeValidator(_resolution)] = 0.05
+    rounds: Annotated[int, BeforeValidator(_rounds)] = 4
+
+
+class Confirm(BaseModel):
+    """`confirm: {model: ALIAS}` (ALIAS null or left out: the fleet's default model; `confirm: true`
+    alike): the exact model a draft sweep's suggestion and its neighbours are rendered in again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = None
+
+
+SUGGEST = Suggest().model_dump()
+MOVED = Moved().model_dump()
+
+
+class SweepSpec(BaseModel):
+    """A sweep spec as written (the module's docstring shows one): each field's shape, checked
+    here; what depends on the model, the adapters and the settings' limits (a render size, an
+    adapter's URI, an input image, the confirming alias) is checked by `load_sweep` against them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, BeforeValidator(_plain_name)] = "sweep"
+    model: str | None = None
+    prompts: Annotated[list[Any] | None, BeforeValidator(_prompt_list)] = None
+    prompts_file: Annotated[str | None, BeforeValidator(_path)] = None
+    adapter_sets: Annotated[list[list[Any]] | None, BeforeValidator(_sets)] = None  # required: see _shape
+    lora_scales: Annotated[list[Annotated[float, BeforeValidator(_finite)]], BeforeValidator(_scales)] = [1.0]
+    seeds: Annotated[list[int], BeforeValidator(_seeds)] = [0]
+    render: Annotated[dict[str, Any], _mapping("must be a mapping of job fields")] = {}
+    axes: Annotated[
+        dict[str, Any],
+        _mapping("must be a mapping of job fields to lists of values, such as {guidance_scale: [4, 6]}"),
+    ] = {}
+    priority: Literal["high", "normal", "low"] = "low"  # a nightly sweep yields to interactive jobs
+    suggest: Annotated[Suggest, _mapping(f"must be a mapping such as {json.dumps(SUGGEST)}")] = Suggest()
+    moved: Annotated[Moved, _mapping(f"must be a mapping such as {json.dumps(MOVED)}")] = Moved()
+    confirm: Annotated[  # (before-validators run last first: `true` becomes {} before the mapping check)
+        Confirm | None,
+        _mapping("must be a mapping such as {model: 5b-fp8} (the exact model alias; none: the default)", {"model"}),
+        BeforeValidator(lambda value: {} if value is True else value),
+    ] = None
+    refine: Annotated[
+        Refine | None, _mapping("must be a mapping such as {resolution: 0.05, rounds: 4}", {"resolution", "rounds"})
+    ] = None
+
+
+SECTIONS = {"suggest": Suggest, "moved": Moved, "refine": Refine, "confirm": Confirm}
+
+
+def _shape(written: dict) -> tuple[SweepSpec, list[str], set[str]]:
+    """A spec's shape, checked: the spec, its problems, and the fields that had them. Those fields
+    then hold their defaults, so that the rest is still checked against the model in the same pass
+    and every problem is named at once. A spec without adapter sets is refused with that field's
+    own message (None is validated)."""
+    try:
+        return SweepSpec.model_validate({"adapter_sets": None, **written}), [], set()
+    except ValidationError as exc:
+        failed = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+        kept = {field: value for field, value in written.items() if field not in failed}
+        return SweepSpec.model_validate(kept), _placed(exc), failed
+
+
+def _placed(exc: ValidationError) -> list[str]:
+    """Each error of a spec's validation as "place: message" (`lora_scales[2]: ...`, `spec: unknown
+    field ...`)."""
+    found = []
+    for error in exc.errors():
+        loc, kind = error["loc"], error["type"]
+        if kind == "extra_forbidden":
+            owner, where = (SECTIONS[loc[0]], loc[0]) if len(loc) > 1 else (SweepSpec, "spec")
+            found.append(f"{where}: {unknown_field(str(loc[-1]), list(owner.model_fields))}")
+            continue
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+        if kind == "spec":
+            message = error["msg"]
+        elif kind == "literal_error":
+            message = f"must be one of {error['ctx']['expected']}"
+        else:
+            message = f"{error['msg'][0].lower()}{error['msg'][1:]}, got {quoted(error.get('input'))}"
+        found.append(f"{where}: {message}")
+    return list(dict.fromkeys(found))
+
+
 ADAPTER_LIST = TypeAdapter(list[AdapterItem])
 
 
@@ -94,44 +301,15 @@ class Cell(BaseModel):
         return data
 
 
-def parse_scales(value, errors: list) -> list[float]:
-    """lora_scale values from a list or a "start:stop:step" range (stop included)."""
-    if isinstance(value, str):
-        try:
-            start, stop, step = (float(part) for part in value.split(":"))
-            if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start or (stop - start) / step > 1000:
-                raise ValueError
-        except ValueError:
-            errors.append(f"lora_scales: {quoted(value)} is not start:stop:step with 0 < step and start ≤ stop")
-            return []
-        count = int(math.floor((stop - start) / step + 1e-9)) + 1
-        return [round(start + i * step, 10) for i in range(count)]
-    if not isinstance(value, list) or not value:
-        errors.append("lora_scales: must be a non-empty list or a start:stop:step range")
-        return []
-    scales = []
-    for i, scale in enumerate(value):
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            errors.append(f"lora_scales[{i}]: must be a finite number, got {quoted(scale)}")
-        else:
-            scales.append(float(scale))
-    return scales
-
-
-def _prompts(spec: dict, model: ModelInfo, resolver: AdapterResolver, max_jobs: int, errors: list) -> list[dict]:
-    if ("prompts" in spec) == ("prompts_file" in spec):
+def _prompts(spec: SweepSpec, model: ModelInfo, resolver: AdapterResolver, max_jobs: int, errors: list) -> list[dict]:
+    """The spec's prompts, or its prompts_file's, each checked (an image where the model takes one)."""
+    if (spec.prompts is None) == (spec.prompts_file is None):
         errors.append("prompts: give either prompts (a list) or prompts_file (a .jsonl), not both or neither")
         return []
-    if "prompts" in spec:
-        items, where = spec["prompts"], "prompts"
-        if not isinstance(items, list) or not items:
-            errors.append("prompts: must be a non-empty list")
-            return []
+    if spec.prompts is not None:
+        items, where = spec.prompts, "prompts"
     else:
-        where = spec["prompts_file"]
-        if not isinstance(where, str):
-            errors.append(f"prompts_file: must be the path of a .jsonl file, got {quoted(where)}")
-            return []
+        where = spec.prompts_file
         # As a jobs file is read: a regular file only, as a stream, at most max_jobs lines, each named.
         items = []
         try:
@@ -177,8 +355,8 @@ def load_sweep(
     JobFileError naming every problem's place in the spec, before anything is enqueued."""
     sweep = _read_sweep(path, model_for, resolver, limits)
     scales = {(i, axes_id(axes)): sweep.scales for i in range(len(sweep.sets)) for axes in sweep.combinations()}
-    jobs, cells = _expand(sweep, sweep.spec.get("model"), sweep.model, scales, resolver, limits)
-    return sweep.name, jobs, cells, sweep.report
+    jobs, cells = _expand(sweep, sweep.spec.model, sweep.model, scales, resolver, limits)
+    return sweep.spec.name, jobs, cells, sweep.report
 
 
 def more_cells(
@@ -196,22 +374,20 @@ def more_cells(
     the sweep's own model, or, `exact`, in the exact model its `confirm:` names. The resolver reads
     each adapter once across rounds."""
     sweep = _read_sweep(path, model_for, resolver, limits)
-    alias = sweep.report["confirm"]["model"] if exact else sweep.spec.get("model")
+    alias = sweep.report["confirm"]["model"] if exact else sweep.spec.model
     jobs, cells = _expand(sweep, alias, model_for(alias) if exact else sweep.model, scales, resolver, limits)
     return jobs, [cell.model_copy(update=mark) for cell in cells]
 
 
 @dataclass
 class _Sweep:
-    """A spec's parts, each checked."""
+    """A spec's parts, each checked against the model, the adapters and the limits."""
 
     path: str
-    spec: dict
-    name: str
+    spec: SweepSpec
     model: ModelInfo
     prompts: list[dict]
     scales: list[float]
-    seeds: list[int]
     render: dict
     sets: list[list[dict]]
     axes: dict[str, list]
@@ -224,35 +400,32 @@ class _Sweep:
 
 
 def _read_sweep(path: str, model_for, resolver: AdapterResolver, limits: JobLimits) -> _Sweep:
-    spec = read_spec(path)
-    errors = [f"spec: {unknown_field(field, SPEC_FIELDS)}" for field in spec if field not in SPEC_FIELDS]
+    """A spec checked: its shape (SweepSpec), then what it asks of the model, the adapters and the
+    limits, in one pass that names every problem at once."""
+    written = read_spec(path)
     try:
-        model: ModelInfo = model_for(spec.get("model"))
+        model: ModelInfo = model_for(written.get("model"))
     except ModelError as exc:
         raise JobFileError(path, [f"model: {exc}"]) from None
-    prompts = _prompts(spec, model, resolver, limits.max_jobs, errors)
-    scales = parse_scales(spec.get("lora_scales", [1.0]), errors)
-    if 0.0 not in scales:
-        scales = [0.0, *scales]  # the reference every cell is compared with
-    seeds = _seeds(spec.get("seeds", [0]), errors)
-    render = _render(spec.get("render", {}), model, limits, errors)
-    sets = _adapter_sets(spec.get("adapter_sets"), resolver, errors)
-    axes = _axes(spec.get("axes", {}), render, model, limits, errors)
-    cell_count = len(sets) * len(scales) * len(prompts) * len(seeds) * math.prod(len(v) for v in axes.values())
+    spec, errors, failed = _shape(written)
+    prompts = [] if failed & {"prompts", "prompts_file"} else _prompts(spec, model, resolver, limits.max_jobs, errors)
+    scales = spec.lora_scales if 0.0 in spec.lora_scales else [0.0, *spec.lora_scales]  # the reference of every cell
+    render = _render(spec.render, model, limits, errors)
+    sets = _adapter_sets(spec.adapter_sets, resolver, errors)
+    axes = _axes(spec.axes, render, model, limits, errors)
+    cell_count = len(sets) * len(scales) * len(prompts) * len(spec.seeds) * math.prod(len(v) for v in axes.values())
     if cell_count > limits.max_jobs:
         errors.append(f"the sweep expands to {cell_count} cells, more than {limits.max_jobs} (LORAFLEET_MAX_JOBS)")
-    report = {
-        field: _thresholds(spec, field, defaults, errors)
-        for field, defaults in (("suggest", SUGGEST), ("moved", MOVED))
-    }
-    report["confirm"] = _confirm(spec, model_for, errors)
-    report["refine"] = _refine(spec, errors)
-    name = spec.get("name", "sweep")
-    if not isinstance(name, str) or not name or "/" in name:
-        errors.append('name: must be a plain name (no "/")')
+    confirm = _confirm(spec, model_for, errors)
     if errors:
         raise JobFileError(path, list(dict.fromkeys(errors)))
-    return _Sweep(path, spec, name, model, prompts, scales, seeds, render, sets, axes, report)
+    report = {
+        "suggest": spec.suggest.model_dump(),
+        "moved": spec.moved.model_dump(),
+        "confirm": confirm,
+        "refine": spec.refine and spec.refine.model_dump(),
+    }
+    return _Sweep(path, spec, model, prompts, scales, render, sets, axes, report)
 
 
 def _expand(
@@ -269,14 +442,13 @@ def _expand(
             for (a, axes, place), (p, prompt) in itertools.product(combinations, enumerate(sweep.prompts)):
                 if scale not in at[place]:
                     continue
-                for seed in sweep.seeds:
+                for seed in sweep.spec.seeds:
                     fields = {**sweep.render, **axes, **prompt, "adapters": adapters, "lora_scale": scale, "seed": seed}
                     spec_of_cell, problems = check_job(
-                        # a nightly sweep yields to interactive jobs unless its spec says otherwise
                         {
                             **fields,
                             "model": alias,
-                            "priority": sweep.spec.get("priority", "low"),
+                            "priority": sweep.spec.priority,
                             "id": f"set{i}-p{p}-s{seed}" + (f"-a{a}" if axes else ""),
                         },
                         f"adapter_sets[{i}]",
@@ -303,12 +475,9 @@ def axes_id(axes: Mapping | None) -> str:
 AXIS_FIELDS = [*RENDER_FIELDS, "negative_prompt"]  # what `axes:` may sweep beside the spec's own axes
 
 
-def _axes(axes, render: dict, model: ModelInfo, limits: JobLimits, errors: list) -> dict[str, list]:
+def _axes(axes: dict, render: dict, model: ModelInfo, limits: JobLimits, errors: list) -> dict[str, list]:
     """`axes: {field: [values]}`: more axes than adapter sets, scales, prompts and seeds, each value
     checked as `render:` checks it (a field both in `render:` and here is an error)."""
-    if not isinstance(axes, dict):
-        errors.append("axes: must be a mapping of job fields to lists of values, such as {guidance_scale: [4, 6]}")
-        return {}
     checked = {}
     for field, values in axes.items():
         if field not in AXIS_FIELDS:
@@ -332,39 +501,12 @@ def _axes(axes, render: dict, model: ModelInfo, limits: JobLimits, errors: list)
     return checked
 
 
-def _refine(spec: dict, errors: list) -> dict | None:
-    """`refine: {resolution: 0.05, rounds: 4}`: after the grid, add scales between each set's
-    suggestion and the scale above it that the rule turned down, halving the gap each round, until
-    it is at most `resolution`, the two cannot be told apart, or `rounds` rounds were made."""
-    if "refine" not in spec:
+def _confirm(spec: SweepSpec, model_for, errors: list) -> dict | None:
+    """`confirm:`'s alias, checked: an exact model, not the sweep's own (the draft)."""
+    if spec.confirm is None:
         return None
-    given = spec["refine"]
-    if not isinstance(given, dict) or set(given) - {"resolution", "rounds"}:
-        errors.append("refine: must be a mapping such as {resolution: 0.05, rounds: 4}")
-        return None
-    resolution, rounds = given.get("resolution", 0.05), given.get("rounds", 4)
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution < math.inf:
-        errors.append(f"refine.resolution: must be a number > 0, got {quoted(resolution)}")
-        return None
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 10:
-        errors.append(f"refine.rounds: must be a whole number from 1 to 10, got {quoted(rounds)}")
-        return None
-    return {"resolution": float(resolution), "rounds": rounds}
-
-
-def _confirm(spec: dict, model_for, errors: list) -> dict | None:
-    """`confirm: {model: ALIAS}` (ALIAS null or left out: the fleet's default model): the exact
-    model a draft sweep's suggestion and its neighbours are rendered in again."""
-    if "confirm" not in spec:
-        return None
-    given = spec["confirm"]
-    if given is True:
-        given = {}
-    if not isinstance(given, dict) or set(given) - {"model"}:
-        errors.append("confirm: must be a mapping such as {model: 5b-fp8} (the exact model alias; none: the default)")
-        return None
-    alias = given.get("model")
-    if alias == spec.get("model"):
+    alias = spec.confirm.model
+    if alias == spec.model:
         errors.append("confirm.model: must differ from the sweep's own model (the draft): confirm renders exactly")
         return None
     try:
@@ -376,23 +518,6 @@ def _confirm(spec: dict, model_for, errors: list) -> dict | None:
         errors.append(f"confirm.model: {alias} is a draft tier itself: name an exact one")
         return None
     return {"model": alias}
-
-
-def _thresholds(spec: dict, field: str, defaults: dict, errors: list) -> dict:
-    """A mapping of non-negative numbers over `defaults`' names (`suggest:`, `moved:`)."""
-    given = spec.get(field, {})
-    if not isinstance(given, dict):
-        errors.append(f"{field}: must be a mapping such as {json.dumps(defaults)}")
-        return dict(defaults)
-    checked = dict(defaults)
-    for name, value in given.items():
-        if name not in defaults:
-            errors.append(f"{field}: {unknown_field(str(name), defaults)}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            errors.append(f"{field}.{name}: must be a finite number ≥ 0, got {quoted(value)}")
-        else:
-            checked[name] = float(value)
-    return checked
 
 
 MAX_SPEC_VALUES = 100_000  # a spec's values once its YAML aliases are expanded: a real one has hundreds
@@ -441,22 +566,8 @@ def expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return size
 
 
-def _seeds(seeds, errors: list) -> list[int]:
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-    ):
-        errors.append("seeds: must be a non-empty list of integers ≥ 0")
-        return []
-    return seeds
-
-
-def _render(render, model: ModelInfo, limits: JobLimits, errors: list) -> dict:
+def _render(render: dict, model: ModelInfo, limits: JobLimits, errors: list) -> dict:
     """The `render:` mapping, checked as job fields (RenderFields) and against the model's rules."""
-    if not isinstance(render, dict):
-        errors.append("render: must be a mapping of job fields")
-        return {}
     swept = [field for field in render if field in SWEPT_FIELDS]
     errors.extend(f"render.{field}: set by the sweep itself" for field in swept)
     given = {field: value for field, value in render.items() if field not in swept}
@@ -473,13 +584,10 @@ def _render(render, model: ModelInfo, limits: JobLimits, errors: list) -> dict:
     return given
 
 
-def _adapter_sets(sets, resolver: AdapterResolver, errors: list) -> list[list[dict]]:
+def _adapter_sets(sets: list[list] | None, resolver: AdapterResolver, errors: list) -> list[list[dict]]:
     """Each adapter set, checked as a job's `adapters` (AdapterSpec) and read once."""
-    if not isinstance(sets, list) or not sets or not all(isinstance(s, list) for s in sets):
-        errors.append("adapter_sets: must be a non-empty list of adapter lists")
-        return []
     checked = []
-    for i, adapters in enumerate(sets):
+    for i, adapters in enumerate(sets or []):
         try:
             checked.append([a.model_dump(exclude_none=True) for a in ADAPTER_LIST.validate_python(adapters)])
         except ValidationError as exc:

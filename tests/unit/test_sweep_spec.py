@@ -136,3 +136,35 @@ def test_a_prompts_file_is_read_as_a_jobs_file_is(tmp_path):
     prompts.write_text('"a cat walks"\n{"prompt": "a dog runs"}\n')
     _, jobs, _, _ = load(tmp_path, {**{k: v for k, v in OLD.items() if k != "prompts"}, "prompts_file": str(prompts)})
     assert {job.prompt for job in jobs} == {"a cat walks", "a dog runs"}
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"nme": "x"}, 'spec: unknown field "nme" (did you mean "name"?)'),
+        ({"name": "a/b"}, 'name: must be a plain name (no "/")'),
+        ({"prompts": []}, "prompts: must be a non-empty list"),
+        ({"prompts": ["a cat", {"prompt": "a dog", "x": 1}]}, 'prompts[1]: unknown field "x"'),
+        ({"adapter_sets": [5]}, "adapter_sets: must be a non-empty list of adapter lists"),
+        ({"adapter_sets": [[{"uri": "a", "weight": "x"}]]}, 'adapter_sets[0][0].weight: must be a number, got "x"'),
+        ({"lora_scales": [0, "a", True]}, 'lora_scales[1]: must be a finite number, got "a"'),
+        ({"lora_scales": [0, "a", True]}, "lora_scales[2]: must be a finite number, got true"),
+        ({"seeds": [-1]}, "seeds: must be a non-empty list of integers ≥ 0"),
+        ({"render": 5}, "render: must be a mapping of job fields"),
+        ({"render": {"lora_scale": 1}}, "render.lora_scale: set by the sweep itself"),
+        ({"suggest": {"clip_score_drp": 1}}, 'suggest: unknown field "clip_score_drp" (did you mean "clip_score_drop"?)'),
+        ({"suggest": {"consistency_drop": -1}}, "suggest.consistency_drop: must be a finite number ≥ 0, got -1"),
+        ({"moved": []}, 'moved: must be a mapping such as {"clip_score": 1.0,'),
+        ({"confirm": 5}, "confirm: must be a mapping such as {model: 5b-fp8}"),
+        ({"confirm": True}, "confirm.model: must differ from the sweep's own model (the draft)"),
+        ({"refine": {"x": 1}}, "refine: must be a mapping such as {resolution: 0.05, rounds: 4}"),
+        ({"refine": {"resolution": -1, "rounds": 0}}, "refine.resolution: must be a number > 0, got -1"),
+        ({"refine": {"resolution": -1, "rounds": 0}}, "refine.rounds: must be a whole number from 1 to 10, got 0"),
+        ({"priority": "urgent"}, "priority: must be one of 'high', 'normal' or 'low'"),
+    ],
+)
+def test_each_problem_of_a_spec_is_named_at_its_place(tmp_path, change, problem):
+    """A spec's shape is a model (SweepSpec): every field's problems come at once, each at its place."""
+    with pytest.raises(JobFileError) as refused:
+        load(tmp_path, {**OLD, **change})
+    assert any(error.startswith(problem) for error in refused.value.errors), refused.value.errors
