@@ -1,5 +1,5 @@
 """From what a user or a client wrote to Jobs (common/job.py): a jobs file's lines, a
-`lorafleet.render` message (a sweep's cells: common/sweep_spec.py). Each goes through three steps,
+`lorafleet.render` message (a sweep's cells: common/sweep_grid.py). Each goes through three steps,
 on the producer or, for a message, on the worker: check it against the schema and the model's rules
 and expand its lists (common/job_spec.py), resolve its adapters and image and key it
 (common/resolver.py). `load_jobs` does all three for a whole file and raises every error at once,

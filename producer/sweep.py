@@ -18,7 +18,7 @@ from common.model import model_resolver
 from common.resolver import AdapterResolver
 from common.settings import Settings, queue_for
 from common.store import Store, videos_present
-from common.sweep_spec import Cell, load_sweep, more_cells
+from common.sweep_grid import Cell, load_sweep, more_cells
 from producer.follow import wait_for_batch
 from producer.report import build_report, confirm_scales, load_report, refine_scale
 from producer.report.cells import read_cells

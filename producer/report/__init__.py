@@ -28,7 +28,8 @@ from common.job import Job
 from common.manifest import Batch
 from common.reading import ReadPolicy
 from common.store import Store, video_path
-from common.sweep_spec import MOVED, SUGGEST, Cell
+from common.sweep_grid import Cell
+from common.sweep_spec import MOVED, SUGGEST
 from producer.report.cells import ReportCell, read_cells, written
 from producer.report.page import render_page
 from producer.report.plots import plot

@@ -4,7 +4,7 @@ page) through this model alone."""
 
 from typing import Any
 
-from common.sweep_spec import Cell
+from common.sweep_grid import Cell
 
 
 class ReportCell(Cell):

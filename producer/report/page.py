@@ -6,7 +6,7 @@ the formatted numbers."""
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from common.sweep_spec import axes_id
+from common.sweep_grid import axes_id
 from producer.report.cells import ReportCell, read_cells
 from producer.report.rules import CLIP_METRICS, METRICS, axes_text, section_of
 

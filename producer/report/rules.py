@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import common
 from common.job import Job, adapter_combination
-from common.sweep_spec import axes_id
+from common.sweep_grid import axes_id
 from producer.report.cells import ReportCell
 
 # name: (label, what it measures, which way is better)

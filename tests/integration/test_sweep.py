@@ -248,7 +248,7 @@ def test_a_refining_sweep_adds_only_the_scales_its_rule_calls_for_and_reuses_the
     from common.model import model_info
     from common.settings import Settings
     from common.store import Store
-    from common.sweep_spec import load_sweep
+    from common.sweep_grid import load_sweep
     from tests.helpers import default_limits, resolver_for
 
     worker = start_worker(fleet_env)
@@ -294,7 +294,7 @@ def test_a_two_axis_sweep_refines_each_combination_at_its_own_suggestion(
     from common.model import model_info
     from common.settings import Settings
     from common.store import Store
-    from common.sweep_spec import load_sweep
+    from common.sweep_grid import load_sweep
     from tests.helpers import default_limits, resolver_for
 
     start_worker(fleet_env)

@@ -265,7 +265,7 @@ def test_the_examples_jobs_file_and_sweep_spec_load_as_lorafleet_loads_them(tiny
     from common.jobs_file import load_jobs
     from common.model import model_info
     from common.store import Store
-    from common.sweep_spec import load_sweep
+    from common.sweep_grid import load_sweep
 
     store = Store(str(tmp_path / "store"))
     shutil.copytree(tiny["style"], tmp_path / "store" / "adapters" / "style")

@@ -1,5 +1,6 @@
-"""A sweep spec's expansion (common/sweep_spec.py), torch-free: an old spec's keys stay what they
-were, further axes multiply the cells, and a bad axis or combination is named."""
+"""A sweep spec's shape and expansion (common/sweep_spec.py, common/sweep_grid.py), torch-free: an
+old spec's keys stay what they were, further axes multiply the cells, and a bad axis or combination
+is named."""
 
 import hashlib
 import json
@@ -8,7 +9,7 @@ import pytest
 
 from common.errors import JobFileError
 from common.model import ModelInfo
-from common.sweep_spec import load_sweep
+from common.sweep_grid import load_sweep
 from tests.helpers import default_limits, resolver_for
 
 pytestmark = pytest.mark.unit
@@ -74,7 +75,7 @@ def test_an_axis_is_given_in_one_place(tmp_path):
 def test_a_refining_round_on_further_axes_adds_each_sections_own_scale(tmp_path):
     """With axes, each section (a set at one combination) is refined at its own next scale: the
     round's cells are those of that combination alone, every prompt and seed."""
-    from common.sweep_spec import axes_id, more_cells
+    from common.sweep_grid import axes_id, more_cells
 
     spec = {**OLD, "render": {}, "axes": {"steps": [10, 20]}, "refine": {"resolution": 0.1}}
     _, jobs, cells, report = load(tmp_path, spec)
