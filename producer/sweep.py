@@ -21,7 +21,7 @@ from common.store import Store, videos_present
 from common.sweep_grid import Cell, load_sweep, more_cells
 from producer.follow import wait_for_batch
 from producer.report import build_report, confirm_scales, load_report, refine_scale
-from producer.report.cells import read_cells
+from producer.report.cells import Baseline, read_cells
 from producer.report.rules import axes_text, section_of
 from producer.submit import enqueue
 
@@ -96,7 +96,7 @@ def run_sweep(
     if report is None:
         return False
     moved = sum(bool(c.moved) for c in read_cells(report["cells"]))
-    compared = f" ({moved} cells moved since {previous['batch']})" if previous else ""
+    compared = f" ({moved} cells moved since {previous.batch})" if previous else ""
     console.print(f"report: {store.uri(f'batches/{batch.name}/report.html')}{compared}")
     return True
 
@@ -231,7 +231,7 @@ def evaluate(
     return found
 
 
-def baseline(store: Store, compare: str, sweep: str, batch: str, console: Console) -> dict | None:
+def baseline(store: Store, compare: str, sweep: str, batch: str, console: Console) -> Baseline | None:
     """The report to compare tonight's with, or None (said as a warning): `compare` names a batch,
     or "latest", the newest earlier batch of the same sweep that has a report. Never the batch
     itself: a second run on the same day compares with the run before it, not with itself."""

@@ -30,7 +30,7 @@ from common.reading import ReadPolicy
 from common.store import Store, video_path
 from common.sweep_grid import Cell
 from common.sweep_spec import MOVED, SUGGEST
-from producer.report.cells import ReportCell, read_cells, written
+from producer.report.cells import Baseline, ReportCell, written
 from producer.report.page import render_page
 from producer.report.plots import plot
 from producer.report.rules import (
@@ -67,7 +67,7 @@ def build_report(
     prompts: list[str],
     evaluations: dict[str, dict],
     options: dict | None = None,
-    compare: dict | None = None,
+    compare: Baseline | None = None,
     *,
     max_video_pixels: int,
     policy: ReadPolicy,
@@ -78,18 +78,17 @@ def build_report(
     metadata = {job.key: json.loads(store.read_bytes(video_path(job.key, "json"))) for job in jobs}
     report_cells = measured_cells(batch, store, jobs, cells, prompts, evaluations, metadata, max_video_pixels)
     if compare:
-        report_cells = mark_moved(report_cells, read_cells(compare["cells"]), options["moved"])
+        report_cells = mark_moved(report_cells, compare.cells, options["moved"])
     clip = any(name in c.numbers for c in report_cells for name in CLIP_METRICS)
     swept = [c for c in report_cells if c.tier is None]  # a draft sweep's confirmation aside
     sets = [section(group, swept, options["suggest"], clip) for group in groups(swept)]
     exact = [c for c in report_cells if c.tier == "exact"]
     confirmed = [section(group, exact, options["suggest"], clip) for group in groups(exact)]  # named as the swept
     if compare:
-        same = lambda s: json.dumps([s["combination"], s.get("axes")])  # noqa: E731
-        before = {same(s): s["suggested"] for s in compare.get("sets", [])}
+        before = {json.dumps([s.combination, s.axes]): s.suggested for s in compare.sets}
         for s in sets:  # the baseline night's suggestion, where it swept the same adapter set (and axes)
-            if same(s) in before:
-                s["baseline_suggested"] = before[same(s)]
+            if (same := json.dumps([s["combination"], s.get("axes")])) in before:
+                s["baseline_suggested"] = before[same]
     report = {
         "batch": batch.name,
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -104,7 +103,7 @@ def build_report(
         "cells": written(report_cells),
         "render_time_per_worker": render_times(metadata),
         "switches": switches(metadata),
-        "compared_with": (compare or {}).get("batch"),
+        "compared_with": compare and compare.batch,
     }
     write_report(store, report, report_cells, policy)
     return report
@@ -184,11 +183,7 @@ def thumbnail(image: dict, policy: ReadPolicy) -> bytes:
     return out.getvalue()
 
 
-def load_report(store: Store, batch: str) -> dict:
-    """A previous batch's report.json, for --compare; ValueError where it is not JSON or a cell in it
-    is not one lorafleet wrote."""
-    report = json.loads(store.read_bytes(f"batches/{batch}/report.json"))
-    if not isinstance(report, dict) or not isinstance(report.get("cells"), list):
-        raise ValueError("no list of cells")
-    read_cells(report["cells"])
-    return report
+def load_report(store: Store, batch: str) -> Baseline:
+    """A previous batch's report, for --compare; ValueError (pydantic's ValidationError is one) where
+    it is not JSON or not a report lorafleet wrote."""
+    return Baseline.model_validate_json(store.read_bytes(f"batches/{batch}/report.json"))

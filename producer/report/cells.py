@@ -1,8 +1,10 @@
 """A report's cell: a sweep cell with what its job was and what its video measured, as report.json
-holds it. Written by `measured_cells` and read back (a baseline night's report, a saved report's
-page) through this model alone."""
+holds it; and what a later night reads of a report (Baseline). Written by `measured_cells` and read
+back (a baseline night's report, a saved report's page) through these models alone."""
 
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from common.sweep_grid import Cell
 
@@ -31,3 +33,25 @@ def read_cells(written: list) -> list[ReportCell]:
 def written(cells: list[ReportCell]) -> list[dict]:
     """Cells as report.json holds them."""
     return [cell.model_dump() for cell in cells]
+
+
+class SectionSeen(BaseModel):
+    """What a later night reads of a report's section: its adapter set's identity across nights
+    (`combination`, at scale 1), its axes and its suggestion."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    combination: list[list[Any]]
+    axes: dict[str, Any] | None = None
+    suggested: float | None
+
+
+class Baseline(BaseModel):
+    """A baseline night's report.json as --compare reads it (pydantic.ValidationError where it is
+    not one lorafleet wrote)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    batch: str
+    cells: list[ReportCell]
+    sets: list[SectionSeen] = []
