@@ -9,8 +9,10 @@ Between a cell and its lora_scale-0 cell the report computes SSIM and PSNR (nump
 
 import tempfile
 from collections.abc import Iterator
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import EvaluationError
 from common.settings import Settings
@@ -56,6 +58,34 @@ def read_video(store: Store, key: str, max_pixels: int) -> np.ndarray:
 def eval_path(key: str) -> str:
     """Where a key's evaluation lives in the store."""
     return f"videos/{key}.eval.json"
+
+
+class Evaluation(BaseModel):
+    """A key's eval.json: who computed it (`evaluator_identity`), its numbers (by the report's
+    METRICS names, each finite), and, from a worker, the frames it read and how long it took."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    key: str
+    evaluator: dict[str, Any]
+    numbers: dict[str, Annotated[float, Field(allow_inf_nan=False)]]
+    frames: int | None = None
+    sampled_frames: int | None = None
+    seconds: float | None = None
+
+
+def write_evaluation(store: Store, evaluation: Evaluation) -> None:
+    store.write_bytes(eval_path(evaluation.key), evaluation.model_dump_json(indent=1, exclude_none=True).encode())
+
+
+def read_evaluation(store: Store, key: str) -> Evaluation | None:
+    """A key's evaluation, or None where there is none, or what is there is not one lorafleet wrote
+    for this key (anyone who can write the store can write it): then it is computed again."""
+    try:
+        evaluation = Evaluation.model_validate_json(store.read_bytes(eval_path(key)))
+    except (FileNotFoundError, ValidationError):
+        return None
+    return evaluation if evaluation.key == key else None
 
 
 def evaluator_identity(settings: Settings) -> dict:

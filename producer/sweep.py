@@ -1,7 +1,6 @@
 """`lorafleet sweep`: expand a sweep spec, submit it as one batch, wait, have the fleet evaluate
 the videos that lack an evaluation by the configured evaluator, and write the report."""
 
-import json
 import statistics
 import time
 
@@ -9,7 +8,7 @@ import redis
 from rich.console import Console
 
 from common.broker import make_app, send_evaluation
-from common.evaluation import eval_path, evaluator_identity
+from common.evaluation import Evaluation, evaluator_identity, read_evaluation
 from common.job import Job
 from common.jobs_file import JobLimits
 from common.leases import Ledger
@@ -55,7 +54,7 @@ def run_sweep(
     left = lambda: None if timeout_s is None else max(60.0, timeout_s - (time.monotonic() - started))  # noqa: E731
     texts = {cell.prompt: job.prompt for job, cell in zip(jobs, cells, strict=True)}
     prompts = [texts[i] for i in sorted(texts)]
-    evaluations: dict[str, dict] = {}
+    evaluations: dict[str, Evaluation] = {}
 
     def rendered_and_reported(new_jobs: list[Job]) -> dict | None:
         """Wait for the batch, evaluate `new_jobs`' videos, and write the report of every cell so far."""
@@ -179,17 +178,9 @@ def _duration(seconds: float) -> str:
     )
 
 
-def read_evaluation(store: Store, key: str) -> dict | None:
-    """A key's eval.json, or None if there is none (or it is not JSON)."""
-    try:
-        return json.loads(store.read_bytes(eval_path(key)))
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def evaluate(
     keys: list[str], settings: Settings, store: Store, console: Console, queue: str, timeout_s: float | None
-) -> dict[str, dict]:
+) -> dict[str, Evaluation]:
     """Each key's evaluation by the evaluator configured now (LORAFLEET_EVAL_CLIP): the ones the
     store lacks, or holds from another evaluator (an earlier night without CLIP, another model),
     are computed by the fleet's workers (`lorafleet.evaluate`) and waited for. A key whose
@@ -198,7 +189,7 @@ def evaluate(
     found = {}
     for key in dict.fromkeys(keys):
         evaluation = read_evaluation(store, key)
-        if evaluation is not None and evaluation.get("evaluator") == identity:
+        if evaluation is not None and evaluation.evaluator == identity:
             found[key] = evaluation
     missing = [key for key in dict.fromkeys(keys) if key not in found]
     if not missing:
@@ -220,10 +211,10 @@ def evaluate(
         evaluation = read_evaluation(store, key)
         if evaluation is not None:
             found[key] = evaluation
-            if evaluation.get("evaluator") != identity and not warned:
+            if evaluation.evaluator != identity and not warned:
                 warned = True  # every later night would evaluate it again
                 console.print(
-                    f"warning: a worker evaluated {key[:12]} with {evaluation.get('evaluator')}, but this producer "
+                    f"warning: a worker evaluated {key[:12]} with {evaluation.evaluator}, but this producer "
                     f"expects {identity}: set LORAFLEET_EVAL_CLIP alike on the workers and here",
                     style="yellow",
                 )

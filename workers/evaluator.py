@@ -11,12 +11,13 @@ import torch
 
 from common.errors import EvaluationError
 from common.evaluation import (
+    Evaluation,
     clip_numbers,
-    eval_path,
     evaluator_identity,
     sample_indices,
     temporal_ssim,
     video_frames,
+    write_evaluation,
 )
 from common.settings import Settings
 from common.store import Store, video_exists, video_path
@@ -89,16 +90,16 @@ class Evaluator:
             raise EvaluationError(f"{key[:12]}: the video has {found} frames, its job asked for {expected}")
         if self.clip_ref:
             numbers |= self.score(sampled, metadata["job"]["prompt"])
-        result = {
-            "key": key,
-            "evaluator": self.identity,
-            "frames": count,
-            "sampled_frames": len(sampled) if self.clip_ref else 0,
-            "numbers": numbers,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        store.write_bytes(eval_path(key), json.dumps(result, indent=1).encode())
-        return result
+        evaluation = Evaluation(
+            key=key,
+            evaluator=self.identity,
+            frames=count,
+            sampled_frames=len(sampled) if self.clip_ref else 0,
+            numbers=numbers,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        write_evaluation(store, evaluation)
+        return evaluation.model_dump(exclude_none=True)
 
 
 def _array(features) -> np.ndarray:

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from common.evaluation import read_video, vs_base
+from common.evaluation import Evaluation, read_video, vs_base
 from common.images import read_image_url
 from common.job import Job
 from common.manifest import Batch
@@ -65,7 +65,7 @@ def build_report(
     jobs: list[Job],
     cells: list[Cell],
     prompts: list[str],
-    evaluations: dict[str, dict],
+    evaluations: dict[str, Evaluation],
     options: dict | None = None,
     compare: Baseline | None = None,
     *,
@@ -115,7 +115,7 @@ def measured_cells(
     jobs: list[Job],
     cells: list[Cell],
     prompts: list[str],
-    evaluations: dict[str, dict],
+    evaluations: dict[str, Evaluation],
     metadata: dict[str, dict],
     max_video_pixels: int,
 ) -> list[ReportCell]:
@@ -138,7 +138,7 @@ def measured_cells(
         evaluation = evaluations.get(key)
         numbers = {
             **vs_base(video(key), video(base_keys[base_of(cell)])),
-            **(evaluation["numbers"] if evaluation else {}),
+            **(evaluation.numbers if evaluation else {}),
             "render_s": metadata[key]["timings_s"]["total"],
         }
         measured.append(

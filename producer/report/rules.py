@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Iterable
 
 import common
+from common.evaluation import Evaluation
 from common.job import Job, adapter_combination
 from common.sweep_grid import axes_id
 from producer.report.cells import ReportCell
@@ -177,10 +178,10 @@ def rule_text(suggest: dict, clip: bool) -> str:
     )
 
 
-def provenance(jobs: list[Job], metadata: dict, evaluations: dict) -> dict:
+def provenance(jobs: list[Job], metadata: dict, evaluations: dict[str, Evaluation]) -> dict:
     """The settings every cell shares; a setting the sweep varies (an axis) is the list of its values."""
     meta = metadata[jobs[0].key]
-    evaluator = next(iter(evaluations.values()), {}).get("evaluator")
+    evaluator = next((e.evaluator for e in evaluations.values()), None)
     return {
         "model": meta["model"],
         "scheduler": meta.get("scheduler"),

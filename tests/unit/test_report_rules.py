@@ -178,3 +178,27 @@ def test_a_baseline_report_lorafleet_did_not_write_is_named_and_not_compared(tmp
     assert baseline(store, "night2", "nightly", "night3", console) is None
     said = console.export_text()
     assert "batch night2's report.json is not a report lorafleet reads" in said and "without comparison" in said
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        '{"key": "KEY", "evaluator": {"version": 1, "clip": null}, "numbers": {"temporal_ssim": NaN}}',
+        '{"key": "KEY", "evaluator": {"version": 1, "clip": null}, "numbers": {"temporal_ssim": "high"}}',
+        '{"key": "KEY", "evaluator": {"version": 1, "clip": null}}',
+        '{"key": "OTHER", "evaluator": {"version": 1, "clip": null}, "numbers": {"temporal_ssim": 0.9}}',
+        "not json",
+    ],
+)
+def test_an_evaluation_lorafleet_did_not_write_for_this_key_is_computed_again(tmp_path, written):
+    """A sweep reads eval.json files from the store, which anyone who can write there can write: one
+    that is not a finite evaluation of this very key counts as missing (evaluated again), not a crash."""
+    from common.evaluation import Evaluation, eval_path, read_evaluation, write_evaluation
+    from common.store import Store
+
+    store, key = Store(str(tmp_path)), "ab" * 32
+    store.write_bytes(eval_path(key), written.replace("KEY", key).replace("OTHER", "cd" * 32).encode())
+    assert read_evaluation(store, key) is None
+    good = Evaluation(key=key, evaluator={"version": 1, "clip": None}, numbers={"temporal_ssim": 0.9})
+    write_evaluation(store, good)
+    assert read_evaluation(store, key) == good
