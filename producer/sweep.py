@@ -52,8 +52,6 @@ def run_sweep(
     )
     started = time.monotonic()
     left = lambda: None if timeout_s is None else max(60.0, timeout_s - (time.monotonic() - started))  # noqa: E731
-    texts = {cell.prompt: job.prompt for job, cell in zip(jobs, cells, strict=True)}
-    prompts = [texts[i] for i in sorted(texts)]
     evaluations: dict[str, Evaluation] = {}
 
     def rendered_and_reported(new_jobs: list[Job]) -> dict | None:
@@ -64,7 +62,7 @@ def run_sweep(
         keys = [job.key for job in new_jobs]
         evaluations.update(evaluate(keys, settings, store, console, queue_for(new_jobs[0].model), left()))
         return build_report(
-            batch, store, jobs, cells, prompts, evaluations, options, previous,
+            batch, store, jobs, cells, evaluations, options, previous,
             max_video_pixels=settings.max_video_pixels, policy=resolver.policy,
         )  # fmt: skip
 

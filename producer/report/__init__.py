@@ -16,9 +16,11 @@ the page (page.py and its Jinja2 template, page.html, autoescaped); here, what r
 writes the report.
 """
 
+import functools
 import io
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -64,7 +66,6 @@ def build_report(
     store: Store,
     jobs: list[Job],
     cells: list[Cell],
-    prompts: list[str],
     evaluations: dict[str, Evaluation],
     options: dict | None = None,
     compare: Baseline | None = None,
@@ -76,7 +77,9 @@ def build_report(
     report. Videos are read up to `max_video_pixels`, input images under `policy` (the settings')."""
     options = options or {"suggest": SUGGEST, "moved": MOVED}
     metadata = {job.key: json.loads(store.read_bytes(video_path(job.key, "json"))) for job in jobs}
-    report_cells = measured_cells(batch, store, jobs, cells, prompts, evaluations, metadata, max_video_pixels)
+    statuses = {entry.key: entry.status for entry in batch.entries}
+    video = functools.cache(lambda key: read_video(store, key, max_video_pixels))
+    report_cells = measured_cells(list(zip(jobs, cells, strict=True)), evaluations, metadata, statuses, video)
     if compare:
         report_cells = mark_moved(report_cells, compare.cells, options["moved"])
     clip = any(name in c.numbers for c in report_cells for name in CLIP_METRICS)
@@ -110,30 +113,19 @@ def build_report(
 
 
 def measured_cells(
-    batch: Batch,
-    store: Store,
-    jobs: list[Job],
-    cells: list[Cell],
-    prompts: list[str],
+    placed: list[tuple[Job, Cell]],
     evaluations: dict[str, Evaluation],
     metadata: dict[str, dict],
-    max_video_pixels: int,
+    statuses: dict[str, str],
+    video: Callable[[str], np.ndarray],
 ) -> list[ReportCell]:
     """Each sweep cell with its job's adapters, prompt, status and worker, and its numbers: those
     between its video and its scale-0 cell's, its evaluation's, and its render time."""
-    entries = {entry.key: entry for entry in batch.entries}
-    videos: dict[str, np.ndarray] = {}
-
-    def video(key: str) -> np.ndarray:
-        if key not in videos:
-            videos[key] = read_video(store, key, max_video_pixels)
-        return videos[key]
-
     # each tier against its own scale 0: a draft's cells against the draft base, exact ones the exact base
     base_of = lambda c: (c.tier, axes_id(c.axes), c.prompt, c.seed)  # noqa: E731
-    base_keys = {base_of(c): j.key for j, c in zip(jobs, cells, strict=True) if c.lora_scale == 0}
+    base_keys = {base_of(c): j.key for j, c in placed if c.lora_scale == 0}
     measured = []
-    for job, cell in zip(jobs, cells, strict=True):
+    for job, cell in placed:
         key = job.key
         evaluation = evaluations.get(key)
         numbers = {
@@ -149,9 +141,9 @@ def measured_cells(
                     a.model_dump(include={"sha256", "weight", "alpha", "uri"} | ({"name"} if a.name else set()))
                     for a in job.adapters
                 ],
-                prompt_text=prompts[cell.prompt],
+                prompt_text=job.prompt,
                 image=job.image and job.image.model_dump(),
-                status=entries[key].status,
+                status=statuses[key],
                 worker=metadata[key]["worker"],
                 evaluated=evaluation is not None,
                 numbers=numbers,
