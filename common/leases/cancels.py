@@ -10,7 +10,6 @@ from common.protocol import CANCELS, cancelled_key, cancelled_task_key
 class Cancels(Book):
     """The ledger's part that cancels batches and jobs."""
 
-
     def cancel(self, batch: str | None, task_ids: list[str] | None = None) -> None:
         """Mark a batch (or only these tasks, of it or of any batch) cancelled: queued jobs never
         start, and running ones, told by a notice, stop at their next step."""

@@ -23,7 +23,6 @@ log = logging.getLogger("lorafleet.ledger")
 class Deliveries(Book):
     """The ledger's part that tracks running deliveries."""
 
-
     def count_delivery(self, task_id: str) -> int:
         """Count this delivery of a job; returns how many deliveries in a row did not end cleanly."""
         name = deliveries_key(task_id)

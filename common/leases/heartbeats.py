@@ -14,7 +14,6 @@ HEARTBEAT_S = 5.0  # a worker's heartbeat lives 3 beats: a worker that stops bea
 class Heartbeats(Book):
     """The ledger's part that keeps workers' heartbeats."""
 
-
     def beat(self, worker: str, queue: str, since: float, doing: dict | None = None) -> None:
         """Say this worker is alive and consuming `queue` (since `since`, a Unix time), and what it
         is and does (WorkerRecord's other fields: `{"job": {...} or None, "device", "model", "tier"}`)."""

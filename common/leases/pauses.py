@@ -9,7 +9,6 @@ from common.protocol import PAUSED_PREFIX, batch_keys, cancelled_key, cancelled_
 class Pauses(Book):
     """The ledger's part that pauses, resumes and admits."""
 
-
     def pause(self, batch: str) -> None:
         """Pause a batch: a worker that takes one of its jobs sets it aside instead of starting it."""
         self.redis.set(paused_key(batch), 1)
