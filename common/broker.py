@@ -2,6 +2,7 @@
 says (JSON only, late acks, no prefetch hoarding, a visibility timeout above the longest render)."""
 
 import itertools
+import logging
 import re
 from collections.abc import Iterable
 
@@ -21,6 +22,8 @@ from common.protocol import (
     sent_key,
 )
 from common.settings import Settings, queue_for
+
+log = logging.getLogger("lorafleet.producer")
 
 SEND_CHUNK = 1000  # messages a Redis round trip when sending many
 PERSISTENT = 2  # AMQP's delivery mode that Celery's queues declare (kombu's default)
@@ -252,7 +255,9 @@ def queue_length(redis, queue: str) -> int:
 def task_metas(app: Celery, task_ids: list[str], chunk: int = 10_000) -> dict[str, dict]:
     """The result metadata ({"status", "result", ...}, as Celery's backend decodes it) of each
     task that has one, read with one MGET per `chunk` tasks instead of a GET per task; a task
-    without a result yet (pending) is left out."""
+    without a result yet (pending) is left out, and so is one whose result is not what Celery
+    writes (anyone who can write to Redis can write one: its job is followed as pending, logged,
+    and a real result or its video in the store ends it)."""
     backend = app.backend
     prefix = backend.get_key_for_task("-")[:-1]  # Celery's key for a task is this prefix and its id
     prefix = prefix.decode() if isinstance(prefix, bytes) else prefix
@@ -260,6 +265,18 @@ def task_metas(app: Celery, task_ids: list[str], chunk: int = 10_000) -> dict[st
     for start in range(0, len(task_ids), chunk):
         part = task_ids[start : start + chunk]
         for task_id, raw in zip(part, backend.mget([prefix + t for t in part]), strict=True):
-            if raw is not None:
-                found[task_id] = backend.decode_result(raw)
+            if raw is None:
+                continue
+            try:
+                meta = backend.decode_result(raw)
+            except Exception:  # Celery's decoding fails in many ways on what it did not write
+                meta = None
+            if isinstance(meta, dict) and isinstance(meta.get("status"), str):
+                found[task_id] = meta
+            elif task_id not in _SAID_MALFORMED:  # once a process: `wait` polls every second or two
+                _SAID_MALFORMED.add(task_id)
+                log.warning("task %s: its result in Redis is not one Celery wrote (%.80r): followed as pending", task_id, raw)
     return found
+
+
+_SAID_MALFORMED: set[str] = set()

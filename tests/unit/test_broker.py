@@ -94,3 +94,21 @@ def test_a_body_arrives_as_sent_whatever_its_text_holds(redis_url):
     found = pushed(client, queue_lists(queue)[[0, 3, 6, 9].index(PRIORITIES["low"])])
     assert [envelope["body"][0] for envelope in found] == [[message] for message in messages]
     client.delete(*queue_lists(queue))
+
+
+def test_a_task_result_celery_did_not_write_is_followed_as_pending(redis_url, caplog):
+    """Anyone who can write to Redis can write a task's result: what is not Celery's own (not JSON,
+    not a mapping, no status) leaves its job pending, logged, instead of crashing `wait` and `status`."""
+    from common.broker import task_metas
+
+    app = make_app(Settings(_env_file=None, redis_url=redis_url))
+    client = redis.Redis.from_url(redis_url)
+    app.backend.store_result("done", {"worker": "w1"}, "SUCCESS")
+    malformed = {"garbage": b"{not json", "a-string": b'"SUCCESS"', "no-status": b'{"result": 1}'}
+    for task_id, written in malformed.items():
+        client.set(f"celery-task-meta-{task_id}", written)
+    for _ in range(2):  # `wait` polls again and again: said once
+        found = task_metas(app, ["done", *malformed, "pending"])
+        assert list(found) == ["done"] and found["done"]["status"] == "SUCCESS"
+    said = [r.message for r in caplog.records if "is not one Celery wrote" in r.message]
+    assert len(said) == 3 and all(any(f"task {t}:" in m for m in said) for t in malformed)
