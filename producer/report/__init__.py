@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from common.errors import StoreError
 from common.evaluation import Evaluation, read_video, vs_base
 from common.images import read_image_url
 from common.job import Job
@@ -32,7 +33,7 @@ from common.reading import ReadPolicy
 from common.store import Store, video_path
 from common.sweep_grid import Cell
 from common.sweep_spec import MOVED, SUGGEST
-from producer.report.cells import Baseline, ReportCell, written
+from producer.report.cells import Baseline, ReportCell, VideoMetadata, written
 from producer.report.page import render_page
 from producer.report.plots import plot
 from producer.report.rules import (
@@ -57,7 +58,7 @@ from producer.report.rules import (
 
 __all__ = [
     "CLIP_METRICS", "METRICS", "MIN_PAIRS", "PAIRED_RULE", "ReportCell", "build_report", "confirm_scales",
-    "distinguishable", "load_report", "mark_moved", "refine_scale", "summarise",
+    "distinguishable", "load_report", "mark_moved", "read_metadata", "refine_scale", "summarise",
 ]  # fmt: skip
 
 
@@ -76,7 +77,7 @@ def build_report(
     """Compute every cell's numbers and write report.json, report.html and the plots; returns the
     report. Videos are read up to `max_video_pixels`, input images under `policy` (the settings')."""
     options = options or {"suggest": SUGGEST, "moved": MOVED}
-    metadata = {job.key: json.loads(store.read_bytes(video_path(job.key, "json"))) for job in jobs}
+    metadata = {job.key: read_metadata(store, job.key) for job in jobs}
     statuses = {entry.key: entry.status for entry in batch.entries}
     video = functools.cache(lambda key: read_video(store, key, max_video_pixels))
     report_cells = measured_cells(list(zip(jobs, cells, strict=True)), evaluations, metadata, statuses, video)
@@ -115,7 +116,7 @@ def build_report(
 def measured_cells(
     placed: list[tuple[Job, Cell]],
     evaluations: dict[str, Evaluation],
-    metadata: dict[str, dict],
+    metadata: dict[str, VideoMetadata],
     statuses: dict[str, str],
     video: Callable[[str], np.ndarray],
 ) -> list[ReportCell]:
@@ -131,7 +132,7 @@ def measured_cells(
         numbers = {
             **vs_base(video(key), video(base_keys[base_of(cell)])),
             **(evaluation.numbers if evaluation else {}),
-            "render_s": metadata[key]["timings_s"]["total"],
+            "render_s": metadata[key].timings_s.total,
         }
         measured.append(
             ReportCell(
@@ -144,7 +145,7 @@ def measured_cells(
                 prompt_text=job.prompt,
                 image=job.image and job.image.model_dump(),
                 status=statuses[key],
-                worker=metadata[key]["worker"],
+                worker=metadata[key].worker,
                 evaluated=evaluation is not None,
                 numbers=numbers,
             )
@@ -173,6 +174,19 @@ def thumbnail(image: dict, policy: ReadPolicy) -> bytes:
     out = io.BytesIO()
     picture.save(out, format="PNG")
     return out.getvalue()
+
+
+def read_metadata(store: Store, key: str) -> VideoMetadata:
+    """A video's metadata as the report reads it; StoreError, naming the file, where it is not
+    what a worker writes for that key (anyone who can write the store can write it)."""
+    path = video_path(key, "json")
+    try:
+        metadata = VideoMetadata.model_validate_json(store.read_bytes(path))
+    except ValueError as exc:
+        raise StoreError(f"{store.uri(path)} is not a video's metadata as a worker writes it: {exc}") from None
+    if metadata.key != key:
+        raise StoreError(f"{store.uri(path)} holds the metadata of another video ({metadata.key[:12]})")
+    return metadata
 
 
 def load_report(store: Store, batch: str) -> Baseline:

@@ -1,10 +1,11 @@
 """A report's cell: a sweep cell with what its job was and what its video measured, as report.json
-holds it; and what a later night reads of a report (Baseline). Written by `measured_cells` and read
-back (a baseline night's report, a saved report's page) through these models alone."""
+holds it; what a later night reads of a report (Baseline); and what a report reads of a video's
+metadata (VideoMetadata). Written by `measured_cells` and read back (a baseline night's report, a
+saved report's page, a video's metadata) through these models alone."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from common.sweep_grid import Cell
 
@@ -55,3 +56,29 @@ class Baseline(BaseModel):
     batch: str
     cells: list[ReportCell]
     sets: list[SectionSeen] = []
+
+
+class Timings(BaseModel):
+    """A render's seconds, by step; `total` is what the report shows."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    total: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class VideoMetadata(BaseModel):
+    """What a report reads of a video's metadata (videos/<key>.json, written by the worker that
+    rendered it: workers/renderer.py's render_frames)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    key: str
+    worker: str
+    model: str
+    scheduler: str | None = None
+    dtype: str | None = None
+    device: str = "?"
+    versions: dict[str, Any] = {}
+    timings_s: Timings
+    rendered_at: str
+    variant_switched: bool = False

@@ -12,7 +12,7 @@ import common
 from common.evaluation import Evaluation
 from common.job import Job, adapter_combination
 from common.sweep_grid import axes_id
-from producer.report.cells import ReportCell
+from producer.report.cells import ReportCell, VideoMetadata
 
 # name: (label, what it measures, which way is better)
 METRICS = {
@@ -178,23 +178,23 @@ def rule_text(suggest: dict, clip: bool) -> str:
     )
 
 
-def provenance(jobs: list[Job], metadata: dict, evaluations: dict[str, Evaluation]) -> dict:
+def provenance(jobs: list[Job], metadata: dict[str, VideoMetadata], evaluations: dict[str, Evaluation]) -> dict:
     """The settings every cell shares; a setting the sweep varies (an axis) is the list of its values."""
     meta = metadata[jobs[0].key]
     evaluator = next((e.evaluator for e in evaluations.values()), None)
     return {
-        "model": meta["model"],
-        "scheduler": meta.get("scheduler"),
+        "model": meta.model,
+        "scheduler": meta.scheduler,
         "steps": one_or_all(job.steps for job in jobs),
         "size": one_or_all(f"{job.num_frames} frames × {job.height} × {job.width}" for job in jobs),
         "guidance_scale": one_or_all(job.guidance_scale for job in jobs),
         "fps": one_or_all(job.fps for job in jobs),
-        "dtype": meta.get("dtype"),
+        "dtype": meta.dtype,
         "lorafleet": common.__version__,
-        "versions": meta.get("versions", {}),
-        "workers": sorted({m["worker"] for m in metadata.values()}),
-        "devices": sorted({m.get("device", "?") for m in metadata.values()}),
-        "rendered": f"{min(m['rendered_at'] for m in metadata.values())} to {max(m['rendered_at'] for m in metadata.values())}",
+        "versions": meta.versions,
+        "workers": sorted({m.worker for m in metadata.values()}),
+        "devices": sorted({m.device for m in metadata.values()}),
+        "rendered": f"{min(m.rendered_at for m in metadata.values())} to {max(m.rendered_at for m in metadata.values())}",
         "evaluator": evaluator,
     }
 
@@ -205,11 +205,11 @@ def one_or_all(values: Iterable):
     return found[0] if len(found) == 1 else found
 
 
-def render_times(metadata: dict) -> dict[str, dict]:
+def render_times(metadata: dict[str, VideoMetadata]) -> dict[str, dict]:
     """Render seconds per worker: jobs, mean, min, max (a number per worker, not a plot of noise)."""
     times: dict[str, list[float]] = {}
     for meta in metadata.values():
-        times.setdefault(meta["worker"], []).append(meta["timings_s"]["total"])
+        times.setdefault(meta.worker, []).append(meta.timings_s.total)
     return {
         worker: {"jobs": len(t), "mean": statistics.fmean(t), "min": min(t), "max": max(t)}
         for worker, t in sorted(times.items())
@@ -265,9 +265,9 @@ def moved(now: dict, old: dict | None, thresholds: dict) -> list[str]:
     return found
 
 
-def switches(metadata: dict) -> dict[str, int]:
+def switches(metadata: dict[str, VideoMetadata]) -> dict[str, int]:
     """Variant switches each worker made for this batch."""
     counts: dict[str, int] = {}
     for meta in metadata.values():
-        counts[meta["worker"]] = counts.get(meta["worker"], 0) + int(bool(meta.get("variant_switched")))
+        counts[meta.worker] = counts.get(meta.worker, 0) + int(meta.variant_switched)
     return counts

@@ -202,3 +202,20 @@ def test_an_evaluation_lorafleet_did_not_write_for_this_key_is_computed_again(tm
     good = Evaluation(key=key, evaluator={"version": 1, "clip": None}, numbers={"temporal_ssim": 0.9})
     write_evaluation(store, good)
     assert read_evaluation(store, key) == good
+
+
+def test_a_videos_metadata_that_is_not_a_workers_is_named_not_a_traceback(tmp_path):
+    """The report reads each video's metadata from the store: a file that is not what a worker
+    writes for that key stops the report with the file's name, not a KeyError halfway through."""
+    from common.errors import StoreError
+    from common.store import Store, video_path
+    from producer.report import read_metadata
+
+    store, key = Store(str(tmp_path)), "ab" * 32
+    written = {"key": key, "worker": "w1", "model": "m", "timings_s": {"total": 2.5}, "rendered_at": "2026-12-08T00:00:00Z"}
+    store.write_bytes(video_path(key, "json"), json.dumps(written).encode())
+    assert read_metadata(store, key).timings_s.total == 2.5
+    for bad in ({**written, "timings_s": {}}, {**written, "key": "cd" * 32}, {**written, "worker": None}):
+        store.write_bytes(video_path(key, "json"), json.dumps(bad).encode())
+        with pytest.raises(StoreError, match=f"{key}.json"):
+            read_metadata(store, key)
