@@ -275,7 +275,9 @@ def task_metas(app: Celery, task_ids: list[str], chunk: int = 10_000) -> dict[st
                 found[task_id] = meta
             elif task_id not in _SAID_MALFORMED:  # once a process: `wait` polls every second or two
                 _SAID_MALFORMED.add(task_id)
-                log.warning("task %s: its result in Redis is not one Celery wrote (%.80r): followed as pending", task_id, raw)
+                log.warning(
+                    "task %s: its result in Redis is not one Celery wrote (%.80r): followed as pending", task_id, raw
+                )
     return found
 
 

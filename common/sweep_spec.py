@@ -61,76 +61,46 @@ def _scales(value):
     return value
 
 
-def _finite(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _refused(f"must be a finite number, got {quoted(value)}")
-    return float(value)
-
-
-def _seeds(value):
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
-    ):
-        raise _refused("must be a non-empty list of integers ≥ 0")
-    return value
-
-
-def _prompt_list(value):
-    if not isinstance(value, list) or not value:
-        raise _refused("must be a non-empty list")
-    return value
-
-
-def _path(value):
-    if not isinstance(value, str):
-        raise _refused(f"must be the path of a .jsonl file, got {quoted(value)}")
-    return value
-
-
-def _sets(value):
-    if not isinstance(value, list) or not value or not all(isinstance(s, list) for s in value):
-        raise _refused("must be a non-empty list of adapter lists")
-    return value
-
-
-def _plain_name(value):
-    if not isinstance(value, str) or not value or "/" in value:
-        raise _refused('must be a plain name (no "/")')
-    return value
-
-
-def _mapping(message: str, fields: set | None = None) -> BeforeValidator:
-    """A mapping (of only `fields`, where given), or the error `message`."""
+def _rule(holds, message: str, got: bool = False) -> BeforeValidator:
+    """A field's value as written where `holds(value)`; else the spec error `message` (followed by
+    the value, quoted, where `got`)."""
 
     def check(value):
-        if not isinstance(value, dict) or (fields is not None and set(value) - fields):
-            raise _refused(message)
+        if not holds(value):
+            raise _refused(f"{message}, got {quoted(value)}" if got else message)
         return value
 
     return BeforeValidator(check)
 
 
-def _threshold(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise _refused(f"must be a finite number ≥ 0, got {quoted(value)}")
-    return float(value)
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _resolution(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise _refused(f"must be a number > 0, got {quoted(value)}")
-    return float(value)
+def _mapping(message: str, fields: set | None = None) -> BeforeValidator:
+    """A mapping (of only `fields`, where given), or the error `message`."""
+    return _rule(lambda value: isinstance(value, dict) and (fields is None or set(value) <= fields), message)
 
 
-def _rounds(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
-        raise _refused(f"must be a whole number from 1 to 10, got {quoted(value)}")
-    return value
-
-
-Threshold = Annotated[float, BeforeValidator(_threshold)]
+# Each field's rule, and what a spec that breaks it is told (tests/unit/test_sweep_spec.py pins them).
+FINITE = _rule(lambda v: _number(v) and math.isfinite(v), "must be a finite number", got=True)
+THRESHOLD = _rule(lambda v: _number(v) and 0 <= v < math.inf, "must be a finite number ≥ 0", got=True)
+POSITIVE = _rule(lambda v: _number(v) and 0 < v < math.inf, "must be a number > 0", got=True)
+ROUNDS = _rule(
+    lambda v: _number(v) and isinstance(v, int) and 1 <= v <= 10, "must be a whole number from 1 to 10", got=True
+)
+PLAIN_NAME = _rule(lambda v: isinstance(v, str) and v and "/" not in v, 'must be a plain name (no "/")')
+NON_EMPTY_LIST = _rule(lambda v: isinstance(v, list) and v, "must be a non-empty list")
+JSONL_PATH = _rule(lambda v: isinstance(v, str), "must be the path of a .jsonl file", got=True)
+ADAPTER_LISTS = _rule(
+    lambda v: isinstance(v, list) and v and all(isinstance(s, list) for s in v),
+    "must be a non-empty list of adapter lists",
+)
+SEEDS = _rule(
+    lambda v: isinstance(v, list) and v and all(_number(s) and isinstance(s, int) and s >= 0 for s in v),
+    "must be a non-empty list of integers ≥ 0",
+)
+Threshold = Annotated[float, THRESHOLD]
 
 
 class Suggest(BaseModel):
@@ -163,8 +133,8 @@ class Refine(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    resolution: Annotated[float, BeforeValidator(_resolution)] = 0.05
-    rounds: Annotated[int, BeforeValidator(_rounds)] = 4
+    resolution: Annotated[float, POSITIVE] = 0.05
+    rounds: Annotated[int, ROUNDS] = 4
 
 
 class Confirm(BaseModel):
@@ -187,13 +157,13 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, BeforeValidator(_plain_name)] = "sweep"
+    name: Annotated[str, PLAIN_NAME] = "sweep"
     model: str | None = None
-    prompts: Annotated[list[Any] | None, BeforeValidator(_prompt_list)] = None
-    prompts_file: Annotated[str | None, BeforeValidator(_path)] = None
-    adapter_sets: Annotated[list[list[Any]] | None, BeforeValidator(_sets)] = None  # required: see _shape
-    lora_scales: Annotated[list[Annotated[float, BeforeValidator(_finite)]], BeforeValidator(_scales)] = [1.0]
-    seeds: Annotated[list[int], BeforeValidator(_seeds)] = [0]
+    prompts: Annotated[list[Any] | None, NON_EMPTY_LIST] = None
+    prompts_file: Annotated[str | None, JSONL_PATH] = None
+    adapter_sets: Annotated[list[list[Any]] | None, ADAPTER_LISTS] = None  # required: see check_shape
+    lora_scales: Annotated[list[Annotated[float, FINITE]], BeforeValidator(_scales)] = [1.0]
+    seeds: Annotated[list[int], SEEDS] = [0]
     render: Annotated[dict[str, Any], _mapping("must be a mapping of job fields")] = {}
     axes: Annotated[
         dict[str, Any],

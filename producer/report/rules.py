@@ -250,7 +250,10 @@ def mark_moved(cells: list[ReportCell], previous: list[ReportCell], thresholds: 
     """The cells, each with the numbers that moved by more than their threshold since the same cell
     (`identity`) in a baseline night's report."""
     before = {identity(c): c.numbers for c in previous}
-    return [cell.model_copy(update={"moved": moved(cell.numbers, before.get(identity(cell)), thresholds)}) for cell in cells]
+    return [
+        cell.model_copy(update={"moved": moved(cell.numbers, before.get(identity(cell)), thresholds)})
+        for cell in cells
+    ]
 
 
 def moved(now: dict, old: dict | None, thresholds: dict) -> list[str]:
