@@ -77,15 +77,22 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    try:
+        return _number(value) and math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (JSON and YAML can write one)
+        return False
+
+
 def _mapping(message: str, fields: set | None = None) -> BeforeValidator:
     """A mapping (of only `fields`, where given), or the error `message`."""
     return _rule(lambda value: isinstance(value, dict) and (fields is None or set(value) <= fields), message)
 
 
 # Each field's rule, and what a spec that breaks it is told (tests/unit/test_sweep_spec.py pins them).
-FINITE = _rule(lambda v: _number(v) and math.isfinite(v), "must be a finite number", got=True)
-THRESHOLD = _rule(lambda v: _number(v) and 0 <= v < math.inf, "must be a finite number ≥ 0", got=True)
-POSITIVE = _rule(lambda v: _number(v) and 0 < v < math.inf, "must be a number > 0", got=True)
+FINITE = _rule(_finite, "must be a finite number", got=True)
+THRESHOLD = _rule(lambda v: _finite(v) and v >= 0, "must be a finite number ≥ 0", got=True)
+POSITIVE = _rule(lambda v: _finite(v) and v > 0, "must be a number > 0", got=True)
 ROUNDS = _rule(
     lambda v: _number(v) and isinstance(v, int) and 1 <= v <= 10, "must be a whole number from 1 to 10", got=True
 )

@@ -150,6 +150,7 @@ def test_a_prompts_file_is_read_as_a_jobs_file_is(tmp_path):
         ({"adapter_sets": [[{"uri": "a", "weight": "x"}]]}, 'adapter_sets[0][0].weight: must be a number, got "x"'),
         ({"lora_scales": [0, "a", True]}, 'lora_scales[1]: must be a finite number, got "a"'),
         ({"lora_scales": [0, "a", True]}, "lora_scales[2]: must be a finite number, got true"),
+        ({"lora_scales": [0, 10**400]}, "lora_scales[1]: must be a finite number, got 1000"),
         ({"seeds": [-1]}, "seeds: must be a non-empty list of integers ≥ 0"),
         ({"render": 5}, "render: must be a mapping of job fields"),
         ({"render": {"lora_scale": 1}}, "render.lora_scale: set by the sweep itself"),
