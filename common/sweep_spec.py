@@ -201,7 +201,7 @@ def check_shape(written: dict) -> tuple[SweepSpec, list[str], set[str]]:
         return SweepSpec.model_validate({"adapter_sets": None, **written}), [], set()
     except ValidationError as exc:
         failed = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
-        kept = {field: value for field, value in written.items() if field not in failed}
+        kept = {field: value for field, value in written.items() if isinstance(field, str) and field not in failed}
         return SweepSpec.model_validate(kept), _placed(exc), failed
 
 
@@ -211,7 +211,7 @@ def _placed(exc: ValidationError) -> list[str]:
     found = []
     for error in exc.errors():
         loc, kind = error["loc"], error["type"]
-        if kind == "extra_forbidden":
+        if kind in ("extra_forbidden", "invalid_key"):  # a name no field has, or not a name at all (YAML: `5: x`)
             owner, where = (SECTIONS[loc[0]], loc[0]) if len(loc) > 1 else (SweepSpec, "spec")
             found.append(f"{where}: {unknown_field(str(loc[-1]), list(owner.model_fields))}")
             continue

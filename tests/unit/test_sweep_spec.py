@@ -170,3 +170,12 @@ def test_each_problem_of_a_spec_is_named_at_its_place(tmp_path, change, problem)
     with pytest.raises(JobFileError) as refused:
         load(tmp_path, {**OLD, **change})
     assert any(error.startswith(problem) for error in refused.value.errors), refused.value.errors
+
+
+def test_a_yaml_key_that_is_not_a_name_is_named_not_a_traceback(tmp_path):
+    """YAML keys can be numbers or null, which no field has: each is named like an unknown field."""
+    path = tmp_path / "spec.yaml"
+    path.write_text("prompts: [a cat walks]\nadapter_sets: [[]]\n5: x\nsuggest: {~: 1}\n")
+    with pytest.raises(JobFileError) as refused:
+        load_sweep(str(path), lambda alias: MODEL, resolver_for(), default_limits())
+    assert sorted(refused.value.errors) == ['spec: unknown field "5"', 'suggest: unknown field "None"']
