@@ -71,3 +71,53 @@ def test_the_site_builds_strict_with_reference_pages_generated_from_the_code(tmp
     assert '"lora_scale"' in open(os.path.join(generated, "job-schema.md")).read()
     tutorial = (site / "tutorials" / "own-fleet" / "index.html").read_text()
     assert "lorafleet redis --stop" in tutorial and "make demo" in tutorial  # the README's sections, included
+
+
+def shown_commands() -> list[tuple[str, str]]:
+    """(page, command line) for each `lorafleet …` and `make …` line of the README's and the docs'
+    shell blocks, without its comment, redirections and `&`."""
+    pages = ["README.md"] + sorted(
+        os.path.relpath(os.path.join(root, name), REPO)
+        for root, _, names in os.walk(os.path.join(REPO, "docs"))
+        for name in names
+        if name.endswith(".md")
+    )
+    found = []
+    for page in pages:
+        for language, body in re.findall(r"^```(\w*)\n(.*?)^```", read(page), re.S | re.M):
+            if language not in ("", "bash", "sh", "shell", "console"):
+                continue
+            for line in body.splitlines():
+                line = re.split(r"\s+#|\s+[0-9]?>|\s+&\s*$", line.removeprefix("$ "))[0].strip()
+                if line.startswith(("lorafleet ", "make ")):
+                    found.append((page, line))
+    return found
+
+
+def test_every_command_the_docs_show_parses_as_written():
+    """A command the README or the docs show, which cannot all run here (a GPU fleet, a cluster, a
+    real model), still parses as written: each `lorafleet` line through the CLI's own parser
+    (every command and option exists), each `make` line as a dry run (the target and its recipe)."""
+    import shlex
+    import warnings
+
+    import click
+
+    from lorafleet.cli import cli
+
+    commands = shown_commands()
+    assert len(commands) >= 25 and any(line.startswith("lorafleet workers --gpus") for _, line in commands)
+    for page, line in commands:
+        words = shlex.split(line)
+        if words[0] == "make":
+            dry = subprocess.run(["make", "-n", "-s", *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert dry.returncode == 0, f"{page}: {line}: {dry.stderr}"
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # click 8.2's protected_args
+                context = cli.make_context("lorafleet", words[1:])
+                name, command, rest = cli.resolve_command(context, [*context.protected_args, *context.args])
+                command.make_context(name, rest, parent=context)
+        except click.ClickException as exc:
+            pytest.fail(f"{page}: {line}: {exc.format_message()}")
