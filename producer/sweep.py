@@ -20,7 +20,7 @@ from common.store import Store, videos_present
 from common.sweep_grid import Cell, load_sweep, more_cells
 from producer.follow import wait_for_batch
 from producer.report import build_report, confirm_scales, load_report, refine_scale
-from producer.report.cells import Baseline, read_cells
+from producer.report.cells import Baseline
 from producer.report.rules import axes_text, section_of
 from producer.submit import enqueue
 
@@ -92,7 +92,7 @@ def run_sweep(
         report = another_round(*exact, f"confirming {len(exact[0])} cells exactly ({model}): {which}")
     if report is None:
         return False
-    moved = sum(bool(c.moved) for c in read_cells(report["cells"]))
+    moved = sum(bool(c.moved) for c in report["cells"])
     compared = f" ({moved} cells moved since {previous.batch})" if previous else ""
     console.print(f"report: {store.uri(f'batches/{batch.name}/report.html')}{compared}")
     return True

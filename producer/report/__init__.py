@@ -75,7 +75,7 @@ def build_report(
     policy: ReadPolicy,
 ) -> dict:
     """Compute every cell's numbers and write report.json, report.html and the plots; returns the
-    report. Videos are read up to `max_video_pixels`, input images under `policy` (the settings')."""
+    report (its cells as ReportCells). Videos are read up to `max_video_pixels`, input images under `policy` (the settings')."""
     options = options or {"suggest": SUGGEST, "moved": MOVED}
     metadata = {job.key: read_metadata(store, job.key) for job in jobs}
     statuses = {entry.key: entry.status for entry in batch.entries}
@@ -104,7 +104,7 @@ def build_report(
         # a draft sweep's suggestion and neighbours rendered exactly, per section: the night's decision
         "confirmed": confirmed,
         "confirm_model": (options.get("confirm") or {}).get("model"),
-        "cells": written(report_cells),
+        "cells": report_cells,  # ReportCells: written as report.json holds them by write_report
         "render_time_per_worker": render_times(metadata),
         "switches": switches(metadata),
         "compared_with": compare and compare.batch,
@@ -156,7 +156,7 @@ def measured_cells(
 def write_report(store: Store, report: dict, cells: list[ReportCell], policy: ReadPolicy) -> None:
     """report.json, a plot per section of the swept cells, the input images' thumbnails, report.html."""
     base_dir = f"batches/{report['batch']}"
-    store.write_bytes(f"{base_dir}/report.json", json.dumps(report, indent=1).encode())
+    store.write_bytes(f"{base_dir}/report.json", json.dumps({**report, "cells": written(cells)}, indent=1).encode())
     swept = [c for c in cells if c.tier is None]
     for s in report["sets"]:
         cells_of_section = [c for c in swept if c.section == section_of(s)]

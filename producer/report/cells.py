@@ -1,7 +1,8 @@
 """A report's cell: a sweep cell with what its job was and what its video measured, as report.json
 holds it; what a later night reads of a report (Baseline); and what a report reads of a video's
-metadata (VideoMetadata). Written by `measured_cells` and read back (a baseline night's report, a
-saved report's page, a video's metadata) through these models alone."""
+metadata (VideoMetadata). Cells are made by `measured_cells` and written by `write_report`; what is
+read back from the store (a baseline night's report, a video's metadata) is read through these
+models alone."""
 
 from typing import Annotated, Any
 
@@ -24,11 +25,6 @@ class ReportCell(Cell):
     evaluated: bool
     numbers: dict[str, float | None]
     moved: list[str] = []
-
-
-def read_cells(written: list) -> list[ReportCell]:
-    """A report.json's cells (pydantic.ValidationError where one is not a cell lorafleet wrote)."""
-    return [ReportCell.model_validate(cell) for cell in written]
 
 
 def written(cells: list[ReportCell]) -> list[dict]:

@@ -7,7 +7,7 @@ the formatted numbers."""
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from common.sweep_grid import axes_id
-from producer.report.cells import ReportCell, read_cells
+from producer.report.cells import ReportCell
 from producer.report.rules import CLIP_METRICS, METRICS, axes_text, section_of
 
 STYLE = (
@@ -60,8 +60,8 @@ def mean_and_spread(name: str, measured: dict | None) -> str:
 
 
 def render_page(report: dict) -> str:
-    """report.html for a report (what `build_report` writes to report.json)."""
-    cells = read_cells(report["cells"])
+    """report.html for a report, as `build_report` makes it (its cells as ReportCells)."""
+    cells: list[ReportCell] = report["cells"]
     swept = [c for c in cells if c.tier is None]  # a draft sweep's confirmation aside
     # by section (a set, at one combination of the further axes); a report of before 2026-12-07 named none
     confirmed = {c.get("section", f"set{c['set']}"): c for c in report.get("confirmed", [])}
