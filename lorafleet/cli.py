@@ -542,7 +542,7 @@ def redis_command(settings: Settings, console: Console, directory: str, stop: bo
     return ExitCode.OK
 
 
-@cli.command(name="tiny-model", short_help="Build the tiny random-weight model and adapters")
+@cli.command(name="tiny-model", short_help="Build the tiny model and adapters")
 @click.argument("directory", metavar="DIR")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights")
 @click.option(
@@ -554,8 +554,9 @@ def redis_command(settings: Settings, console: Console, directory: str, stop: bo
 )
 @shared_options
 def tiny_model(settings: Settings, console: Console, directory: str, seed: int, kind: str):
-    """Build the tiny random-weight pipeline (DIR/model), two adapters (DIR/adapters/{style,subject}),
-    a tiny CLIP for evaluations (DIR/clip) and, for an image-to-video kind, two input images
+    """Build the tiny pipeline (DIR/model: random weights, the text-to-video kind's transformer trained
+    for about 20 s to render still videos), two adapters (DIR/adapters/{style,subject}), a tiny random
+    CLIP for evaluations (DIR/clip) and, for an image-to-video kind, two input images
     (DIR/images/{sunset,tiles}.png)."""
     from workers.tiny_model import write_tiny_model
 

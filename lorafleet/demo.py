@@ -4,7 +4,8 @@ Builds the tiny model, its two adapters and a tiny CLIP into ./demo (once), star
 (unless LORAFLEET_REDIS_URL is set) and one CPU worker, submits examples/prompts.jsonl with
 --wait (the package's copy: `lorafleet demo` runs outside a checkout), prints where the videos are, then stops what it started. With a sweep spec
 (`lorafleet demo --sweep examples/sweep.yaml`, what `make sweep` runs when no fleet is configured),
-the same fleet runs that sweep instead, evaluated with the tiny CLIP, compared with the last one;
+the same fleet runs that sweep instead, evaluated without CLIP (unless LORAFLEET_EVAL_CLIP is set),
+compared with the last one;
 a model alias the spec names and LORAFLEET_MODELS does not define is served from the tiny model
 by a worker of its own (the draft of a spec with `confirm:` as a TaylorSeer draft tier).
 With `--kind i2v` (or another kind of `lorafleet tiny-model`), the fleet serves that tiny model
@@ -35,7 +36,7 @@ def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> i
     model_dir = os.path.join(folder, "model")
     built = (os.path.join(model_dir, "model_index.json"), os.path.join(folder, "clip", "config.json"))
     if not all(os.path.exists(path) for path in built):
-        console.print(f"building the tiny random-weight {kind} model into {folder}/ ...")
+        console.print(f"building the tiny {kind} model into {folder}/ ...")
         from workers.worker import keep_torchao_out
 
         keep_torchao_out()  # the demo never uses fp8: no torchao warnings as its first words
@@ -46,11 +47,9 @@ def run_demo(console: Console, sweep: str | None = None, kind: str = "t2v") -> i
         from workers.tiny_model import write_tiny_model
 
         write_tiny_model(folder, kind=kind)
-    env = {
-        **os.environ,
-        "LORAFLEET_MODEL": os.path.abspath(model_dir),
-        "LORAFLEET_EVAL_CLIP": os.path.abspath(os.path.join(folder, "clip")),
-    }
+    # No LORAFLEET_EVAL_CLIP unless the user sets one: the tiny CLIP's weights are random, its
+    # numbers would measure nothing, and the sweep's rule would follow them (rules.rule_text).
+    env = {**os.environ, "LORAFLEET_MODEL": os.path.abspath(model_dir)}
     env.setdefault("LORAFLEET_STORE_URL", "./results")
     with ExitStack() as stack:
         if "LORAFLEET_REDIS_URL" not in os.environ:

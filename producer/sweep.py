@@ -84,6 +84,8 @@ def run_sweep(
             break
         more = more_cells(path, model_for, resolver, limits, by_section(chosen), {"refined": round_})
         report = another_round(*more, f"refining, round {round_}: {scales_text(chosen)}")
+    if refine and report is not None:
+        console.print("refined: " + "; ".join(f"{section_text(s)}: {s['refinement']['said']}" for s in report["sets"]))
     if report is not None and options["confirm"]:  # a draft night: its decision rests on exact renders
         chosen = [(s, confirm_scales(s)) for s in report["sets"]]
         exact = more_cells(path, model_for, resolver, limits, by_section(chosen), {"tier": "exact"}, exact=True)
@@ -104,12 +106,13 @@ def by_section(chosen: list[tuple[dict, list[float]]]) -> dict[tuple[int, str], 
 
 
 def scales_text(chosen: list[tuple[dict, list[float]]]) -> str:
-    """"set 0: lora_scale 0.5; set 1 at guidance_scale 8: lora_scale 0.25, 0.5" """
-    return "; ".join(
-        f"set {s['set']}{' at ' + axes_text(s['axes']) if s.get('axes') else ''}: "
-        f"lora_scale {', '.join(f'{x:g}' for x in scales)}"
-        for s, scales in chosen
-    )
+    """ "set 0: lora_scale 0.5; set 1 at guidance_scale 8: lora_scale 0.25, 0.5" """
+    return "; ".join(f"{section_text(s)}: lora_scale {', '.join(f'{x:g}' for x in scales)}" for s, scales in chosen)
+
+
+def section_text(s: dict) -> str:
+    """A report section as the terminal names it: "set 1 at guidance_scale 8"."""
+    return f"set {s['set']}{' at ' + axes_text(s['axes']) if s.get('axes') else ''}"
 
 
 def estimate_sweep(path: str, settings: Settings, console: Console) -> dict:

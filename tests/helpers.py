@@ -197,3 +197,40 @@ def frozen(worker):
         yield
     finally:
         os.killpg(worker.pid, signal.SIGCONT)
+
+
+def chromium() -> str:
+    """The browser the report tests use: under CI a missing one fails (`make install` installs it)."""
+    import shutil
+
+    import pytest
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: `make install` installs it (apt-get install chromium)")
+        pytest.skip("no chromium here: `make install` as root installs it")
+    return browser
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--allow-file-access-from-files",
+    "--autoplay-policy=no-user-gesture-required",
+]  # fmt: skip
+
+
+def probe_page(page: str, probe: str, profile: str, budget_ms: int = 20000) -> dict:
+    """Open a copy of the HTML page `page` with the script `probe` appended in headless Chromium, and
+    return what the probe wrote into the page as JSON (document.body's `data-probe`)."""
+    import subprocess
+
+    probed = f"{page}.probe.html"  # beside the page: its relative links still resolve
+    with open(probed, "w") as f:
+        f.write(open(page).read() + probe)
+    dom = subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+         "--dump-dom", f"file://{probed}"],
+        capture_output=True, text=True, timeout=180,
+    ).stdout  # fmt: skip
+    return json.loads(re.search(r"data-probe=\"([^\"]+)\"", dom).group(1).replace("&quot;", '"'))

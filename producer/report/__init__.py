@@ -48,6 +48,7 @@ from producer.report.rules import (
     mark_moved,
     provenance,
     refine_scale,
+    refinement,
     render_times,
     rule_text,
     section,
@@ -86,8 +87,15 @@ def build_report(
     clip = any(name in c.numbers for c in report_cells for name in CLIP_METRICS)
     swept = [c for c in report_cells if c.tier is None]  # a draft sweep's confirmation aside
     sets = [section(group, swept, options["suggest"], clip) for group in groups(swept)]
+    if options.get("refine"):
+        for s in sets:
+            s["refinement"] = refinement(s, [c for c in swept if c.section == section_of(s)], options["refine"])
     exact = [c for c in report_cells if c.tier == "exact"]
     confirmed = [section(group, exact, options["suggest"], clip) for group in groups(exact)]  # named as the swept
+    largest = {section_of(s): max(s["scales"]) for s in sets}
+    for s in confirmed:  # below the draft's largest scale, the top confirmed one is no edge of the sweep
+        if s["suggested"] is not None and s["suggested"] < largest.get(section_of(s), s["suggested"]):
+            s["notices"] = [n for n in s["notices"] if n["kind"] != "edge-high"]
     if compare:
         before = {json.dumps([s.combination, s.axes]): s.suggested for s in compare.sets}
         for s in sets:  # the baseline night's suggestion, where it swept the same adapter set (and axes)

@@ -1,8 +1,8 @@
 """A sweep report's numbers and rules, no HTML: each section's mean and spread per scale, the
 suggested scale by the rule the page states, the notices where a suggestion sits at an edge of the
 swept range or cannot be told from the scale the rule turned down (PAIRED_RULE), the next refining
-scale, the scales a draft is confirmed at, the cells that moved since a baseline night, and the
-provenance. Plain data in and out: table-tested without videos or torch (tests/unit/test_report_rules.py)."""
+scale and why refining stopped, the scales a draft is confirmed at, the cells that moved since a
+baseline night, and the provenance. Plain data in and out: table-tested without videos or torch (tests/unit/test_report_rules.py)."""
 
 import json
 import statistics
@@ -226,14 +226,36 @@ def refine_scale(summary: dict, resolution: float) -> float | None:
     """The next scale a refining sweep adds to a set, or None when it is done: halfway between the
     suggestion (0 when none) and the next scale up, which the rule turned down, while that gap is
     wider than `resolution` and the two can be told apart (PAIRED_RULE); never past the range swept."""
+    return _refine(summary, resolution)[0]
+
+
+def refinement(summary: dict, cells: list[ReportCell], refine: dict) -> dict:
+    """What a refining sweep did to a section, for the page: the scale each round added and why
+    refinement stopped (or, in a report written between rounds, what the next round adds)."""
+    added = sorted({(c.refined, c.lora_scale) for c in cells if c.refined})
+    following, why = _refine(summary, refine["resolution"])
+    if following is None:
+        said = f"stopped: {why}"
+    elif len(added) >= refine["rounds"]:
+        said = f"stopped: the {refine['rounds']} round(s) the spec allows are spent (the next would add {following:g})"
+    else:
+        said = f"the next round adds {following:g}"
+    return {"rounds": [scale for _, scale in added], "said": said}
+
+
+def _refine(summary: dict, resolution: float) -> tuple[float | None, str]:
+    """refine_scale's answer, and when it is None, why."""
     scales, suggested = summary["scales"], summary["suggested"]
     passed = 0.0 if suggested is None else suggested
     above = [x for x in scales if x > passed]
-    if not above or above[0] - passed <= resolution + 1e-9:
-        return None
+    if not above:
+        return None, f"{passed:g} passed and is the largest scale swept: there is no scale above it to refine toward"
+    pair = f"{passed:g} (passed) and {above[0]:g} (turned down)"
+    if above[0] - passed <= resolution + 1e-9:
+        return None, f"{pair} are {above[0] - passed:g} apart, within the resolution {resolution:g}"
     if any(n["kind"] == "indistinguishable" for n in summary["notices"]):
-        return None
-    return round((passed + above[0]) / 2, 6)
+        return None, f"{pair} cannot be told apart at this sample size (see the notice)"
+    return round((passed + above[0]) / 2, 6), ""
 
 
 def confirm_scales(summary: dict) -> list[float]:

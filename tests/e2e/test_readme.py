@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers import decode_video, read_manifest
+from tests.helpers import decode_video, probe_page, read_manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +64,7 @@ def run_demo(tmp_path, example: str, *args: str) -> subprocess.CompletedProcess:
     checkout (no LORAFLEET_ setting of this environment; the store in ./results)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
     env["LORAFLEET_STORE_URL"] = str(tmp_path / "results")
-    os.makedirs(tmp_path / "examples")
+    os.makedirs(tmp_path / "examples", exist_ok=True)
     with open(os.path.join(REPO, "examples", example)) as f:
         (tmp_path / "examples" / example).write_text(f.read())
     return subprocess.run(
@@ -96,3 +96,50 @@ def test_the_demo_runs_a_draft_night_with_a_draft_worker_beside_the_exact_one(tm
     for cell in report["cells"]:  # each rendered by the worker of its tier
         meta = json.load(open(tmp_path / "results" / "videos" / f"{cell['key']}.json"))
         assert (meta["cache"] or {}).get("hook") == (None if cell.get("tier") == "exact" else "taylorseer")
+
+
+def test_the_demo_sweeps_decide_refine_and_say_why(tmp_path):
+    """The README's default and refining sweeps on the demo's own tiny model, as a user runs them
+    after `make demo`: each adapter set's suggestion lies strictly inside the range swept, the
+    refining sweep adds scales, marks them and says why it stopped, with the output the README shows,
+    and a browser shows all of it at the top of the pages."""
+    default = run_demo(tmp_path, "sweep.yaml", "--sweep", "examples/sweep.yaml")
+    assert default.returncode == 0, default.stdout[-3000:] + default.stderr[-3000:]
+    refining = run_demo(tmp_path, "sweep_refine.yaml", "--sweep", "examples/sweep_refine.yaml")
+    assert refining.returncode == 0, refining.stdout[-3000:] + refining.stderr[-3000:]
+    (default_folder,) = glob.glob(str(tmp_path / "results" / "batches" / "demo-sweep-*"))
+    (refine_folder,) = glob.glob(str(tmp_path / "results" / "batches" / "refining-*"))
+    report = json.load(open(os.path.join(default_folder, "report.json")))
+    assert "temporal SSIM" in report["rule"] and not report["clip"]  # the demo sets no (random) CLIP
+    for s in report["sets"]:
+        assert s["suggested"] is not None and 0 < s["suggested"] < max(s["scales"]), s
+    # 2 prompts × 1 seed: too few pairs to tell the suggestion from the scale above it, and it says so
+    assert all([n["kind"] for n in s["notices"]] == ["indistinguishable"] for s in report["sets"])
+
+    (refined,) = json.load(open(os.path.join(refine_folder, "report.json")))["sets"]
+    assert refined["refinement"]["rounds"] and refined["refinement"]["said"].startswith("stopped: ")
+    assert 0 < refined["suggested"] < 1
+    readme = open(os.path.join(REPO, "README.md")).read()
+    shown = re.search(r"\$ make sweep SWEEP=examples/sweep_refine.yaml\n(.*?)```", readme, re.S).group(1)
+    for line in shown.splitlines():  # the README's lines of this run, as it printed them
+        if line.startswith(("refining, round", "refined: ")):
+            assert line in refining.stdout.splitlines(), line
+
+    probe = """<script>
+      window.addEventListener('load', () => {
+        const visible = e => e.offsetParent !== null && e.getBoundingClientRect().height > 0;
+        const texts = selector => [...document.querySelectorAll(selector)].filter(visible).map(e => e.textContent);
+        document.body.setAttribute('data-probe', JSON.stringify({
+          suggested: texts('.suggested-scale'), refinement: texts('.refinement'), refined: texts('i.refined'),
+          notices: [...document.querySelectorAll('.notice')].filter(visible).map(e => e.dataset.kind),
+        }));
+      });
+    </script>"""
+    seen = probe_page(os.path.join(default_folder, "report.html"), probe, str(tmp_path / "profile"), 5000)
+    assert seen["suggested"] == [f"{s['suggested']:g}" for s in report["sets"]]
+    assert seen["notices"] == ["indistinguishable"] * 4  # each set's, at the top and in its section
+    seen = probe_page(os.path.join(refine_folder, "report.html"), probe, str(tmp_path / "profile"), 5000)
+    assert seen["suggested"] == [f"{refined['suggested']:g}"]
+    said = f"Refined in {len(refined['refinement']['rounds'])} round(s)"
+    assert len(seen["refinement"]) == 2 and all(text.startswith(said) for text in seen["refinement"])
+    assert seen["refined"] == [f"refined, round {n + 1}" for n in range(len(refined["refinement"]["rounds"]))]

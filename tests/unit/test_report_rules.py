@@ -6,7 +6,16 @@ import json
 import pytest
 
 from common.sweep_spec import MOVED, SUGGEST
-from producer.report import MIN_PAIRS, ReportCell, confirm_scales, distinguishable, mark_moved, refine_scale, summarise
+from producer.report import (
+    MIN_PAIRS,
+    ReportCell,
+    confirm_scales,
+    distinguishable,
+    mark_moved,
+    refine_scale,
+    refinement,
+    summarise,
+)
 
 pytestmark = pytest.mark.unit
 ADAPTERS = [{"sha256": "ab" * 32, "weight": 1.0, "alpha": None, "uri": "style"}]
@@ -112,23 +121,44 @@ def test_a_draft_is_confirmed_at_its_pick_its_neighbours_and_scale_0(suggested, 
 
 
 @pytest.mark.parametrize(
-    "scales, added",
+    "scales, added, said",
     [
         # 0.5 passes, 1.0 is turned down on every prompt: halfway between them
-        ({0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 1.0: steady(27, 0.95)}, 0.75),
+        ({0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 1.0: steady(27, 0.95)}, 0.75, "the next round adds 0.75"),
         # nothing above 0 passes: halfway between 0 and the smallest scale
-        ({0.0: steady(30, 0.95), 0.5: steady(27, 0.95), 1.0: steady(25, 0.95)}, 0.25),
+        ({0.0: steady(30, 0.95), 0.5: steady(27, 0.95), 1.0: steady(25, 0.95)}, 0.25, "the next round adds 0.25"),
         # the gap is down to the resolution: done
-        ({0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 0.55: steady(27, 0.95)}, None),
+        (
+            {0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 0.55: steady(27, 0.95)}, None,
+            "stopped: 0.5 (passed) and 0.55 (turned down) are 0.05 apart, within the resolution 0.05",
+        ),
         # the top scale passes: nothing above it to refine towards (the edge notice says extend)
-        ({0.0: steady(30, 0.95), 0.5: steady(29.8, 0.95), 1.0: steady(29.5, 0.95)}, None),
+        (
+            {0.0: steady(30, 0.95), 0.5: steady(29.8, 0.95), 1.0: steady(29.5, 0.95)}, None,
+            "stopped: 1 passed and is the largest scale swept: there is no scale above it to refine toward",
+        ),
         # the rule cannot tell 0.5 from 1.0 (one prompt's drop): refining would chase noise
-        ({0.0: steady(30, 0.95), 0.5: steady(30, 0.95), 1.0: [clip(22, 0.95), *steady(31, 0.95, 3)]}, None),
+        (
+            {0.0: steady(30, 0.95), 0.5: steady(30, 0.95), 1.0: [clip(22, 0.95), *steady(31, 0.95, 3)]}, None,
+            "stopped: 0.5 (passed) and 1 (turned down) cannot be told apart at this sample size (see the notice)",
+        ),
     ],
     ids=["between", "below-smallest", "resolved", "top-edge", "indistinguishable"],
-)
-def test_refinement_halves_the_gap_the_rule_decided_in(scales, added):
-    assert refine_scale(summarise(0, cells(scales), SUGGEST, clip=True), 0.05) == added
+)  # fmt: skip
+def test_refinement_halves_the_gap_the_rule_decided_in_and_says_why_it_stops(scales, added, said):
+    summary = summarise(0, cells(scales), SUGGEST, clip=True)
+    assert refine_scale(summary, 0.05) == added
+    assert refinement(summary, cells(scales), {"resolution": 0.05, "rounds": 3}) == {"rounds": [], "said": said}
+
+
+def test_refinement_names_each_rounds_scale_and_stops_when_the_rounds_are_spent():
+    swept = cells({0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 0.75: steady(29.4, 0.95), 1.0: steady(27, 0.95)})
+    swept = [c.model_copy(update={"refined": {0.5: 1, 0.75: 2}.get(c.lora_scale)}) for c in swept]
+    summary = summarise(0, swept, SUGGEST, clip=True)
+    assert refinement(summary, swept, {"resolution": 0.05, "rounds": 2}) == {
+        "rounds": [0.5, 0.75],
+        "said": "stopped: the 2 round(s) the spec allows are spent (the next would add 0.875)",
+    }
 
 
 def test_the_spread_is_the_sample_standard_deviation_over_prompts_and_seeds():
