@@ -106,7 +106,7 @@ def by_section(chosen: list[tuple[dict, list[float]]]) -> dict[tuple[int, str], 
 
 
 def scales_text(chosen: list[tuple[dict, list[float]]]) -> str:
-    """ "set 0: lora_scale 0.5; set 1 at guidance_scale 8: lora_scale 0.25, 0.5" """
+    """"set 0: lora_scale 0.5; set 1 at guidance_scale 8: lora_scale 0.25, 0.5" """
     return "; ".join(f"{section_text(s)}: lora_scale {', '.join(f'{x:g}' for x in scales)}" for s, scales in chosen)
 
 

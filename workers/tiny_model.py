@@ -144,7 +144,7 @@ def train_still(pipe: CogVideoXPipeline, seed: int) -> None:
     """Teach the pipeline's transformer to render still videos (STILL_TRAINING), whatever the prompt."""
     transformer, alphas = pipe.transformer, pipe.scheduler.alphas_cumprod.float()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same files on any machine: no reduction order that depends on its cores
+    torch.set_num_threads(1)  # the same files whatever the cores: no reduction order that depends on them
     try:
         tokens = pipe.tokenizer(
             [*SENTENCES, ""], padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"

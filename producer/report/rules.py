@@ -2,7 +2,8 @@
 suggested scale by the rule the page states, the notices where a suggestion sits at an edge of the
 swept range or cannot be told from the scale the rule turned down (PAIRED_RULE), the next refining
 scale and why refining stopped, the scales a draft is confirmed at, the cells that moved since a
-baseline night, and the provenance. Plain data in and out: table-tested without videos or torch (tests/unit/test_report_rules.py)."""
+baseline night, and the provenance. Plain data in and out: table-tested without videos or torch
+(tests/unit/test_report_rules.py)."""
 
 import json
 import statistics

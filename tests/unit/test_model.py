@@ -52,3 +52,19 @@ def test_the_committed_tiny_config_is_the_tiny_model_tiny_model_builds(tiny):
 
     committed = model_info(os.path.join(REPO, "tests", "tiny_config"))
     assert dataclasses.replace(committed, ref=tiny["model"]) == model_info(tiny["model"])
+
+
+def test_the_tiny_transformers_training_gives_the_same_weights_from_the_same_seed(monkeypatch):
+    """write_tiny_model's promise (the same seed, the same files) holds through `train_still`, here
+    for a few of its steps: the weights move, and move the same way twice."""
+    from workers import tiny_model
+
+    monkeypatch.setitem(tiny_model.STILL_TRAINING, "steps", 8)
+    untrained = tiny_model.build_pipeline(0).transformer.state_dict()
+    trained = []
+    for _ in range(2):
+        pipe = tiny_model.build_pipeline(0)
+        tiny_model.train_still(pipe, 0)
+        trained.append(pipe.transformer.state_dict())
+    assert all(torch.equal(trained[0][name], trained[1][name]) for name in untrained)
+    assert not all(torch.equal(trained[0][name], untrained[name]) for name in untrained)
