@@ -160,11 +160,16 @@ def notices(cells: list[ReportCell], scales: list[float], suggested: float | Non
         if not told_apart:
             found.append({
                 "kind": "indistinguishable",
-                "text": f"lora_scale {passed:g} (passed) and {turned_down:g} (turned down) are not distinguishable at "
+                "text": f"lora_scale {passed_text(suggested)} and {turned_down:g} (turned down) are not distinguishable at "
                 f"this sample size (n = {pairs} prompt × seed pairs; rule: {PAIRED_RULE}): add prompts or seeds "
                 "before trusting the suggestion",
             })  # fmt: skip
     return found
+
+
+def passed_text(suggested: float | None) -> str:
+    """The scale the rule passed, as a notice names it: scale 0 when none above it passed."""
+    return "0 (the reference)" if suggested is None else f"{suggested:g} (passed)"
 
 
 def rule_text(suggest: dict, clip: bool) -> str:
@@ -251,7 +256,7 @@ def _refine(summary: dict, resolution: float) -> tuple[float | None, str]:
     above = [x for x in scales if x > passed]
     if not above:
         return None, f"{passed:g} passed and is the largest scale swept: there is no scale above it to refine toward"
-    pair = f"{passed:g} (passed) and {above[0]:g} (turned down)"
+    pair = f"{passed_text(suggested)} and {above[0]:g} (turned down)"
     if above[0] - passed <= resolution + 1e-9:
         return None, f"{pair} are {above[0] - passed:g} apart, within the resolution {resolution:g}"
     if any(n["kind"] == "indistinguishable" for n in summary["notices"]):

@@ -151,6 +151,17 @@ def test_refinement_halves_the_gap_the_rule_decided_in_and_says_why_it_stops(sca
     assert refinement(summary, cells(scales), {"resolution": 0.05, "rounds": 3}) == {"rounds": [], "said": said}
 
 
+def test_with_no_scale_passed_the_notice_names_scale_0_as_the_reference_not_as_passed():
+    one_prompt = cells({0.0: [clip(30, 0.95)], 0.5: [clip(20, 0.95)]})
+    summary = summarise(0, one_prompt, SUGGEST, clip=True)
+    assert summary["suggested"] is None
+    (indistinguishable,) = [n["text"] for n in summary["notices"] if n["kind"] == "indistinguishable"]
+    assert indistinguishable.startswith("lora_scale 0 (the reference) and 0.5 (turned down) are not distinguishable")
+    assert refinement(summary, one_prompt, {"resolution": 0.1, "rounds": 3})["said"] == (
+        "stopped: 0 (the reference) and 0.5 (turned down) cannot be told apart at this sample size (see the notice)"
+    )
+
+
 def test_refinement_names_each_rounds_scale_and_stops_when_the_rounds_are_spent():
     swept = cells({0.0: steady(30, 0.95), 0.5: steady(29.5, 0.95), 0.75: steady(29.4, 0.95), 1.0: steady(27, 0.95)})
     swept = [c.model_copy(update={"refined": {0.5: 1, 0.75: 2}.get(c.lora_scale)}) for c in swept]
