@@ -70,7 +70,7 @@ submit: install
 worker: install
 	$(BIN)/lorafleet worker $(if $(DEVICE),--device $(DEVICE))
 
-# With LORAFLEET_MODEL unset, on the demo's own fleet (tiny model and CLIP, a private Redis, a CPU worker).
+# With LORAFLEET_MODEL unset, on the demo's own fleet (tiny model, no CLIP, a private Redis, a CPU worker).
 sweep: install
 	$(BIN)/lorafleet $(if $(LORAFLEET_MODEL),sweep,demo --sweep) $(SWEEP)
 
