@@ -234,3 +234,18 @@ def probe_page(page: str, probe: str, profile: str, budget_ms: int = 20000) -> d
         capture_output=True, text=True, timeout=180,
     ).stdout  # fmt: skip
     return json.loads(re.search(r"data-probe=\"([^\"]+)\"", dom).group(1).replace("&quot;", '"'))
+
+
+# What a reader sees of a report page in a browser: the visible suggestions, refinement lines and
+# marks, notices (by kind) and the exact picks of a draft night.
+REPORT_PROBE = """<script>
+  window.addEventListener('load', () => {
+    const visible = e => e.offsetParent !== null && e.getBoundingClientRect().height > 0;
+    const shown = selector => [...document.querySelectorAll(selector)].filter(visible);
+    const texts = selector => shown(selector).map(e => e.textContent);
+    document.body.setAttribute('data-probe', JSON.stringify({
+      suggested: texts('.suggested-scale'), confirmed: texts('.confirmed-scale'), refinement: texts('.refinement'),
+      refined: texts('i.refined'), notices: shown('.notice').map(e => e.dataset.kind || e.className),
+    }));
+  });
+</script>"""

@@ -11,7 +11,7 @@ import pytest
 
 from producer.report.page import suggested_text
 from tests.conftest import REPO
-from tests.helpers import decode_video, probe_page, read_manifest
+from tests.helpers import REPORT_PROBE, decode_video, probe_page, read_manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -84,21 +84,6 @@ def test_the_image_to_video_demo_renders_examples_i2v(tmp_path):
     assert all(decode_video(e["video"]).shape == (9, 16, 16, 3) for e in entries)
 
 
-# What a reader sees of a report page in a browser: the visible suggestions, refinement lines and
-# marks, notices (by kind) and the exact picks of a draft night.
-TOP_OF_THE_PAGE = """<script>
-  window.addEventListener('load', () => {
-    const visible = e => e.offsetParent !== null && e.getBoundingClientRect().height > 0;
-    const shown = selector => [...document.querySelectorAll(selector)].filter(visible);
-    const texts = selector => shown(selector).map(e => e.textContent);
-    document.body.setAttribute('data-probe', JSON.stringify({
-      suggested: texts('.suggested-scale'), confirmed: texts('.confirmed-scale'), refinement: texts('.refinement'),
-      refined: texts('i.refined'), notices: shown('.notice').map(e => e.dataset.kind || e.className),
-    }));
-  });
-</script>"""
-
-
 def test_the_demo_runs_a_draft_night_with_a_draft_worker_beside_the_exact_one(tmp_path):
     """`lorafleet demo --sweep examples/sweep_draft.yaml` as the README shows it: the spec's `draft`
     alias is defined by the demo (the tiny model with TaylorSeer) and served by a worker of its own."""
@@ -112,7 +97,7 @@ def test_the_demo_runs_a_draft_night_with_a_draft_worker_beside_the_exact_one(tm
     for cell in report["cells"]:  # each rendered by the worker of its tier
         meta = json.load(open(tmp_path / "results" / "videos" / f"{cell['key']}.json"))
         assert (meta["cache"] or {}).get("hook") == (None if cell.get("tier") == "exact" else "taylorseer")
-    seen = probe_page(os.path.join(folder, "report.html"), TOP_OF_THE_PAGE, str(tmp_path / "profile"), 5000)
+    seen = probe_page(os.path.join(folder, "report.html"), REPORT_PROBE, str(tmp_path / "profile"), 5000)
     assert seen["notices"][0] == "notice draft"  # first, before any number is read as exact
     (draft,), (exact,) = report["sets"], report["confirmed"]
     assert seen["suggested"] == [suggested_text(draft)] and seen["confirmed"] == [suggested_text(exact)]
@@ -146,10 +131,10 @@ def test_the_demo_sweeps_decide_refine_and_say_why(tmp_path):
     said = re.search(r"the report suggests (\S+) for both\nsets", readme).group(1)  # the default sweep's, in the README
     assert [f"{s['suggested']:g}" for s in report["sets"]] == [said, said]
 
-    seen = probe_page(os.path.join(default_folder, "report.html"), TOP_OF_THE_PAGE, str(tmp_path / "profile"), 5000)
+    seen = probe_page(os.path.join(default_folder, "report.html"), REPORT_PROBE, str(tmp_path / "profile"), 5000)
     assert seen["suggested"] == [f"{s['suggested']:g}" for s in report["sets"]]
     assert seen["notices"] == ["indistinguishable"] * 4  # each set's, at the top and in its section
-    seen = probe_page(os.path.join(refine_folder, "report.html"), TOP_OF_THE_PAGE, str(tmp_path / "profile"), 5000)
+    seen = probe_page(os.path.join(refine_folder, "report.html"), REPORT_PROBE, str(tmp_path / "profile"), 5000)
     assert seen["suggested"] == [f"{refined['suggested']:g}"]
     said = f"Refined in {len(refined['refinement']['rounds'])} round(s)"
     assert len(seen["refinement"]) == 2 and all(text.startswith(said) for text in seen["refinement"])

@@ -14,8 +14,9 @@ from PIL import Image
 
 from common.evaluation import ssim
 from producer.report import confirm_scales, refine_scale
+from producer.report.page import suggested_text
 from tests.conftest import REPO, lorafleet
-from tests.helpers import CHROMIUM_FLAGS, chromium, decode_video, probe_page, render_records
+from tests.helpers import CHROMIUM_FLAGS, REPORT_PROBE, chromium, decode_video, probe_page, render_records
 
 pytestmark = pytest.mark.integration
 
@@ -389,6 +390,15 @@ def test_a_two_axis_sweep_renders_each_cell_once_and_lays_out_the_grid(fleet_env
         assert f"<div class='refinement' data-set='0'>Refined in {len(s['refinement']['rounds'])} round(s)" in html
         assert f"{s['refinement']['said']}.</div>" in html and s["refinement"]["said"].startswith("stopped: ")
     assert f"<p>{len(report['cells'])} cells in 1 adapter set(s), each at 2 combinations of guidance_scale;" in html
+    seen = probe_page(os.path.join(store, "batches", "guidance", "report.html"), REPORT_PROBE, str(tmp_path / "profile"))
+    assert seen["suggested"] == [suggested_text(s) for s in report["sets"]]
+    said = [
+        f"Refined in {len(r['rounds'])} round(s) (lora_scale {', then '.join(map(str, r['rounds']))}); {r['said']}."
+        for r in (s["refinement"] for s in report["sets"])
+    ]
+    assert seen["refinement"] == said * 2  # at the top, then in each combination's section
+    rounds = [len(s["refinement"]["rounds"]) for s in report["sets"]]
+    assert len(seen["refined"]) == 2 * sum(rounds)  # each refined cell of the grid, and its section's column
     assert "<dt>guidance scale</dt><dd>4.0, 8.0 (swept: see each section)</dd>" in html
     grid = html[html.index("<h2 id='grid'>") :]
     assert grid.startswith("<h2 id='grid'>guidance_scale × lora_scale: mean temporal SSIM</h2>")
