@@ -91,11 +91,10 @@ def build_report(
         for s in sets:
             s["refinement"] = refinement(s, [c for c in swept if c.section == section_of(s)], options["refine"])
     exact = [c for c in report_cells if c.tier == "exact"]
-    confirmed = [section(group, exact, options["suggest"], clip) for group in groups(exact)]  # named as the swept
-    largest = {section_of(s): max(s["scales"]) for s in sets}
-    for s in confirmed:  # below the draft's largest scale, the top confirmed one is no edge of the sweep
-        if s["suggested"] is not None and s["suggested"] < largest.get(section_of(s), s["suggested"]):
-            s["notices"] = [n for n in s["notices"] if n["kind"] != "edge-high"]
+    # named as the swept sections, and at an edge only where the draft's sweep is: the top confirmed
+    # scale is not the largest swept
+    top = {section_of(s): max(s["scales"]) for s in sets}
+    confirmed = [section(group, exact, options["suggest"], clip, top.get(group)) for group in groups(exact)]
     if compare:
         before = {json.dumps([s.combination, s.axes]): s.suggested for s in compare.sets}
         for s in sets:  # the baseline night's suggestion, where it swept the same adapter set (and axes)

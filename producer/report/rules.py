@@ -65,12 +65,15 @@ def groups(cells: list[ReportCell]) -> list[tuple[int, str]]:
     return list(dict.fromkeys(sorted((c.section for c in cells), key=lambda g: g[0])))
 
 
-def section(group: tuple[int, str], cells: list[ReportCell], suggest: dict, clip: bool) -> dict:
+def section(
+    group: tuple[int, str], cells: list[ReportCell], suggest: dict, clip: bool, top: float | None = None
+) -> dict:
     """One section's summary: an adapter set's, or with further axes, the set's at one combination of
-    them ({"axes": {...}}); `section` names its plot and its place in the page."""
+    them ({"axes": {...}}); `section` names its plot and its place in the page. `top` is the largest
+    scale swept when these cells hold only some of the sweep's scales (a draft's exact confirmation)."""
     index, axes = group
     ordinal = [g for g in groups(cells) if g[0] == index].index(group)
-    summary = summarise(index, [c for c in cells if c.section == group], suggest, clip)
+    summary = summarise(index, [c for c in cells if c.section == group], suggest, clip, top)
     if not axes:
         return {**summary, "section": f"set{index}"}
     return {**summary, "axes": json.loads(axes), "section": f"set{index}-a{ordinal}"}
@@ -89,7 +92,7 @@ def distinguishable(a: list[float], b: list[float]) -> bool:
     return abs(mean) > 2 * sd / len(differences) ** 0.5
 
 
-def summarise(index: int, cells: list[ReportCell], suggest: dict, clip: bool) -> dict:
+def summarise(index: int, cells: list[ReportCell], suggest: dict, clip: bool, top: float | None = None) -> dict:
     """Mean and standard deviation of each number at each scale across prompts × seeds, the
     suggested scale, and what the page should say about it (`notices`)."""
     scales = sorted({c.lora_scale for c in cells})
@@ -115,7 +118,7 @@ def summarise(index: int, cells: list[ReportCell], suggest: dict, clip: bool) ->
             suggested = scale
     rule_numbers = ["clip_score", consistency] if clip else [consistency]
     return {
-        "notices": notices(cells, scales, suggested, rule_numbers),
+        "notices": notices(cells, scales, suggested, rule_numbers, max(scales) if top is None else top),
         "set": index,
         "adapters": cells[0].adapters,
         # the set's identity across nights (at scale 0 every combination is empty: ask at scale 1)
@@ -126,13 +129,16 @@ def summarise(index: int, cells: list[ReportCell], suggest: dict, clip: bool) ->
     }
 
 
-def notices(cells: list[ReportCell], scales: list[float], suggested: float | None, numbers: list[str]) -> list[dict]:
+def notices(
+    cells: list[ReportCell], scales: list[float], suggested: float | None, numbers: list[str], top: float
+) -> list[dict]:
     """What to know before trusting a suggestion, each {"kind", "text"}: it sits at an edge of the
-    swept range (extend the range that way), or the scale it passed and the next one up, which the
-    rule turned down, cannot be told apart at this sample size (PAIRED_RULE on the rule's numbers)."""
+    swept range, whose largest scale is `top` (extend the range that way), or the scale it passed and
+    the next one up, which the rule turned down, cannot be told apart at this sample size
+    (PAIRED_RULE on the rule's numbers)."""
     found = []
     positive = [x for x in scales if x > 0]
-    if suggested is not None and suggested == max(scales):
+    if suggested is not None and suggested == top:
         found.append({
             "kind": "edge-high",
             "text": f"{suggested:g} is the largest lora_scale swept: a larger one may pass the rule too; "
